@@ -1,0 +1,381 @@
+"""Privacy report schema (pydantic) with a published JSON Schema.
+
+Two documents: a site's per-round :class:`SiteRoundReport` (signed by the
+site) and the coordinator's :class:`ConsortiumReport` (signed by the
+coordinator). Each carries ``report_type`` and ``schema_version`` so a
+verifier knows which schema a JSON file claims. Every float is finite; unknown
+fields are refused.
+
+Privacy meaning of the numbers: ``epsilon``/``delta`` are patient-level
+(epsilon, delta)-DP of the LoRA adapter with respect to one patient's notes at
+one site, composed over every round that site trained (recomputed from its
+ledger). Metric summaries are computed from private notes and are *not*
+covered by that guarantee (unless ``metrics_mode`` is ``dp-noised``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Annotated, Literal, TypeVar
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shared.errors import InputError, Problem
+from shared.signing import sign_file
+from shared.wire import ACCOUNTANTS, METRIC_NAMES
+
+SCHEMA_VERSION = 1
+SITE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # as shared.settings.SiteSettings.site_id
+
+EPSILON_COVERS = (
+    "The trained LoRA adapter (and anything generated from it) is (epsilon, delta)-"
+    "differentially private with respect to all notes of any one patient at this site, "
+    "composed over every round this site has trained."
+)
+EPSILON_DOES_NOT_COVER: tuple[str, ...] = (
+    "Metric summaries: they are computed from private notes after training; they are coarse "
+    "aggregates with small-cell suppression, not DP (unless metrics_mode is dp-noised).",
+    "Release-gate filtering of synthetic reports: it uses private notes and is defence in "
+    "depth, not differential privacy.",
+    "The base model and its pretraining data (the embedded model is trained on public text only).",
+    "Side channels: timing, the fact that a site took part, the number of patients (sent rounded "
+    "down to a multiple of 10).",
+    "A person under several patient ids, or at several sites, is protected per id and per site: "
+    "their epsilons add up.",
+)
+
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+ShortText = Annotated[str, Field(min_length=1, max_length=200)]
+NonNeg = Annotated[float, Field(ge=0)]
+Share = Annotated[float, Field(ge=0, le=1)]
+
+
+def _utc(v: datetime) -> datetime:
+    if v.tzinfo is None:
+        raise ValueError("timestamp must carry a timezone (UTC)")
+    return v.astimezone(UTC)
+
+
+def _check_metric_names(v: dict[str, float]) -> dict[str, float]:
+    unknown = sorted(set(v) - METRIC_NAMES)
+    if unknown:
+        raise ValueError(f"unknown metric names {unknown} (see shared.wire.METRIC_NAMES)")
+    return v
+
+
+class Privacy(BaseModel):
+    """Patient-level DP-SGD accounting for one site, cumulative up to this round."""
+
+    model_config = _STRICT
+    unit_of_privacy: Literal["patient"] = "patient"
+    epsilon: NonNeg = Field(description="cumulative epsilon over every round this site trained")
+    epsilon_round: NonNeg = Field(description="this round's increment (composition is not additive)")
+    delta: float = Field(gt=0, lt=1, description="delta; at most 1/n_patients")
+    epsilon_ceiling: float = Field(gt=0, description="the site's own ceiling; training past it is refused")
+    epsilon_remaining: NonNeg = Field(description="epsilon_ceiling - epsilon, floored at 0")
+    noise_multiplier: NonNeg = Field(description="sigma: Gaussian noise std / max_grad_norm")
+    sample_rate: float = Field(gt=0, le=1, description="q: Poisson sampling probability per patient per step")
+    steps: int = Field(ge=0, description="DP-SGD steps this round")
+    max_grad_norm: float = Field(gt=0, description="per-patient gradient clipping norm C")
+    accountant: str = Field(description="privacy accountant: prv or rdp")
+    secure_mode: bool = Field(description="Opacus secure_mode (cryptographically safe noise)")
+    what_epsilon_covers: Annotated[str, Field(min_length=1, max_length=2000)] = EPSILON_COVERS
+    what_epsilon_does_not_cover: list[str] = Field(default_factory=lambda: list(EPSILON_DOES_NOT_COVER))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Privacy:
+        problems = []
+        if self.accountant not in ACCOUNTANTS:
+            problems.append(f"accountant {self.accountant!r} not one of {sorted(ACCOUNTANTS)}")
+        if self.epsilon_round > self.epsilon + 1e-9:
+            problems.append("epsilon_round exceeds the cumulative epsilon")
+        if abs(self.epsilon_remaining - max(0.0, self.epsilon_ceiling - self.epsilon)) > 1e-6:
+            problems.append("epsilon_remaining != max(0, epsilon_ceiling - epsilon)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class ReleaseGate(BaseModel):
+    """Counts from the release gate. ``removed`` counts by check; a report failing several counts in each."""
+
+    model_config = _STRICT
+    checked: int = Field(ge=0)
+    kept: int = Field(ge=0)
+    removed: dict[Annotated[str, Field(pattern=r"^[a-z0-9_.-]{1,64}$")], Annotated[int, Field(ge=0)]]
+
+    @model_validator(mode="after")
+    def _counts(self) -> ReleaseGate:
+        dropped = self.checked - self.kept
+        if dropped < 0:
+            raise ValueError("kept exceeds checked")
+        if dropped and sum(self.removed.values()) < dropped:
+            raise ValueError("removed counts do not account for every removed report")
+        if any(n > dropped for n in self.removed.values()):
+            raise ValueError("a removed count exceeds checked - kept")
+        return self
+
+
+class Membership(BaseModel):
+    """Membership inference on the adapter: train vs held-out patients (0.5 AUC = no signal)."""
+
+    model_config = _STRICT
+    auc: Share
+    tpr_at_1fpr: Share
+
+
+class Canaries(BaseModel):
+    """Secret-Sharer canaries planted in audit runs; exposure in bits (max = log2 of candidates)."""
+
+    model_config = _STRICT
+    planted: int = Field(ge=0)
+    exposure_mean: NonNeg
+    exposure_max: NonNeg
+    exposure_possible: NonNeg = Field(description="log2(number of candidate secrets)")
+    extracted_verbatim: int = Field(ge=0, description="canaries reproduced verbatim in generated text")
+
+
+class Software(BaseModel):
+    model_config = _STRICT
+    fedsynth: ShortText
+    torch: ShortText
+    transformers: ShortText
+    peft: ShortText
+    opacus: ShortText
+    flwr: ShortText
+
+
+class ModelInfo(BaseModel):
+    model_config = _STRICT
+    id: ShortText
+    family: ShortText
+    identity_hash: Hex64
+
+
+class HistoryPoint(BaseModel):
+    model_config = _STRICT
+    round: int = Field(ge=0)
+    epsilon: NonNeg
+    metrics: dict[str, float] = Field(default_factory=dict)
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, v: dict[str, float]) -> dict[str, float]:
+        return _check_metric_names(v)
+
+
+class SiteRoundReport(BaseModel):
+    """One site's privacy report for one round."""
+
+    model_config = _STRICT
+    report_type: Literal["site_round"] = "site_round"
+    schema_version: Literal[1] = SCHEMA_VERSION
+    site_id: str = Field(pattern=SITE_ID_PATTERN)
+    run_id: ShortText
+    round: int = Field(ge=0)
+    created: datetime
+    privacy: Privacy
+    metrics: dict[str, float]
+    metrics_mode: Literal["suppressed-aggregates", "dp-noised"]
+    release_gate: ReleaseGate | None = None
+    membership: Membership | None = None
+    canaries: Canaries | None = None
+    software: Software
+    model: ModelInfo
+    config_hash: Hex64
+    history: list[HistoryPoint] = Field(default_factory=list, description="earlier rounds, oldest first")
+
+    @field_validator("created")
+    @classmethod
+    def _created_utc(cls, v: datetime) -> datetime:
+        return _utc(v)
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, v: dict[str, float]) -> dict[str, float]:
+        return _check_metric_names(v)
+
+    @model_validator(mode="after")
+    def _history(self) -> SiteRoundReport:
+        rounds = [h.round for h in self.history]
+        if rounds != sorted(set(rounds)) or (rounds and rounds[-1] >= self.round):
+            raise ValueError("history rounds must be strictly increasing and before this round")
+        eps = [h.epsilon for h in self.history] + [self.privacy.epsilon]
+        if any(b < a - 1e-9 for a, b in zip(eps, eps[1:], strict=False)):
+            raise ValueError("cumulative epsilon decreases over history")
+        return self
+
+
+class SiteRoundPrivacy(BaseModel):
+    """One site's accounting for one round, as the coordinator received it."""
+
+    model_config = _STRICT
+    round: int = Field(ge=0)
+    epsilon: NonNeg
+    epsilon_round: NonNeg
+    delta: float = Field(gt=0, lt=1)
+    noise_multiplier: NonNeg
+    sample_rate: float = Field(gt=0, le=1)
+    steps: int = Field(ge=0)
+    max_grad_norm: float = Field(gt=0)
+    accountant: str
+    secure_mode: bool
+
+
+class SitePrivacySummary(BaseModel):
+    model_config = _STRICT
+    site_id: str = Field(pattern=SITE_ID_PATTERN)
+    unit_of_privacy: Literal["patient"] = "patient"
+    epsilon_ceiling: float | None = Field(None, gt=0, description="when the site chose to disclose it")
+    rounds: list[SiteRoundPrivacy]
+
+
+class RoundMetrics(BaseModel):
+    model_config = _STRICT
+    round: int = Field(ge=0)
+    metrics: dict[str, float]
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, v: dict[str, float]) -> dict[str, float]:
+        return _check_metric_names(v)
+
+
+class Aggregation(BaseModel):
+    model_config = _STRICT
+    method: ShortText
+    weighting: ShortText
+    norm_bound: float | None = Field(None, gt=0)
+    secure_aggregation: bool
+
+
+class Checkpoint(BaseModel):
+    model_config = _STRICT
+    round: int = Field(ge=0)
+    path: ShortText
+    sha256: Hex64
+
+
+class ConsortiumReport(BaseModel):
+    """The coordinator's report over a whole run (all sites, all rounds)."""
+
+    model_config = _STRICT
+    report_type: Literal["consortium"] = "consortium"
+    schema_version: Literal[1] = SCHEMA_VERSION
+    run_id: ShortText
+    rounds: int = Field(ge=0, description="number of completed rounds")
+    created: datetime
+    sites: list[SitePrivacySummary]
+    metrics: list[RoundMetrics] = Field(description="aggregated site metric summaries per round")
+    aggregation: Aggregation
+    checkpoints: list[Checkpoint]
+    software: Software
+    config_hash: Hex64
+    what_epsilon_covers: str = (
+        "The global adapter is, for each site, (epsilon, delta)-DP with respect to one patient's "
+        "notes at that site, with that site's epsilon; generating from it is post-processing."
+    )
+    what_epsilon_does_not_cover: list[str] = Field(default_factory=lambda: list(EPSILON_DOES_NOT_COVER))
+
+    @field_validator("created")
+    @classmethod
+    def _created_utc(cls, v: datetime) -> datetime:
+        return _utc(v)
+
+    @model_validator(mode="after")
+    def _unique_sites(self) -> ConsortiumReport:
+        ids = [s.site_id for s in self.sites]
+        if len(ids) != len(set(ids)):
+            raise ValueError("duplicate site_id in sites")
+        return self
+
+
+REPORT_TYPES: dict[str, type[BaseModel]] = {
+    "site_round": SiteRoundReport,
+    "consortium": ConsortiumReport,
+}
+Report = TypeVar("Report", SiteRoundReport, ConsortiumReport)
+
+
+def software_versions() -> Software:
+    """Installed versions of the libraries a report depends on ("not installed" when absent)."""
+    def v(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return Software(
+        fedsynth=v("fedsynth"), torch=v("torch"), transformers=v("transformers"),
+        peft=v("peft"), opacus=v("opacus"), flwr=v("flwr"),
+    )
+
+
+def write_schemas(directory: Path) -> list[Path]:
+    """Export the JSON Schemas (``<report_type>.schema.json``) auditors can validate against."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name, cls in REPORT_TYPES.items():
+        path = directory / f"{name.replace('_', '-')}-report.schema.json"
+        schema = cls.model_json_schema(mode="serialization")
+        schema["$id"] = f"https://fedsynth.invalid/schemas/{path.name}"
+        path.write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        out.append(path)
+    return out
+
+
+def write_report(report: BaseModel, path_json: Path, *, key: Ed25519PrivateKey | None = None) -> Path:
+    """Write ``report`` as JSON (atomically, fsynced); with ``key`` also ``<path>.sig``."""
+    path_json = Path(path_json)
+    path_json.parent.mkdir(parents=True, exist_ok=True)
+    data = report.model_dump_json(indent=2).encode("utf-8") + b"\n"
+    tmp = path_json.with_name(path_json.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path_json)
+    if key is not None:
+        sign_file(path_json, key)
+    return path_json
+
+
+def _problems(path: Path, exc: ValidationError) -> list[Problem]:
+    return [
+        Problem(f"{path}: {'.'.join(str(p) for p in err['loc']) or '<root>'}", err["msg"])
+        for err in exc.errors()
+    ]
+
+
+def parse_report(path: Path, data: bytes, cls: type[Report] | None = None) -> Report:
+    """Validate JSON ``data`` (read from ``path``) as ``cls``, or as the type its report_type names."""
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InputError("report is not valid JSON", [Problem(str(path), str(exc))]) from None
+    if cls is None:
+        rtype = obj.get("report_type") if isinstance(obj, dict) else None
+        if rtype not in REPORT_TYPES:
+            raise InputError(
+                "unknown report type",
+                [Problem(f"{path}: report_type", f"{rtype!r} not one of {sorted(REPORT_TYPES)}")],
+            )
+        cls = REPORT_TYPES[rtype]  # type: ignore[assignment]
+    try:
+        return cls.model_validate(obj)  # type: ignore[union-attr]
+    except ValidationError as exc:
+        raise InputError(f"{path}: not a valid {cls.__name__}", _problems(path, exc)) from None
+
+
+def read_report(path: Path, cls: type[Report]) -> Report:
+    """Read and validate a report; InputError listing file and field paths on failure."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError("cannot read report", [Problem(str(path), exc.strerror or str(exc))]) from None
+    return parse_report(path, data, cls)

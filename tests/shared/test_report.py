@@ -1,0 +1,196 @@
+import base64
+import json
+import re
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from shared.errors import InputError
+from shared.report import (
+    ConsortiumReport,
+    SiteRoundReport,
+    parse_report,
+    read_report,
+    software_versions,
+    write_report,
+    write_schemas,
+)
+from shared.report_html import render_html
+from shared.signing import generate_key, load_private_key, load_public_key, verify_file
+
+HASH = "ab" * 32
+
+
+def site_report(site_id="site-a", round_=2, **overrides) -> SiteRoundReport:
+    data = {
+        "site_id": site_id,
+        "run_id": "run-1",
+        "round": round_,
+        "created": datetime(2025, 3, 1, 12, 0, tzinfo=UTC),
+        "privacy": {
+            "epsilon": 2.5, "epsilon_round": 0.9, "delta": 1e-5, "epsilon_ceiling": 8.0,
+            "epsilon_remaining": 5.5, "noise_multiplier": 1.1, "sample_rate": 0.01, "steps": 300,
+            "max_grad_norm": 1.0, "accountant": "prv", "secure_mode": True,
+        },
+        "metrics": {"fidelity.centroid_cosine_mean": 0.71, "diversity.distinct_2": 0.43,
+                    "privacy.verbatim_rate_13": 0.0, "privacy.mia_auc": 0.52, "count.reports": 200.0},
+        "metrics_mode": "suppressed-aggregates",
+        "release_gate": {"checked": 200, "kept": 190, "removed": {"verbatim": 6, "phi_echo": 4}},
+        "membership": {"auc": 0.52, "tpr_at_1fpr": 0.012},
+        "canaries": None,
+        "software": software_versions().model_dump(),
+        "model": {"id": "embedded-tiny", "family": "llama", "identity_hash": HASH},
+        "config_hash": HASH,
+        "history": [
+            {"round": 0, "epsilon": 1.0, "metrics": {"fidelity.centroid_cosine_mean": 0.6, "privacy.mia_auc": 0.5}},
+            {"round": 1, "epsilon": 1.8, "metrics": {"fidelity.centroid_cosine_mean": 0.66}},
+        ],
+    }
+    data.update(overrides)
+    return SiteRoundReport.model_validate(data)
+
+
+def consortium_report(**overrides) -> ConsortiumReport:
+    def rounds(scale):
+        return [
+            {"round": r, "epsilon": scale * (r + 1), "epsilon_round": scale, "delta": 1e-5,
+             "noise_multiplier": 1.1, "sample_rate": 0.01, "steps": 100, "max_grad_norm": 1.0,
+             "accountant": "rdp", "secure_mode": False}
+            for r in range(3)
+        ]
+
+    data = {
+        "run_id": "run-1",
+        "rounds": 3,
+        "created": datetime(2025, 3, 1, tzinfo=UTC),
+        "sites": [
+            {"site_id": "site-a", "epsilon_ceiling": 8.0, "rounds": rounds(0.8)},
+            {"site_id": "site-b", "rounds": rounds(1.1)},
+        ],
+        "metrics": [{"round": r, "metrics": {"diversity.distinct_2": 0.4 + r / 100}} for r in range(3)],
+        "aggregation": {"method": "fedavg", "weighting": "num_examples", "norm_bound": 5.0,
+                        "secure_aggregation": False},
+        "checkpoints": [{"round": 2, "path": "checkpoints/round-2", "sha256": HASH}],
+        "software": software_versions().model_dump(),
+        "config_hash": HASH,
+    }
+    data.update(overrides)
+    return ConsortiumReport.model_validate(data)
+
+
+def test_write_read_round_trip_and_sign(tmp_path):
+    generate_key(tmp_path / "site-a.key")
+    key = load_private_key(tmp_path / "site-a.key")
+    report = site_report()
+    path = write_report(report, tmp_path / "out" / "round-2.json", key=key)
+    assert read_report(path, SiteRoundReport) == report
+    assert verify_file(path, {"site-a": load_public_key(tmp_path / "site-a.key.pub")})
+    consortium = consortium_report()
+    cpath = write_report(consortium, tmp_path / "consortium.json")
+    assert read_report(cpath, ConsortiumReport) == consortium
+    assert parse_report(cpath, cpath.read_bytes()) == consortium  # type chosen from report_type
+    assert not (tmp_path / "consortium.json.sig").exists()
+
+
+def test_defaults_state_what_epsilon_covers():
+    p = site_report().privacy
+    assert p.unit_of_privacy == "patient"
+    assert "patient" in p.what_epsilon_covers
+    assert any("Metric summaries" in t for t in p.what_epsilon_does_not_cover)
+    assert any("Release-gate" in t and "not differential privacy" in t for t in p.what_epsilon_does_not_cover)
+
+
+def test_created_is_utc():
+    r = site_report(created=datetime(2025, 3, 1, 14, 0, tzinfo=timezone(timedelta(hours=2))))
+    assert r.created == datetime(2025, 3, 1, 12, 0, tzinfo=UTC) and r.created.utcoffset() == timedelta(0)
+    with pytest.raises(ValueError, match="timezone"):
+        site_report(created=datetime(2025, 3, 1))
+
+
+def test_read_report_lists_every_bad_field(tmp_path):
+    data = json.loads(site_report().model_dump_json())
+    data["privacy"]["epsilon"] = -1
+    data["metrics"]["free.text"] = 1.0
+    data["release_gate"]["kept"] = 500
+    data["extra"] = "smuggled"
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(InputError) as exc:
+        read_report(path, SiteRoundReport)
+    text = str(exc.value)
+    for field in ("privacy.epsilon", "metrics", "release_gate", "extra"):
+        assert f"{path}: {field}" in text, text
+    path.write_text("{not json")
+    with pytest.raises(InputError, match="not valid JSON"):
+        read_report(path, SiteRoundReport)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda d: d["metrics"].__setitem__("privacy.mia_auc", float("nan")), "finite"),
+    (lambda d: d["privacy"].__setitem__("epsilon_remaining", 7.0), "epsilon_remaining"),
+    (lambda d: d["privacy"].__setitem__("accountant", "gdp"), "accountant"),
+    (lambda d: d["privacy"].__setitem__("unit_of_privacy", "note"), "patient"),
+    (lambda d: d.__setitem__("site_id", "<script>alert(1)</script>"), "site_id"),
+    (lambda d: d["history"][1].__setitem__("epsilon", 9.0), "decreases"),
+    (lambda d: d.__setitem__("config_hash", "xyz"), "config_hash"),
+])
+def test_invalid_values_refused(mutate, match):
+    data = json.loads(site_report().model_dump_json())
+    mutate(data)
+    with pytest.raises(InputError, match=match):
+        parse_report("mem.json", json.dumps(data).encode(), SiteRoundReport)
+
+
+def test_schema_export_round_trips(tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    paths = write_schemas(tmp_path / "schemas")
+    assert sorted(p.name for p in paths) == ["consortium-report.schema.json", "site-round-report.schema.json"]
+    for path, cls, report in ((paths[0], SiteRoundReport, site_report()), (paths[1], ConsortiumReport, consortium_report())):
+        schema = json.loads(path.read_text())
+        expected = cls.model_json_schema(mode="serialization")
+        assert {k: v for k, v in schema.items() if k != "$id"} == json.loads(json.dumps(expected))
+        doc = json.loads(report.model_dump_json())
+        jsonschema.validate(doc, schema)
+        assert cls.model_validate(doc) == report
+        broken = dict(doc)
+        del broken["config_hash"]
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(broken, schema)
+
+
+def _images(page: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r'<img alt="plot" src="data:image/png;base64,([A-Za-z0-9+/=]+)">', page)]
+
+
+def test_site_html_is_self_contained_with_plots():
+    page = render_html(site_report())
+    images = _images(page)
+    assert len(images) == 3  # epsilon, metrics, release gate
+    assert all(img.startswith(b"\x89PNG\r\n\x1a\n") for img in images)
+    assert "<script" not in page.lower()
+    assert not re.search(r"(src|href)=\"(https?:)?//", page)
+    assert "Unit of privacy: <b>patient</b>" in page
+    assert "not</b> covered by DP-SGD" in page and "defence in depth" in page
+
+
+def test_html_escapes_malicious_strings():
+    evil = "<script>alert('x')</script>"
+    report = site_report(model={"id": evil, "family": "llama\"><img src=x>", "identity_hash": HASH})
+    report = report.model_copy(update={"site_id": evil, "run_id": "r&<b>"})  # bypasses validation on purpose
+    page = render_html(report)
+    assert "<script>" not in page and "<img src=x>" not in page and "<b>r" not in page
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+    assert "r&amp;&lt;b&gt;" in page
+
+
+def test_consortium_html_plots_each_site_and_escapes():
+    evil = "<script>x</script>"
+    with pytest.raises(ValueError, match="site_id"):
+        consortium_report(sites=[{"site_id": evil, "rounds": []}])
+    report = consortium_report()
+    page = render_html(report)
+    assert len(_images(page)) == 2
+    assert "site-a" in page and "site-b" in page and "checkpoints/round-2" in page
+    forged = report.model_copy(update={"sites": [report.sites[0].model_copy(update={"site_id": evil})]})
+    page = render_html(forged)
+    assert "<script>" not in page and "&lt;script&gt;x&lt;/script&gt;" in page
