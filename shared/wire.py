@@ -1,9 +1,39 @@
-"""The wire contract: everything that may leave a site, by name.
+"""The wire contract: everything that may leave a site, by name, and its checks.
 
-(The checking functions are being built; the names below are fixed.)
+This is the only door out of a site. Every ClientApp reply goes through
+:func:`check_reply` before it is sent, and the ServerApp applies the same check
+on receipt; what a site receives goes through :func:`check_instruction`. Each
+check fails closed and raises one :class:`~shared.errors.WireError` listing
+every violation.
+
+What may cross (see the record layout below):
+
+- ``adapter``: LoRA tensors only, names and shapes exactly the run's adapter
+  spec, finite values, the run's wire dtype, canonical numpy bytes;
+- ``privacy``: exactly :data:`PRIVACY_KEYS`, scalar types and ranges checked;
+- ``metrics``: names in :data:`METRIC_NAMES`, finite scalars with at most six
+  significant digits (a float is otherwise an 8-byte covert channel);
+- ``decline``: a typed reason from :data:`DECLINE_REASONS`.
+
+Nothing else: no free strings, no note ids, no generated text, no extra records.
 """
 
 from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common.constant import SType
+
+from shared.errors import Problem, WireError
+
+if TYPE_CHECKING:
+    from shared.run_config import RunConfig
 
 # Aggregate metric summaries a site may send. Each value is one float computed
 # over at least k_min reports/notes; anything else is refused.
@@ -67,3 +97,327 @@ PRIVACY_KEYS: frozenset[str] = frozenset(
     }
 )
 ACCOUNTANTS: frozenset[str] = frozenset({"prv", "rdp"})
+
+# ---- record layout ---------------------------------------------------------
+# A reply's RecordDict holds exactly one of these layouts, nothing else:
+#   train    : {"adapter": ArrayRecord, "privacy": ConfigRecord}
+#   evaluate : {"metrics": MetricRecord}
+#   either   : {"decline": ConfigRecord{"reason": one of DECLINE_REASONS}}
+# An instruction (coordinator -> site) holds {"instruction": ConfigRecord{"round": int}}
+# and, once a global adapter exists, {"adapter": ArrayRecord}.
+ADAPTER_KEY = "adapter"
+PRIVACY_KEY = "privacy"
+METRICS_KEY = "metrics"
+DECLINE_KEY = "decline"
+INSTRUCTION_KEY = "instruction"
+
+# Why a site did not send an update: a typed flag, never free text. "site_error"
+# replaces any exception message, which could quote private data.
+DECLINE_REASONS: frozenset[str] = frozenset({"budget_exceeded", "site_error"})
+
+REPLY_KINDS = ("train", "evaluate")
+LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+_LORA_NAME_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*\.lora_[AB]\.weight$")
+_MAX_ROUND = 1_000_000
+_METRIC_SIG_DIGITS = 6
+
+AdapterSpec = dict[str, tuple[tuple[int, ...], str]]
+"""Adapter tensor name (PEFT state-dict key) -> (shape, wire dtype)."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A reply that passed :func:`check_reply`; exactly one layout is filled."""
+
+    kind: str
+    adapter: dict[str, np.ndarray] | None = None
+    privacy: dict[str, float | int | str | bool] | None = None
+    metrics: dict[str, float] | None = None
+    decline: str | None = None
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """What a site received from the coordinator, after :func:`check_instruction`."""
+
+    round_id: int
+    adapter: dict[str, np.ndarray] | None
+
+
+# ---- packing ---------------------------------------------------------------
+
+
+def pack_adapter(tensors: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """numpy dict -> ArrayRecord, names sorted (no casting: the checks decide)."""
+    record = ArrayRecord()
+    for name in sorted(tensors):
+        record[name] = Array(np.ascontiguousarray(tensors[name]))
+    return record
+
+
+def unpack_adapter(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """ArrayRecord -> numpy dict, unchecked: use :func:`check_reply`/:func:`check_instruction`."""
+    return {name: arr.numpy() for name, arr in record.items()}
+
+
+def spec_of(tensors: Mapping[str, np.ndarray]) -> AdapterSpec:
+    """The spec (name -> (shape, dtype)) an adapter dict has."""
+    return {k: (tuple(int(d) for d in v.shape), str(v.dtype)) for k, v in tensors.items()}
+
+
+def pack_train_reply(
+    adapter: Mapping[str, np.ndarray], privacy: Mapping[str, float | int | str | bool]
+) -> RecordDict:
+    """The train reply layout (check it with :func:`check_reply` before sending)."""
+    return RecordDict({ADAPTER_KEY: pack_adapter(adapter), PRIVACY_KEY: ConfigRecord(dict(privacy))})
+
+
+def pack_evaluate_reply(metrics: Mapping[str, float]) -> RecordDict:
+    """The evaluate reply; each value rounded to 6 significant digits (limits covert bandwidth)."""
+    rounded = {k: _round_sig(v) if isinstance(v, float) else v for k, v in metrics.items()}
+    return RecordDict({METRICS_KEY: MetricRecord(rounded)})
+
+
+def pack_decline(reason: str) -> RecordDict:
+    """A typed decline (``reason`` in DECLINE_REASONS); the round goes on without this site."""
+    return RecordDict({DECLINE_KEY: ConfigRecord({"reason": reason})})
+
+
+def pack_instruction(*, round_id: int, adapter: Mapping[str, np.ndarray] | None) -> RecordDict:
+    """Coordinator -> site: the round number and, when one exists, the global adapter."""
+    content = RecordDict({INSTRUCTION_KEY: ConfigRecord({"round": int(round_id)})})
+    if adapter is not None:
+        content[ADAPTER_KEY] = pack_adapter(adapter)
+    return content
+
+
+def _round_sig(v: float) -> float:
+    return float(f"{v:.{_METRIC_SIG_DIGITS}g}") if math.isfinite(v) else v
+
+
+# ---- checking --------------------------------------------------------------
+
+
+def check_reply(content: RecordDict, *, kind: str, spec: AdapterSpec | None, run: RunConfig) -> Reply:
+    """Check one ClientApp reply against the wire contract; fail closed.
+
+    Called by the site on what it is about to send and by the coordinator on
+    what it received. ``spec`` is the exact adapter layout expected (the site's
+    own, or the coordinator's current global adapter); ``None`` (coordinator,
+    first round) checks LoRA structure and rank ``run.lora.r`` only. Raises
+    :class:`WireError` listing every violation.
+    """
+    problems: list[Problem] = []
+    if kind not in REPLY_KINDS:
+        raise WireError("reply refused", [Problem("kind", f"unknown reply kind {kind!r}")])
+    if not isinstance(content, RecordDict):
+        raise WireError("reply refused", [Problem("content", "not a RecordDict")])
+    keys = set(content.keys())
+    if keys == {DECLINE_KEY}:
+        reason = _check_decline(content[DECLINE_KEY], problems)
+        _raise(problems)
+        return Reply(kind=kind, decline=reason)
+    allowed = {ADAPTER_KEY, PRIVACY_KEY} if kind == "train" else {METRICS_KEY}
+    for key in sorted(keys - allowed):
+        problems.append(Problem(f"record[{key!r:.60}]", f"not allowed in a {kind} reply"))
+    for key in sorted(allowed - keys):
+        problems.append(Problem(f"record[{key!r}]", f"missing from the {kind} reply"))
+    if kind == "train":
+        adapter = privacy = None
+        if ADAPTER_KEY in content:
+            adapter = _check_adapter(content[ADAPTER_KEY], spec, run, problems, ADAPTER_KEY)
+        if PRIVACY_KEY in content:
+            privacy = _check_privacy(content[PRIVACY_KEY], run, problems)
+        _raise(problems)
+        return Reply(kind=kind, adapter=adapter, privacy=privacy)
+    metrics = _check_metrics(content[METRICS_KEY], problems) if METRICS_KEY in content else None
+    _raise(problems)
+    return Reply(kind=kind, metrics=metrics)
+
+
+def check_instruction(content: RecordDict, *, spec: AdapterSpec, run: RunConfig) -> Instruction:
+    """Check what a site received (untrusted): only a round number and an adapter of ``spec``."""
+    problems: list[Problem] = []
+    if not isinstance(content, RecordDict):
+        raise WireError("instruction refused", [Problem("content", "not a RecordDict")])
+    for key in sorted(set(content.keys()) - {INSTRUCTION_KEY, ADAPTER_KEY}):
+        problems.append(Problem(f"record[{key!r:.60}]", "not allowed in an instruction"))
+    round_id = 0
+    rec = content.get(INSTRUCTION_KEY)
+    if not isinstance(rec, ConfigRecord):
+        problems.append(Problem(f"record[{INSTRUCTION_KEY!r}]", "missing or not a ConfigRecord"))
+    else:
+        extra = sorted(set(rec.keys()) - {"round"})
+        if extra:
+            problems.append(Problem("instruction", f"unexpected keys {extra!r:.120}"))
+        value = rec.get("round")
+        if not _is_int(value) or not 1 <= value <= _MAX_ROUND:
+            problems.append(Problem("instruction['round']", f"must be an int in [1, {_MAX_ROUND}]"))
+        else:
+            round_id = value
+    adapter = None
+    if ADAPTER_KEY in content:
+        adapter = _check_adapter(content[ADAPTER_KEY], spec, run, problems, ADAPTER_KEY)
+    if problems:
+        raise WireError("instruction refused by the wire contract", problems)
+    return Instruction(round_id=round_id, adapter=adapter)
+
+
+def check_lora_structure(spec: AdapterSpec, *, r: int) -> list[Problem]:
+    """Problems with a spec as a LoRA adapter of rank ``r``: PEFT names, A/B pairs, 2-D shapes."""
+    problems: list[Problem] = []
+    for name, (shape, _dtype) in sorted(spec.items()):
+        where = f"adapter[{name!r:.120}]"
+        if not _LORA_NAME_RE.match(name):
+            problems.append(Problem(where, "not a PEFT LoRA tensor name (…lora_A.weight/lora_B.weight)"))
+            continue
+        base, part = name.rsplit(".lora_", 1)
+        other = f"{base}.lora_{'B' if part.startswith('A') else 'A'}.weight"
+        if other not in spec:
+            problems.append(Problem(where, f"has no matching {other.rsplit('.', 2)[-2]}"))
+        if len(shape) != 2:
+            problems.append(Problem(where, f"LoRA tensors are 2-D, got shape {shape}"))
+        elif part.startswith("A") and shape[0] != r:
+            problems.append(Problem(where, f"lora_A must have {r} rows (lora.r), got {shape}"))
+        elif part.startswith("B") and shape[1] != r:
+            problems.append(Problem(where, f"lora_B must have {r} columns (lora.r), got {shape}"))
+    return problems
+
+
+def _raise(problems: list[Problem]) -> None:
+    if problems:
+        raise WireError("reply refused by the wire contract", problems)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_adapter(
+    record: Any, spec: AdapterSpec | None, run: RunConfig, problems: list[Problem], where: str
+) -> dict[str, np.ndarray] | None:
+    if not isinstance(record, ArrayRecord):
+        problems.append(Problem(f"record[{where!r}]", "must be an ArrayRecord"))
+        return None
+    dtype = run.lora.dtype
+    got_spec = {k: (tuple(a.shape), a.dtype) for k, a in record.items()}
+    if spec is None:
+        if not got_spec:
+            problems.append(Problem(where, "empty adapter"))
+        problems.extend(check_lora_structure(got_spec, r=run.lora.r))
+        expected = {k: (s, dtype) for k, (s, _d) in got_spec.items()}
+    else:
+        for name, (_shape, sdtype) in sorted(spec.items()):
+            if sdtype != dtype:
+                problems.append(Problem(f"spec[{name!r}]", f"dtype {sdtype} != lora.dtype {dtype}"))
+                break
+        expected = {k: (tuple(s), dtype) for k, (s, _d) in spec.items()}
+        for name in sorted(set(expected) - set(got_spec)):
+            problems.append(Problem(f"adapter[{name!r:.120}]", "missing tensor"))
+    out: dict[str, np.ndarray] = {}
+    for name, arr in sorted(record.items()):
+        loc = f"adapter[{name!r:.120}]"
+        if name not in expected:
+            problems.append(Problem(loc, "unexpected tensor name (not in the run's adapter spec)"))
+            continue
+        shape, want = expected[name]
+        before = len(problems)
+        if arr.stype != SType.NUMPY:
+            problems.append(Problem(loc, f"serialization {arr.stype!r:.40} is not numpy"))
+        if arr.dtype != want:
+            problems.append(Problem(loc, f"dtype {arr.dtype!r:.40} != {want}"))
+        if tuple(arr.shape) != shape:
+            problems.append(Problem(loc, f"shape {tuple(arr.shape)!r:.80} != {shape}"))
+        if len(problems) > before:
+            continue
+        try:
+            value = arr.numpy()
+        except Exception as exc:  # any decoding failure is a refusal, not a crash
+            problems.append(Problem(loc, f"cannot decode ({type(exc).__name__})"))
+            continue
+        if str(value.dtype) != want or tuple(value.shape) != shape:
+            problems.append(Problem(loc, "payload dtype/shape differ from its declared ones"))
+            continue
+        # Bytes after the array (np.load ignores them) or a non-canonical header
+        # would be a side channel: the payload must be exactly what we would write.
+        if Array(value).data != arr.data:
+            problems.append(Problem(loc, "payload bytes are not the canonical encoding of the array"))
+            continue
+        if not np.isfinite(value).all():
+            problems.append(Problem(loc, "non-finite values (NaN/Inf)"))
+            continue
+        out[name] = value
+    return out
+
+
+def _check_privacy(record: Any, run: RunConfig, problems: list[Problem]) -> dict | None:
+    if not isinstance(record, ConfigRecord):
+        problems.append(Problem(f"record[{PRIVACY_KEY!r}]", "must be a ConfigRecord"))
+        return None
+    keys = set(record.keys())
+    for key in sorted(keys - PRIVACY_KEYS):
+        problems.append(Problem(f"privacy[{key!r:.60}]", "not a privacy key"))
+    for key in sorted(PRIVACY_KEYS - keys):
+        problems.append(Problem(f"privacy[{key!r}]", "missing"))
+    v = {k: record[k] for k in keys & PRIVACY_KEYS}
+
+    def need(key: str, ok: bool, why: str) -> None:
+        if key in v and not ok:
+            problems.append(Problem(f"privacy[{key!r}]", f"{why} (got {v[key]!r:.40})"))
+
+    num = {k: _is_num(v[k]) for k in v}
+    need("epsilon", num.get("epsilon", False) and v["epsilon"] >= 0, "must be a finite number >= 0")
+    need("epsilon_round", num.get("epsilon_round", False) and v["epsilon_round"] >= 0,
+         "must be a finite number >= 0")
+    need("delta", num.get("delta", False) and 0 < v["delta"] < 1, "must be in (0, 1)")
+    need("noise_multiplier", num.get("noise_multiplier", False) and v["noise_multiplier"] > 0,
+         "must be > 0 (zero noise is not DP)")
+    need("sample_rate", num.get("sample_rate", False) and 0 < v["sample_rate"] <= 1,
+         "must be in (0, 1]")
+    need("steps", _is_int(v.get("steps")) and v["steps"] >= 1, "must be an int >= 1")
+    need("max_grad_norm", num.get("max_grad_norm", False) and v["max_grad_norm"] > 0, "must be > 0")
+    need("accountant", v.get("accountant") in ACCOUNTANTS if isinstance(v.get("accountant"), str)
+         else False, f"must be one of {sorted(ACCOUNTANTS)}")
+    need("secure_mode", isinstance(v.get("secure_mode"), bool), "must be a boolean")
+    need("patients_bucket", _is_int(v.get("patients_bucket")) and v["patients_bucket"] >= 0
+         and v["patients_bucket"] % 10 == 0, "must be an int >= 0, a multiple of 10")
+    if num.get("epsilon") and num.get("epsilon_round") and v["epsilon_round"] > v["epsilon"] * (1 + 1e-9):
+        problems.append(Problem("privacy['epsilon_round']", "larger than the cumulative epsilon"))
+    if v.get("accountant") in ACCOUNTANTS and v["accountant"] != run.train.accountant:
+        problems.append(Problem("privacy['accountant']", f"differs from the run's {run.train.accountant!r}"))
+    if isinstance(v.get("secure_mode"), bool) and v["secure_mode"] != run.train.secure_mode:
+        problems.append(Problem("privacy['secure_mode']", "differs from the run's train.secure-mode"))
+    return v
+
+
+def _check_metrics(record: Any, problems: list[Problem]) -> dict[str, float] | None:
+    if not isinstance(record, MetricRecord):
+        problems.append(Problem(f"record[{METRICS_KEY!r}]", "must be a MetricRecord"))
+        return None
+    out: dict[str, float] = {}
+    for name, value in sorted(record.items()):
+        loc = f"metrics[{name!r:.60}]"
+        if name not in METRIC_NAMES:
+            problems.append(Problem(loc, "not a whitelisted metric name"))
+        elif not _is_num(value):
+            problems.append(Problem(loc, f"must be a finite scalar number (got {type(value).__name__})"))
+        elif isinstance(value, float) and _round_sig(value) != value:
+            problems.append(Problem(loc, f"more than {_METRIC_SIG_DIGITS} significant digits"))
+        else:
+            out[name] = float(value)
+    return out
+
+
+def _check_decline(record: Any, problems: list[Problem]) -> str | None:
+    if not isinstance(record, ConfigRecord) or set(record.keys()) != {"reason"}:
+        problems.append(Problem(f"record[{DECLINE_KEY!r}]", "must be a ConfigRecord with only 'reason'"))
+        return None
+    reason = record["reason"]
+    if not isinstance(reason, str) or reason not in DECLINE_REASONS:
+        problems.append(Problem("decline['reason']", f"must be one of {sorted(DECLINE_REASONS)}"))
+        return None
+    return reason

@@ -1,0 +1,242 @@
+"""The coordinator's Flower ServerApp: rounds of train -> aggregate -> checkpoint -> evaluate.
+
+Thin wiring over :mod:`server.strategy`, :mod:`server.checkpoint` and
+:mod:`shared.wire`. Per round: wait for ``min-sites`` connected sites, sample
+``fraction-train`` of them, send the global adapter, check every reply with
+:func:`shared.wire.check_reply`, aggregate the accepted ones (at least
+``min-sites``, else the global adapter is left unchanged), checkpoint, then ask
+``fraction-evaluate`` of the sites for metric summaries. Sites that time out,
+fail, decline (out of budget) or send something the wire contract refuses are
+recorded and the round goes on without them.
+
+Output (``FEDSYNTH_COORD_RUN_DIR/<run-name>/``): ``checkpoints/`` (PEFT adapters
++ state.json) and ``consortium-summary.json``. A restarted coordinator resumes
+after the last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Context, Message, MessageType
+from flwr.serverapp import Grid, ServerApp
+
+from server import checkpoint, strategy
+from shared import wire
+from shared.errors import ConfigError, Problem, WireError
+from shared.run_config import RunConfig
+from shared.settings import CoordinatorSettings, load_settings
+
+log = logging.getLogger("fedsynth.coordinator")
+
+SUMMARY_NAME = "consortium-summary.json"
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run = RunConfig.from_flower(dict(context.run_config))
+    settings = load_settings(CoordinatorSettings)
+    run_federation(grid, run, run_dir=settings.run_dir / run.run_name)
+
+
+def run_federation(
+    grid: Grid, run: RunConfig, *, run_dir: Path, sleep: Callable[[float], None] = time.sleep
+) -> dict[str, Any]:
+    """Run (or resume) the federation; returns the consortium summary also written to run_dir."""
+    if run.secagg:
+        # Refuse rather than silently run without secure aggregation.
+        raise ConfigError("secagg is not available yet", [Problem("secagg", "set it to false")])
+    ckpt_root = run_dir / "checkpoints"
+    latest = checkpoint.load_latest(ckpt_root)
+    start, global_adapter = latest if latest is not None else (0, None)
+    summary = _load_summary(run_dir / SUMMARY_NAME, run, start)
+    if start:
+        log.info("resuming after round %d", start)
+    for rnd in range(start + 1, run.num_rounds + 1):
+        nodes = _wait_for_sites(grid, run.min_sites, run.timeout_wait_sites, sleep)
+        if len(nodes) < run.min_sites:
+            summary["status"] = f"stopped: {len(nodes)} sites connected, min-sites is {run.min_sites}"
+            _write_summary(run_dir, summary)
+            return summary
+        record: dict[str, Any] = {"round": rnd}
+        train_nodes = _sample(nodes, run.fraction_train, run.min_sites, seed=rnd)
+        replies = _send(grid, train_nodes, MessageType.TRAIN, rnd, global_adapter, run.timeout_train)
+        spec = wire.spec_of(global_adapter) if global_adapter is not None else None
+        outcome = _classify(replies, train_nodes, kind="train", spec=spec, run=run)
+        accepted = _majority_layout(outcome, spec)
+        record["train"] = outcome["record"]
+        if len(accepted) >= run.min_sites:
+            global_adapter = _aggregate(accepted, global_adapter, run, record)
+            checkpoint.save_round(ckpt_root, rnd, global_adapter, lora=run.lora)
+            record["checkpoint"] = checkpoint.round_dir_name(rnd)
+        else:
+            record["aggregated"] = False
+            log.warning("round %d: %d accepted updates < min-sites; global unchanged", rnd, len(accepted))
+        if global_adapter is not None:
+            eval_nodes = _sample(nodes, run.fraction_evaluate, run.min_sites, seed=10_000 + rnd)
+            ev = _send(grid, eval_nodes, MessageType.EVALUATE, rnd, global_adapter, run.timeout_evaluate)
+            ev_out = _classify(ev, eval_nodes, kind="evaluate", spec=None, run=run)
+            record["evaluate"] = ev_out["record"]
+            record["evaluate"]["mean"] = _mean_metrics([r.metrics for r in ev_out["accepted"].values()])
+        summary["rounds"].append(record)
+        summary["last_round"] = rnd
+        _write_summary(run_dir, summary)
+    summary["status"] = "completed"
+    _write_summary(run_dir, summary)
+    return summary
+
+
+# ---- one round's pieces ----------------------------------------------------
+
+
+def _wait_for_sites(grid: Grid, need: int, timeout: float, sleep: Callable[[float], None]) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(int(n) for n in grid.get_node_ids())
+        if len(nodes) >= need or time.monotonic() >= deadline:
+            return nodes
+        sleep(1.0)
+
+
+def _sample(nodes: list[int], fraction: float, min_sites: int, *, seed: int) -> list[int]:
+    k = min(len(nodes), max(min_sites, int(np.ceil(fraction * len(nodes)))))
+    return sorted(random.Random(seed).sample(nodes, k))
+
+
+def _send(
+    grid: Grid, nodes: list[int], kind: str, rnd: int, adapter: dict | None, timeout: float
+) -> list[Message]:
+    messages = [
+        Message(wire.pack_instruction(round_id=rnd, adapter=adapter), dst_node_id=n,
+                message_type=kind, group_id=str(rnd))
+        for n in nodes
+    ]
+    return list(grid.send_and_receive(messages, timeout=timeout))
+
+
+def _classify(
+    replies: list[Message], sent: list[int], *, kind: str, spec: wire.AdapterSpec | None, run: RunConfig
+) -> dict[str, Any]:
+    """Sort replies into accepted / declined / refused / failed / missing (by node id)."""
+    accepted: dict[int, wire.Reply] = {}
+    rec: dict[str, Any] = {"sent": sent, "accepted": [], "declined": {}, "refused": {}, "failed": []}
+    seen: set[int] = set()
+    for msg in replies:
+        node = int(msg.metadata.src_node_id)
+        if node not in sent or node in seen:
+            continue  # not asked, or a duplicate: ignore
+        seen.add(node)
+        if msg.has_error():
+            rec["failed"].append(node)
+            continue
+        try:
+            reply = wire.check_reply(msg.content, kind=kind, spec=spec, run=run)
+        except WireError as exc:
+            log.warning("site %d: %s reply refused: %s", node, kind, exc)
+            rec["refused"][str(node)] = [str(p) for p in exc.problems][:20]
+            continue
+        if reply.decline is not None:
+            rec["declined"][str(node)] = reply.decline
+        else:
+            accepted[node] = reply
+            rec["accepted"].append(node)
+    rec["accepted"].sort()
+    rec["missing"] = [n for n in sent if n not in seen]
+    return {"accepted": accepted, "record": rec}
+
+
+def _majority_layout(outcome: dict[str, Any], spec: wire.AdapterSpec | None) -> dict[int, wire.Reply]:
+    """With no global adapter yet, keep the sites whose adapter layout most sites share."""
+    accepted: dict[int, wire.Reply] = outcome["accepted"]
+    if spec is not None or not accepted:
+        return accepted
+    layouts: dict[str, list[int]] = {}
+    for node, reply in accepted.items():
+        key = json.dumps(sorted((k, list(s), d) for k, (s, d) in wire.spec_of(reply.adapter).items()))
+        layouts.setdefault(key, []).append(node)
+    best = max(sorted(layouts), key=lambda k: len(layouts[k]))
+    for key, nodes in layouts.items():
+        if key != best:
+            for node in nodes:
+                outcome["record"]["refused"][str(node)] = ["adapter layout differs from the majority"]
+                outcome["record"]["accepted"].remove(node)
+    return {n: accepted[n] for n in sorted(layouts[best])}
+
+
+def _aggregate(
+    accepted: dict[int, wire.Reply], global_adapter: dict | None, run: RunConfig, record: dict
+) -> dict[str, np.ndarray]:
+    nodes = sorted(accepted)
+    updates = [accepted[n].adapter for n in nodes]
+    weights = strategy.site_weights(
+        [int(accepted[n].privacy["patients_bucket"]) for n in nodes],
+        scheme=run.weighting, cap=run.weight_cap,
+    )
+    norms = [strategy.update_norm(strategy.update_delta(u, global_adapter)) for u in updates]
+    new = strategy.aggregate(
+        updates, weights=weights, reference=global_adapter, method=run.aggregation,
+        trim_fraction=run.trim_fraction, norm_bound=run.update_norm_bound, dtype=run.lora.dtype,
+    )
+    record["aggregated"] = True
+    record["weights"] = {str(n): w for n, w in zip(nodes, weights, strict=True)}
+    record["update_norms"] = {str(n): v for n, v in zip(nodes, norms, strict=True)}
+    record["privacy"] = {str(n): dict(accepted[n].privacy) for n in nodes}
+    return new
+
+
+def _mean_metrics(summaries: list[dict[str, float] | None]) -> dict[str, float]:
+    """Unweighted mean over sites of each metric that at least one site reported."""
+    acc: dict[str, list[float]] = {}
+    for s in summaries:
+        for k, v in (s or {}).items():
+            acc.setdefault(k, []).append(v)
+    return {k: float(np.mean(v)) for k, v in sorted(acc.items())}
+
+
+# ---- the summary file ------------------------------------------------------
+
+
+def _load_summary(path: Path, run: RunConfig, start: int) -> dict[str, Any]:
+    summary: dict[str, Any] = {"run_name": run.run_name, "num_rounds": run.num_rounds, "rounds": []}
+    if start and path.exists():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+            summary["rounds"] = [r for r in old.get("rounds", []) if int(r["round"]) <= start]
+        except (ValueError, KeyError, TypeError):
+            log.warning("unreadable %s; starting a fresh summary", path)
+    summary.update(
+        aggregation=run.aggregation, weighting=run.weighting, update_norm_bound=run.update_norm_bound,
+        min_sites=run.min_sites, status="running", last_round=start,
+    )
+    return summary
+
+
+def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / SUMMARY_NAME
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{SUMMARY_NAME}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(_site_epsilons(summary), fh, indent=2, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _site_epsilons(summary: dict[str, Any]) -> dict[str, Any]:
+    """Add each site's latest reported cumulative epsilon (from its ledger) to the summary."""
+    eps: dict[str, float] = {}
+    for r in summary["rounds"]:
+        for node, p in r.get("privacy", {}).items():
+            eps[node] = max(eps.get(node, 0.0), float(p["epsilon"]))
+    return {**summary, "site_epsilon": eps}

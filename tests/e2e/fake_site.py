@@ -1,0 +1,32 @@
+"""TEST-ONLY stand-in for client/site.py, copied into a temporary app bundle by the e2e test.
+
+Site k (from its site id ``site-<k>``) returns the global adapter plus (k + 1);
+it never touches notes or models. Never shipped: it only exists under tests/.
+"""
+
+import numpy as np
+
+A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+
+
+def adapter_spec(settings, run):
+    return {A: ((run.lora.r, 4), run.lora.dtype), B: ((4, run.lora.r), run.lora.dtype)}
+
+
+def site_train(settings, run, *, global_adapter, round_id):
+    k = int(settings.site_id.rsplit("-", 1)[-1])
+    base = global_adapter or {
+        A: np.zeros((run.lora.r, 4), np.float32),
+        B: np.zeros((4, run.lora.r), np.float32),
+    }
+    adapter = {n: v + (k + 1) for n, v in base.items()}
+    privacy = dict(epsilon=0.5 * round_id, epsilon_round=0.5, delta=1e-5, noise_multiplier=1.0,
+                   sample_rate=0.1, steps=run.train.steps, max_grad_norm=1.0,
+                   accountant=run.train.accountant, secure_mode=run.train.secure_mode,
+                   patients_bucket=10)
+    return adapter, privacy
+
+
+def site_evaluate(settings, run, *, global_adapter, round_id):
+    return {"diversity.distinct_1": 0.5}

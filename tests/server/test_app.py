@@ -1,0 +1,216 @@
+"""ServerApp <-> ClientApp message flow in-process, with a TEST-ONLY fake client.site.
+
+The grid below hands each Message straight to the real ClientApp (client/app.py),
+which calls whatever ``client.site`` is in sys.modules: here a fake with known
+answers, injected by monkeypatch. When client/site.py exists the wiring under
+test is the same; only the site functions differ.
+"""
+
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid
+
+from client.app import app as client_app
+from server import checkpoint
+from server.app import SUMMARY_NAME, run_federation
+from shared import wire
+from shared.errors import BudgetExceededError, ConfigError
+from shared.run_config import RunConfig
+
+A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+SECRET = "Jane Roe (MRN 998877)"
+
+
+def make_fake_site(calls):
+    """TEST-ONLY stand-in for client/site.py: site k adds (k+1) to every entry."""
+    mod = types.ModuleType("client.site")
+
+    def adapter_spec(settings, run):
+        return {A: ((run.lora.r, 4), run.lora.dtype), B: ((4, run.lora.r), run.lora.dtype)}
+
+    def site_train(settings, run, *, global_adapter, round_id):
+        calls.append(("train", settings.site_id, round_id, global_adapter))
+        k = int(settings.site_id[-1])
+        if settings.site_id == "site2":
+            raise BudgetExceededError("ceiling", projected_epsilon=9.0, ceiling=8.0)
+        if settings.site_id == "site3":
+            raise ValueError(f"bad note for {SECRET}")  # must not leave the site as text
+        base = global_adapter or {A: np.zeros((run.lora.r, 4), np.float32),
+                                  B: np.zeros((4, run.lora.r), np.float32)}
+        adapter = {n: v + (k + 1) for n, v in base.items()}
+        privacy = dict(epsilon=0.5 * round_id, epsilon_round=0.5, delta=1e-5, noise_multiplier=1.0,
+                       sample_rate=0.1, steps=run.train.steps, max_grad_norm=1.0,
+                       accountant=run.train.accountant, secure_mode=run.train.secure_mode,
+                       patients_bucket=10 * (k + 1))
+        return adapter, privacy
+
+    def site_evaluate(settings, run, *, global_adapter, round_id):
+        calls.append(("evaluate", settings.site_id, round_id, global_adapter))
+        return {"diversity.distinct_1": 0.25 * (int(settings.site_id[-1]) + 1)}
+
+    mod.adapter_spec, mod.site_train, mod.site_evaluate = adapter_spec, site_train, site_evaluate
+    return mod
+
+
+class InProcessGrid(Grid):
+    """Delivers each message to a handler per node (the real ClientApp unless overridden)."""
+
+    def __init__(self, contexts, handlers=None, dropped=()):
+        self.contexts, self.handlers, self.dropped = contexts, handlers or {}, set(dropped)
+        self.sent: list[Message] = []
+
+    def set_run(self, run):  # pragma: no cover - not used in-process
+        self._run = run
+
+    @property
+    def run(self):  # pragma: no cover
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages):  # pragma: no cover
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # pragma: no cover
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = []
+        for msg in messages:
+            self.sent.append(msg)
+            node = msg.metadata.dst_node_id
+            if node in self.dropped:
+                continue
+            handler = self.handlers.get(node, client_app)
+            out.append(handler(msg, self.contexts[node]))
+        return out
+
+
+def contexts(tmp_path, run_config, n=4):
+    return {
+        100 + k: Context(run_id=1, node_id=100 + k, state=RecordDict(), run_config=run_config,
+                         node_config={"site-id": f"site{k}", "output-dir": str(tmp_path / f"s{k}")})
+        for k in range(n)
+    }
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    # The Flower runtime sets the task identity of the ServerApp process; in-process we do.
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    log = []
+    monkeypatch.setitem(sys.modules, "client.site", make_fake_site(log))
+    return log
+
+
+RC = {"num-rounds": 1, "min-sites": 2, "lora.r": 2, "timeout.wait-sites": 0}
+
+
+def test_round_aggregates_accepted_sites_only(tmp_path, calls):
+    # site0, site1 train; site2 is out of budget; site3 fails; node 104 dropped off.
+    ctx = contexts(tmp_path, RC, n=5)
+    grid = InProcessGrid(ctx, dropped={104})
+    summary = run_federation(grid, RunConfig.from_flower(RC), run_dir=tmp_path / "run", sleep=lambda s: None)
+    rnd = summary["rounds"][0]
+    assert rnd["train"]["accepted"] == [100, 101]
+    assert rnd["train"]["declined"] == {"102": "budget_exceeded", "103": "site_error"}
+    assert rnd["train"]["missing"] == [104]
+    # patients weighting: site0 bucket 10 (value 1), site1 bucket 20 (value 2) -> 5/3
+    _, adapter = checkpoint.load_latest(tmp_path / "run" / "checkpoints")
+    np.testing.assert_allclose(adapter[A], np.full((2, 4), 5 / 3), rtol=1e-6)
+    assert rnd["evaluate"]["mean"]["diversity.distinct_1"] == pytest.approx((0.25 + 0.5 + 0.75 + 1.0) / 4)
+    text = (tmp_path / "run" / SUMMARY_NAME).read_text()
+    assert "Jane" not in text and "MRN" not in text
+    assert json.loads(text)["status"] == "completed"
+
+
+def test_resume_from_last_checkpoint(tmp_path, calls):
+    run_dir = tmp_path / "run"
+    ctx = contexts(tmp_path, RC, n=2)
+    run_federation(InProcessGrid(ctx), RunConfig.from_flower(RC), run_dir=run_dir, sleep=lambda s: None)
+    calls.clear()
+    rc2 = RC | {"num-rounds": 2}
+    summary = run_federation(InProcessGrid(contexts(tmp_path, rc2, n=2)), RunConfig.from_flower(rc2),
+                             run_dir=run_dir, sleep=lambda s: None)
+    trained = [c for c in calls if c[0] == "train"]
+    assert {c[2] for c in trained} == {2}  # round 1 was not redone
+    np.testing.assert_allclose(trained[0][3][A], np.full((2, 4), 5 / 3), rtol=1e-6)
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert checkpoint.load_latest(run_dir / "checkpoints")[0] == 2
+
+
+def test_server_refuses_hostile_reply_and_goes_on(tmp_path, calls):
+    def hostile(msg, context):
+        content = wire.pack_train_reply({A: np.ones((2, 4), np.float32), B: np.ones((4, 2), np.float32)},
+                                        dict(epsilon=1.0, epsilon_round=1.0, delta=1e-5, noise_multiplier=1.0,
+                                             sample_rate=0.1, steps=1, max_grad_norm=1.0, accountant="prv",
+                                             secure_mode=False, patients_bucket=10))
+        content["leak"] = ConfigRecord({"text": SECRET})
+        return Message(content, reply_to=msg)
+
+    ctx = contexts(tmp_path, RC, n=3)
+    grid = InProcessGrid(ctx, handlers={102: hostile})
+    summary = run_federation(grid, RunConfig.from_flower(RC), run_dir=tmp_path / "run", sleep=lambda s: None)
+    rnd = summary["rounds"][0]
+    assert rnd["train"]["accepted"] == [100, 101]
+    assert "102" in rnd["train"]["refused"]
+    assert SECRET not in json.dumps(summary)
+
+
+def test_too_few_sites_leaves_global_unchanged(tmp_path, calls):
+    rc = RC | {"min-sites": 3}
+    ctx = contexts(tmp_path, rc, n=4)  # only site0/site1 can produce updates
+    summary = run_federation(InProcessGrid(ctx), RunConfig.from_flower(rc), run_dir=tmp_path / "run",
+                             sleep=lambda s: None)
+    assert summary["rounds"][0]["aggregated"] is False
+    assert checkpoint.load_latest(tmp_path / "run" / "checkpoints") is None
+    stopped = run_federation(InProcessGrid(contexts(tmp_path, rc, n=2)), RunConfig.from_flower(rc),
+                             run_dir=tmp_path / "run2", sleep=lambda s: None)
+    assert stopped["status"].startswith("stopped")
+
+
+def test_client_refuses_bad_instruction_and_run_config(tmp_path, calls):
+    ctx = contexts(tmp_path, RC, n=1)[100]
+    content = wire.pack_instruction(round_id=1, adapter=None)
+    content["cmd"] = ConfigRecord({"upload": "notes.jsonl"})
+    msg = Message(content, dst_node_id=100, message_type="train", group_id="1")
+    reply = client_app(msg, ctx)
+    assert dict(reply.content["decline"]) == {"reason": "site_error"}
+    assert calls == []  # the site functions never ran
+    bad = Context(run_id=1, node_id=100, state=RecordDict(), node_config=dict(ctx.node_config),
+                  run_config={"num-rounds": 1, "data-exfil": "yes"})
+    ok_msg = Message(wire.pack_instruction(round_id=1, adapter=None), dst_node_id=100,
+                     message_type="evaluate", group_id="1")
+    assert dict(client_app(ok_msg, bad).content["decline"]) == {"reason": "site_error"}
+
+
+def test_secagg_refused_until_available(tmp_path, calls):
+    rc = RC | {"secagg": True}
+    with pytest.raises(ConfigError, match="secagg"):
+        run_federation(InProcessGrid(contexts(tmp_path, rc, n=2)), RunConfig.from_flower(rc),
+                       run_dir=tmp_path / "run")
+
+
+def test_node_config_settings(tmp_path, monkeypatch):
+    from client.app import site_settings
+
+    s = site_settings({"data-dir": str(tmp_path), "k-min": 20})
+    assert s.notes_path == tmp_path / "notes.jsonl" and s.output_dir == tmp_path / "output" and s.k_min == 20
+    with pytest.raises(ConfigError, match="unknown key"):
+        site_settings({"epsilon-override": 100.0})
+    monkeypatch.setenv("FEDSYNTH_SIM_ROOT", str(tmp_path))
+    sim = site_settings({"partition-id": 1, "num-partitions": 2})
+    assert sim.site_id == "site-1" and sim.notes_path == tmp_path / "site-1" / "notes.jsonl"

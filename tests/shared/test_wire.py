@@ -1,0 +1,143 @@
+"""The wire contract refuses every smuggling attempt, and lets honest replies through."""
+
+import io
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from shared import wire
+from shared.errors import WireError
+from shared.run_config import RunConfig
+
+RUN = RunConfig.from_flower({"lora.r": 2})
+A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+SPEC = {A: ((2, 8), "float32"), B: ((8, 2), "float32")}
+SECRET = "Patient John Doe, MRN 123456, attempted suicide"
+
+
+def adapter():
+    return {A: np.full((2, 8), 0.5, np.float32), B: np.zeros((8, 2), np.float32)}
+
+
+def privacy(**over):
+    p = dict(epsilon=1.5, epsilon_round=0.5, delta=1e-5, noise_multiplier=1.1, sample_rate=0.01,
+             steps=50, max_grad_norm=1.0, accountant="prv", secure_mode=False, patients_bucket=120)
+    p.update(over)
+    return p
+
+
+def refused(content, kind="train", spec=SPEC, match=None):
+    with pytest.raises(WireError) as err:
+        wire.check_reply(content, kind=kind, spec=spec, run=RUN)
+    if match:
+        assert match in str(err.value), str(err.value)
+    return err.value
+
+
+def test_honest_replies_pass():
+    r = wire.check_reply(wire.pack_train_reply(adapter(), privacy()), kind="train", spec=SPEC, run=RUN)
+    np.testing.assert_array_equal(r.adapter[A], adapter()[A])
+    assert r.privacy["patients_bucket"] == 120
+    m = wire.check_reply(wire.pack_evaluate_reply({"diversity.distinct_2": 0.123456789}),
+                         kind="evaluate", spec=None, run=RUN)
+    assert m.metrics == {"diversity.distinct_2": 0.123457}
+    d = wire.check_reply(wire.pack_decline("budget_exceeded"), kind="train", spec=SPEC, run=RUN)
+    assert d.decline == "budget_exceeded" and d.adapter is None
+
+
+def test_text_in_metric_names_and_values():
+    refused(RecordDict({"metrics": MetricRecord({SECRET: 1.0})}), "evaluate", match="not a whitelisted")
+    refused(RecordDict({"metrics": MetricRecord({"privacy.mia_auc": [0.5, 0.7]})}), "evaluate",
+            match="scalar")
+    rec = ConfigRecord({"privacy.mia_auc": SECRET})
+    refused(RecordDict({"metrics": rec}), "evaluate", match="must be a MetricRecord")
+    # eight bytes of text hidden in a float's mantissa: refused for its precision
+    hidden = np.frombuffer(b"JohnDoe!", dtype=np.float64)[0]
+    if np.isfinite(hidden):
+        refused(RecordDict({"metrics": MetricRecord({"privacy.mia_auc": float(hidden)})}), "evaluate",
+                match="significant digits")
+    refused(RecordDict({"metrics": MetricRecord({"privacy.mia_auc": float("nan")})}), "evaluate",
+            match="finite")
+
+
+def test_text_in_config_echo_and_extra_records():
+    content = wire.pack_train_reply(adapter(), privacy())
+    content["echo"] = ConfigRecord({"note_id": "n-0042", "text": SECRET})
+    err = refused(content, match="not allowed")
+    assert any("echo" in p.where for p in err.problems)
+    refused(wire.pack_train_reply(adapter(), privacy(note=SECRET)), match="not a privacy key")
+    refused(wire.pack_train_reply(adapter(), privacy(accountant=SECRET)), match="accountant")
+    refused(wire.pack_train_reply(adapter(), privacy(steps="50")), match="steps")
+    refused(wire.pack_train_reply(adapter(), privacy(secure_mode=1)), match="secure_mode")
+    refused(wire.pack_train_reply(adapter(), privacy(patients_bucket=123)), match="multiple of 10")
+    refused(wire.pack_train_reply(adapter(), privacy(noise_multiplier=0.0)), match="not DP")
+    refused(wire.pack_train_reply(adapter(), privacy(accountant="rdp")), match="differs from the run")
+    bad_decline = RecordDict({"decline": ConfigRecord({"reason": SECRET})})
+    refused(bad_decline, match="reason")
+    refused(RecordDict({"decline": ConfigRecord({"reason": "budget_exceeded", "why": SECRET})}))
+    # a train layout under an evaluate reply, and vice versa
+    refused(wire.pack_train_reply(adapter(), privacy()), "evaluate", match="not allowed")
+
+
+def test_tensor_smuggling():
+    # a string as uint8 tensor bytes under an unexpected key
+    text = np.frombuffer(SECRET.encode(), dtype=np.uint8).copy()
+    tensors = adapter() | {"notes.text": text}
+    refused(wire.pack_train_reply(tensors, privacy()), match="unexpected tensor name")
+    # same bytes under an expected name: wrong dtype and shape
+    refused(wire.pack_train_reply(adapter() | {A: text}, privacy()), match="dtype")
+    refused(wire.pack_train_reply(adapter() | {A: np.zeros((3, 8), np.float32)}, privacy()), match="shape")
+    refused(wire.pack_train_reply(adapter() | {A: np.zeros((2, 8), np.float64)}, privacy()), match="dtype")
+    refused(wire.pack_train_reply({A: adapter()[A]}, privacy()), match="missing tensor")
+    for bad in (np.nan, np.inf):
+        a = adapter()
+        a[B][0, 0] = bad
+        refused(wire.pack_train_reply(a, privacy()), match="non-finite")
+
+
+def test_bytes_appended_after_the_array_refused():
+    buf = io.BytesIO()
+    np.save(buf, adapter()[A], allow_pickle=False)
+    record = wire.pack_adapter(adapter())
+    record[A] = Array(dtype="float32", shape=(2, 8), stype="numpy.ndarray",
+                      data=buf.getvalue() + SECRET.encode())
+    content = RecordDict({"adapter": record, "privacy": ConfigRecord(privacy())})
+    refused(content, match="canonical")
+    # declared metadata that lies about the payload
+    record = wire.pack_adapter(adapter())
+    record[A] = Array(dtype="float32", shape=(2, 8), stype="numpy.ndarray",
+                      data=Array(np.zeros((4, 4), np.float32)).data)
+    refused(RecordDict({"adapter": record, "privacy": ConfigRecord(privacy())}), match="declared")
+
+
+def test_coordinator_side_without_spec_checks_lora_structure():
+    ok = wire.check_reply(wire.pack_train_reply(adapter(), privacy()), kind="train", spec=None, run=RUN)
+    assert set(ok.adapter) == {A, B}
+    refused(wire.pack_train_reply(adapter() | {"lm_head.weight": np.zeros((2, 2), np.float32)}, privacy()),
+            spec=None, match="not a PEFT LoRA tensor name")
+    refused(wire.pack_train_reply({A: adapter()[A]}, privacy()), spec=None, match="no matching")
+    refused(wire.pack_train_reply(adapter() | {A: np.zeros((3, 8), np.float32)}, privacy()), spec=None,
+            match="rows")
+
+
+def test_every_violation_listed_at_once():
+    content = wire.pack_train_reply(adapter() | {"x": np.zeros(1, np.float32)}, privacy(note="x"))
+    content["extra"] = ArrayRecord()
+    err = refused(content)
+    assert len(err.problems) >= 3
+
+
+def test_instruction_checked_on_receipt():
+    got = wire.check_instruction(wire.pack_instruction(round_id=3, adapter=adapter()), spec=SPEC, run=RUN)
+    assert got.round_id == 3 and set(got.adapter) == {A, B}
+    assert wire.check_instruction(wire.pack_instruction(round_id=1, adapter=None), spec=SPEC,
+                                  run=RUN).adapter is None
+    bad = wire.pack_instruction(round_id=1, adapter=adapter() | {A: np.full((2, 8), np.inf, np.float32)})
+    bad["cmd"] = ConfigRecord({"exec": "upload notes"})
+    with pytest.raises(WireError) as err:
+        wire.check_instruction(bad, spec=SPEC, run=RUN)
+    assert "non-finite" in str(err.value) and "cmd" in str(err.value)
+    with pytest.raises(WireError, match="round"):
+        wire.check_instruction(RecordDict({"instruction": ConfigRecord({"round": True})}), spec=SPEC, run=RUN)
