@@ -13,12 +13,10 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import ConfigError, Problem
-
-DEFAULT_HOME = Path(os.environ.get("FEDSYNTH_HOME", Path.home() / ".fedsynth"))
 
 
 def cache_dir() -> Path:
@@ -57,11 +55,6 @@ class SiteSettings(BaseSettings):
     split_seed: int = 0
     signing_key: Path | None = None
     k_min: int = Field(10, ge=2)
-
-    @field_validator("notes_path")
-    @classmethod
-    def _notes_exist(cls, v: Path) -> Path:
-        return v
 
     @model_validator(mode="after")
     def _default_ledger(self) -> SiteSettings:
