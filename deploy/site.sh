@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Start one fedsynth site: a SuperNode in process isolation (it runs no app code
+# itself) plus the trusted launcher, which runs only this installation's
+# client.app and only for the pinned bundle.
+# Usage: deploy/site.sh            (settings from the environment, see site.env.example)
+# Stop: SIGTERM this script's process group (both children are stopped).
+set -euo pipefail
+: "${FEDSYNTH_SUPERLINK:?host:port of the coordinator's Fleet API}"
+: "${FEDSYNTH_CA_CERT:?the consortium ca.crt}"
+: "${FEDSYNTH_DEPLOY_KEY:?this site's OpenSSH ECDSA private key (0600)}"
+: "${FEDSYNTH_DEPLOY_SITE_ID:?site id, e.g. site-a}"
+: "${FEDSYNTH_DATA_DIR:?site data dir: notes.jsonl, output/}"
+: "${FEDSYNTH_PIN:?pin file written by python -m client.launcher pin}"
+: "${FEDSYNTH_INSTALL_DIR:?directory holding the installed client/ shared/ packages}"
+RUNTIME_PORT="${FEDSYNTH_RUNTIME_PORT:-9094}"   # SuperNode Runtime API, 127.0.0.1 only
+AUDIT_LOG="${FEDSYNTH_AUDIT_LOG:-$FEDSYNTH_DATA_DIR/audit.jsonl}"
+export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
+export FLWR_HOME="${FLWR_HOME:-$HOME/.fedsynth-flwr}"
+PY="${FEDSYNTH_PYTHON:-python}"
+
+flower-supernode \
+  --superlink "$FEDSYNTH_SUPERLINK" \
+  --root-certificates "$FEDSYNTH_CA_CERT" \
+  --auth-supernode-private-key "$FEDSYNTH_DEPLOY_KEY" \
+  --isolation process \
+  --host 127.0.0.1 --port "$RUNTIME_PORT" \
+  --node-config "data-dir='$FEDSYNTH_DATA_DIR' site-id='$FEDSYNTH_DEPLOY_SITE_ID'" &
+SUPERNODE=$!
+(cd "$FEDSYNTH_INSTALL_DIR" && exec "$PY" -m client.launcher serve \
+  --runtime-api-address "127.0.0.1:$RUNTIME_PORT" --insecure \
+  --pin "$FEDSYNTH_PIN" --audit-log "$AUDIT_LOG" --site "$FEDSYNTH_DEPLOY_SITE_ID") &
+LAUNCHER=$!
+trap 'kill -TERM $SUPERNODE $LAUNCHER 2>/dev/null; wait' TERM INT
+# Either one ending (e.g. the SuperNode after revocation) stops the site.
+wait -n $SUPERNODE $LAUNCHER || true
+kill -TERM $SUPERNODE $LAUNCHER 2>/dev/null || true
+wait

@@ -1,0 +1,189 @@
+import hashlib
+import json
+import sys
+from types import SimpleNamespace
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.cli.build import build_fab_from_disk
+
+import client.launcher as launcher
+from client.launcher import BundleId, bundle_id, load_pin, verify_bundle, write_pin
+from shared.errors import InputError, VerificationError
+
+PYPROJECT = """[project]
+name = "fedsynth"
+version = "{version}"
+
+[tool.flwr.app]
+publisher = "fedsynth"
+
+[tool.flwr.app.components]
+serverapp = "server.app:app"
+clientapp = "client.app:app"
+
+[tool.flwr.app.config]
+num-rounds = 1
+"""
+
+MARKER_APP = """from pathlib import Path
+Path({marker!r}).write_text("bundle code ran")
+app = None
+"""
+
+
+def make_app(root, marker, *, version="0.1.0", extra=""):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "pyproject.toml").write_text(PYPROJECT.format(version=version))
+    for pkg in ("client", "server", "shared"):
+        (root / pkg).mkdir(exist_ok=True)
+        (root / pkg / "__init__.py").write_text("")
+    (root / "client" / "app.py").write_text(MARKER_APP.format(marker=str(marker)) + extra)
+    (root / "server" / "app.py").write_text("app = None\n")
+    return root
+
+
+@pytest.fixture()
+def agreed(tmp_path):
+    marker = tmp_path / "MARKER"
+    app = make_app(tmp_path / "fedsynth", marker)
+    pin = write_pin(app, tmp_path / "pin.json")
+    return SimpleNamespace(app=app, marker=marker, pin=pin, pin_path=tmp_path / "pin.json")
+
+
+def test_pin_is_what_flwr_run_sends(agreed, tmp_path):
+    fab = build_fab_from_disk(agreed.app)
+    assert agreed.pin == BundleId("fedsynth", "fedsynth", "0.1.0", hashlib.sha256(fab).hexdigest())
+    assert load_pin(agreed.pin_path) == agreed.pin
+    (tmp_path / "x.fab").write_bytes(fab)  # pinning the .fab file gives the same pin
+    assert write_pin(tmp_path / "x.fab", tmp_path / "pin2.json") == agreed.pin
+    # deterministic: rebuilding the same tree gives the same bytes
+    assert build_fab_from_disk(agreed.app) == fab
+
+
+def test_same_bundle_accepted(agreed):
+    fab = build_fab_from_disk(agreed.app)
+    got = verify_bundle(fab, agreed.pin, claimed_hash=hashlib.sha256(fab).hexdigest(),
+                        fab_id="fedsynth/fedsynth", fab_version="0.1.0")
+    assert got == agreed.pin
+    assert not agreed.marker.exists()
+
+
+def test_modified_client_code_refused_and_never_imported(agreed):
+    (agreed.app / "client" / "app.py").write_text(
+        MARKER_APP.format(marker=str(agreed.marker)) + "import os  # one extra line\n")
+    fab = build_fab_from_disk(agreed.app)
+    with pytest.raises(VerificationError) as err:
+        verify_bundle(fab, agreed.pin, fab_id="fedsynth/fedsynth", fab_version="0.1.0")
+    assert [p.where for p in err.value.problems] == ["bundle.sha256"]
+    assert not agreed.marker.exists()
+
+
+def test_every_mismatch_listed(agreed):
+    make_app(agreed.app, agreed.marker, version="0.2.0")
+    fab = build_fab_from_disk(agreed.app)
+    with pytest.raises(VerificationError) as err:
+        verify_bundle(fab, agreed.pin, claimed_hash="0" * 64, fab_id="evil/fedsynth",
+                      fab_version="0.2.0")
+    where = {p.where for p in err.value.problems}
+    assert where == {"bundle.sha256", "run.fab_hash", "bundle.version", "run.fab_id",
+                     "run.fab_version"}
+
+
+def test_garbage_bundle_refused():
+    with pytest.raises(VerificationError) as err:
+        verify_bundle(b"not a zip", BundleId("fedsynth", "fedsynth", "0.1.0", "a" * 64))
+    assert {p.where for p in err.value.problems} == {"bundle", "bundle.sha256"}
+    with pytest.raises(InputError):
+        bundle_id(b"PK\x05\x06" + b"\0" * 18)  # an empty zip: no pyproject
+
+
+def test_bad_pin_file_lists_every_problem(tmp_path):
+    path = tmp_path / "pin.json"
+    path.write_text(json.dumps({"publisher": "", "name": "fedsynth", "sha256": "XYZ", "extra": 1}))
+    with pytest.raises(InputError) as err:
+        load_pin(path)
+    reasons = {p.where.rsplit(":", 1)[-1] for p in err.value.problems}
+    assert reasons == {"publisher", "version", "sha256", "extra"}
+
+
+def test_local_client_app_is_the_installed_one():
+    app = launcher.local_client_app()
+    module = sys.modules["client.app"]
+    assert app is module.app
+    assert module.__file__.startswith(str(launcher._PACKAGE_ROOT))
+
+
+class FakeRuntime:
+    """Records what the launcher pushes back to the SuperNode's Runtime API."""
+
+    def __init__(self):
+        self.pushed = []
+        self.outputs = []
+
+    def SendTaskHeartbeat(self, req):  # noqa: N802 - Flower's RPC name
+        return SimpleNamespace(success=True)
+
+    def close(self):
+        pass
+
+
+def run_task_with(monkeypatch, fab, pin, local_app=None):
+    import flwr.supernode.runtime.run_clientapp as rc
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_task_id", "_run_id", "_node_id"):  # Message() reads the task identity
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    runtime = FakeRuntime()
+    message = Message(RecordDict({"instruction": ConfigRecord({"round": 1})}), dst_node_id=7,
+                      message_type="train")
+    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    run = SimpleNamespace(run_id=1, fab_id="fedsynth/fedsynth", fab_version="0.1.0")
+    fab_obj = SimpleNamespace(content=fab, hash_str=hashlib.sha256(fab).hexdigest())
+    monkeypatch.setattr(launcher, "_runtime_client",
+                        lambda *a, **k: (runtime, SimpleNamespace(max_tries=3)))
+    monkeypatch.setattr(rc, "pull_task_input", lambda client: (message, context, run, fab_obj))
+    monkeypatch.setattr(rc, "push_message", lambda client, reply, ctx: runtime.pushed.append(reply))
+    monkeypatch.setattr(rc, "push_task_output",
+                        lambda client, context, sub_status, details: runtime.outputs.append(
+                            (sub_status, details)))
+    if local_app is not None:
+        monkeypatch.setattr(launcher, "local_client_app", lambda: local_app)
+    return runtime
+
+
+def test_task_refused_replies_error_and_audits(agreed, monkeypatch, tmp_path):
+    (agreed.app / "client" / "app.py").write_text("print('tampered')\n")
+    fab = build_fab_from_disk(agreed.app)
+    called = []
+    runtime = run_task_with(monkeypatch, fab, agreed.pin,
+                            local_app=lambda message, context: called.append(1))
+    audit = tmp_path / "audit.jsonl"
+    ran = launcher.run_task("127.0.0.1:1", "tok", agreed.pin, insecure=True, audit_log=audit,
+                            site="site-a")
+    assert ran is False and called == []
+    (reply,) = runtime.pushed
+    assert reply.has_error() and reply.error.reason == "bundle_not_trusted"
+    assert runtime.outputs == [("failed", "bundle_not_trusted")]
+    entry = json.loads(audit.read_text().splitlines()[0])
+    assert entry["kind"] == "update_rejected" and entry["data"]["reason"] == "bundle_not_trusted"
+    assert entry["data"]["bundle_sha256"] == hashlib.sha256(fab).hexdigest()
+    assert not agreed.marker.exists()
+
+
+def test_task_accepted_runs_local_app(agreed, monkeypatch):
+    fab = build_fab_from_disk(agreed.app)
+    seen = []
+
+    def local_app(message, context):
+        seen.append(message.metadata.message_type)
+        return Message(RecordDict({"decline": ConfigRecord({"reason": "site_error"})}),
+                       reply_to=message)
+
+    runtime = run_task_with(monkeypatch, fab, agreed.pin, local_app=local_app)
+    assert launcher.run_task("127.0.0.1:1", "tok", agreed.pin, insecure=True) is True
+    assert seen == ["train"]
+    (reply,) = runtime.pushed
+    assert not reply.has_error() and "decline" in reply.content
+    assert runtime.outputs == [("completed", "")]
+    assert not agreed.marker.exists()  # the bundle's own client/app.py never ran
