@@ -1,0 +1,379 @@
+"""DP-LoRA recipe: what moves, what is charged, what is refused.
+
+Tiny random models, a handful of steps, short sequences: the point is the
+privacy mechanics (patient = unit, Poisson + clipping + noise, ledger first),
+not the learning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import pytest
+import torch
+from opacus.accountants import create_accountant
+
+import client.train as train_mod
+from client.ledger import Ledger
+from client.model import FAMILIES, adapter_state, add_lora, tiny_random_model
+from client.notes import Note
+from client.train import DPConfig, noise_multiplier_for, train_dp
+from shared.errors import BudgetExceededError, ConfigError, PrivacyError
+from shared.wire import PRIVACY_KEYS
+
+TEXT = "The patient reports low mood and poor sleep for two months. Plan: review in two weeks."
+
+
+def make_notes(n_patients: int, *, heavy_notes: int = 1) -> list[Note]:
+    """``n_patients`` patients with one note each, except p0 with ``heavy_notes`` notes."""
+    notes = []
+    for p in range(n_patients):
+        for k in range(heavy_notes if p == 0 else 1):
+            notes.append(
+                Note(
+                    note_id=f"n{p}-{k}",
+                    patient_id=f"p{p}",
+                    icd10=("F32.1",) if p % 2 else ("F41.1",),
+                    text=f"Note {k} of patient {p}. {TEXT}",
+                    date=None,
+                    identifiers=(),
+                    source="test",
+                    line=len(notes) + 1,
+                )
+            )
+    return notes
+
+
+def lora_model(family: str = "llama"):
+    model, tokenizer = tiny_random_model(family, seed=0)
+    return add_lora(model, r=4, alpha=8), tokenizer
+
+
+def config(**overrides) -> DPConfig:
+    knobs = dict(
+        noise_multiplier=1.0,
+        expected_batch_size=2,
+        max_physical_batch_size=2,
+        steps=2,
+        max_length=64,  # the prompt alone is ~50 tokens with the tiny tokenizer
+        accountant="rdp",  # cheaper to evaluate than PRV; PRV is covered below
+        learning_rate=1e-2,
+    )
+    knobs.update(overrides)
+    return DPConfig(**knobs)
+
+
+def independent_epsilon(history, *, delta: float, accountant: str) -> float:
+    acc = create_accountant(mechanism=accountant)
+    acc.history = list(history)
+    return acc.get_epsilon(delta=delta)
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    # Tiny models on a shared CPU: one thread avoids OpenMP spin contention and is faster.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def ledger(tmp_path) -> Ledger:
+    return Ledger(tmp_path / "privacy-ledger.jsonl", site_id="site-a")
+
+
+def assert_opacus_gone(model) -> None:
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+
+
+def test_only_lora_moves_and_epsilon_accumulates_over_rounds(ledger):
+    """Round 1 flat clipping, round 2 ghost clipping, same model, same ledger."""
+    model, tok = lora_model()
+    notes = make_notes(8)  # B=2 divides n=8: q = 2/8 exactly
+    delta = 1e-3
+    rounds = [
+        ("r1", config(clipping="flat")),
+        ("r2", config(clipping="ghost", noise_multiplier=2.0, steps=3)),
+    ]
+    history = []
+    for round_id, cfg in rounds:
+        before = snapshot(model)
+        seen: list[tuple[int, int, float]] = []
+        result = train_dp(
+            model,
+            tok,
+            notes,
+            config=cfg,
+            ledger=ledger,
+            round_id=round_id,
+            delta=delta,
+            epsilon_ceiling=100.0,
+            progress=lambda step, total, loss, seen=seen: seen.append((step, total, loss)),
+        )
+        after = snapshot(model)
+        lora = [n for n in before if "lora_" in n]
+        base = [n for n in before if "lora_" not in n]
+        assert lora and base
+        assert all(not torch.equal(before[n], after[n]) for n in lora), cfg.clipping
+        assert all(torch.equal(before[n], after[n]) for n in base), cfg.clipping  # bit-identical
+        # adapter: plain PEFT names (no Opacus "_module."), equal to the live weights
+        live = adapter_state(model)
+        assert set(result.adapter) == set(live) and not any("_module" in n for n in live)
+        assert all(torch.equal(result.adapter[n], t) for n, t in live.items())
+        assert [s[:2] for s in seen] == [(i + 1, cfg.steps) for i in range(cfg.steps)]
+        assert all(math.isfinite(s[2]) for s in seen) and math.isfinite(result.mean_loss)
+        assert_opacus_gone(model)  # so the next round can wrap it again
+
+        p = result.privacy
+        assert set(p.as_dict()) == PRIVACY_KEYS
+        assert (p.noise_multiplier, p.sample_rate, p.steps) == (
+            cfg.noise_multiplier,
+            0.25,
+            cfg.steps,
+        )
+        assert (p.delta, p.accountant, p.secure_mode, p.patients_bucket) == (delta, "rdp", False, 0)
+        this_round = (cfg.noise_multiplier, 0.25, cfg.steps)
+        history.append(this_round)
+        assert p.epsilon_round == pytest.approx(
+            independent_epsilon([this_round], delta=delta, accountant="rdp")
+        )
+        assert p.epsilon == pytest.approx(
+            independent_epsilon(history, delta=delta, accountant="rdp")
+        )
+    assert p.epsilon > p.epsilon_round
+
+
+def test_one_sample_per_patient_per_step(ledger, monkeypatch):
+    # p0 has 50 notes, p1..p9 one each. Were notes the sampling unit, p0 would fill
+    # most of every batch; with patients as the unit it appears at most once per step.
+    calls: list[list[dict]] = []
+    real_collate = train_mod.collate
+
+    def recording_collate(examples, **kw):
+        calls.append(list(examples))
+        return real_collate(examples, **kw)
+
+    monkeypatch.setattr(train_mod, "collate", recording_collate)
+    per_step: list[list[list[dict]]] = []
+
+    def close_step(step, total, loss):
+        per_step.append(calls[:])
+        calls.clear()
+
+    model, tok = lora_model()
+    steps = 8
+    result = train_dp(
+        model,
+        tok,
+        make_notes(10, heavy_notes=50),
+        config=config(expected_batch_size=4, steps=steps, accountant="prv"),
+        ledger=ledger,
+        round_id="r1",
+        delta=0.05,
+        epsilon_ceiling=100.0,
+        progress=close_step,
+    )
+    assert len(per_step) == steps
+    heavy_examples = set()
+    for physical_batches in per_step:
+        assert all(len(b) <= 2 for b in physical_batches)  # BatchMemoryManager bound
+        counts = defaultdict(int)
+        for batch in physical_batches:
+            for example in batch:
+                counts[example["patient"]] += 1
+                if example["patient"] == 0:
+                    heavy_examples.add(tuple(example["input_ids"]))
+        assert all(c <= 1 for c in counts.values()), counts
+    assert len(heavy_examples) >= 2  # p0 drawn as different notes (one random note per draw)
+
+    # n=10, B=4: Opacus samples at q = 1/ceil(10/4) = 1/3 and is charged for that q (PRV)
+    p = result.privacy
+    assert p.sample_rate == pytest.approx(1 / 3) and p.patients_bucket == 10
+    expected = independent_epsilon([(1.0, 1 / 3, steps)], delta=0.05, accountant="prv")
+    assert p.epsilon_round == pytest.approx(expected)
+    assert p.epsilon == pytest.approx(expected, rel=1e-3)
+
+
+def test_empty_poisson_batches_are_still_noisy_charged_steps(ledger, monkeypatch):
+    # 4 patients at q = 1/4: about a third of the steps draw nobody. Those steps
+    # still add noise and are charged; the recipe must not skip or miscount them.
+    collated = [0]
+    real_collate = train_mod.collate
+
+    def counting_collate(examples, **kw):
+        collated[0] += 1
+        return real_collate(examples, **kw)
+
+    monkeypatch.setattr(train_mod, "collate", counting_collate)
+    examples_per_step = []
+
+    def close_step(step, total, loss):
+        examples_per_step.append(collated[0])
+        collated[0] = 0
+
+    model, tok = lora_model()
+    steps = 10
+    result = train_dp(
+        model,
+        tok,
+        make_notes(4),
+        config=config(expected_batch_size=1, max_physical_batch_size=1, steps=steps),
+        ledger=ledger,
+        round_id="r1",
+        delta=0.1,
+        epsilon_ceiling=1000.0,
+        progress=close_step,
+    )
+    assert len(examples_per_step) == steps
+    assert 0 in examples_per_step and any(examples_per_step)  # both kinds of step happened
+    assert result.privacy.steps == steps
+    assert result.privacy.epsilon_round == pytest.approx(
+        independent_epsilon([(1.0, 0.25, steps)], delta=0.1, accountant="rdp")
+    )
+
+
+def test_ceiling_refused_before_training(ledger, monkeypatch):
+    model, tok = lora_model()
+    before = snapshot(model)
+    monkeypatch.setattr(
+        train_mod, "PrivacyEngine", lambda **kw: pytest.fail("training started despite refusal")
+    )
+    with pytest.raises(BudgetExceededError) as info:
+        train_dp(
+            model,
+            tok,
+            make_notes(8),
+            config=config(steps=50),
+            ledger=ledger,
+            round_id="r1",
+            delta=1e-3,
+            epsilon_ceiling=0.5,
+        )
+    assert info.value.projected_epsilon > 0.5
+    after = snapshot(model)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert ledger.entries() == []  # nothing reserved
+
+
+def test_delta_above_one_over_patients_refused(ledger):
+    model, tok = lora_model()
+    with pytest.raises(PrivacyError) as info:
+        train_dp(
+            model,
+            tok,
+            make_notes(8),
+            config=config(),
+            ledger=ledger,
+            round_id="r1",
+            delta=0.2,
+            epsilon_ceiling=10.0,
+        )
+    assert "0.2" in str(info.value) and "1/8" in str(info.value)
+    assert ledger.entries() == []  # nothing reserved
+
+
+def test_too_few_patients_refused(ledger):
+    model, tok = lora_model()
+    with pytest.raises(PrivacyError, match="too few"):
+        train_dp(
+            model,
+            tok,
+            make_notes(3),
+            config=config(expected_batch_size=2),
+            ledger=ledger,
+            round_id="r1",
+            delta=1e-3,
+            epsilon_ceiling=10.0,
+        )
+
+
+def test_all_config_problems_listed_at_once(ledger):
+    model, tok = lora_model()
+    bad = DPConfig(
+        noise_multiplier=1.0,
+        target_epsilon=2.0,
+        steps=0,
+        max_grad_norm=-1.0,
+        accountant="gdp",
+        clipping="per_layer",
+    )
+    with pytest.raises(ConfigError) as info:
+        train_dp(
+            model,
+            tok,
+            make_notes(8),
+            config=bad,
+            ledger=ledger,
+            round_id="",
+            delta=1.5,
+            epsilon_ceiling=10.0,
+        )
+    where = {p.where for p in info.value.problems}
+    assert {
+        "noise_multiplier/target_epsilon",
+        "steps",
+        "max_grad_norm",
+        "accountant",
+        "clipping",
+        "delta",
+        "round_id",
+    } <= where
+    assert ledger.entries() == []  # nothing reserved
+
+
+@pytest.mark.parametrize("target", [3.0])
+def test_target_epsilon_derives_sigma_reaching_it(target):
+    sigma = noise_multiplier_for(
+        target_epsilon=target, delta=1e-3, sample_rate=0.25, steps=2, accountant="rdp"
+    )
+    reached = independent_epsilon([(sigma, 0.25, 2)], delta=1e-3, accountant="rdp")
+    assert target - 0.011 <= reached <= target
+
+
+@pytest.mark.integration  # the search doubles sigma up to 1e6 before giving up: slow
+def test_unreachable_target_epsilon_refused():
+    with pytest.raises(PrivacyError, match="unreachable"):
+        noise_multiplier_for(
+            target_epsilon=1e-9, delta=1e-3, sample_rate=0.5, steps=1000, accountant="rdp"
+        )
+
+
+@pytest.mark.integration
+def test_train_with_target_epsilon(ledger):
+    model, tok = lora_model()
+    result = train_dp(
+        model,
+        tok,
+        make_notes(8),
+        config=config(noise_multiplier=None, target_epsilon=3.0, accountant="prv"),
+        ledger=ledger,
+        round_id="r1",
+        delta=1e-3,
+        epsilon_ceiling=10.0,
+    )
+    assert 3.0 - 0.05 <= result.privacy.epsilon_round <= 3.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_trains(family, ledger):
+    model, tok = lora_model(family)
+    before = {n: t.clone() for n, t in adapter_state(model).items()}
+    result = train_dp(
+        model,
+        tok,
+        make_notes(4),
+        config=config(steps=1),
+        ledger=ledger,
+        round_id="r1",
+        delta=0.1,
+        epsilon_ceiling=100.0,
+    )
+    assert set(result.adapter) == set(before)
+    assert all(not torch.equal(before[n], result.adapter[n]) for n in before)
