@@ -16,9 +16,20 @@ Node-config keys (``flower-supernode --node-config "data-dir='/srv/site'"``):
 ``data-dir`` (notes at ``<data-dir>/notes.jsonl``, output under
 ``<data-dir>/output``), ``site-id``, ``notes-path``, ``model-dir``,
 ``output-dir``, ``ledger-path``, ``epsilon-ceiling``, ``k-min``, ``device``.
-Simulation only: Flower sets ``partition-id``/``num-partitions``; then
-``$FEDSYNTH_SIM_ROOT/site-<partition-id>`` is the data dir unless ``data-dir``
-is given, so simulated sites never share a ledger.
+Simulation only: Flower sets ``partition-id``/``num-partitions``; then, unless
+``data-dir`` is given, partition i uses the i-th (sorted by name) subdirectory of
+``$FEDSYNTH_SIM_ROOT`` that holds a ``notes.jsonl``, and the site id is that
+directory's name (site-a, site-b, ...): simulated sites never share a ledger.
+
+Secure aggregation (``secagg = true``): the train message then carries Flower's
+SecAgg+ protocol and :func:`train` runs it through ``secaggplus_mod``. The mod
+calls :func:`secagg_train_reply` once per round; that function applies the same
+fail-closed checks as the plain path (instruction, :func:`shared.wire.check_reply`
+on the adapter and privacy scalars) BEFORE the mod masks anything, then turns the
+adapter into this site's contribution (delta against the global adapter, L2 norm
+bounded here at ``update-norm-bound`` because the coordinator no longer can, every
+coordinate clipped to ``secagg-clipping-range``) and checks that too
+(:func:`shared.wire.check_secagg_reply`).
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Context, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
 from shared import wire
@@ -83,8 +95,17 @@ def site_settings(node_config: dict[str, Any]) -> SiteSettings:
             )
         else:
             pid = node_config["partition-id"]
-            data_dir = Path(root) / f"site-{pid}"
-            overrides.setdefault("site_id", f"site-{pid}")
+            sites = sorted(d for d in Path(root).iterdir() if (d / "notes.jsonl").is_file()) \
+                if Path(root).is_dir() else []
+            if not isinstance(pid, int) or isinstance(pid, bool) or not 0 <= pid < len(sites):
+                problems.append(Problem(
+                    "FEDSYNTH_SIM_ROOT",
+                    f"partition {pid!r} needs at least {pid + 1 if isinstance(pid, int) else '?'} "
+                    f"site dirs with a notes.jsonl under the simulation root; found {len(sites)}",
+                ))
+            else:
+                data_dir = sites[pid]
+                overrides.setdefault("site_id", data_dir.name)
     if problems:
         raise ConfigError("invalid site node config", problems)
     if data_dir is not None:
@@ -111,6 +132,9 @@ def train_reply(message: Message, context: Context) -> RecordDict:
     try:
         settings = site_settings(dict(context.node_config))
         run = RunConfig.from_flower(dict(context.run_config))
+        if run.secagg:
+            # The run promises secure aggregation: never send this update in the clear.
+            raise ConfigError("secagg = true but the train message is not a SecAgg+ one")
         spec = _spec(settings, run)
         got = wire.check_instruction(message.content, spec=spec, run=run)
         site = _site()
@@ -127,6 +151,97 @@ def train_reply(message: Message, context: Context) -> RecordDict:
     except Exception:  # fail closed: no exception text may reach the coordinator
         log.exception("train failed at this site; replying with a typed decline")
         return wire.pack_decline("site_error")
+
+
+class SiteDeclinedError(Exception):
+    """Raised inside the SecAgg+ protocol when this site cannot even send a zero contribution.
+
+    Its text is fixed (Flower forwards exception text to the coordinator); the
+    coordinator sees this site drop out of the round.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("site_error")
+
+
+def secagg_contribution(
+    adapter: dict[str, np.ndarray], global_adapter: dict[str, np.ndarray] | None, run: RunConfig
+) -> dict[str, np.ndarray]:
+    """What this site puts into the secure sum (float64), mirroring server/strategy.aggregate.
+
+    Delta against the global adapter; in round 1 (no global) lora_B against its
+    zero init and lora_A as absolute values (the seeded init the coordinator never
+    sees). The delta (A excluded in round 1) is scaled to L2 norm <= update-norm-bound
+    (0 = off) — here, because the coordinator only sees the sum — and every
+    coordinate is clipped to ±secagg-clipping-range (SecAgg+ quantises in that range).
+    """
+    out = {k: np.asarray(v, dtype=np.float64) for k, v in adapter.items()}
+    if global_adapter is not None:
+        bounded = {k: v - np.asarray(global_adapter[k], dtype=np.float64) for k, v in out.items()}
+    else:
+        bounded = {k: v for k, v in out.items() if k.endswith(".lora_B.weight")}
+    bound = run.update_norm_bound
+    norm = float(np.sqrt(sum(float(np.sum(v * v)) for v in bounded.values())))
+    if bound > 0 and norm > bound:
+        bounded = {k: v * (bound / norm) for k, v in bounded.items()}
+    out.update(bounded)
+    limit = run.secagg_clipping_range
+    clipped = sum(int(np.count_nonzero(np.abs(v) > limit)) for v in out.values())
+    if clipped:
+        # Logged here only: the count is not on the wire whitelist.
+        log.warning("secagg: %d coordinates outside ±%g clipped (raise secagg-clipping-range?)",
+                    clipped, limit)
+    return {k: np.clip(v, -limit, limit) for k, v in out.items()}
+
+
+def secagg_train_reply(message: Message, context: Context) -> RecordDict:
+    """The train function under SecAgg+ (called by secaggplus_mod): checked legacy FitRes content.
+
+    Same checks as :func:`train_reply` on the adapter and privacy scalars before
+    anything is masked; a decline (budget, any failure) becomes a zero contribution
+    with weight 0 so the protocol completes without this site's data.
+    """
+    try:
+        settings = site_settings(dict(context.node_config))
+        run = RunConfig.from_flower(dict(context.run_config))
+        spec = _spec(settings, run)
+    except Exception as exc:
+        log.exception("secagg train: no site settings/adapter spec; dropping out of the round")
+        raise SiteDeclinedError() from exc
+    zeros = {k: np.zeros(shape, np.float64) for k, (shape, _d) in spec.items()}
+    try:
+        if not run.secagg:
+            raise ConfigError("a SecAgg+ train message but the run config says secagg = false")
+        got = wire.unpack_secagg_instruction(message.content, spec=spec, run=run)
+        try:
+            adapter, privacy = _site().site_train(
+                settings, run, global_adapter=got.adapter, round_id=got.round_id
+            )
+        except BudgetExceededError as exc:
+            log.warning("round %d declined: %s", got.round_id, exc)
+            return _checked_secagg(wire.pack_secagg_reply(zeros, weight=0, decline="budget_exceeded"),
+                                   spec, run)
+        adapter = _to_wire_dtype(adapter, run.lora.dtype)
+        reply = wire.check_reply(wire.pack_train_reply(adapter, privacy), kind="train", spec=spec, run=run)
+        contribution = secagg_contribution(reply.adapter, got.adapter, run)
+        weight = wire.secagg_weight(int(reply.privacy["patients_bucket"]), run)
+        return _checked_secagg(wire.pack_secagg_reply(contribution, weight=weight, privacy=reply.privacy),
+                               spec, run)
+    except Exception:  # fail closed: no exception text may reach the coordinator
+        log.exception("secagg train failed at this site; sending a zero, weight-0 decline")
+        try:
+            return _checked_secagg(wire.pack_secagg_reply(zeros, weight=0, decline="site_error"), spec, run)
+        except Exception as exc:
+            raise SiteDeclinedError() from exc
+
+
+def _checked_secagg(content: RecordDict, spec: wire.AdapterSpec, run: RunConfig) -> RecordDict:
+    wire.check_secagg_reply(content, spec=spec, run=run, masked=False)
+    return content
+
+
+def _secagg_train(message: Message, context: Context) -> Message:
+    return Message(secagg_train_reply(message, context), reply_to=message)
 
 
 def evaluate_reply(message: Message, context: Context) -> RecordDict:
@@ -147,6 +262,10 @@ def evaluate_reply(message: Message, context: Context) -> RecordDict:
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
+    # secaggplus_mod is applied per message rather than as an app-wide mod: it
+    # requires its protocol record and would fail on a plain (secagg = false) round.
+    if wire.SECAGG_CONFIGS_KEY in message.content.config_records:
+        return secaggplus_mod(message, context, _secagg_train)
     return Message(train_reply(message, context), reply_to=message)
 
 

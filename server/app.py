@@ -9,6 +9,10 @@ Thin wiring over :mod:`server.strategy`, :mod:`server.checkpoint` and
 fail, decline (out of budget) or send something the wire contract refuses are
 recorded and the round goes on without them.
 
+With ``secagg = true`` the train phase is SecAgg+ instead (:mod:`server.secagg`):
+the coordinator checks each site's clear scalars and learns only the weighted
+mean of the updates; evaluation and checkpoints are unchanged.
+
 Output (``FEDSYNTH_COORD_RUN_DIR/<run-name>/``): ``checkpoints/`` (PEFT adapters
 + state.json) and ``consortium-summary.json``. A restarted coordinator resumes
 after the last complete checkpoint.
@@ -30,9 +34,9 @@ import numpy as np
 from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
-from server import checkpoint, strategy
+from server import checkpoint, secagg, strategy
 from shared import wire
-from shared.errors import ConfigError, Problem, WireError
+from shared.errors import WireError
 from shared.run_config import RunConfig
 from shared.settings import CoordinatorSettings, load_settings
 
@@ -54,9 +58,6 @@ def run_federation(
     grid: Grid, run: RunConfig, *, run_dir: Path, sleep: Callable[[float], None] = time.sleep
 ) -> dict[str, Any]:
     """Run (or resume) the federation; returns the consortium summary also written to run_dir."""
-    if run.secagg:
-        # Refuse rather than silently run without secure aggregation.
-        raise ConfigError("secagg is not available yet", [Problem("secagg", "set it to false")])
     ckpt_root = run_dir / "checkpoints"
     latest = checkpoint.load_latest(ckpt_root)
     start, global_adapter = latest if latest is not None else (0, None)
@@ -71,6 +72,18 @@ def run_federation(
             return summary
         record: dict[str, Any] = {"round": rnd}
         train_nodes = _sample(nodes, run.fraction_train, run.min_sites, seed=rnd)
+        if run.secagg:
+            new = secagg.train_round(grid, run, nodes=train_nodes, round_id=rnd,
+                                     global_adapter=global_adapter, record=record)
+            if new is not None:
+                global_adapter = new
+                checkpoint.save_round(ckpt_root, rnd, global_adapter, lora=run.lora)
+                record["checkpoint"] = checkpoint.round_dir_name(rnd)
+            _evaluate(grid, nodes, rnd, global_adapter, run, record)
+            summary["rounds"].append(record)
+            summary["last_round"] = rnd
+            _write_summary(run_dir, summary)
+            continue
         replies = _send(grid, train_nodes, MessageType.TRAIN, rnd, global_adapter, run.timeout_train)
         spec = wire.spec_of(global_adapter) if global_adapter is not None else None
         outcome = _classify(replies, train_nodes, kind="train", spec=spec, run=run)
@@ -83,12 +96,7 @@ def run_federation(
         else:
             record["aggregated"] = False
             log.warning("round %d: %d accepted updates < min-sites; global unchanged", rnd, len(accepted))
-        if global_adapter is not None:
-            eval_nodes = _sample(nodes, run.fraction_evaluate, run.min_sites, seed=10_000 + rnd)
-            ev = _send(grid, eval_nodes, MessageType.EVALUATE, rnd, global_adapter, run.timeout_evaluate)
-            ev_out = _classify(ev, eval_nodes, kind="evaluate", spec=None, run=run)
-            record["evaluate"] = ev_out["record"]
-            record["evaluate"]["mean"] = _mean_metrics([r.metrics for r in ev_out["accepted"].values()])
+        _evaluate(grid, nodes, rnd, global_adapter, run, record)
         summary["rounds"].append(record)
         summary["last_round"] = rnd
         _write_summary(run_dir, summary)
@@ -98,6 +106,18 @@ def run_federation(
 
 
 # ---- one round's pieces ----------------------------------------------------
+
+
+def _evaluate(
+    grid: Grid, nodes: list[int], rnd: int, global_adapter: dict | None, run: RunConfig, record: dict
+) -> None:
+    if global_adapter is None:
+        return
+    eval_nodes = _sample(nodes, run.fraction_evaluate, run.min_sites, seed=10_000 + rnd)
+    ev = _send(grid, eval_nodes, MessageType.EVALUATE, rnd, global_adapter, run.timeout_evaluate)
+    ev_out = _classify(ev, eval_nodes, kind="evaluate", spec=None, run=run)
+    record["evaluate"] = ev_out["record"]
+    record["evaluate"]["mean"] = _mean_metrics([r.metrics for r in ev_out["accepted"].values()])
 
 
 def _wait_for_sites(grid: Grid, need: int, timeout: float, sleep: Callable[[float], None]) -> list[int]:
@@ -217,6 +237,7 @@ def _load_summary(path: Path, run: RunConfig, start: int) -> dict[str, Any]:
             log.warning("unreadable %s; starting a fresh summary", path)
     summary.update(
         aggregation=run.aggregation, weighting=run.weighting, update_norm_bound=run.update_norm_bound,
+        secagg=run.secagg,
         min_sites=run.min_sites, status="running", last_round=start,
     )
     return summary

@@ -98,6 +98,12 @@ class RunConfig:
     weight_cap: int = 0
     update_norm_bound: float = 0.0
     secagg: bool = False
+    # SecAgg+ (docs/federation.md): every coordinate a site contributes is clipped to
+    # +-secagg_clipping_range before quantisation; shares/threshold are fractions of the
+    # sites sampled in a round (threshold is never below 2).
+    secagg_clipping_range: float = 1.0
+    secagg_num_shares: float = 1.0
+    secagg_threshold: float = 0.6
     evaluate_k_min: int = 10
     lora: LoraConfig = LoraConfig()
     train: TrainConfig = TrainConfig()
@@ -169,6 +175,9 @@ _SPEC: dict[str, tuple[str, str, type, Check | None]] = {
     "aggregation.weight-cap": ("", "weight_cap", int, _rng(0)),
     "update-norm-bound": ("", "update_norm_bound", float, _rng(0)),
     "secagg": ("", "secagg", bool, None),
+    "secagg-clipping-range": ("", "secagg_clipping_range", float, _rng(0, 1e6, lo_open=True)),
+    "secagg-num-shares": ("", "secagg_num_shares", float, _rng(0, 1, lo_open=True)),
+    "secagg-reconstruction-threshold": ("", "secagg_threshold", float, _rng(0, 1, lo_open=True)),
     "evaluate.k-min": ("", "evaluate_k_min", int, _rng(2, 1_000_000)),
     "lora.r": ("lora", "r", int, _rng(1, 1024)),
     "lora.alpha": ("lora", "alpha", float, _rng(0, 1e6, lo_open=True)),
@@ -249,6 +258,15 @@ def _parse(mapping: Mapping[str, Any]) -> RunConfig:
                 "train.noise-multiplier",
                 "set exactly one of train.noise-multiplier and train.epsilon-per-round "
                 f"(> 0) and the other to 0 (got {sigma} and {eps_round}); 0 noise is not DP",
+            )
+        )
+    top = values[""]
+    if top.get("secagg", RunConfig.secagg) and top.get("aggregation", "fedavg") != "fedavg":
+        problems.append(
+            Problem(
+                "aggregation",
+                f"{top['aggregation']!r} needs each site's update in the clear; with secagg = true "
+                "the coordinator only sees the sum, so only 'fedavg' is possible",
             )
         )
     if problems:

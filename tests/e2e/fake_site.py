@@ -1,6 +1,7 @@
 """TEST-ONLY stand-in for client/site.py, copied into a temporary app bundle by the e2e test.
 
-Site k (from its site id ``site-<k>``) returns the global adapter plus (k + 1);
+Site k (site id ``site-a`` -> 0, ``site-b`` -> 1, ...; ``site-<k>`` also works)
+returns the global adapter plus (k + 1) and reports patients bucket 10 (k + 1);
 it never touches notes or models. Never shipped: it only exists under tests/.
 """
 
@@ -15,7 +16,8 @@ def adapter_spec(settings, run):
 
 
 def site_train(settings, run, *, global_adapter, round_id):
-    k = int(settings.site_id.rsplit("-", 1)[-1])
+    suffix = settings.site_id.rsplit("-", 1)[-1]
+    k = int(suffix) if suffix.isdigit() else ord(suffix) - ord("a")
     base = global_adapter or {
         A: np.zeros((run.lora.r, 4), np.float32),
         B: np.zeros((4, run.lora.r), np.float32),
@@ -24,7 +26,7 @@ def site_train(settings, run, *, global_adapter, round_id):
     privacy = dict(epsilon=0.5 * round_id, epsilon_round=0.5, delta=1e-5, noise_multiplier=1.0,
                    sample_rate=0.1, steps=run.train.steps, max_grad_norm=1.0,
                    accountant=run.train.accountant, secure_mode=run.train.secure_mode,
-                   patients_bucket=10)
+                   patients_bucket=10 * (k + 1))
     return adapter, privacy
 
 

@@ -42,17 +42,26 @@ def build_app(dst: Path) -> Path:
     return app
 
 
-def test_one_simulated_round(tmp_path):
+SITES = ("site-a", "site-b", "site-c")
+
+
+def run_simulation(tmp_path: Path, *, sites: int, run_config: str, extra_config: str = ""):
+    """`flwr run` the fake-site bundle on a fresh simulation SuperLink; (summary, last adapter, output).
+
+    ``extra_config`` is appended to the bundle's ``[tool.flwr.app.config]`` (keys the
+    repo's pyproject may not declare yet; Flower refuses overrides of undeclared keys).
+    """
     port = free_port()
     home = tmp_path / "flwr"
     home.mkdir()
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "sim"\n\n[superlink.sim]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n'
-        "options.num-supernodes = 2\noptions.backend.client-resources.num-cpus = 1\n"
+        f"options.num-supernodes = {sites}\noptions.backend.client-resources.num-cpus = 1\n"
     )
-    for k in range(2):
-        (tmp_path / "sim" / f"site-{k}").mkdir(parents=True)
+    for name in SITES[:sites]:  # partition i -> i-th sorted dir holding a notes.jsonl
+        (tmp_path / "sim" / name).mkdir(parents=True)
+        (tmp_path / "sim" / name / "notes.jsonl").write_text("")
     ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     env = os.environ | {
         "FLWR_HOME": str(home),
@@ -65,6 +74,13 @@ def test_one_simulated_round(tmp_path):
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
     }
     app = build_app(tmp_path)
+    if extra_config:
+        pyproject = app / "pyproject.toml"
+        text = pyproject.read_text()
+        missing = "\n".join(line for line in extra_config.splitlines()
+                            if line.split("=")[0].strip() not in text)
+        pyproject.write_text(text.replace("[tool.flwr.app.config]\n",
+                                          f"[tool.flwr.app.config]\n{missing}\n", 1))
     log = open(tmp_path / "superlink.log", "w")
     link = subprocess.Popen(
         [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
@@ -81,24 +97,17 @@ def test_one_simulated_round(tmp_path):
                     break
             time.sleep(0.5)
         out = subprocess.run(
-            [str(BIN / "flwr"), "run", str(app), "sim", "--stream",
-             "--run-config", "num-rounds=1 min-sites=2 timeout.wait-sites=120"],
+            [str(BIN / "flwr"), "run", str(app), "sim", "--stream", "--run-config", run_config],
             env=env, capture_output=True, text=True, timeout=540, cwd=tmp_path,
         )
         summary_path = tmp_path / "coord" / "fedsynth" / "consortium-summary.json"
         assert summary_path.exists(), out.stdout[-3000:] + out.stderr[-3000:]
         summary = json.loads(summary_path.read_text())
-        assert summary["status"] == "completed"
-        rnd = summary["rounds"][0]
-        assert len(rnd["train"]["accepted"]) == 2, (rnd["train"], out.stdout[-3000:])
-        assert rnd["aggregated"] is True
-        assert rnd["evaluate"]["mean"] == {"diversity.distinct_1": 0.5}
         from safetensors.numpy import load_file
 
-        adapter = load_file(str(tmp_path / "coord" / "fedsynth" / "checkpoints" / "round-0001"
-                                / "adapter_model.safetensors"))
-        for value in adapter.values():  # site-0 sends +1, site-1 +2, equal weights
-            np.testing.assert_allclose(value, 1.5)
+        ckpts = sorted((tmp_path / "coord" / "fedsynth" / "checkpoints").glob("round-*"))
+        adapter = load_file(str(ckpts[-1] / "adapter_model.safetensors")) if ckpts else None
+        return summary, adapter, out.stdout[-3000:]
     finally:
         link.send_signal(signal.SIGTERM)
         try:
@@ -107,3 +116,15 @@ def test_one_simulated_round(tmp_path):
             link.kill()
         log.close()
         shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def test_one_simulated_round(tmp_path):
+    summary, adapter, out = run_simulation(
+        tmp_path, sites=2, run_config="num-rounds=1 min-sites=2 timeout.wait-sites=120")
+    assert summary["status"] == "completed"
+    rnd = summary["rounds"][0]
+    assert len(rnd["train"]["accepted"]) == 2, (rnd["train"], out)
+    assert rnd["aggregated"] is True
+    assert rnd["evaluate"]["mean"] == {"diversity.distinct_1": 0.5}
+    for value in adapter.values():  # site-a sends +1 (bucket 10), site-b +2 (bucket 20)
+        np.testing.assert_allclose(value, 5 / 3, rtol=1e-6)

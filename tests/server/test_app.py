@@ -197,11 +197,10 @@ def test_client_refuses_bad_instruction_and_run_config(tmp_path, calls):
     assert dict(client_app(ok_msg, bad).content["decline"]) == {"reason": "site_error"}
 
 
-def test_secagg_refused_until_available(tmp_path, calls):
-    rc = RC | {"secagg": True}
-    with pytest.raises(ConfigError, match="secagg"):
-        run_federation(InProcessGrid(contexts(tmp_path, rc, n=2)), RunConfig.from_flower(rc),
-                       run_dir=tmp_path / "run")
+def test_secagg_refuses_robust_aggregation():
+    # with secagg the coordinator only sees the sum (tests/server/test_secagg.py covers the rounds)
+    with pytest.raises(ConfigError, match="fedavg"):
+        RunConfig.from_flower(RC | {"secagg": True, "aggregation": "median"})
 
 
 def test_node_config_settings(tmp_path, monkeypatch):
@@ -211,6 +210,15 @@ def test_node_config_settings(tmp_path, monkeypatch):
     assert s.notes_path == tmp_path / "notes.jsonl" and s.output_dir == tmp_path / "output" and s.k_min == 20
     with pytest.raises(ConfigError, match="unknown key"):
         site_settings({"epsilon-override": 100.0})
-    monkeypatch.setenv("FEDSYNTH_SIM_ROOT", str(tmp_path))
-    sim = site_settings({"partition-id": 1, "num-partitions": 2})
-    assert sim.site_id == "site-1" and sim.notes_path == tmp_path / "site-1" / "notes.jsonl"
+    # simulation: partition i -> i-th sorted dir of FEDSYNTH_SIM_ROOT that holds a notes.jsonl
+    root = tmp_path / "sim"
+    for name in ("site-c", "site-a", "empty", "site-b"):
+        (root / name).mkdir(parents=True)
+        if name != "empty":
+            (root / name / "notes.jsonl").write_text("")
+    monkeypatch.setenv("FEDSYNTH_SIM_ROOT", str(root))
+    sim = site_settings({"partition-id": 1, "num-partitions": 3})
+    assert sim.site_id == "site-b" and sim.notes_path == root / "site-b" / "notes.jsonl"
+    assert site_settings({"partition-id": 2, "num-partitions": 3}).site_id == "site-c"
+    with pytest.raises(ConfigError, match="found 3"):
+        site_settings({"partition-id": 3, "num-partitions": 4})
