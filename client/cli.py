@@ -1,0 +1,227 @@
+"""``fedsynth-site``: the site's command line, a thin layer over plain functions.
+
+Settings come from ``FEDSYNTH_SITE_*`` environment variables, a ``.env`` file
+or a secrets directory; command-line options override them. Expected errors
+(bad notes, a refused budget, a bad setting) print one clear message and exit
+with the error's code; only bugs show a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from shared.errors import FedsynthError
+from shared.settings import SiteSettings, load_settings
+
+app = typer.Typer(
+    name="fedsynth-site",
+    help="fedsynth site client: notes, demo data, the embedded model, DP-LoRA rounds, budget.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def expected_errors(fn: F) -> F:
+    """Print a FedsynthError without a traceback and exit with its code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FedsynthError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=False,
+    )
+
+
+def _settings(**overrides: Any) -> SiteSettings:
+    return load_settings(SiteSettings, **overrides)
+
+
+NotesOpt = Annotated[Path | None, typer.Option("--notes", help="Notes file (JSONL or CSV).")]
+OutOpt = Annotated[Path | None, typer.Option("--output-dir", help="Site output directory.")]
+ModelOpt = Annotated[
+    Path | None, typer.Option("--model-dir", help="Local HF model directory (default: embedded).")
+]
+
+
+@app.command()
+@expected_errors
+def validate(
+    notes: Annotated[Path, typer.Argument(help="Notes file (JSONL or CSV).")],
+    mode: Annotated[str, typer.Option(help="strict: stop on any bad line; skip: skip and count.")] = "strict",
+) -> None:
+    """Validate a notes file: every bad line with its number and reason, then a summary."""
+    from client.notes import load_notes, summarize
+
+    loaded = load_notes(notes, mode=mode)  # type: ignore[arg-type]
+    for problem in loaded.problems:
+        err_console.print(f"[yellow]skipped[/] {problem}", highlight=False)
+    s = summarize(loaded.notes)
+    table = Table(title=f"{notes}: {s.notes} notes, {s.patients} patients", show_header=True)
+    table.add_column("ICD-10")
+    table.add_column("notes", justify="right")
+    for code, n in sorted(s.codes.items()):
+        table.add_row(code, str(n))
+    console.print(table)
+    console.print(
+        f"words per note: mean {s.length_words_mean:.0f}, median {s.length_words_p50:.0f}, "
+        f"max {s.length_words_max}; most notes for one patient: {s.notes_per_patient_max}; "
+        f"skipped lines: {loaded.skipped}"
+    )
+
+
+@app.command("demo-data")
+@expected_errors
+def demo_data(
+    out: Annotated[Path, typer.Argument(help="Directory to write the fictional consortium into.")],
+    seed: int = 0,
+    patients_per_site: int = 120,
+    canaries: Annotated[str, typer.Option(help="Canary repetitions, e.g. '1,5,10' ('' = none).")] = "",
+) -> None:
+    """Write the fictional demo consortium (three hospitals + a public split)."""
+    from client.demo_data import write_demo
+
+    reps = tuple(int(x) for x in canaries.split(",") if x.strip())
+    manifest = write_demo(out, seed=seed, patients_per_site=patients_per_site, canary_repetitions=reps)
+    for site, path in manifest.sites.items():
+        console.print(f"{site}: {path}")
+    console.print(f"public: {manifest.public}")
+
+
+@app.command("build-model")
+@expected_errors
+def build_model(
+    max_seconds: Annotated[float, typer.Option(help="Training time budget (seconds).")] = 240.0,
+    seed: int = 0,
+) -> None:
+    """Build (once) and cache the embedded default model, trained on public text only."""
+    from client.pretrain import ensure_embedded_model
+
+    with progress_bar() as bar:
+        task = bar.add_task("pretraining embedded model", total=None, info="")
+
+        def report(step: int, total: int, loss: float) -> None:
+            bar.update(task, completed=step, total=total, info=f"loss {loss:.3f}")
+
+        path = ensure_embedded_model(max_seconds=max_seconds, seed=seed, progress=report)
+    console.print(f"embedded model: {path}")
+
+
+def dp_options(
+    steps: int, noise_multiplier: float | None, epsilon_per_round: float | None, batch: int
+) -> Any:
+    from client.train import DPConfig
+
+    if noise_multiplier is None and epsilon_per_round is None:
+        epsilon_per_round = 1.0
+    return DPConfig(
+        noise_multiplier=noise_multiplier,
+        target_epsilon=epsilon_per_round if noise_multiplier is None else None,
+        steps=steps,
+        expected_batch_size=batch,
+    )
+
+
+@app.command()
+@expected_errors
+def train(
+    notes: NotesOpt = None,
+    output_dir: OutOpt = None,
+    model_dir: ModelOpt = None,
+    round_id: Annotated[str, typer.Option(help="Label recorded in the ledger.")] = "local-1",
+    steps: int = 20,
+    batch: Annotated[int, typer.Option(help="Expected patients per logical batch.")] = 16,
+    noise_multiplier: float | None = None,
+    epsilon_per_round: float | None = None,
+) -> None:
+    """Train one local DP-LoRA round without a coordinator; print ε spent."""
+    from client.site import LoraParams, train_local_round
+
+    settings = _settings(notes_path=notes, output_dir=output_dir, model_dir=model_dir)
+    dp = dp_options(steps, noise_multiplier, epsilon_per_round, batch)
+    with progress_bar() as bar:
+        task = bar.add_task("DP-LoRA steps", total=dp.steps, info="")
+
+        def report(step: int, total: int, loss: float) -> None:
+            bar.update(task, completed=step, total=total, info=f"loss {loss:.3f}")
+
+        result = train_local_round(settings, dp=dp, lora=LoraParams(), round_id=round_id, progress=report)
+    p = result.privacy
+    console.print(
+        f"round {round_id}: ε this round {p.epsilon_round:.3f}, total ε {p.epsilon:.3f} "
+        f"of ceiling {settings.epsilon_ceiling:g} (δ={p.delta:.2e}, σ={p.noise_multiplier:.3f}, "
+        f"q={p.sample_rate:.4f}, steps={p.steps}, accountant={p.accountant})"
+    )
+
+
+@app.command()
+@expected_errors
+def budget(
+    output_dir: OutOpt = None,
+    notes: NotesOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show ε spent (recomputed from the whole ledger) and what is left under the ceiling."""
+    from client.site import load_site_data, open_ledger, site_delta
+
+    settings = _settings(notes_path=notes, output_dir=output_dir)
+    ledger = open_ledger(settings)
+    delta = settings.delta
+    if delta is None:
+        delta = site_delta(settings, load_site_data(settings).train_patients)
+    entries = [e for e in ledger.entries() if e.kind == "reserve"]
+    accountant = entries[-1].accountant if entries else "prv"
+    eps = ledger.epsilon(delta=delta, accountant=accountant)
+    out = {
+        "epsilon_spent": eps,
+        "epsilon_ceiling": settings.epsilon_ceiling,
+        "epsilon_remaining": max(0.0, settings.epsilon_ceiling - eps),
+        "delta": delta,
+        "rounds": len(entries),
+        "accountant": accountant,
+    }
+    if as_json:
+        console.print_json(json.dumps(out))
+        return
+    table = Table(title=f"privacy budget of {settings.site_id} (unit: patient)")
+    for key in out:
+        table.add_column(key)
+    table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in out.values()))
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

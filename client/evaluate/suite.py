@@ -1,0 +1,237 @@
+"""Evaluate one batch of synthetic reports against the site's private notes.
+
+This is the one place the metric modules are put together. Everything computed
+here stays at the site except the output of :func:`shared`-whitelisted
+``summary`` (aggregates over at least ``k_min`` reports or notes, small cells
+suppressed) — and even that is *not* covered by DP-SGD: it is a function of the
+private notes (see docs/privacy-model.md).
+
+Which notes play which role:
+
+- private corpus for lexical memorization and PHI echo: train + held-out notes
+  (both are private);
+- real reference for fidelity and diversity: training notes; TSTR/TRTR test set:
+  held-out notes;
+- distance to closest record: training vs held-out notes (ideal share ≈ 0.5);
+- membership inference (when a model is given): the model's loss on training
+  patients' notes vs held-out patients' notes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.evaluate import diversity, fidelity, membership
+from client.evaluate.embeddings import Embedder, embed_cached
+from client.evaluate.ngram_index import PrivateIndex
+from client.evaluate.privacy import (
+    canary_exposure,
+    dcr_train_closer_share,
+    lexical_privacy,
+    phi_echo,
+    privacy_cells,
+)
+from client.evaluate.summary import Cell, build_summary, suppressed_names
+from client.generate import SyntheticReport
+from client.notes import Note
+from client.release import GateConfig, GateResult, release_gate
+from shared.errors import InputError, Problem
+
+# Alternatives scored per canary: exposure is resolved up to log2(CANARY_ALTERNATIVES + 1) bits.
+CANARY_ALTERNATIVES = 255
+
+
+@dataclass
+class SiteEvaluation:
+    """Everything one evaluation produced. Only ``summary`` may leave the site."""
+
+    summary: dict[str, float]
+    suppressed: list[str]
+    cells: dict[str, Cell]
+    real_reference: dict[str, float]  # the same diversity metrics on real notes (site-only)
+    per_code: dict[str, dict[str, float]]  # site-only
+    per_report: list[dict[str, Any]]  # site-only
+    gate: GateResult | None = None
+    mia: dict[str, float] | None = None
+    canaries: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _codes_texts(notes: Sequence[Note]) -> tuple[list[str], list[str]]:
+    return [n.primary_code for n in notes], [n.text for n in notes]
+
+
+def _diversity_cells(texts: Sequence[str], emb: np.ndarray, *, budget: int, seed: int) -> dict[str, Cell]:
+    cells: dict[str, Cell] = {}
+    cells.update(diversity.distinct_n(texts, token_budget=budget, seed=seed).cells())
+    cells.update(diversity.self_bleu(texts, subset_size=min(50, len(texts)), seed=seed).cells())
+    cells.update(diversity.mtld(texts).cells())
+    cells["diversity.vendi"] = Cell(float(diversity.vendi_score(emb)), len(texts))
+    cells.update(diversity.duplicate_rates(texts).cells())
+    return cells
+
+
+def load_canaries(path: Path) -> list[dict[str, Any]]:
+    """Planted canaries (``canaries.json`` of the demo data or an audit run); [] when absent."""
+    if not path.exists():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return list(data["canaries"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError("cannot read canaries", [Problem(str(path), f"not a canaries file: {exc}")]) from None
+
+
+def _canary_exposures(model: Any, tokenizer: Any, canaries: Sequence[dict[str, Any]], *, seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    out = []
+    for c in canaries:
+        secret, prefix, suffix = c["secret"], c["prefix"], c.get("suffix", "")
+        width = len(secret.split())
+        alts: set[str] = set()
+        while len(alts) < CANARY_ALTERNATIVES:
+            cand = " ".join(str(rng.randrange(10)) for _ in range(width))
+            if cand != secret:
+                alts.add(cand)
+        candidates = [secret, *sorted(alts)]
+        lp = membership.sequence_logprob(model, tokenizer, prefix, [s + suffix for s in candidates])
+        out.append({"repetitions": int(c.get("repetitions", 0)), "exposure": canary_exposure(lp, 0),
+                    "exposure_possible": float(np.log2(len(candidates)))})
+    return out
+
+
+def evaluate_site(
+    reports: Sequence[SyntheticReport],
+    train: Sequence[Note],
+    heldout: Sequence[Note],
+    *,
+    embedder: Embedder,
+    cache_dir: Path,
+    k_min: int,
+    model: Any = None,
+    tokenizer: Any = None,
+    canaries: Sequence[dict[str, Any]] = (),
+    gate: GateConfig | None = None,
+    seed: int = 0,
+) -> SiteEvaluation:
+    """Every metric of docs/metrics.md for ``reports``; see the module docstring for roles."""
+    problems = []
+    if not reports:
+        problems.append(Problem("reports", "no synthetic reports to evaluate"))
+    if not train or not heldout:
+        problems.append(Problem("notes", "need both training and held-out notes"))
+    if problems:
+        raise InputError("cannot evaluate", problems)
+
+    synth_texts = [r.text for r in reports]
+    synth_codes = [r.code for r in reports]
+    train_codes, train_texts = _codes_texts(train)
+    held_codes, held_texts = _codes_texts(heldout)
+    private = train_texts + held_texts
+    identifiers = sorted({i for n in (*train, *heldout) for i in n.identifiers})
+
+    synth_emb = embedder.embed(synth_texts)
+    train_emb = embed_cached(embedder, train_texts, cache_dir=cache_dir, name="train-notes")
+    held_emb = embed_cached(embedder, held_texts, cache_dir=cache_dir, name="heldout-notes")
+
+    cells: dict[str, Cell] = {}
+    n_rep, n_train = len(reports), len(train)
+    cells["count.reports"] = Cell(float(n_rep), n_rep)
+    cells["count.notes"] = Cell(float(len(private)), len(private))
+
+    # Fidelity
+    centroid = fidelity.centroid_similarity(train_emb, train_codes, synth_emb, synth_codes)
+    cells.update(centroid.cells())
+    cells.update(fidelity.real_classifier_f1(train_emb, train_codes, synth_emb, synth_codes, seed=seed).cells())
+    cells.update(
+        fidelity.tstr_trtr(train_emb, train_codes, held_emb, held_codes, synth_emb, synth_codes, seed=seed).cells()
+    )
+    cells.update(fidelity.frechet_per_code(train_emb, train_codes, synth_emb, synth_codes).cells())
+    cells.update(fidelity.length_distribution(train_texts, synth_texts).cells())
+
+    # Diversity, on token-count-matched samples of synthetic and real
+    budget = min(diversity.total_tokens(synth_texts), diversity.total_tokens(train_texts))
+    cells.update(_diversity_cells(synth_texts, synth_emb, budget=budget, seed=seed))
+    m = min(len(synth_texts), n_train)  # same number of real notes as reports
+    real_div = {
+        k: c.value
+        for k, c in _diversity_cells(train_texts[:m], train_emb[:m], budget=budget, seed=seed).items()
+    }
+    cells.update(diversity.mode_collapse_ratio(train_emb, train_codes, synth_emb, synth_codes).cells())
+
+    # Privacy / memorization
+    index = PrivateIndex(private)
+    lex = lexical_privacy(synth_texts, private, index=index)
+    cells.update(lex.cells())
+    echoes = phi_echo(synth_texts, identifiers)
+    dcr = dcr_train_closer_share(synth_emb, train_emb, held_emb, seed=seed)
+    cells.update(privacy_cells(echoes=echoes, dcr_share=dcr, n_dcr=n_rep))
+
+    mia = None
+    canary_results: list[dict[str, Any]] = []
+    if model is not None and tokenizer is not None:
+        member = membership.per_note_losses(model, tokenizer, list(zip(train_codes, train_texts, strict=True)))
+        nonmember = membership.per_note_losses(model, tokenizer, list(zip(held_codes, held_texts, strict=True)))
+        mia_result = membership.membership_inference(member, nonmember)
+        cells.update(mia_result.cells())
+        mia = {"auc": float(mia_result.auc), "tpr_at_1fpr": float(mia_result.tpr_at_fpr)}
+        if canaries:
+            canary_results = _canary_exposures(model, tokenizer, canaries, seed=seed)
+            cells.update(privacy_cells(exposures=[c["exposure"] for c in canary_results]))
+
+    gate_result = None
+    if gate is not None:
+        gate_result = release_gate(synth_texts, private, identifiers, config=gate, index=index)
+        cells.update(gate_result.cells())
+
+    # Centroid arrays cover only reports whose code has real notes (scored_index).
+    cos = np.full(n_rep, np.nan)
+    margin = np.full(n_rep, np.nan)
+    own = np.full(n_rep, np.nan)
+    cos[centroid.scored_index] = centroid.cosine
+    margin[centroid.scored_index] = centroid.margin
+    own[centroid.scored_index] = centroid.own_nearest
+    per_code: dict[str, dict[str, float]] = {}
+    for code in sorted(set(synth_codes)):
+        idx = [i for i, c in enumerate(synth_codes) if c == code]
+        per_code[code] = {
+            "reports": float(len(idx)),
+            "centroid_cosine_mean": float(np.nanmean(cos[idx])) if np.isfinite(cos[idx]).any() else float("nan"),
+            "centroid_margin_mean": float(np.nanmean(margin[idx])) if np.isfinite(margin[idx]).any() else float("nan"),
+            "own_code_nearest_share": float(np.nanmean(own[idx])) if np.isfinite(own[idx]).any() else float("nan"),
+            "verbatim_rate_13": float(np.mean(lex.verbatim_13[idx])),
+            "rouge_l_max": float(np.max(lex.rouge_l_max[idx])),
+        }
+    kept = set(gate_result.kept) if gate_result is not None else None
+    per_report = [
+        {
+            "report_id": r.report_id,
+            "code": r.code,
+            "centroid_cosine": float(cos[i]),
+            "centroid_margin": float(margin[i]),
+            "overlap_8": float(lex.overlap_8[i]),
+            "overlap_13": float(lex.overlap_13[i]),
+            "lcs_tokens": int(lex.lcs_tokens[i]),
+            "rouge_l_max": float(lex.rouge_l_max[i]),
+            "phi_echo": len(echoes[i]),
+            "released": kept is None or i in kept,
+        }
+        for i, r in enumerate(reports)
+    ]
+    return SiteEvaluation(
+        summary=build_summary(cells, k_min=k_min),
+        suppressed=suppressed_names(cells, k_min=k_min),
+        cells=cells,
+        real_reference=real_div,
+        per_code=per_code,
+        per_report=per_report,
+        gate=gate_result,
+        mia=mia,
+        canaries=canary_results,
+    )

@@ -1,0 +1,322 @@
+"""ICD-10-conditioned generation of synthetic reports (zero-shot or with an adapter).
+
+The prompt is :func:`client.prompt.build_prompt`, the same one DP fine-tuning
+trains on. Generation is batched with left padding and the KV cache, only the
+new tokens are decoded, and DeepSeek-R1 style ``<think>`` traces are removed.
+
+Synthetic reports stay on the site: they are written to local JSONL with their
+provenance (model, adapter hash, sampling settings, seed) and never cross the
+wire; only metric summaries computed from them do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from client.prompt import build_prompt
+from shared import icd10
+from shared.errors import ConfigError, InputError, Problem
+
+SETTINGS = ("zero-shot", "adapter")
+MAX_NEW_TOKENS_LIMIT = 32768
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """How tokens are drawn. ``temperature=0`` means greedy decoding.
+
+    ``top_p`` is nucleus mass in (0, 1]; ``top_k=0`` disables top-k;
+    ``repetition_penalty`` > 1 discourages repeats (1 = off); ``max_new_tokens``
+    bounds each report's length in tokens; ``seed`` makes a run reproducible
+    for a given batch size. Invalid values raise one :class:`ConfigError`.
+    """
+
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not _is_number(self.temperature) or not 0 <= self.temperature <= 100:
+            problems.append(Problem("temperature", f"must be a number in [0, 100], got {self.temperature!r}"))
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            problems.append(Problem("top_p", f"must be in (0, 1], got {self.top_p!r}"))
+        if not _is_int(self.top_k) or self.top_k < 0:
+            problems.append(Problem("top_k", f"must be an integer >= 0, got {self.top_k!r}"))
+        if not _is_number(self.repetition_penalty) or not 0 < self.repetition_penalty <= 10:
+            problems.append(
+                Problem("repetition_penalty", f"must be in (0, 10], got {self.repetition_penalty!r}")
+            )
+        if not _is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            problems.append(
+                Problem(
+                    "max_new_tokens",
+                    f"must be an integer in [1, {MAX_NEW_TOKENS_LIMIT}], got {self.max_new_tokens!r}",
+                )
+            )
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
+            problems.append(Problem("seed", f"must be an integer in [0, 2**63), got {self.seed!r}"))
+        if problems:
+            raise ConfigError("invalid sampling settings", problems)
+
+
+@dataclass(frozen=True)
+class SyntheticReport:
+    """One generated report and its provenance (stays on site)."""
+
+    report_id: str
+    code: str
+    text: str
+    setting: str
+    model_id: str
+    adapter_hash: str | None
+    sampling: dict
+    seed: int
+
+
+_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
+
+
+def strip_reasoning(text: str) -> str:
+    """Remove ``<think>...</think>`` reasoning traces and surrounding whitespace.
+
+    Also handles a trace whose opening tag was part of the prompt (text starts
+    inside the trace and only ``</think>`` appears) and an unterminated
+    leading ``<think>`` (generation cut off mid-trace: nothing is left).
+    """
+    text = _THINK_BLOCK.sub("", text)
+    close = text.find("</think>")
+    if close != -1 and "<think>" not in text[:close]:
+        text = text[close + len("</think>") :]
+    open_at = text.find("<think>")
+    if open_at != -1:
+        # A trace that never closed (generation cut off) is reasoning, not report.
+        text = text[:open_at]
+    return text.strip()
+
+
+def _report_id(model_id: str, adapter_hash: str | None, setting: str, seed: int, code: str, k: int) -> str:
+    digest = hashlib.sha256(
+        json.dumps([model_id, adapter_hash, setting, seed, code, k]).encode()
+    ).hexdigest()[:12]
+    return f"{code}-{k:04d}-{digest}"
+
+
+def _validate_request(
+    codes: Sequence[str], n_per_code: int, batch_size: int, setting: str, model_id: str, adapter_hash: str | None
+) -> list[str]:
+    problems = []
+    canon: list[str] = []
+    if isinstance(codes, str) or not codes:
+        problems.append(Problem("codes", "must be a non-empty sequence of ICD-10 codes"))
+    else:
+        for code in codes:
+            if icd10.is_code(code):
+                canon.append(icd10.normalize(code))
+            else:
+                problems.append(Problem("codes", f"unknown ICD-10 code {code!r}"))
+    if not _is_int(n_per_code) or n_per_code < 1:
+        problems.append(Problem("n_per_code", f"must be an integer >= 1, got {n_per_code!r}"))
+    if not _is_int(batch_size) or batch_size < 1:
+        problems.append(Problem("batch_size", f"must be an integer >= 1, got {batch_size!r}"))
+    if setting not in SETTINGS:
+        problems.append(Problem("setting", f"must be one of {SETTINGS}, got {setting!r}"))
+    if setting == "adapter" and not adapter_hash:
+        problems.append(Problem("adapter_hash", "required for the 'adapter' setting"))
+    if setting == "zero-shot" and adapter_hash is not None:
+        problems.append(Problem("adapter_hash", "must be None for the 'zero-shot' setting"))
+    if not isinstance(model_id, str) or not model_id:
+        problems.append(Problem("model_id", "must be a non-empty string"))
+    if problems:
+        raise ConfigError("invalid generation request", problems)
+    return canon
+
+
+def _model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def generate_reports(
+    model: Any,
+    tokenizer: Any,
+    codes: Sequence[str],
+    *,
+    n_per_code: int,
+    sampling: SamplingConfig,
+    batch_size: int = 16,
+    setting: Literal["zero-shot", "adapter"],
+    model_id: str,
+    adapter_hash: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[SyntheticReport]:
+    """Generate ``n_per_code`` reports for each code, in code order.
+
+    Each batch reseeds a forked RNG with ``sampling.seed`` and the batch index,
+    so a run is reproducible for a given seed and batch size without touching
+    the caller's RNG state. ``progress(done, total)`` is called after each batch.
+    """
+    canon = _validate_request(codes, n_per_code, batch_size, setting, model_id, adapter_hash)
+    if tokenizer.pad_token_id is None:
+        raise ConfigError("tokenizer has no pad token", [Problem("tokenizer", "set pad_token (e.g. to eos)")])
+    jobs = [(code, k) for code in canon for k in range(n_per_code)]
+    prompts = {code: build_prompt(code, tokenizer) for code in dict.fromkeys(canon)}
+    device = _model_device(model)
+    greedy = sampling.temperature == 0
+    gen_kwargs: dict[str, Any] = {
+        "max_new_tokens": sampling.max_new_tokens,
+        "do_sample": not greedy,
+        "repetition_penalty": float(sampling.repetition_penalty),
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "use_cache": True,
+    }
+    if not greedy:
+        gen_kwargs.update(
+            temperature=float(sampling.temperature), top_p=float(sampling.top_p), top_k=sampling.top_k
+        )
+    sampling_dict = dataclasses.asdict(sampling)
+    was_training = model.training
+    model.eval()
+    reports: list[SyntheticReport] = []
+    try:
+        for b, start in enumerate(range(0, len(jobs), batch_size)):
+            batch = jobs[start : start + batch_size]
+            enc = tokenizer(
+                [prompts[code] for code, _ in batch],
+                return_tensors="pt",
+                padding=True,
+                padding_side="left",
+                add_special_tokens=False,  # the prompt format (and training) adds none
+            ).to(device)
+            fork_devices = [device] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=fork_devices):
+                torch.manual_seed(sampling.seed * 1_000_003 + b)
+                out = model.generate(
+                    input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **gen_kwargs
+                )
+            new_tokens = out[:, enc["input_ids"].shape[1] :].cpu()
+            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            for (code, k), text in zip(batch, texts, strict=True):
+                reports.append(
+                    SyntheticReport(
+                        report_id=_report_id(model_id, adapter_hash, setting, sampling.seed, code, k),
+                        code=code,
+                        text=strip_reasoning(text),
+                        setting=setting,
+                        model_id=model_id,
+                        adapter_hash=adapter_hash,
+                        sampling=dict(sampling_dict),
+                        seed=sampling.seed,
+                    )
+                )
+            if progress is not None:
+                progress(len(reports), len(jobs))
+    finally:
+        if was_training:
+            model.train()
+    return reports
+
+
+def write_reports(reports: Sequence[SyntheticReport], path: Path) -> None:
+    """Write reports as JSONL (one report with its provenance per line), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in reports:
+                f.write(json.dumps(dataclasses.asdict(r), ensure_ascii=False, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "report_id": (str,),
+    "code": (str,),
+    "text": (str,),
+    "setting": (str,),
+    "model_id": (str,),
+    "adapter_hash": (str, type(None)),
+    "sampling": (dict,),
+    "seed": (int,),
+}
+
+
+def _parse_line(raw: str) -> tuple[SyntheticReport | None, list[str]]:
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        return None, [f"invalid JSON: {exc.msg}"]
+    if not isinstance(obj, dict):
+        return None, ["not a JSON object"]
+    reasons = [f"missing field {k!r}" for k in _FIELD_TYPES if k not in obj]
+    reasons += [f"unknown field {k!r}" for k in obj if k not in _FIELD_TYPES]
+    for k, types in _FIELD_TYPES.items():
+        if k in obj and (not isinstance(obj[k], types) or isinstance(obj[k], bool)):
+            reasons.append(f"field {k!r} has wrong type {type(obj[k]).__name__}")
+    if not reasons:
+        if obj["setting"] not in SETTINGS:
+            reasons.append(f"setting must be one of {SETTINGS}, got {obj['setting']!r}")
+        if not icd10.is_code(obj["code"]):
+            reasons.append(f"unknown ICD-10 code {obj['code']!r}")
+    if reasons:
+        return None, reasons
+    obj["code"] = icd10.normalize(obj["code"])
+    return SyntheticReport(**obj), []
+
+
+def read_reports(path: Path) -> list[SyntheticReport]:
+    """Read a JSONL file written by :func:`write_reports`.
+
+    Blank lines are ignored; every bad line is reported (file and line number)
+    in one :class:`InputError`.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read reports file {path}", [Problem(str(path), str(exc))]) from None
+    reports: list[SyntheticReport] = []
+    problems: list[Problem] = []
+    for lineno, line in enumerate(data.split(b"\n"), start=1):
+        try:
+            raw = line.decode("utf-8")
+        except UnicodeDecodeError:
+            problems.append(Problem(str(path), "not valid UTF-8", lineno))
+            continue
+        if not raw.strip():
+            continue
+        report, reasons = _parse_line(raw)
+        problems += [Problem(str(path), reason, lineno) for reason in reasons]
+        if report is not None:
+            reports.append(report)
+    if problems:
+        raise InputError(f"invalid reports file {path}", problems)
+    return reports

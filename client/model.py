@@ -1,0 +1,407 @@
+"""Load a local Hugging Face causal LM, wrap it with LoRA, and move adapters in and out.
+
+Hospitals stage weights offline, so models only ever come from a local
+directory (``local_files_only=True``); the hub is never contacted. The model
+is built on its target device *before* PEFT or Opacus wrap it: moving a model
+after Opacus has wrapped a PEFT model leaves the LoRA weights silently frozen.
+
+Only LoRA tensors are trainable and only LoRA tensors leave a site (see
+``shared.wire``): :func:`adapter_state` is the one way to read them out and
+:func:`load_adapter_state` the one way to put a (possibly untrusted) global
+adapter back, with every name and shape checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from shared.errors import ConfigError, ModelError, Problem
+
+FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_5")
+
+# config.model_type -> family. Qwen3.5 checkpoints are multimodal wrappers
+# ("qwen3_5") whose text part is "qwen3_5_text"; both load as Qwen3_5ForCausalLM.
+_MODEL_TYPE_FAMILY = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "qwen3_5": "qwen3_5",
+    "qwen3_5_text": "qwen3_5",
+}
+
+# Default LoRA targets: the attention projections only. Attention-only LoRA is
+# the usual recipe for style/content adaptation and keeps the adapter small,
+# which matters twice here: DP-SGD noise is added per trainable coordinate (fewer
+# coordinates, better signal-to-noise at the same epsilon) and the adapter is
+# what crosses the wire every round. Pass ``targets=`` to add the MLP
+# (gate_proj/up_proj/down_proj) when a site has data to spare.
+_ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# Qwen3.5 is hybrid: Gated-DeltaNet linear-attention layers (in_proj_qkv,
+# in_proj_z, out_proj; in_proj_a/in_proj_b are per-head gates, too small to
+# matter) beside full-attention layers (q/k/v/o_proj). Both kinds are adapted.
+_DEFAULT_TARGETS = {
+    "llama": _ATTENTION,
+    "qwen2": _ATTENTION,
+    "qwen3": _ATTENTION,
+    "qwen3_5": _ATTENTION + ["in_proj_qkv", "in_proj_z", "out_proj"],
+}
+
+_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>")
+# A minimal chat template: each turn ends with the end-of-sequence token, so a
+# generated report stops where a training example (prompt + body + eos) stops.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|eos|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def family_of(model_or_config: Any) -> str | None:
+    """The fedsynth family of a model or config (``None`` when unsupported)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return _MODEL_TYPE_FAMILY.get(getattr(config, "model_type", None))
+
+
+def default_lora_targets(model_or_config: Any) -> list[str]:
+    """Module-name suffixes LoRA wraps by default for this model's family.
+
+    Raises :class:`ModelError` for a family not in :data:`FAMILIES`: pass
+    ``targets=`` to :func:`add_lora` explicitly for those.
+    """
+    family = family_of(model_or_config)
+    if family is None:
+        config = getattr(model_or_config, "config", model_or_config)
+        model_type = getattr(config, "model_type", type(model_or_config).__name__)
+        raise ModelError(
+            f"no default LoRA targets for model family {model_type!r} (known: {', '.join(FAMILIES)}); "
+            "pass the target module names explicitly (targets=...)"
+        )
+    return list(_DEFAULT_TARGETS[family])
+
+
+def _missing_files(model_dir: Path) -> list[Problem]:
+    where = str(model_dir)
+    if not model_dir.is_dir():
+        return [Problem(where, "model directory does not exist")]
+    problems = []
+    if not (model_dir / "config.json").is_file():
+        problems.append(Problem(where, "missing config.json"))
+    if not any(any(model_dir.glob(p)) for p in _WEIGHT_PATTERNS):
+        problems.append(Problem(where, "missing weights (*.safetensors or pytorch_model*.bin)"))
+    if not any((model_dir / f).is_file() for f in _TOKENIZER_FILES):
+        problems.append(
+            Problem(where, "missing tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
+        )
+    return problems
+
+
+def _default_dtype(device: str) -> torch.dtype:
+    # float32 on CPU (bf16 matmuls are slow there and DP noise wants the precision);
+    # bf16 on a GPU that supports it.
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_model(
+    model_dir: Path | None, *, device: str = "cpu", dtype: torch.dtype | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from a local directory, on ``device``.
+
+    ``model_dir=None`` loads the embedded default model (built on first use from
+    public text only, see :mod:`client.pretrain`). ``dtype=None`` means float32
+    on CPU and bfloat16 on a bf16-capable GPU. The tokenizer gets a pad token
+    (its eos) when it has none. Raises :class:`ModelError` listing every missing
+    piece (directory, config, weights, tokenizer).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model_dir is None:
+        from client.pretrain import ensure_embedded_model
+
+        model_dir = ensure_embedded_model()
+    model_dir = Path(model_dir)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} requested but no CUDA device is available")
+    problems = _missing_files(model_dir)
+    if problems:
+        raise ModelError(f"cannot load model from {model_dir}", problems)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir,
+            local_files_only=True,
+            dtype=dtype or _default_dtype(device),
+            device_map=device,
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot load model from {model_dir}: {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
+
+
+def _linear_names(model: torch.nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def add_lora(
+    model: PreTrainedModel,
+    *,
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.0,
+    targets: Sequence[str] | None = None,
+) -> PeftModel:
+    """Wrap ``model`` with a fresh LoRA adapter; every non-LoRA parameter is frozen.
+
+    ``r`` is the LoRA rank, ``alpha`` its scale (update = alpha/r * B@A),
+    ``dropout`` the LoRA input dropout. ``targets`` are module-name suffixes
+    (default: :func:`default_lora_targets`); each must match at least one
+    ``nn.Linear`` in the model. Call this after the model is on its device.
+    """
+    problems = []
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        problems.append(Problem("r", f"must be an integer >= 1, got {r!r}"))
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or alpha <= 0:
+        problems.append(Problem("alpha", f"must be > 0, got {alpha!r}"))
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        problems.append(Problem("dropout", f"must be in [0, 1), got {dropout!r}"))
+    if problems:
+        raise ConfigError("invalid LoRA settings", problems)
+    if isinstance(model, PeftModel):
+        raise ModelError("model already has a LoRA adapter; load a fresh base model")
+    targets = list(targets) if targets is not None else default_lora_targets(model)
+    linears = _linear_names(model)
+    unmatched = [
+        Problem("targets", f"no nn.Linear module named *.{t} in {type(model).__name__}")
+        for t in targets
+        if not any(n == t or n.endswith("." + t) for n in linears)
+    ]
+    if not targets or unmatched:
+        raise ModelError("LoRA targets do not match the model", unmatched or [Problem("targets", "empty")])
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=float(dropout),
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    leaked = [n for n in trainable if "lora_" not in n]
+    if leaked or not trainable:
+        raise ModelError(
+            "LoRA wrapping left non-LoRA parameters trainable (or none trainable)",
+            [Problem(n, "trainable but not a LoRA parameter") for n in leaked],
+        )
+    return peft_model
+
+
+def _unwrap(model: Any) -> PeftModel:
+    # Opacus' GradSampleModule keeps the wrapped module in ``_module``.
+    while not isinstance(model, PeftModel) and hasattr(model, "_module"):
+        model = model._module
+    if not isinstance(model, PeftModel):
+        raise ModelError(f"expected a PEFT (LoRA) model, got {type(model).__name__}")
+    return model
+
+
+def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The LoRA tensors only, as detached CPU copies, named as PEFT saves them.
+
+    This is what an adapter update is on the wire: no base weights, nothing else.
+    """
+    peft_model = _unwrap(model)
+    state = get_peft_model_state_dict(peft_model)
+    return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in sorted(state.items())}
+
+
+def load_adapter_state(model: PeftModel, tensors: Mapping[str, torch.Tensor | np.ndarray]) -> None:
+    """Copy ``tensors`` into the model's LoRA weights (in place, cast to their dtype).
+
+    ``tensors`` is untrusted (it may come from the coordinator): names must be
+    exactly the adapter's names and shapes exactly its shapes, values finite;
+    otherwise :class:`ModelError` lists every mismatch and nothing is changed.
+    """
+    peft_model = _unwrap(model)
+    expected = get_peft_model_state_dict(peft_model)
+    problems = []
+    converted: dict[str, torch.Tensor] = {}
+    for name in sorted(set(tensors) - set(expected)):
+        problems.append(Problem(name, "unexpected tensor (not in this adapter)"))
+    for name in sorted(set(expected) - set(tensors)):
+        problems.append(Problem(name, "missing tensor"))
+    for name in sorted(set(expected) & set(tensors)):
+        value = tensors[name]
+        try:
+            t = torch.as_tensor(np.asarray(value) if isinstance(value, np.ndarray) else value)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            problems.append(Problem(name, f"not a tensor: {exc}"))
+            continue
+        if tuple(t.shape) != tuple(expected[name].shape):
+            problems.append(
+                Problem(name, f"shape {tuple(t.shape)} != expected {tuple(expected[name].shape)}")
+            )
+        elif not (t.is_floating_point() and bool(torch.isfinite(t).all())):
+            problems.append(Problem(name, "not finite floating-point values"))
+        else:
+            converted[name] = t.to(device=expected[name].device, dtype=expected[name].dtype)
+    if problems:
+        raise ModelError("adapter tensors do not match the model's LoRA adapter", problems)
+    result = set_peft_model_state_dict(peft_model, converted)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise ModelError("adapter load left unexpected keys", [Problem(k, "unexpected") for k in unexpected])
+
+
+def adapter_hash(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 (hex) over the sorted tensor names, dtypes, shapes and raw bytes."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = torch.as_tensor(tensors[name]).detach().to("cpu").contiguous()
+        h.update(name.encode("utf-8") + b"\0")
+        h.update(str(t.dtype).encode() + b"\0")
+        h.update(json.dumps(list(t.shape)).encode() + b"\0")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_identity(model_dir: Path) -> str:
+    """sha256 (hex) identifying a local model cheaply: config.json bytes, the
+    weight index bytes, and every weight file's name and size (no full read)."""
+    model_dir = Path(model_dir)
+    problems = _missing_files(model_dir)
+    if problems:
+        raise ModelError(f"cannot identify model in {model_dir}", problems)
+    h = hashlib.sha256()
+    h.update(b"config.json\0" + (model_dir / "config.json").read_bytes())
+    files = sorted({p for pattern in _WEIGHT_PATTERNS for p in model_dir.glob(pattern)})
+    for path in files:
+        h.update(f"\0{path.name}\0{path.stat().st_size}".encode())
+        if path.name.endswith(".index.json"):
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def build_tokenizer(texts: Sequence[str], *, vocab_size: int) -> PreTrainedTokenizerBase:
+    """A byte-level BPE tokenizer trained in memory on ``texts``, with pad/bos/eos
+    tokens and :data:`CHAT_TEMPLATE`. Byte-level: any text encodes, nothing is UNK."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<|pad|>",
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        additional_special_tokens=["<|user|>", "<|assistant|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def family_config(family: str, tokenizer: PreTrainedTokenizerBase, **sizes: Any) -> Any:
+    """A random-init config of ``family`` sized by ``sizes`` (hidden_size,
+    intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
+    max_position_embeddings), with the tokenizer's special token ids."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3_5TextConfig, Qwen3Config
+
+    common = {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "tie_word_embeddings": True,
+        **sizes,
+    }
+    head_dim = common["hidden_size"] // common["num_attention_heads"]
+    if family == "llama":
+        return LlamaConfig(**common)
+    if family == "qwen2":
+        return Qwen2Config(**common)
+    if family == "qwen3":
+        return Qwen3Config(head_dim=head_dim, **common)
+    if family == "qwen3_5":
+        n = common["num_hidden_layers"]
+        # Alternate linear-attention and full-attention layers, ending on full attention.
+        layer_types = ["linear_attention" if i % 2 == 0 and i < n - 1 else "full_attention" for i in range(n)]
+        return Qwen3_5TextConfig(
+            head_dim=head_dim,
+            linear_key_head_dim=head_dim,
+            linear_value_head_dim=head_dim,
+            linear_num_key_heads=max(1, common["num_key_value_heads"]),
+            linear_num_value_heads=common["num_attention_heads"],
+            layer_types=layer_types,
+            **common,
+        )
+    raise ModelError(f"unknown model family {family!r} (known: {', '.join(FAMILIES)})")
+
+
+def causal_lm_from_config(config: Any) -> PreTrainedModel:
+    """A randomly initialised causal LM for ``config`` (current torch RNG)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(config)
+
+
+_TINY_TEXTS = (
+    "Write a psychiatric evaluation report for a patient with ICD-10 code F32.1 "
+    "(Moderate depressive episode). Use the sections: Reason for referral, History, "
+    "Mental status examination, Risk assessment, Diagnosis, Plan.",
+    "The patient reports low mood, poor sleep and anxiety. No suicidal ideation. "
+    "Plan: follow-up in two weeks, psychotherapy, consider medication.",
+    "Generalized anxiety disorder. Schizophrenia. Bipolar affective disorder. <think>reasoning</think>",
+)
+
+
+def tiny_random_model(
+    family: str, *, seed: int = 0, vocab_size: int = 512
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A tiny random-init model of ``family`` (hidden 64, 2 layers; qwen3_5: one
+    linear-attention and one full-attention layer) with a small in-memory BPE
+    tokenizer and chat template. For tests: builds in well under a second."""
+    if family not in FAMILIES:
+        raise ModelError(f"unknown model family {family!r} (known: {', '.join(FAMILIES)})")
+    tokenizer = build_tokenizer(_TINY_TEXTS, vocab_size=vocab_size)
+    config = family_config(
+        family,
+        tokenizer,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = causal_lm_from_config(config)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,206 @@
+"""``fedsynth-coordinator``: the coordinator's command line.
+
+``demo`` runs the demo consortium end to end on this machine: it asks the site
+client (``fedsynth-site``, a separate program — the coordinator never imports
+site code) to write the fictional data and build the embedded model, then runs
+the federation with Flower's simulation engine through ``flwr run``, exactly
+the ServerApp/ClientApp a deployment uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shared.errors import ConfigError, FedsynthError
+
+app = typer.Typer(
+    name="fedsynth-coordinator",
+    help="fedsynth coordinator: run the demo consortium, inspect runs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err = Console(stderr=True)
+BIN = Path(sys.executable).parent
+PROJECT = Path(__file__).resolve().parents[1]
+
+# The demo's run config: small enough for 2 CPU cores in a few minutes.
+DEMO_RUN_CONFIG = {
+    "num-rounds": 3,
+    "min-sites": 3,
+    "timeout.wait-sites": 180,
+    "train.steps": 12,
+    "train.expected-batch-size": 16,
+    "train.max-physical-batch-size": 16,
+    "train.max-length": 320,
+    "train.learning-rate": 0.01,
+    "train.noise-multiplier": 0.0,
+    "train.epsilon-per-round": 1.0,
+    "lora.r": 8,
+    "generate.reports-per-code": 2,
+    "generate.max-new-tokens": 200,
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _run(cmd: list[str], *, env: dict[str, str], what: str, cwd: Path | None = None) -> None:
+    proc = subprocess.run(cmd, env=env, cwd=cwd)
+    if proc.returncode != 0:
+        raise FedsynthError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}")
+
+
+def _config_arg(config: dict[str, object]) -> str:
+    def fmt(v: object) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        return str(v)
+
+    return " ".join(f"{k}={fmt(v)}" for k, v in config.items())
+
+
+def _print_summary(summary: dict) -> None:
+    table = Table(title="demo consortium: rounds")
+    for col in ("round", "sites trained", "declined", "ε (max over sites)", "fidelity margin",
+                "distinct-2", "verbatim 13-gram rate", "MIA AUC"):
+        table.add_column(col)
+    for rnd in summary.get("rounds", []):
+        train = rnd.get("train", {})
+        mean = rnd.get("evaluate", {}).get("mean", {}) or {}
+        privacy = rnd.get("privacy") or {}
+        eps = [float(p.get("epsilon", 0.0)) for p in privacy.values()]
+
+        def g(name: str, mean: dict = mean) -> str:
+            return f"{mean[name]:.3f}" if name in mean else "—"
+
+        table.add_row(
+            str(rnd.get("round")), str(len(train.get("accepted", []))),
+            str(len(train.get("declined", []))), f"{max(eps):.3f}" if eps else "—",
+            g("fidelity.centroid_margin_mean"), g("diversity.distinct_2"),
+            g("privacy.verbatim_rate_13"), g("privacy.mia_auc"),
+        )
+    console.print(table)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path | None, typer.Option(help="Run directory (default: runs/demo-<time>).")] = None,
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
+    seed: int = 0,
+) -> None:
+    """Run the demo consortium: three fictional hospitals, DP-LoRA, generation and evaluation each round."""
+    try:
+        _demo(out, rounds, seed)
+    except FedsynthError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+
+
+def _demo(out: Path | None, rounds: int, seed: int) -> None:
+    if rounds < 1:
+        raise ConfigError("--rounds must be at least 1")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    run_dir = (out or Path("runs") / f"demo-{stamp}").resolve()
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"run directory {run_dir} exists and is not empty")
+    sites_dir, coord_dir, home = run_dir / "sites", run_dir / "coordinator", run_dir / ".flwr"
+    for d in (sites_dir, coord_dir, home):
+        d.mkdir(parents=True, exist_ok=True)
+    env = os.environ | {
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "FLWR_HOME": str(home),
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    site_cli = str(BIN / "fedsynth-site")
+    console.rule("[bold]1/3 fictional consortium data")
+    _run([site_cli, "demo-data", str(sites_dir), "--seed", str(seed), "--canaries", "1,5,10"],
+         env=env, what="writing demo data")
+    shutil.move(str(sites_dir / "public"), str(run_dir / "public"))  # not a site
+    console.rule("[bold]2/3 embedded model (built once, cached)")
+    _run([site_cli, "build-model"], env=env, what="building the embedded model")
+
+    console.rule(f"[bold]3/3 federation: {rounds} rounds × 3 sites (Flower simulation)")
+    port = _free_port()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "demo"\n\n[superlink.demo]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+        "options.num-supernodes = 3\noptions.backend.client-resources.num-cpus = 1\n"
+    )
+    ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # AF_UNIX paths must stay short
+    sim_env = env | {
+        "FEDSYNTH_SIM_ROOT": str(sites_dir),
+        "FEDSYNTH_COORD_RUN_DIR": str(coord_dir),
+        "RAY_TMPDIR": ray_dir,
+        "OMP_NUM_THREADS": "1",
+    }
+    config = DEMO_RUN_CONFIG | {"num-rounds": rounds, "run-name": "demo"}
+    log_path = run_dir / "superlink.log"
+    with open(log_path, "w") as log:
+        link = subprocess.Popen(
+            [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
+             "--port", str(port), "--disable-runtime-dependency-installation"],
+            env=sim_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=run_dir,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", port)) == 0:
+                        break
+                if link.poll() is not None:
+                    raise FedsynthError(f"the simulation SuperLink exited; see {log_path}")
+                time.sleep(0.5)
+            _run([str(BIN / "flwr"), "run", str(PROJECT), "demo", "--stream",
+                  "--run-config", _config_arg(config)], env=sim_env, what="the federated run", cwd=run_dir)
+        finally:
+            os.killpg(link.pid, signal.SIGTERM)
+            try:
+                link.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(link.pid, signal.SIGKILL)
+            shutil.rmtree(ray_dir, ignore_errors=True)
+    summary_path = coord_dir / "demo" / "consortium-summary.json"
+    if not summary_path.exists():
+        raise FedsynthError(f"the run wrote no consortium summary; see {log_path}")
+    summary = json.loads(summary_path.read_text())
+    _print_summary(summary)
+    console.print(f"run directory: {run_dir}")
+    console.print(f"  coordinator: {coord_dir / 'demo'} (global adapter per round, consortium summary)")
+    for site in sorted(p.name for p in sites_dir.iterdir() if p.is_dir()):
+        console.print(f"  {site}: {sites_dir / site / 'output'} (ledger, reports, evaluations)")
+    if summary.get("status") != "completed":
+        raise FedsynthError(f"the run did not complete: status {summary.get('status')!r}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Generation: reproducibility, prompts, reasoning stripping, validation, JSONL round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from client.generate import (
+    SamplingConfig,
+    SyntheticReport,
+    generate_reports,
+    read_reports,
+    strip_reasoning,
+    write_reports,
+)
+from client.model import tiny_random_model
+from client.prompt import build_prompt
+from shared.errors import ConfigError, InputError
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_random_model("llama", seed=1)
+
+
+def _run(tiny, **kw):
+    model, tok = tiny
+    args = {
+        "n_per_code": 2,
+        "sampling": SamplingConfig(max_new_tokens=8, seed=7),
+        "setting": "zero-shot",
+        "model_id": "tiny-llama",
+        "batch_size": 4,
+    }
+    args.update(kw)
+    return generate_reports(model, tok, ["F32.1", "f20"], **args)
+
+
+def test_same_seed_same_reports_and_rng_untouched(tiny):
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = _run(tiny)
+    after = torch.rand(1)
+    assert torch.equal(before, after)  # the caller's RNG stream is not consumed
+    b = _run(tiny)
+    assert a == b
+    assert len(a) == 4 and [r.code for r in a] == ["F32.1"] * 2 + ["F20"] * 2
+    c = _run(tiny, sampling=SamplingConfig(max_new_tokens=8, seed=8))
+    assert [r.text for r in c] != [r.text for r in a]
+    assert {r.report_id for r in a}.isdisjoint({r.report_id for r in c})
+
+
+def test_provenance_and_only_new_tokens(tiny):
+    reports = _run(tiny, setting="adapter", adapter_hash="ab" * 32)
+    r = reports[0]
+    assert r.setting == "adapter" and r.adapter_hash == "ab" * 32 and r.model_id == "tiny-llama"
+    assert r.seed == 7 and r.sampling["max_new_tokens"] == 8 and r.sampling["temperature"] == 0.8
+    # The prompt (instruction with the code's title) is not echoed back.
+    assert all("Write a psychiatric evaluation report" not in x.text for x in reports)
+    # Greedy known answer: the report is exactly the decoded continuation of the prompt.
+    model, tok = tiny
+    [greedy] = _run(tiny, n_per_code=1, sampling=SamplingConfig(temperature=0, max_new_tokens=8))[:1]
+    prompt = build_prompt("F32.1", tok)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    out = model.generate(ids, do_sample=False, max_new_tokens=8, pad_token_id=tok.pad_token_id)
+    assert greedy.text == tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    assert greedy.text != tok.decode(out[0], skip_special_tokens=True).strip()
+
+
+def test_greedy_is_batch_independent_and_progress_is_reported(tiny):
+    seen = []
+    greedy = SamplingConfig(temperature=0, max_new_tokens=6)
+    a = _run(tiny, sampling=greedy, batch_size=1, progress=lambda d, t: seen.append((d, t)))
+    b = _run(tiny, sampling=greedy, batch_size=4)
+    assert [x.text for x in a] == [x.text for x in b]
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def test_sampling_validation_lists_every_problem():
+    with pytest.raises(ConfigError) as err:
+        SamplingConfig(temperature=-1, top_p=0, top_k=-2, repetition_penalty=0, max_new_tokens=0, seed=-1)
+    assert {p.where for p in err.value.problems} == {
+        "temperature",
+        "top_p",
+        "top_k",
+        "repetition_penalty",
+        "max_new_tokens",
+        "seed",
+    }
+    with pytest.raises(ConfigError):
+        SamplingConfig(max_new_tokens=True)
+    SamplingConfig(temperature=0, top_p=1.0, top_k=50)  # valid edge values
+
+
+def test_request_validation(tiny):
+    model, tok = tiny
+    with pytest.raises(ConfigError) as err:
+        generate_reports(
+            model,
+            tok,
+            ["F32.1", "XYZ"],
+            n_per_code=0,
+            batch_size=0,
+            sampling=SamplingConfig(),
+            setting="adapter",
+            model_id="",
+        )
+    wheres = sorted(p.where for p in err.value.problems)
+    assert wheres == ["adapter_hash", "batch_size", "codes", "model_id", "n_per_code"]
+    with pytest.raises(ConfigError, match="adapter_hash"):
+        _run(tiny, adapter_hash="abc")  # zero-shot must not claim an adapter
+
+
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [
+        ("<think>plan the report</think>\n\nHistory: low mood.", "History: low mood."),
+        ("  History: ok. ", "History: ok."),
+        ("<think>a</think>Plan: A.<think>b</think> Done.", "Plan: A. Done."),
+        ("reasoning from the prompt's open tag</think>\nDiagnosis: F32.1", "Diagnosis: F32.1"),
+        ("<think>cut off mid-trace, never closed", ""),
+        ("\n <think>\nstill thinking", ""),
+        ("Plan: review.\n<think>trailing unterminated", "Plan: review."),
+        ("", ""),
+    ],
+)
+def test_strip_reasoning(raw, clean):
+    assert strip_reasoning(raw) == clean
+
+
+def test_reports_jsonl_round_trip_and_bad_lines(tmp_path, tiny):
+    reports = _run(tiny)
+    path = tmp_path / "out" / "reports.jsonl"
+    write_reports(reports, path)
+    assert read_reports(path) == reports
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 4 and json.loads(lines[0])["report_id"] == reports[0].report_id
+
+    good = json.loads(lines[0])
+    missing = {k: v for k, v in good.items() if k != "text"}
+    extra = dict(good, note_id="n1")
+    wrong = dict(good, seed="7")
+    bad_code = dict(good, code="XYZ")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(
+        "\n".join(
+            [lines[0], "{not json", json.dumps(missing), "", json.dumps(extra), json.dumps(wrong), json.dumps(bad_code), "[1]"]
+        ).encode()
+        + b"\n\xff\xfe\n"
+    )
+    with pytest.raises(InputError) as err:
+        read_reports(bad)
+    by_line = {}
+    for p in err.value.problems:
+        assert p.where == str(bad)
+        by_line.setdefault(p.line, []).append(p.reason)
+    assert sorted(by_line) == [2, 3, 5, 6, 7, 8, 9]
+    assert "invalid JSON" in by_line[2][0] and "missing field 'text'" in by_line[3]
+    assert "unknown field 'note_id'" in by_line[5] and "UTF-8" in by_line[9][0]
+    with pytest.raises(InputError):
+        read_reports(tmp_path / "absent.jsonl")
+
+
+def test_report_is_frozen():
+    r = SyntheticReport("id", "F32.1", "t", "zero-shot", "m", None, {}, 0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.text = "x"  # type: ignore[misc]

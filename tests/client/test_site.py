@@ -1,0 +1,92 @@
+"""A whole site round by hand (train, then generate + evaluate) on tiny demo data."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from client import site
+from client.demo_data import write_demo
+from client.model import tiny_random_model
+from shared.audit import verify_log
+from shared.errors import BudgetExceededError, PrivacyError
+from shared.run_config import RunConfig
+from shared.settings import SiteSettings, load_settings
+from shared.wire import METRIC_NAMES, PRIVACY_KEYS
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("site")
+    manifest = write_demo(root / "data", seed=3, patients_per_site=40, canary_repetitions=(2,))
+    model, tokenizer = tiny_random_model("llama", seed=0)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield root, manifest
+    torch.set_num_threads(threads)
+
+
+def _settings(root: Path, manifest, **kw) -> SiteSettings:
+    return load_settings(
+        SiteSettings,
+        site_id="site-a",
+        notes_path=manifest.sites["site-a"],
+        output_dir=root / kw.pop("out", "out"),
+        model_dir=root / "model",
+        k_min=2,
+        **kw,
+    )
+
+
+RUN = RunConfig.from_flower({
+    "train.steps": 3, "train.expected-batch-size": 4, "train.max-physical-batch-size": 4,
+    "train.max-length": 96, "train.noise-multiplier": 1.0, "train.learning-rate": 0.01,
+    "generate.reports-per-code": 2, "generate.max-new-tokens": 24, "generate.codes": "F32,F41.1",
+    "evaluate.k-min": 2,
+})
+
+
+def test_train_then_evaluate_round(world):
+    root, manifest = world
+    settings = _settings(root, manifest)
+    spec = site.adapter_spec(settings, RUN)
+    adapter, privacy = site.site_train(settings, RUN, global_adapter=None, round_id=1)
+    assert {k: (v.shape, str(v.dtype)) for k, v in adapter.items()} == {
+        k: (shape, dtype) for k, (shape, dtype) in spec.items()
+    }
+    assert set(privacy) == PRIVACY_KEYS and privacy["epsilon"] > 0
+    assert privacy["patients_bucket"] % 10 == 0
+    # the spend is in the ledger, reserved and then released
+    kinds = [e.kind for e in site.open_ledger(settings).entries()]
+    assert kinds == ["reserve", "released"]
+
+    summary = site.site_evaluate(settings, RUN, global_adapter=adapter, round_id=1)
+    assert summary and set(summary) <= METRIC_NAMES
+    assert summary["count.reports"] == 0.0  # 4 reports, rounded down to a multiple of 10
+    out = settings.output_dir
+    assert (out / "reports" / "round-1" / "synthetic.jsonl").read_text().count("\n") == 4
+    html = (out / "evaluation" / "round-1" / "evaluation.html").read_text()
+    assert "data:image/png;base64," in html
+    assert verify_log(out / "audit.jsonl", {}, allow_unsigned=True) == 2
+
+
+def test_budget_refusal_is_audited_and_trains_nothing(world):
+    root, manifest = world
+    settings = _settings(root, manifest, out="out-tight", epsilon_ceiling=0.01)
+    with pytest.raises(BudgetExceededError, match="ceiling"):
+        site.site_train(settings, RUN, global_adapter=None, round_id=1)
+    assert site.open_ledger(settings).entries() == []
+    assert not (settings.output_dir / "adapters").exists()
+    text = (settings.output_dir / "audit.jsonl").read_text()
+    assert "budget_refusal" in text
+
+
+def test_delta_above_one_over_n_is_refused(world):
+    root, manifest = world
+    settings = _settings(root, manifest, out="out-delta", delta=0.5)
+    with pytest.raises(PrivacyError, match="1/n_patients"):
+        site.site_train(settings, RUN, global_adapter=None, round_id=1)
