@@ -120,7 +120,9 @@ def demo_data(
 @app.command("build-model")
 @expected_errors
 def build_model(
-    max_seconds: Annotated[float, typer.Option(help="Training time budget (seconds).")] = 240.0,
+    max_seconds: Annotated[
+        float | None, typer.Option(help="Training time budget in seconds (default: the built-in recipe's).")
+    ] = None,
     seed: int = 0,
 ) -> None:
     """Build (once) and cache the embedded default model, trained on public text only."""
@@ -132,7 +134,8 @@ def build_model(
         def report(step: int, total: int, loss: float) -> None:
             bar.update(task, completed=step, total=total, info=f"loss {loss:.3f}")
 
-        path = ensure_embedded_model(max_seconds=max_seconds, seed=seed, progress=report)
+        budget = {} if max_seconds is None else {"max_seconds": max_seconds}
+        path = ensure_embedded_model(seed=seed, progress=report, **budget)
     console.print(f"embedded model: {path}")
 
 

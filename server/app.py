@@ -27,6 +27,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from shared.run_config import RunConfig
 from shared.settings import CoordinatorSettings, load_settings
 
 log = logging.getLogger("fedsynth.coordinator")
+from flwr.common.logger import log as flwr_log  # noqa: E402  (streamed by `flwr run --stream`)
 
 SUMMARY_NAME = "consortium-summary.json"
 
@@ -71,6 +73,7 @@ def run_federation(
             _write_summary(run_dir, summary)
             return summary
         record: dict[str, Any] = {"round": rnd}
+        flwr_log(INFO, "fedsynth round %d/%d: %d sites connected", rnd, run.num_rounds, len(nodes))
         train_nodes = _sample(nodes, run.fraction_train, run.min_sites, seed=rnd)
         if run.secagg:
             new = secagg.train_round(grid, run, nodes=train_nodes, round_id=rnd,
@@ -100,6 +103,8 @@ def run_federation(
         summary["rounds"].append(record)
         summary["last_round"] = rnd
         _write_summary(run_dir, summary)
+        flwr_log(INFO, "fedsynth round %d/%d done: %d updates aggregated", rnd, run.num_rounds,
+                 len(record.get("train", {}).get("accepted", [])))
     summary["status"] = "completed"
     _write_summary(run_dir, summary)
     return summary

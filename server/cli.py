@@ -37,6 +37,11 @@ app = typer.Typer(
 )
 console = Console()
 err = Console(stderr=True)
+
+
+@app.callback()
+def _root() -> None:
+    """fedsynth coordinator."""
 BIN = Path(sys.executable).parent
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +50,7 @@ DEMO_RUN_CONFIG = {
     "num-rounds": 3,
     "min-sites": 3,
     "timeout.wait-sites": 180,
-    "train.steps": 12,
+    "train.steps": 10,
     "train.expected-batch-size": 16,
     "train.max-physical-batch-size": 16,
     "train.max-length": 320,
@@ -54,7 +59,7 @@ DEMO_RUN_CONFIG = {
     "train.epsilon-per-round": 1.0,
     "lora.r": 8,
     "generate.reports-per-code": 2,
-    "generate.max-new-tokens": 200,
+    "generate.max-new-tokens": 160,
 }
 
 
