@@ -222,6 +222,96 @@ def budget(
     console.print(table)
 
 
+@app.command()
+@expected_errors
+def generate(
+    out: Annotated[Path, typer.Argument(help="JSONL file to write the reports to (stays at the site).")],
+    model_dir: ModelOpt = None,
+    adapter: Annotated[Path | None, typer.Option(help="LoRA adapter (.safetensors); none = zero-shot.")] = None,
+    codes: Annotated[str, typer.Option(help="Comma-separated ICD-10 codes.")] = "F20,F31,F32,F41.1,F43.1",
+    n_per_code: int = 5,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int = 0,
+) -> None:
+    """Generate ICD-10-conditioned reports, zero-shot or with an adapter, with provenance per report."""
+    from safetensors.torch import load_file
+
+    from client.generate import SamplingConfig, generate_reports, write_reports
+    from client.model import adapter_hash, add_lora, load_adapter_state, load_model
+    from shared import icd10
+
+    code_list = icd10.normalize_all([c for c in codes.split(",") if c.strip()], where="--codes")
+    model, tokenizer = load_model(model_dir, device=_settings().resolved_device())
+    tensors = None
+    if adapter is not None:
+        tensors = load_file(str(adapter))
+        r = next(v.shape[0] for k, v in tensors.items() if "lora_A" in k)
+        model = add_lora(model, r=r, alpha=2 * r)
+        load_adapter_state(model, tensors)
+    sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+    with progress_bar() as bar:
+        task = bar.add_task("generating", total=len(code_list) * n_per_code, info="")
+        reports = generate_reports(
+            model, tokenizer, code_list, n_per_code=n_per_code, sampling=sampling,
+            setting="adapter" if tensors is not None else "zero-shot",
+            model_id=str(model_dir or "embedded"),
+            adapter_hash=adapter_hash(tensors) if tensors is not None else None,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    write_reports(reports, out)
+    console.print(f"{len(reports)} reports -> {out}")
+
+
+@app.command()
+@expected_errors
+def evaluate(
+    reports: Annotated[Path, typer.Argument(help="Synthetic reports (JSONL from `generate`), or a notes file with --as-notes.")],
+    notes: NotesOpt = None,
+    output_dir: OutOpt = None,
+    as_notes: Annotated[bool, typer.Option(help="Treat REPORTS as a notes file (e.g. the public split).")] = False,
+    k_min: Annotated[int | None, typer.Option(help="Smallest cell that may be summarised.")] = None,
+) -> None:
+    """Evaluate reports against this site's private notes: JSON + self-contained HTML report (stays at the site)."""
+    from client.evaluate.embeddings import Embedder
+    from client.evaluate.suite import evaluate_site, load_canaries
+    from client.evaluate.write import write_evaluation
+    from client.generate import SyntheticReport, read_reports
+    from client.notes import load_notes
+    from client.release import GateConfig
+    from client.site import load_site_data
+
+    settings = _settings(notes_path=notes, output_dir=output_dir, k_min=k_min)
+    if as_notes:
+        batch = [
+            SyntheticReport(report_id=n.note_id, code=n.primary_code, text=n.text, setting="zero-shot",
+                            model_id=f"notes:{reports.name}", adapter_hash=None, sampling={}, seed=0)
+            for n in load_notes(reports, mode="strict").notes
+        ]
+    else:
+        batch = read_reports(reports)
+    data = load_site_data(settings)
+    with progress_bar() as bar:
+        task = bar.add_task("evaluating (embeddings, metrics)", total=None, info="")
+        ev = evaluate_site(
+            batch, data.train, data.heldout,
+            embedder=Embedder(device=settings.resolved_device()),
+            cache_dir=settings.output_dir / "cache", k_min=settings.k_min,
+            canaries=load_canaries(settings.notes_path.parent / "canaries.json"),
+            gate=GateConfig(),
+        )
+        bar.update(task, total=1, completed=1)
+    paths = write_evaluation(ev, settings.output_dir / "evaluation" / reports.stem, title=reports.name)
+    table = Table(title=f"{len(batch)} reports vs {settings.notes_path} (k_min={settings.k_min})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in sorted(ev.summary.items()):
+        table.add_row(name, f"{value:.4g}")
+    console.print(table)
+    console.print(f"suppressed cells: {len(ev.suppressed)}; report: {paths['html']}")
+
+
 def main() -> None:
     app()
 
