@@ -54,7 +54,7 @@ DEMO_RUN_CONFIG = {
     "train.expected-batch-size": 16,
     "train.max-physical-batch-size": 16,
     "train.max-length": 320,
-    "train.learning-rate": 0.01,
+    "train.learning-rate": 0.003,
     "train.noise-multiplier": 0.0,
     "train.epsilon-per-round": 1.0,
     "lora.r": 8,
