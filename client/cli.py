@@ -139,6 +139,21 @@ def build_model(
     console.print(f"embedded model: {path}")
 
 
+@app.command()
+@expected_errors
+def keygen(
+    path: Annotated[Path, typer.Argument(help="Private key file to create (the public key goes to PATH.pub).")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing key (orphans its signatures).")] = False,
+) -> None:
+    """Create the site's Ed25519 signing key for its audit log and privacy reports."""
+    from shared.signing import generate_key, key_id, load_public_key
+
+    pub = generate_key(path, overwrite=overwrite)
+    console.print(f"private key: {path} (mode 600; set FEDSYNTH_SITE_SIGNING_KEY={path})")
+    console.print(f"public key:  {pub} (give it to auditors out of band)")
+    console.print(f"key id:      {key_id(load_public_key(pub))}")
+
+
 def dp_options(
     steps: int, noise_multiplier: float | None, epsilon_per_round: float | None, batch: int
 ) -> Any:
@@ -310,6 +325,15 @@ def evaluate(
         table.add_row(name, f"{value:.4g}")
     console.print(table)
     console.print(f"suppressed cells: {len(ev.suppressed)}; report: {paths['html']}")
+
+
+def _register_doctor() -> None:
+    from client.doctor import doctor_command
+
+    app.command("doctor")(expected_errors(doctor_command))
+
+
+_register_doctor()
 
 
 def main() -> None:
