@@ -3,7 +3,14 @@
 Site k (site id ``site-a`` -> 0, ``site-b`` -> 1, ...; ``site-<k>`` also works)
 returns the global adapter plus (k + 1) and reports patients bucket 10 (k + 1);
 it never touches notes or models. Never shipped: it only exists under tests/.
+
+Kill-site variant (tests/e2e/test_kill_site.py): a site whose environment sets
+``FEDSYNTH_E2E_HANG_IN_TRAIN=<path>`` writes that file when it enters training
+and then hangs there, so the test can SIGKILL the site mid-train.
 """
+
+import os
+import time
 
 import numpy as np
 
@@ -16,6 +23,11 @@ def adapter_spec(settings, run):
 
 
 def site_train(settings, run, *, global_adapter, round_id):
+    marker = os.environ.get("FEDSYNTH_E2E_HANG_IN_TRAIN")
+    if marker:  # only the site the kill test is about to SIGKILL has this set
+        with open(marker, "w") as fh:
+            fh.write(settings.site_id)
+        time.sleep(3600)
     suffix = settings.site_id.rsplit("-", 1)[-1]
     k = int(suffix) if suffix.isdigit() else ord(suffix) - ord("a")
     base = global_adapter or {
