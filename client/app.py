@@ -20,6 +20,8 @@ Simulation only: Flower sets ``partition-id``/``num-partitions``; then, unless
 ``data-dir`` is given, partition i uses the i-th (sorted by name) subdirectory of
 ``$FEDSYNTH_SIM_ROOT`` that holds a ``notes.jsonl``, and the site id is that
 directory's name (site-a, site-b, ...): simulated sites never share a ledger.
+There, ``<dir>/signing.key`` (when present and no key is configured) is the
+site's signing key for its audit log and privacy reports.
 
 Secure aggregation (``secagg = true``): the train message then carries Flower's
 SecAgg+ protocol and :func:`train` runs it through ``secaggplus_mod``. The mod
@@ -80,6 +82,7 @@ def site_settings(node_config: dict[str, Any]) -> SiteSettings:
     problems: list[Problem] = []
     overrides: dict[str, Any] = {}
     data_dir: Path | None = None
+    sim_key: Path | None = None
     for key, value in node_config.items():
         if key in _NODE_KEYS:
             overrides[_NODE_KEYS[key]] = value
@@ -106,12 +109,17 @@ def site_settings(node_config: dict[str, Any]) -> SiteSettings:
             else:
                 data_dir = sites[pid]
                 overrides.setdefault("site_id", data_dir.name)
+                # Simulated sites share one environment, so each one's key sits in its own dir.
+                sim_key = data_dir / "signing.key"
     if problems:
         raise ConfigError("invalid site node config", problems)
     if data_dir is not None:
         overrides.setdefault("notes_path", data_dir / "notes.jsonl")
         overrides.setdefault("output_dir", data_dir / "output")
-    return load_settings(SiteSettings, **overrides)
+    settings = load_settings(SiteSettings, **overrides)
+    if sim_key is not None and settings.signing_key is None and sim_key.is_file():
+        settings = load_settings(SiteSettings, **overrides, signing_key=sim_key)
+    return settings
 
 
 def _spec(settings: SiteSettings, run: RunConfig) -> wire.AdapterSpec:

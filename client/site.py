@@ -12,6 +12,8 @@ Site output layout (all of it stays at the site)::
     <output_dir>/adapters/round-<n>.safetensors   the adapter this site trained in round n
     <output_dir>/reports/round-<n>/synthetic.jsonl  generated reports (never sent)
     <output_dir>/evaluation/round-<n>/         per-report results, summary, HTML
+    <output_dir>/privacy-reports/report-round-<n>.{json,json.sig,html}  signed privacy report
+    <output_dir>/audit.jsonl                   hash-chained audit log (signed with signing_key)
     <output_dir>/cache/                        private-note embedding cache
 """
 
@@ -178,9 +180,15 @@ def lora_params(run: RunConfig) -> LoraParams:
 
 
 def dp_config(run: RunConfig) -> DPConfig:
-    """The run's DP-SGD knobs. Exactly one of noise multiplier / ε per round is set (> 0)."""
+    """The run's DP-SGD knobs. Exactly one of noise multiplier / ε per round is set (> 0).
+
+    Always private: a run config (the coordinator's choice) can never switch DP
+    off. The non-private baseline (``DPConfig(private=False)``) exists only for
+    the privacy-utility study, which builds it itself and never sends it.
+    """
     t = run.train
     return DPConfig(
+        private=True,
         noise_multiplier=t.noise_multiplier if t.noise_multiplier > 0 else None,
         target_epsilon=t.epsilon_per_round if t.epsilon_per_round > 0 else None,
         max_grad_norm=t.max_grad_norm,
@@ -281,6 +289,7 @@ def site_evaluate(
     from client.evaluate.suite import evaluate_site, load_canaries
     from client.evaluate.write import write_evaluation
     from client.generate import SamplingConfig, generate_reports, write_reports
+    from client.privacy_report import issue_round_report
     from client.release import GateConfig
 
     data = load_site_data(settings)
@@ -299,18 +308,21 @@ def site_evaluate(
         adapter_hash=adapter_hash(global_adapter) if global_adapter is not None else None,
     )
     write_reports(reports, settings.output_dir / "reports" / f"round-{round_id}" / "synthetic.jsonl")
+    canaries = load_canaries(settings.notes_path.parent / "canaries.json")
     evaluation = evaluate_site(
         reports, data.train, data.heldout,
         embedder=Embedder(device=settings.resolved_device()),
         cache_dir=settings.output_dir / "cache",
         k_min=run.effective_k_min(settings.k_min),
         model=model, tokenizer=tokenizer,
-        canaries=load_canaries(settings.notes_path.parent / "canaries.json"),
+        canaries=canaries,
         gate=GateConfig(),
         seed=g.seed,
     )
     write_evaluation(evaluation, settings.output_dir / "evaluation" / f"round-{round_id}",
                      title=f"{settings.site_id} — round {round_id}")
-    audit_log(settings).append("report_issued", {"round": round_id, "phase": "evaluate",
-                                                 "metrics": len(evaluation.summary)})
+    # The signed privacy report (privacy-reports/) and its report_issued audit entry.
+    issue_round_report(settings, run, round_id=round_id, evaluation=evaluation,
+                       ledger=open_ledger(settings), audit=audit_log(settings),
+                       texts=[r.text for r in reports], canaries=canaries)
     return evaluation.summary

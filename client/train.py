@@ -22,11 +22,20 @@ Order of operations (each step only runs if the one before succeeded):
    steps, each one seen by the accountant;
 5. check the accountant saw exactly what was reserved and that every LoRA
    tensor moved; return the adapter and the privacy scalars.
+
+``DPConfig(private=False)`` is the one exception, and it is NOT private: the
+non-private baseline of the privacy-utility study (``docs/results.md``). The
+same patients, the same Poisson-sampled batches and the same optimizer, but no
+clipping, no noise, no accountant and no ledger entry; its privacy scalars say
+epsilon = +inf and sigma = 0, which the wire contract refuses, so such an
+adapter can never leave a site through the ClientApp. No run config can ask
+for it (:func:`client.site.dp_config` always builds a private config).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import random
 import warnings
@@ -40,6 +49,7 @@ import torch.nn.functional as F
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader import DPDataLoader
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader, Dataset
 
@@ -54,6 +64,8 @@ if TYPE_CHECKING:
 
     from client.ledger import Ledger, LedgerEntry
     from client.notes import Note
+
+log = logging.getLogger("fedsynth.train")
 
 IGNORE_INDEX = -100  # label value cross-entropy skips: prompt and padding positions
 
@@ -79,6 +91,10 @@ class DPConfig:
     gradients materialised) or "ghost" (ghost clipping, two backward passes, no
     per-sample gradients); both clip the whole per-patient gradient to
     ``max_grad_norm``.
+
+    ``private=False`` switches DP off entirely (the study's non-private
+    baseline, see the module docstring): then neither ``noise_multiplier`` nor
+    ``target_epsilon`` may be given, and nothing is charged to any ledger.
     """
 
     noise_multiplier: float | None = None
@@ -93,6 +109,7 @@ class DPConfig:
     secure_mode: bool = False
     clipping: Literal["flat", "ghost"] = "flat"
     seed: int = 0
+    private: bool = True
 
 
 @dataclass(frozen=True)
@@ -103,6 +120,9 @@ class PrivacyScalars:
     from the whole ledger), ``epsilon_round`` this round alone; both at
     ``delta``, per patient. ``patients_bucket`` is the number of training
     patients rounded down to a multiple of 10 (the exact count does not leave).
+    A non-private baseline (``DPConfig(private=False)``) reports epsilon =
+    epsilon_round = +inf, noise_multiplier = 0, max_grad_norm = +inf and
+    accountant "none": :func:`shared.wire.check_reply` refuses every one of them.
     """
 
     epsilon: float
@@ -131,6 +151,11 @@ class PrivacyScalars:
             "patients_bucket": int(self.patients_bucket),
         }
 
+    @property
+    def private(self) -> bool:
+        """False for the non-private baseline (no noise, unbounded epsilon)."""
+        return self.noise_multiplier > 0 and math.isfinite(self.epsilon)
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -141,13 +166,14 @@ class TrainResult:
     computed from private notes without noise, so it is for the local progress
     display only and must not leave the site. ``ledger_entry`` is the
     reservation made before training; the caller marks it released once the
-    update has been sent (``Ledger.mark_released``).
+    update has been sent (``Ledger.mark_released``). It is None only for the
+    non-private baseline, which reserves nothing.
     """
 
     adapter: dict[str, torch.Tensor]
     privacy: PrivacyScalars
     mean_loss: float
-    ledger_entry: LedgerEntry
+    ledger_entry: LedgerEntry | None
 
 
 class PatientExamples(Dataset):
@@ -217,7 +243,17 @@ def _config_problems(
             what = "an integer >= 1" if integer else "a finite number > 0"
             problems.append(Problem(name, f"must be {what}, got {value!r}"))
 
-    if (config.noise_multiplier is None) == (config.target_epsilon is None):
+    if not isinstance(config.private, bool):
+        problems.append(Problem("private", f"must be a boolean, got {config.private!r}"))
+    elif not config.private:
+        if config.noise_multiplier is not None or config.target_epsilon is not None:
+            problems.append(
+                Problem(
+                    "private",
+                    "the non-private baseline takes neither noise_multiplier nor target_epsilon",
+                )
+            )
+    elif (config.noise_multiplier is None) == (config.target_epsilon is None):
         problems.append(
             Problem(
                 "noise_multiplier/target_epsilon",
@@ -370,6 +406,11 @@ def train_dp(
     )
     sample_rate = 1.0 / len(loader)
     steps = config.steps
+    if not config.private:
+        return _train_nonprivate(
+            model, loader, config=config, trainable=trainable, delta=delta, n_patients=n_patients,
+            progress=progress,
+        )
     if config.noise_multiplier is not None:
         sigma = float(config.noise_multiplier)
     else:
@@ -589,3 +630,93 @@ def _dp_steps(
                 if taken[0] >= steps:
                     break
     return total_loss / max(total_examples, 1)
+
+
+def _train_nonprivate(
+    model: PeftModel,
+    loader: DataLoader,
+    *,
+    config: DPConfig,
+    trainable: dict[str, torch.nn.Parameter],
+    delta: float,
+    n_patients: int,
+    progress: Callable[[int, int, float], None] | None,
+) -> TrainResult:
+    """The NON-PRIVATE baseline: the DP recipe minus clipping, noise, accountant and ledger.
+
+    Same Poisson sampling of patients (Opacus' ``DPDataLoader`` over the same
+    loader and seed, so the same batches a private run would draw), same
+    per-patient loss (mean over report tokens), same AdamW; the gradient is the
+    sum of per-patient gradients over ``expected_batch_size``, exactly the
+    scaling Opacus applies before noise. An empty batch is a step with no update.
+    Nothing is written to any ledger: this update has no privacy guarantee.
+    """
+    log.warning(
+        "NON-PRIVATE training (privacy-utility baseline): no clipping, no noise, no ledger entry; "
+        "this adapter has NO differential-privacy guarantee and the wire refuses it"
+    )
+    sample_rate = 1.0 / len(loader)
+    device = next(iter(trainable.values())).device
+    params = list(trainable.values())
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    was_training = model.training
+    model.train()
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
+    poisson = DPDataLoader.from_data_loader(loader)
+    taken, total_loss, total_examples = 0, 0.0, 0
+    try:
+        while taken < config.steps:
+            for batch in poisson:
+                rows = batch["input_ids"].shape[0] if isinstance(batch, dict) else 0
+                step_loss = 0.0
+                optimizer.zero_grad()
+                for start in range(0, rows, config.max_physical_batch_size):
+                    part = {k: v[start : start + config.max_physical_batch_size] for k, v in batch.items()}
+                    labels = part["labels"].to(device)
+                    logits = model(
+                        input_ids=part["input_ids"].to(device),
+                        attention_mask=part["attention_mask"].to(device),
+                    ).logits
+                    flat_logits, flat_targets = _token_losses(logits, labels)
+                    token_loss = F.cross_entropy(
+                        flat_logits, flat_targets, ignore_index=IGNORE_INDEX, reduction="none"
+                    ).view(labels.shape[0], -1)
+                    counted = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+                    per_patient = token_loss.sum(dim=1) / counted
+                    (per_patient.sum() / config.expected_batch_size).backward()
+                    step_loss += float(per_patient.detach().sum())
+                if rows:
+                    optimizer.step()
+                optimizer.zero_grad()
+                taken += 1
+                total_loss, total_examples = total_loss + step_loss, total_examples + rows
+                if progress is not None:
+                    progress(taken, config.steps, step_loss / max(rows, 1))
+                if taken >= config.steps:
+                    break
+    finally:
+        model.train(was_training)
+    frozen = [n for n, p in trainable.items() if torch.equal(p.detach(), before[n])]
+    if frozen:
+        raise TrainingError(
+            "LoRA weights did not move during (non-private) training",
+            [Problem(n, "unchanged after training") for n in frozen],
+        )
+    privacy = PrivacyScalars(
+        epsilon=math.inf,
+        epsilon_round=math.inf,
+        delta=float(delta),
+        noise_multiplier=0.0,
+        sample_rate=sample_rate,
+        steps=config.steps,
+        max_grad_norm=math.inf,
+        accountant="none",
+        secure_mode=False,
+        patients_bucket=(n_patients // 10) * 10,
+    )
+    return TrainResult(
+        adapter=adapter_state(model),
+        privacy=privacy,
+        mean_loss=total_loss / max(total_examples, 1),
+        ledger_entry=None,
+    )

@@ -14,8 +14,10 @@ the coordinator checks each site's clear scalars and learns only the weighted
 mean of the updates; evaluation and checkpoints are unchanged.
 
 Output (``FEDSYNTH_COORD_RUN_DIR/<run-name>/``): ``checkpoints/`` (PEFT adapters
-+ state.json) and ``consortium-summary.json``. A restarted coordinator resumes
-after the last complete checkpoint.
++ state.json), ``consortium-summary.json``, the audit log ``audit.jsonl`` and, at
+the end, ``consortium-report.json`` (+ ``.sig``, ``.html``): both signed with
+``FEDSYNTH_COORD_SIGNING_KEY`` when set (:mod:`server.report`). A restarted
+coordinator resumes after the last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -32,14 +34,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
-from server import checkpoint, secagg, strategy
+from server import checkpoint, report, secagg, strategy
 from shared import wire
+from shared.audit import AuditLog
 from shared.errors import WireError
 from shared.run_config import RunConfig
 from shared.settings import CoordinatorSettings, load_settings
+from shared.signing import load_private_key, sha256_file
 
 log = logging.getLogger("fedsynth.coordinator")
 from flwr.common.logger import log as flwr_log  # noqa: E402  (streamed by `flwr run --stream`)
@@ -53,25 +58,33 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     run = RunConfig.from_flower(dict(context.run_config))
     settings = load_settings(CoordinatorSettings)
-    run_federation(grid, run, run_dir=settings.run_dir / run.run_name)
+    key = load_private_key(settings.signing_key) if settings.signing_key else None
+    run_federation(grid, run, run_dir=settings.run_dir / run.run_name, key=key)
 
 
 def run_federation(
-    grid: Grid, run: RunConfig, *, run_dir: Path, sleep: Callable[[float], None] = time.sleep
+    grid: Grid, run: RunConfig, *, run_dir: Path, sleep: Callable[[float], None] = time.sleep,
+    key: Ed25519PrivateKey | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the federation; returns the consortium summary also written to run_dir."""
+    """Run (or resume) the federation; returns the consortium summary also written to run_dir.
+
+    ``key`` signs the coordinator's audit log and consortium report (:mod:`server.report`).
+    """
     ckpt_root = run_dir / "checkpoints"
     latest = checkpoint.load_latest(ckpt_root)
     start, global_adapter = latest if latest is not None else (0, None)
     summary = _load_summary(run_dir / SUMMARY_NAME, run, start)
+    audit = report.open_audit(run_dir, key=key)
+    audit.append("run_start", {"run": run.run_name, "num_rounds": run.num_rounds, "resume_after": start,
+                               "signed": key is not None})
+    audit.append("config", {"config_hash": report.config_hash(run)})
     if start:
         log.info("resuming after round %d", start)
     for rnd in range(start + 1, run.num_rounds + 1):
         nodes = _wait_for_sites(grid, run.min_sites, run.timeout_wait_sites, sleep)
         if len(nodes) < run.min_sites:
             summary["status"] = f"stopped: {len(nodes)} sites connected, min-sites is {run.min_sites}"
-            _write_summary(run_dir, summary)
-            return summary
+            return _finish(run_dir, summary, run, audit)
         record: dict[str, Any] = {"round": rnd}
         flwr_log(INFO, "fedsynth round %d/%d: %d sites connected", rnd, run.num_rounds, len(nodes))
         train_nodes = _sample(nodes, run.fraction_train, run.min_sites, seed=rnd)
@@ -83,6 +96,7 @@ def run_federation(
                 checkpoint.save_round(ckpt_root, rnd, global_adapter, lora=run.lora)
                 record["checkpoint"] = checkpoint.round_dir_name(rnd)
             _evaluate(grid, nodes, rnd, global_adapter, run, record)
+            report.audit_round(audit, record)
             summary["rounds"].append(record)
             summary["last_round"] = rnd
             _write_summary(run_dir, summary)
@@ -100,13 +114,22 @@ def run_federation(
             record["aggregated"] = False
             log.warning("round %d: %d accepted updates < min-sites; global unchanged", rnd, len(accepted))
         _evaluate(grid, nodes, rnd, global_adapter, run, record)
+        report.audit_round(audit, record)
         summary["rounds"].append(record)
         summary["last_round"] = rnd
         _write_summary(run_dir, summary)
         flwr_log(INFO, "fedsynth round %d/%d done: %d updates aggregated", rnd, run.num_rounds,
                  len(record.get("train", {}).get("accepted", [])))
     summary["status"] = "completed"
+    return _finish(run_dir, summary, run, audit)
+
+
+def _finish(run_dir: Path, summary: dict[str, Any], run: RunConfig, audit: AuditLog) -> dict[str, Any]:
+    """Write the summary, then the signed consortium report, then close the audit trail."""
     _write_summary(run_dir, summary)
+    issued = report.issue_consortium_report(summary, run=run, run_dir=run_dir, audit=audit)
+    audit.append("run_end", {"status": str(summary["status"])[:200], "rounds": int(summary["last_round"]),
+                             "report_sha256": sha256_file(issued.json_path)})
     return summary
 
 

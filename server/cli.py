@@ -4,7 +4,9 @@
 client (``fedsynth-site``, a separate program — the coordinator never imports
 site code) to write the fictional data and build the embedded model, then runs
 the federation with Flower's simulation engine through ``flwr run``, exactly
-the ServerApp/ClientApp a deployment uses.
+the ServerApp/ClientApp a deployment uses. Every site and the coordinator get
+their own Ed25519 key, so audit logs and privacy reports are signed; the demo
+ends by running the auditor's ``fedsynth-verify`` over the whole run directory.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shared.errors import ConfigError, FedsynthError
+from shared.signing import generate_key, key_id, load_public_key, public_key_path
 
 app = typer.Typer(
     name="fedsynth-coordinator",
@@ -123,6 +126,22 @@ def demo(
         raise typer.Exit(exc.exit_code) from None
 
 
+@app.command()
+def keygen(
+    path: Annotated[Path, typer.Argument(help="Private key file to create (the public key goes to PATH.pub).")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing key (orphans its signatures).")] = False,
+) -> None:
+    """Create the coordinator's Ed25519 key for its audit log and consortium report."""
+    try:
+        pub = generate_key(path, overwrite=overwrite)
+    except FedsynthError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+    console.print(f"private key: {path} (mode 600; set FEDSYNTH_COORD_SIGNING_KEY={path})", highlight=False)
+    console.print(f"public key:  {pub} (give it to auditors, named coordinator.key.pub)", highlight=False)
+    console.print(f"key id:      {key_id(load_public_key(pub))}", highlight=False)
+
+
 def _demo(out: Path | None, rounds: int, seed: int) -> None:
     if rounds < 1:
         raise ConfigError("--rounds must be at least 1")
@@ -139,6 +158,10 @@ def _demo(out: Path | None, rounds: int, seed: int) -> None:
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        # keep the demo's console to progress and results
+        "TRANSFORMERS_VERBOSITY": "error",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "PYTHONWARNINGS": "ignore::UserWarning,ignore::FutureWarning,ignore::DeprecationWarning",
         "FLWR_HOME": str(home),
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
@@ -147,6 +170,7 @@ def _demo(out: Path | None, rounds: int, seed: int) -> None:
     _run([site_cli, "demo-data", str(sites_dir), "--seed", str(seed), "--canaries", "1,5,10"],
          env=env, what="writing demo data")
     shutil.move(str(sites_dir / "public"), str(run_dir / "public"))  # not a site
+    keys_dir = _demo_keys(run_dir, sites_dir, coord_dir, env=env)
     console.rule("[bold]2/3 embedded model (built once, cached)")
     _run([site_cli, "build-model"], env=env, what="building the embedded model")
 
@@ -161,9 +185,11 @@ def _demo(out: Path | None, rounds: int, seed: int) -> None:
     sim_env = env | {
         "FEDSYNTH_SIM_ROOT": str(sites_dir),
         "FEDSYNTH_COORD_RUN_DIR": str(coord_dir),
+        "FEDSYNTH_COORD_SIGNING_KEY": str(coord_dir / "coordinator.key"),
         "RAY_TMPDIR": ray_dir,
         "OMP_NUM_THREADS": "1",
     }
+    sim_env.pop("FEDSYNTH_SITE_SIGNING_KEY", None)  # each simulated site signs with its own key
     config = DEMO_RUN_CONFIG | {"num-rounds": rounds, "run-name": "demo"}
     log_path = run_dir / "superlink.log"
     with open(log_path, "w") as log:
@@ -196,11 +222,47 @@ def _demo(out: Path | None, rounds: int, seed: int) -> None:
     summary = json.loads(summary_path.read_text())
     _print_summary(summary)
     console.print(f"run directory: {run_dir}")
-    console.print(f"  coordinator: {coord_dir / 'demo'} (global adapter per round, consortium summary)")
+    console.print(f"  coordinator: {coord_dir / 'demo'} (global adapter per round, consortium summary, "
+                  "signed consortium report, audit log)")
     for site in sorted(p.name for p in sites_dir.iterdir() if p.is_dir()):
-        console.print(f"  {site}: {sites_dir / site / 'output'} (ledger, reports, evaluations)")
+        console.print(f"  {site}: {sites_dir / site / 'output'} (ledger, reports, evaluations, "
+                      "signed privacy reports, audit log)")
+    console.print(f"  public keys: {keys_dir}")
     if summary.get("status") != "completed":
         raise FedsynthError(f"the run did not complete: status {summary.get('status')!r}")
+    _verify_run(run_dir, keys_dir, env=env)
+
+
+def _demo_keys(run_dir: Path, sites_dir: Path, coord_dir: Path, *, env: dict[str, str]) -> Path:
+    """One Ed25519 key per site (made by the site's own CLI) and one for the coordinator.
+
+    Private keys stay beside their owner (``sites/<id>/signing.key``,
+    ``coordinator/coordinator.key``); the public halves are collected, named after
+    whose they are, in ``<run>/keys/`` — what an auditor would receive out of band.
+    """
+    keys_dir = run_dir / "keys"
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    for site in sorted(d for d in sites_dir.iterdir() if (d / "notes.jsonl").is_file()):
+        _run([str(BIN / "fedsynth-site"), "keygen", str(site / "signing.key")], env=env,
+             what=f"creating the signing key of {site.name}")
+        shutil.copyfile(public_key_path(site / "signing.key"), keys_dir / f"{site.name}.key.pub")
+    pub = generate_key(coord_dir / "coordinator.key")
+    shutil.copyfile(pub, keys_dir / "coordinator.key.pub")
+    return keys_dir
+
+
+def _verify_run(run_dir: Path, keys_dir: Path, *, env: dict[str, str]) -> None:
+    """Run the auditor's command over the whole run directory; fail the demo unless it passes."""
+    cmd = [str(BIN / "fedsynth-verify"), str(run_dir), "--keys-dir", str(keys_dir)]
+    console.rule("[bold]verification (what an auditor runs)")
+    console.print(" ".join(cmd), highlight=False)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    console.print(proc.stdout.rstrip(), highlight=False, markup=False, soft_wrap=True)
+    if proc.stderr.strip():
+        err.print(proc.stderr.rstrip(), highlight=False, markup=False)
+    if proc.returncode != 0:
+        raise FedsynthError(f"fedsynth-verify failed (exit {proc.returncode}) on {run_dir}")
+    console.print("[bold green]verified:[/] every signature, audit log and privacy report in the run checks out")
 
 
 def main() -> None:

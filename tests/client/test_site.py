@@ -1,5 +1,6 @@
 """A whole site round by hand (train, then generate + evaluate) on tiny demo data."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,11 @@ from client.demo_data import write_demo
 from client.model import tiny_random_model
 from shared.audit import verify_log
 from shared.errors import BudgetExceededError, PrivacyError
+from shared.report import SiteRoundReport, read_report, write_schemas
 from shared.run_config import RunConfig
 from shared.settings import SiteSettings, load_settings
+from shared.signing import generate_key, load_public_key
+from shared.verify import EXIT_FAILED, EXIT_OK, exit_code, verify_paths
 from shared.wire import METRIC_NAMES, PRIVACY_KEYS
 
 pytestmark = pytest.mark.integration
@@ -52,7 +56,8 @@ RUN = RunConfig.from_flower({
 
 def test_train_then_evaluate_round(world):
     root, manifest = world
-    settings = _settings(root, manifest)
+    pub = generate_key(root / "keys" / "site-a.key", overwrite=True)
+    settings = _settings(root, manifest, signing_key=root / "keys" / "site-a.key")
     spec = site.adapter_spec(settings, RUN)
     adapter, privacy = site.site_train(settings, RUN, global_adapter=None, round_id=1)
     assert {k: (v.shape, str(v.dtype)) for k, v in adapter.items()} == {
@@ -71,7 +76,28 @@ def test_train_then_evaluate_round(world):
     assert (out / "reports" / "round-1" / "synthetic.jsonl").read_text().count("\n") == 4
     html = (out / "evaluation" / "round-1" / "evaluation.html").read_text()
     assert "data:image/png;base64," in html
-    assert verify_log(out / "audit.jsonl", {}, allow_unsigned=True) == 2
+    keys = {"site-a": load_public_key(pub)}
+    assert verify_log(out / "audit.jsonl", keys) == 2  # round, report_issued: both signed
+
+    # The round's privacy report: schema-valid, signed by site-a, ε = what the update carried.
+    path = out / "privacy-reports" / "report-round-1.json"
+    report = read_report(path, SiteRoundReport)
+    assert report.site_id == "site-a" and report.round == 1
+    assert report.privacy.epsilon == pytest.approx(privacy["epsilon"])
+    assert report.privacy.epsilon_round == pytest.approx(privacy["epsilon_round"])
+    assert (report.privacy.steps, report.privacy.sample_rate) == (privacy["steps"], privacy["sample_rate"])
+    assert report.metrics == pytest.approx(summary)
+    assert report.release_gate is not None and report.release_gate.checked == 4
+    assert report.canaries is not None and report.canaries.planted >= 1
+    jsonschema = pytest.importorskip("jsonschema")
+    (schema_path,) = [p for p in write_schemas(root / "schemas") if p.name.startswith("site-round")]
+    schema = json.loads(schema_path.read_text())
+    jsonschema.validate(json.loads(path.read_text()), schema)
+    results = verify_paths([out], keys)
+    assert exit_code(results) == EXIT_OK, [r.lines() for r in results]
+    assert any(r.path == path and r.status == "OK" for r in results)
+    path.write_text(path.read_text().replace('"round": 1', '"round": 2'))
+    assert exit_code(verify_paths([path], keys)) == EXIT_FAILED
 
 
 def test_budget_refusal_is_audited_and_trains_nothing(world):

@@ -377,3 +377,58 @@ def test_each_family_trains(family, ledger):
     )
     assert set(result.adapter) == set(before)
     assert all(not torch.equal(before[n], result.adapter[n]) for n in before)
+
+
+def test_nonprivate_baseline_trains_without_ledger_and_is_refused_on_the_wire(ledger):
+    """The study's no-DP arm: LoRA moves, nothing is reserved, and the wire refuses the result."""
+    import numpy as np
+
+    from shared import wire
+    from shared.errors import WireError
+    from shared.run_config import RunConfig
+
+    model, tok = lora_model()
+    before = snapshot(model)
+    cfg = config(noise_multiplier=None, private=False, steps=3)
+    result = train_dp(
+        model, tok, make_notes(8), config=cfg, ledger=ledger, round_id="r1", delta=1e-3,
+        epsilon_ceiling=1.0,
+    )
+    after = snapshot(model)
+    assert all(not torch.equal(before[n], after[n]) for n in before if "lora_" in n)
+    assert all(torch.equal(before[n], after[n]) for n in before if "lora_" not in n)
+    assert_opacus_gone(model)
+    assert result.ledger_entry is None and ledger.history() == []
+    p = result.privacy
+    assert not p.private and math.isinf(p.epsilon) and p.noise_multiplier == 0.0
+    assert (p.accountant, p.sample_rate, p.steps) == ("none", 0.25, 3)
+
+    adapter = {k: v.numpy().astype(np.float32) for k, v in result.adapter.items()}
+    run = RunConfig.from_flower({"lora.r": 4, "train.accountant": "rdp"})
+    with pytest.raises(WireError) as refused:
+        wire.check_reply(
+            wire.pack_train_reply(adapter, p.as_dict()), kind="train", spec=wire.spec_of(adapter), run=run
+        )
+    refused_keys = {pr.where for pr in refused.value.problems}
+    assert {"privacy['epsilon']", "privacy['noise_multiplier']", "privacy['accountant']"} <= refused_keys
+
+    # A private round of the same knobs is the control: the same reply shape passes.
+    private = train_dp(
+        model, tok, make_notes(8), config=config(steps=1), ledger=ledger, round_id="r2", delta=1e-3,
+        epsilon_ceiling=100.0,
+    )
+    adapter = {k: v.numpy().astype(np.float32) for k, v in private.adapter.items()}
+    wire.check_reply(
+        wire.pack_train_reply(adapter, private.privacy.as_dict()), kind="train",
+        spec=wire.spec_of(adapter), run=run,
+    )
+    assert private.privacy.private and len(ledger.history()) == 1
+
+
+def test_nonprivate_baseline_refuses_noise_knobs(ledger):
+    model, tok = lora_model()
+    for knobs in ({"noise_multiplier": 1.0}, {"noise_multiplier": None, "target_epsilon": 1.0}):
+        with pytest.raises(ConfigError, match="invalid DP training settings") as exc:
+            train_dp(model, tok, make_notes(8), config=config(private=False, **knobs), ledger=ledger,
+                     round_id="r1", delta=1e-3, epsilon_ceiling=1.0)
+        assert any(p.where == "private" for p in exc.value.problems)

@@ -1,0 +1,209 @@
+"""The coordinator's trust outputs: its signed audit log and the signed consortium report.
+
+Under the run directory (``FEDSYNTH_COORD_RUN_DIR/<run-name>/``)::
+
+    audit.jsonl                     run_start, config, per-site update_accepted /
+                                    update_rejected, round, report_issued, run_end
+    consortium-report.json(.sig)    the ConsortiumReport (shared.report schema)
+    consortium-report.html          the same for people (never what is verified)
+
+Both are signed with the coordinator's Ed25519 key (``FEDSYNTH_COORD_SIGNING_KEY``)
+when one is configured; without a key they are written unsigned and
+``fedsynth-verify`` will refuse them.
+
+The coordinator knows sites only by their Flower node id, so the report names
+sites ``node-<id>``; the privacy numbers are exactly what each site sent with
+its update (the site's own ledger-recomputed cumulative ε), not recomputed here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import ValidationError
+
+from shared.audit import MAX_STRING, AuditLog
+from shared.report import (
+    Aggregation,
+    Checkpoint,
+    ConsortiumReport,
+    RoundMetrics,
+    SitePrivacySummary,
+    SiteRoundPrivacy,
+    software_versions,
+    write_report,
+)
+from shared.report_html import render_html
+from shared.run_config import RunConfig
+from shared.signing import canonical_json, sha256_file
+
+log = logging.getLogger("fedsynth.coordinator")
+
+ACTOR = "coordinator"
+AUDIT_NAME = "audit.jsonl"
+REPORT_NAME = "consortium-report.json"
+CHECKPOINT_WEIGHTS = "adapter_model.safetensors"  # as server.checkpoint.WEIGHTS_NAME
+
+
+@dataclass(frozen=True)
+class IssuedReport:
+    """Where the consortium report was written; ``signature`` is None without a key."""
+
+    report: ConsortiumReport
+    json_path: Path
+    signature: Path | None
+    html_path: Path
+
+
+def config_hash(run: RunConfig) -> str:
+    """sha256 hex of the run config as canonical JSON (the same value every site reports)."""
+    return hashlib.sha256(canonical_json(dataclasses.asdict(run))).hexdigest()
+
+
+def open_audit(run_dir: Path, *, key: Ed25519PrivateKey | None) -> AuditLog:
+    """The coordinator's audit log for this run (continued, not restarted, on resume)."""
+    return AuditLog(Path(run_dir) / AUDIT_NAME, key=key, actor=ACTOR)
+
+
+def _short(text: str) -> str:
+    clean = "".join(c if c.isprintable() else " " for c in str(text))
+    return clean[:MAX_STRING]
+
+
+def audit_round(audit: AuditLog, record: Mapping[str, Any]) -> None:
+    """One entry per site asked to train (accepted or rejected, with a short reason), then ``round``."""
+    rnd = int(record["round"])
+    train = record.get("train") or {}
+    privacy = record.get("privacy") or {}
+    weights = record.get("weights") or {}
+    for node in train.get("accepted", []):
+        p = privacy.get(str(node), {})
+        data: dict[str, Any] = {"round": rnd, "node": str(node)}
+        if "epsilon" in p:
+            data["epsilon"] = float(p["epsilon"])
+        if str(node) in weights:
+            data["weight"] = float(weights[str(node)])
+        audit.append("update_accepted", data)
+    rejected: list[tuple[Any, str]] = []
+    rejected += [(n, f"declined: {r}") for n, r in (train.get("declined") or {}).items()]
+    rejected += [(n, f"refused: {(p or ['by the wire contract'])[0]}")
+                 for n, p in (train.get("refused") or {}).items()]
+    rejected += [(n, "failed: error reply") for n in train.get("failed", [])]
+    rejected += [(n, "missing: no reply before the timeout") for n in train.get("missing", [])]
+    for node, reason in rejected:
+        audit.append("update_rejected", {"round": rnd, "node": str(node), "reason": _short(reason)})
+    ev = record.get("evaluate") or {}
+    audit.append("round", {
+        "round": rnd,
+        "sent": len(train.get("sent", [])),
+        "accepted": len(train.get("accepted", [])),
+        "aggregated": bool(record.get("aggregated", False)),
+        "checkpoint": str(record.get("checkpoint", "")),
+        "evaluated": len(ev.get("accepted", [])),
+    })
+
+
+def _site_rounds(summary: Mapping[str, Any]) -> list[SitePrivacySummary]:
+    by_node: dict[str, list[SiteRoundPrivacy]] = {}
+    for rec in summary.get("rounds", []):
+        for node, p in (rec.get("privacy") or {}).items():
+            try:
+                point = SiteRoundPrivacy(round=int(rec["round"]), **{
+                    k: p[k] for k in SiteRoundPrivacy.model_fields if k != "round"
+                })
+            except (KeyError, ValidationError) as exc:
+                # Only checked replies reach the summary: this means a summary edited by hand.
+                log.warning("round %s node %s: privacy scalars left out of the report: %s",
+                            rec.get("round"), node, exc)
+                continue
+            by_node.setdefault(str(node), []).append(point)
+    return [SitePrivacySummary(site_id=f"node-{node}", rounds=rounds)
+            for node, rounds in sorted(by_node.items())]
+
+
+def _checkpoints(summary: Mapping[str, Any], run_dir: Path) -> list[Checkpoint]:
+    out = []
+    for rec in summary.get("rounds", []):
+        name = rec.get("checkpoint")
+        if not name:
+            continue
+        rel = f"checkpoints/{name}/{CHECKPOINT_WEIGHTS}"
+        path = Path(run_dir) / rel
+        if not path.is_file():
+            log.warning("round %s: checkpoint %s missing; left out of the report", rec.get("round"), path)
+            continue
+        out.append(Checkpoint(round=int(rec["round"]), path=rel, sha256=sha256_file(path)))
+    return out
+
+
+def build_consortium_report(
+    summary: Mapping[str, Any], *, run: RunConfig, run_dir: Path, created: datetime | None = None
+) -> ConsortiumReport:
+    """The ConsortiumReport for ``summary`` (the consortium-summary.json content).
+
+    Per site: the privacy scalars it sent each round it was aggregated; per round:
+    the unweighted mean of the evaluating sites' metric summaries; the aggregation
+    settings; every checkpoint's sha256 (hashed now, from disk).
+    """
+    metrics = [
+        RoundMetrics(round=int(rec["round"]), metrics=dict(rec["evaluate"]["mean"]))
+        for rec in summary.get("rounds", [])
+        if (rec.get("evaluate") or {}).get("mean")
+    ]
+    bound = float(summary.get("update_norm_bound", run.update_norm_bound) or 0.0)
+    return ConsortiumReport(
+        run_id=str(summary.get("run_name", run.run_name)),
+        rounds=int(summary.get("last_round", 0)),
+        created=created or datetime.now(UTC),
+        sites=_site_rounds(summary),
+        metrics=metrics,
+        aggregation=Aggregation(
+            method=str(summary.get("aggregation", run.aggregation)),
+            weighting=str(summary.get("weighting", run.weighting)),
+            norm_bound=bound if bound > 0 else None,
+            secure_aggregation=bool(summary.get("secagg", run.secagg)),
+        ),
+        checkpoints=_checkpoints(summary, run_dir),
+        software=software_versions(),
+        config_hash=config_hash(run),
+    )
+
+
+def write_consortium_report(
+    report: ConsortiumReport, run_dir: Path, *, key: Ed25519PrivateKey | None
+) -> IssuedReport:
+    """Write ``consortium-report.json`` (+ ``.sig`` with ``key``) and ``.html`` into ``run_dir``."""
+    path = Path(run_dir) / REPORT_NAME
+    write_report(report, path, key=key)
+    sig = path.with_name(path.name + ".sig")
+    if key is None:
+        sig.unlink(missing_ok=True)  # a stale signature would no longer match
+    html = path.with_suffix(".html")
+    tmp = html.with_name(html.name + ".tmp")
+    tmp.write_text(render_html(report), encoding="utf-8")
+    tmp.replace(html)
+    return IssuedReport(report, path, sig if key is not None else None, html)
+
+
+def issue_consortium_report(
+    summary: Mapping[str, Any], *, run: RunConfig, run_dir: Path, audit: AuditLog
+) -> IssuedReport:
+    """Build, sign (with the audit log's key), write and audit the consortium report."""
+    report = build_consortium_report(summary, run=run, run_dir=run_dir)
+    issued = write_consortium_report(report, run_dir, key=audit.key)
+    audit.append("report_issued", {
+        "report": REPORT_NAME,
+        "report_sha256": sha256_file(issued.json_path),
+        "rounds": report.rounds,
+        "sites": len(report.sites),
+        "signed": issued.signature is not None,
+    })
+    return issued
