@@ -53,7 +53,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shared import wire  # noqa: E402
+from shared import wire, wire_secagg  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
     # client/pretrain.py RECIPE: the embedded demo model; lora.r default 8
@@ -208,7 +208,7 @@ def bytes_secagg(shape: str, sites: int) -> dict[str, Any]:
             out = []
             for msg in messages:
                 node = msg.metadata.dst_node_id
-                stage = msg.content.config_records[wire.SECAGG_CONFIGS_KEY]["stage"]
+                stage = msg.content.config_records[wire_secagg.SECAGG_CONFIGS_KEY]["stage"]
                 got = message_from_proto(message_to_proto(msg))
                 try:
                     reply = client_app(got, contexts[node])

@@ -31,7 +31,7 @@ on the adapter and privacy scalars) BEFORE the mod masks anything, then turns th
 adapter into this site's contribution (delta against the global adapter, L2 norm
 bounded here at ``update-norm-bound`` because the coordinator no longer can, every
 coordinate clipped to ``secagg-clipping-range``) and checks that too
-(:func:`shared.wire.check_secagg_reply`).
+(:func:`shared.wire_secagg.check_secagg_reply`).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
-from shared import wire
+from shared import wire, wire_secagg
 from shared.errors import BudgetExceededError, ConfigError, Problem
 from shared.run_config import RunConfig
 from shared.settings import SiteSettings, load_settings
@@ -220,31 +220,31 @@ def secagg_train_reply(message: Message, context: Context) -> RecordDict:
     try:
         if not run.secagg:
             raise ConfigError("a SecAgg+ train message but the run config says secagg = false")
-        got = wire.unpack_secagg_instruction(message.content, spec=spec, run=run)
+        got = wire_secagg.unpack_secagg_instruction(message.content, spec=spec, run=run)
         try:
             adapter, privacy = _site().site_train(
                 settings, run, global_adapter=got.adapter, round_id=got.round_id
             )
         except BudgetExceededError as exc:
             log.warning("round %d declined: %s", got.round_id, exc)
-            return _checked_secagg(wire.pack_secagg_reply(zeros, weight=0, decline="budget_exceeded"),
+            return _checked_secagg(wire_secagg.pack_secagg_reply(zeros, weight=0, decline="budget_exceeded"),
                                    spec, run)
         adapter = _to_wire_dtype(adapter, run.lora.dtype)
         reply = wire.check_reply(wire.pack_train_reply(adapter, privacy), kind="train", spec=spec, run=run)
         contribution = secagg_contribution(reply.adapter, got.adapter, run)
-        weight = wire.secagg_weight(int(reply.privacy["patients_bucket"]), run)
-        return _checked_secagg(wire.pack_secagg_reply(contribution, weight=weight, privacy=reply.privacy),
+        weight = wire_secagg.secagg_weight(int(reply.privacy["patients_bucket"]), run)
+        return _checked_secagg(wire_secagg.pack_secagg_reply(contribution, weight=weight, privacy=reply.privacy),
                                spec, run)
     except Exception:  # fail closed: no exception text may reach the coordinator
         log.exception("secagg train failed at this site; sending a zero, weight-0 decline")
         try:
-            return _checked_secagg(wire.pack_secagg_reply(zeros, weight=0, decline="site_error"), spec, run)
+            return _checked_secagg(wire_secagg.pack_secagg_reply(zeros, weight=0, decline="site_error"), spec, run)
         except Exception as exc:
             raise SiteDeclinedError() from exc
 
 
 def _checked_secagg(content: RecordDict, spec: wire.AdapterSpec, run: RunConfig) -> RecordDict:
-    wire.check_secagg_reply(content, spec=spec, run=run, masked=False)
+    wire_secagg.check_secagg_reply(content, spec=spec, run=run, masked=False)
     return content
 
 
@@ -272,7 +272,7 @@ def evaluate_reply(message: Message, context: Context) -> RecordDict:
 def train(message: Message, context: Context) -> Message:
     # secaggplus_mod is applied per message rather than as an app-wide mod: it
     # requires its protocol record and would fail on a plain (secagg = false) round.
-    if wire.SECAGG_CONFIGS_KEY in message.content.config_records:
+    if wire_secagg.SECAGG_CONFIGS_KEY in message.content.config_records:
         return secaggplus_mod(message, context, _secagg_train)
     return Message(train_reply(message, context), reply_to=message)
 

@@ -19,8 +19,6 @@ they are not covered by ε.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -48,9 +46,9 @@ from shared.report import (
     write_report,
 )
 from shared.report_html import render_html
-from shared.run_config import RunConfig
+from shared.run_config import RunConfig, config_hash
 from shared.settings import SiteSettings
-from shared.signing import canonical_json, sha256_file
+from shared.signing import sha256_file
 
 log = logging.getLogger("fedsynth.site")
 
@@ -65,15 +63,6 @@ class IssuedReport:
     json_path: Path
     signature: Path | None
     html_path: Path
-
-
-def config_hash(run: RunConfig) -> str:
-    """sha256 hex of the run config as canonical JSON (sorted keys, no whitespace).
-
-    The coordinator computes the same value from the same RunConfig, so an
-    auditor can check both parties ran one configuration.
-    """
-    return hashlib.sha256(canonical_json(dataclasses.asdict(run))).hexdigest()
 
 
 def report_path(output_dir: Path, round_id: int) -> Path:

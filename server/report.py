@@ -18,8 +18,6 @@ its update (the site's own ledger-recomputed cumulative ε), not recomputed here
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,8 +40,8 @@ from shared.report import (
     write_report,
 )
 from shared.report_html import render_html
-from shared.run_config import RunConfig
-from shared.signing import canonical_json, sha256_file
+from shared.run_config import RunConfig, config_hash
+from shared.signing import sha256_file
 
 log = logging.getLogger("fedsynth.coordinator")
 
@@ -61,11 +59,6 @@ class IssuedReport:
     json_path: Path
     signature: Path | None
     html_path: Path
-
-
-def config_hash(run: RunConfig) -> str:
-    """sha256 hex of the run config as canonical JSON (the same value every site reports)."""
-    return hashlib.sha256(canonical_json(dataclasses.asdict(run))).hexdigest()
 
 
 def open_audit(run_dir: Path, *, key: Ed25519PrivateKey | None) -> AuditLog:

@@ -5,11 +5,11 @@ is :class:`flwr.server.workflow.SecAggPlusWorkflow` run on a
 :class:`~flwr.server.compat.LegacyContext` whose legacy strategy
 (:class:`_RoundStrategy`) only hands out this round's instructions and collects
 the unmasked result. Sites answer with Flower's legacy FitRes layout
-(:func:`shared.wire.pack_secagg_reply`), which secaggplus_mod masks.
+(:func:`shared.wire_secagg.pack_secagg_reply`), which secaggplus_mod masks.
 
 What the coordinator still checks, per site, before it unmasks anything
 (:class:`_CheckedGrid` sits between the workflow and the grid): the clear parts
-of each masked reply (:func:`shared.wire.check_secagg_reply` with
+of each masked reply (:func:`shared.wire_secagg.check_secagg_reply` with
 ``masked=True``: no clear values, masked shapes = the layout, privacy scalars on
 the whitelist, the weight = what the site's patients bucket gives). A refused
 reply is dropped before the workflow sees it, so SecAgg+ treats that site as a
@@ -26,7 +26,7 @@ layout differs from the first one checked.
 Weighting (FedAvg): SecAgg+ sums ``[q_i, q_i * x_i]`` where x_i is site i's
 contribution (delta against the global adapter; round 1: lora_B absolute,
 lora_A absolute) and q_i = round(w_i / max_weight * 2^22) its quantised weight,
-w_i = :func:`shared.wire.secagg_weight` (patients bucket, floored at 1, clamped
+w_i = :func:`shared.wire_secagg.secagg_weight` (patients bucket, floored at 1, clamped
 to the weight cap or 1000; uniform: 1). Unmasking gives sum(q_i x_i) / sum(q_i),
 i.e. FedAvg with weights w_i / sum(w) — the same as the plain path's
 ``site_weights`` up to the clamp. New global = reference + that mean.
@@ -66,7 +66,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from shared import wire
+from shared import wire, wire_secagg
 from shared.errors import Problem, WireError
 from shared.run_config import RunConfig
 
@@ -105,11 +105,11 @@ def train_round(
     workflow = SecAggPlusWorkflow(
         num_shares=float(run.secagg_num_shares),
         reconstruction_threshold=float(run.secagg_threshold),
-        max_weight=float(wire.secagg_max_weight(run)),
+        max_weight=float(wire_secagg.secagg_max_weight(run)),
         clipping_range=float(run.secagg_clipping_range),
         timeout=run.timeout_train,
     )
-    record["secagg"] = {"clipping_range": run.secagg_clipping_range, "max_weight": wire.secagg_max_weight(run),
+    record["secagg"] = {"clipping_range": run.secagg_clipping_range, "max_weight": wire_secagg.secagg_max_weight(run),
                         "num_shares": run.secagg_num_shares, "reconstruction_threshold": run.secagg_threshold}
     try:
         workflow(checked, context)
@@ -153,14 +153,14 @@ class _CheckedGrid:
     """The grid as the SecAgg+ workflow sees it: masked train replies are checked on receipt.
 
     Only ``send_and_receive`` is intercepted; in the masked-vector stage each
-    reply's clear part must pass :func:`shared.wire.check_secagg_reply`, else it is
+    reply's clear part must pass :func:`shared.wire_secagg.check_secagg_reply`, else it is
     dropped (SecAgg+ then treats the site as a dropout). If too few contributions
     remain, all are dropped so the protocol halts before unmasking.
     """
 
     def __init__(self, grid: Grid, run: RunConfig, spec: wire.AdapterSpec | None, sent: list[int]):
         self._grid, self._run, self._spec, self._sent = grid, run, spec, sent
-        self.accepted: dict[int, wire.SecAggReply] = {}
+        self.accepted: dict[int, wire_secagg.SecAggReply] = {}
         self.declined: dict[int, str] = {}
         self.refused: dict[int, list[str]] = {}
         self.failed: set[int] = set()
@@ -187,7 +187,7 @@ class _CheckedGrid:
                 self.failed.add(node)
                 continue
             try:
-                got = wire.check_secagg_reply(msg.content, spec=self._spec, run=self._run, masked=True)
+                got = wire_secagg.check_secagg_reply(msg.content, spec=self._spec, run=self._run, masked=True)
                 if self.layout is None:
                     self.layout = (got.names, got.shapes)
                 elif (got.names, got.shapes) != self.layout:
@@ -221,7 +221,7 @@ class _CheckedGrid:
 
 
 def _is_masked_reply(msg: Message) -> bool:
-    return msg.has_content() and wire.FITRES_METRICS in msg.content.config_records
+    return msg.has_content() and wire_secagg.FITRES_METRICS in msg.content.config_records
 
 
 class _RoundStrategy(Strategy):

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from shared.errors import InputError, Problem
 from shared.signing import sign_file
-from shared.wire import ACCOUNTANTS, METRIC_NAMES
+from shared.whitelist import ACCOUNTANTS, METRIC_NAMES
 
 SCHEMA_VERSION = 1
 SITE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # as shared.settings.SiteSettings.site_id

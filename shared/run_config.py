@@ -22,7 +22,7 @@ from typing import Any
 
 from shared import icd10
 from shared.errors import ConfigError, Problem
-from shared.wire import ACCOUNTANTS
+from shared.whitelist import ACCOUNTANTS
 
 AGGREGATIONS = ("fedavg", "trimmed-mean", "median")
 WEIGHTINGS = ("patients", "uniform")
@@ -277,3 +277,17 @@ def _parse(mapping: Mapping[str, Any]) -> RunConfig:
         train=TrainConfig(**train),
         generate=GenerateConfig(**values["generate"]),
     )
+
+
+def config_hash(run: RunConfig) -> str:
+    """sha256 hex of the run config as canonical JSON (sorted keys, no whitespace).
+
+    Sites and coordinator compute it from the same RunConfig, so an auditor can
+    check that every party ran one configuration.
+    """
+    import dataclasses
+    import hashlib
+
+    from shared.signing import canonical_json
+
+    return hashlib.sha256(canonical_json(dataclasses.asdict(run))).hexdigest()

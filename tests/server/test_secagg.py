@@ -21,7 +21,7 @@ from client.app import app as client_app
 from client.app import secagg_contribution
 from server import checkpoint
 from server.app import run_federation
-from shared import wire
+from shared import wire, wire_secagg
 from shared.errors import ConfigError, WireError
 from shared.run_config import RunConfig
 from tests.server.test_app import SECRET, A, B, InProcessGrid, contexts, make_fake_site
@@ -97,11 +97,11 @@ def test_secure_rounds_equal_plain_fedavg(tmp_path, calls):
     assert sum(m.metadata.message_type == "train" for m in grid.sent) == 2 * 4 * 2
     # the coordinator never held a clear adapter from a site: every train reply it got was masked
     fitres = [m.content for m in grid.received if m.metadata.message_type == "train"
-              and wire.FITRES_METRICS in m.content.config_records]
+              and wire_secagg.FITRES_METRICS in m.content.config_records]
     assert len(fitres) == 4
     for content in fitres:
-        assert len(content[wire.FITRES_PARAMETERS]) == 0
-        assert len(content[wire.SECAGG_CONFIGS_KEY][wire.SECAGG_MASKED_KEY]) == 3  # weight + 2 tensors
+        assert len(content[wire_secagg.FITRES_PARAMETERS]) == 0
+        assert len(content[wire_secagg.SECAGG_CONFIGS_KEY][wire_secagg.SECAGG_MASKED_KEY]) == 3  # weight + 2 tensors
 
 
 def test_declines_join_with_weight_zero(tmp_path, calls):
@@ -117,7 +117,7 @@ def test_declines_join_with_weight_zero(tmp_path, calls):
 def test_refused_site_is_a_dropout_and_never_enters_the_sum(tmp_path, calls):
     def leaky(msg, context):  # a site whose reply grows an extra record after masking
         reply = client_app(msg, context)
-        if reply.has_content() and wire.FITRES_METRICS in reply.content.config_records:
+        if reply.has_content() and wire_secagg.FITRES_METRICS in reply.content.config_records:
             reply.content["leak"] = ConfigRecord({"text": SECRET})
         return reply
 
@@ -194,28 +194,28 @@ def test_contribution_is_delta_clipped_in_norm_and_range():
 def test_check_secagg_reply_refuses_what_may_not_leave():
     run = RunConfig.from_flower({"lora.r": 2, "secagg-clipping-range": 1.0})
     good = {A: np.full((2, 4), 0.25), B: np.zeros((4, 2))}
-    ok = wire.check_secagg_reply(wire.pack_secagg_reply(good, weight=30, privacy=PRIVACY),
+    ok = wire_secagg.check_secagg_reply(wire_secagg.pack_secagg_reply(good, weight=30, privacy=PRIVACY),
                                  spec=SPEC, run=run, masked=False)
     assert ok.weight == 30 and ok.names == (A, B) and ok.shapes == ((2, 4), (4, 2))
 
     def problems(content, masked=False):
         with pytest.raises(WireError) as err:
-            wire.check_secagg_reply(content, spec=SPEC, run=run, masked=masked)
+            wire_secagg.check_secagg_reply(content, spec=SPEC, run=run, masked=masked)
         return " ".join(str(p) for p in err.value.problems)
 
-    assert "clipping-range" in problems(wire.pack_secagg_reply(good | {A: np.full((2, 4), 1.5)},
+    assert "clipping-range" in problems(wire_secagg.pack_secagg_reply(good | {A: np.full((2, 4), 1.5)},
                                                               weight=30, privacy=PRIVACY))
-    assert "secagg_weight" in problems(wire.pack_secagg_reply(good, weight=31, privacy=PRIVACY))
-    assert "float64" in problems(wire.pack_secagg_reply({k: v.astype(np.float32) for k, v in good.items()},
+    assert "secagg_weight" in problems(wire_secagg.pack_secagg_reply(good, weight=31, privacy=PRIVACY))
+    assert "float64" in problems(wire_secagg.pack_secagg_reply({k: v.astype(np.float32) for k, v in good.items()},
                                                        weight=30, privacy=PRIVACY))
-    assert "not a privacy key" in problems(wire.pack_secagg_reply(good, weight=30, privacy=PRIVACY | {"x": 1}))
-    assert "all-zero" in problems(wire.pack_secagg_reply(good, weight=0, decline="site_error"))
-    extra = wire.pack_secagg_reply(good, weight=30, privacy=PRIVACY)
+    assert "not a privacy key" in problems(wire_secagg.pack_secagg_reply(good, weight=30, privacy=PRIVACY | {"x": 1}))
+    assert "all-zero" in problems(wire_secagg.pack_secagg_reply(good, weight=0, decline="site_error"))
+    extra = wire_secagg.pack_secagg_reply(good, weight=30, privacy=PRIVACY)
     extra["leak"] = ConfigRecord({"text": SECRET})
     assert "not allowed" in problems(extra)
     # coordinator side: clear values that the mod did not remove are refused
-    unmasked = wire.pack_secagg_reply(good, weight=30, privacy=PRIVACY)
-    unmasked[wire.SECAGG_CONFIGS_KEY] = ConfigRecord({wire.SECAGG_MASKED_KEY: [b"x"]})
+    unmasked = wire_secagg.pack_secagg_reply(good, weight=30, privacy=PRIVACY)
+    unmasked[wire_secagg.SECAGG_CONFIGS_KEY] = ConfigRecord({wire_secagg.SECAGG_MASKED_KEY: [b"x"]})
     assert "not masked" in problems(unmasked, masked=True)
 
 
@@ -226,15 +226,15 @@ def test_secagg_instruction_is_checked_like_a_plain_one():
     run = RunConfig.from_flower({"lora.r": 2})
     glob = {A: np.ones((2, 4), np.float32), B: np.full((4, 2), 2, np.float32)}
     content = fitins_to_recorddict(FitIns(ndarrays_to_parameters([glob[A], glob[B]]), {"round": 3}), True)
-    content[wire.SECAGG_CONFIGS_KEY] = ConfigRecord({})
-    got = wire.unpack_secagg_instruction(content, spec=SPEC, run=run)
+    content[wire_secagg.SECAGG_CONFIGS_KEY] = ConfigRecord({})
+    got = wire_secagg.unpack_secagg_instruction(content, spec=SPEC, run=run)
     assert got.round_id == 3 and np.array_equal(got.adapter[B], glob[B])
     bad = fitins_to_recorddict(FitIns(ndarrays_to_parameters([glob[A], glob[B]]), {"round": 3, "cmd": "x"}),
                                True)
-    bad[wire.SECAGG_CONFIGS_KEY] = ConfigRecord({})
+    bad[wire_secagg.SECAGG_CONFIGS_KEY] = ConfigRecord({})
     with pytest.raises(WireError):
-        wire.unpack_secagg_instruction(bad, spec=SPEC, run=run)
+        wire_secagg.unpack_secagg_instruction(bad, spec=SPEC, run=run)
     wrong = fitins_to_recorddict(FitIns(ndarrays_to_parameters([glob[B], glob[A]]), {"round": 3}), True)
-    wrong[wire.SECAGG_CONFIGS_KEY] = ConfigRecord({})
+    wrong[wire_secagg.SECAGG_CONFIGS_KEY] = ConfigRecord({})
     with pytest.raises(WireError):
-        wire.unpack_secagg_instruction(wrong, spec=SPEC, run=run)
+        wire_secagg.unpack_secagg_instruction(wrong, spec=SPEC, run=run)
