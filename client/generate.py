@@ -17,6 +17,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,12 +172,21 @@ def generate_reports(
     model_id: str,
     adapter_hash: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    fast: bool = False,
 ) -> list[SyntheticReport]:
     """Generate ``n_per_code`` reports for each code, in code order.
 
     Each batch reseeds a forked RNG with ``sampling.seed`` and the batch index,
     so a run is reproducible for a given seed and batch size without touching
     the caller's RNG state. ``progress(done, total)`` is called after each batch.
+
+    ``fast=True`` uses :mod:`client.fast_generate` (static ring KV cache,
+    continuous refill of ``batch_size`` slots, compiled decode step on CUDA,
+    top-k-prefiltered exact top-p, LoRA merged for the run): same prompts and
+    settings, reproducible for a given seed and batch size, but a different
+    random stream than the plain path. Models it cannot run (Qwen3.5's
+    linear-attention layers, sliding windows, flash attention) fall back to the
+    plain path with a warning.
     """
     canon = _validate_request(codes, n_per_code, batch_size, setting, model_id, adapter_hash)
     if tokenizer.pad_token_id is None:
@@ -198,6 +208,30 @@ def generate_reports(
             temperature=float(sampling.temperature), top_p=float(sampling.top_p), top_k=sampling.top_k
         )
     sampling_dict = dataclasses.asdict(sampling)
+
+    def report(code: str, k: int, text: str) -> SyntheticReport:
+        return SyntheticReport(
+            report_id=_report_id(model_id, adapter_hash, setting, sampling.seed, code, k),
+            code=code,
+            text=strip_reasoning(text),
+            setting=setting,
+            model_id=model_id,
+            adapter_hash=adapter_hash,
+            sampling=dict(sampling_dict),
+            seed=sampling.seed,
+        )
+
+    if fast:
+        from client import fast_generate
+
+        reason = fast_generate.unsupported_reason(model)
+        if reason is None:
+            texts = fast_generate.generate_texts(
+                model, tokenizer, [prompts[code] for code, _ in jobs],
+                sampling=sampling, batch_size=batch_size, progress=progress,
+            )
+            return [report(code, k, text) for (code, k), text in zip(jobs, texts, strict=True)]
+        warnings.warn(f"fast generation unavailable ({reason}); using plain generate", stacklevel=2)
     was_training = model.training
     model.eval()
     reports: list[SyntheticReport] = []
@@ -219,19 +253,7 @@ def generate_reports(
                 )
             new_tokens = out[:, enc["input_ids"].shape[1] :].cpu()
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            for (code, k), text in zip(batch, texts, strict=True):
-                reports.append(
-                    SyntheticReport(
-                        report_id=_report_id(model_id, adapter_hash, setting, sampling.seed, code, k),
-                        code=code,
-                        text=strip_reasoning(text),
-                        setting=setting,
-                        model_id=model_id,
-                        adapter_hash=adapter_hash,
-                        sampling=dict(sampling_dict),
-                        seed=sampling.seed,
-                    )
-                )
+            reports += [report(code, k, text) for (code, k), text in zip(batch, texts, strict=True)]
             if progress is not None:
                 progress(len(reports), len(jobs))
     finally:
