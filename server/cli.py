@@ -53,7 +53,7 @@ DEMO_RUN_CONFIG = {
     "num-rounds": 3,
     "min-sites": 3,
     "timeout.wait-sites": 180,
-    "train.steps": 10,
+    "train.steps": 8,
     "train.expected-batch-size": 16,
     "train.max-physical-batch-size": 16,
     "train.max-length": 320,
@@ -62,7 +62,7 @@ DEMO_RUN_CONFIG = {
     "train.epsilon-per-round": 1.0,
     "lora.r": 8,
     "generate.reports-per-code": 2,
-    "generate.max-new-tokens": 160,
+    "generate.max-new-tokens": 128,
 }
 
 
