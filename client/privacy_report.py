@@ -132,7 +132,9 @@ def canary_results(
     exposures: Sequence[Mapping[str, Any]], secrets: Sequence[str], texts: Sequence[str]
 ) -> Canaries | None:
     """Exposure summary of the planted canaries; ``extracted_verbatim`` counts secrets
-    that appear verbatim in any generated text. None when nothing was planted."""
+    that appear verbatim in any generated text. None when nothing was planted.
+    Never-planted reference canaries (``reference``) are baselines, not counted here."""
+    exposures = [c for c in exposures if not c.get("reference")]
     if not exposures:
         return None
     values = [max(0.0, float(c["exposure"])) for c in exposures]
@@ -266,7 +268,7 @@ def issue_round_report(
         config_hash=digest,
         release_gate=release_gate_counts(evaluation.gate),
         membership=membership_result(evaluation.mia),
-        canaries=canary_results(evaluation.canaries, [str(c.get("secret", "")) for c in canaries], texts),
+        canaries=canary_results(evaluation.canaries, [str(c.get("secret", "")) for c in canaries if not c.get("reference")], texts),
         history=read_history(out / REPORT_DIR, run_id=run.run_name, before_round=int(round_id)),
     )
     issued = write_site_report(report, out, key=audit.key)

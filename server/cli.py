@@ -265,6 +265,15 @@ def _verify_run(run_dir: Path, keys_dir: Path, *, env: dict[str, str]) -> None:
     console.print("[bold green]verified:[/] every signature, audit log and privacy report in the run checks out")
 
 
+def _register_study() -> None:
+    from server.study import study_command
+
+    app.command("study")(study_command)
+
+
+_register_study()
+
+
 def main() -> None:
     app()
 

@@ -46,6 +46,8 @@ from shared.errors import InputError, Problem
 
 # Alternatives scored per canary: exposure is resolved up to log2(CANARY_ALTERNATIVES + 1) bits.
 CANARY_ALTERNATIVES = 255
+# Never-planted reference canaries scored as the "unseen" baseline (each costs as much as a planted one).
+REFERENCE_CANARIES_SCORED = 10
 
 
 @dataclass
@@ -78,12 +80,21 @@ def _diversity_cells(texts: Sequence[str], emb: np.ndarray, *, budget: int, seed
 
 
 def load_canaries(path: Path) -> list[dict[str, Any]]:
-    """Planted canaries (``canaries.json`` of the demo data or an audit run); [] when absent."""
+    """Canaries of ``canaries.json`` (demo data or an audit run); [] when absent.
+
+    The planted canaries first, then up to :data:`REFERENCE_CANARIES_SCORED` of the file's
+    never-planted ``references`` (same generator, never in any note), marked
+    ``"reference": True`` with ``repetitions`` 0: their exposure is what "not
+    memorized" looks like for this model, the baseline planted canaries are read against.
+    """
     if not path.exists():
         return []
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return list(data["canaries"])
+        planted = [{**c, "reference": False} for c in data["canaries"]]
+        refs = [{**c, "repetitions": 0, "reference": True}
+                for c in list(data.get("references", []))[:REFERENCE_CANARIES_SCORED]]
+        return planted + refs
     except (ValueError, KeyError, TypeError) as exc:
         raise InputError("cannot read canaries", [Problem(str(path), f"not a canaries file: {exc}")]) from None
 
@@ -102,7 +113,8 @@ def _canary_exposures(model: Any, tokenizer: Any, canaries: Sequence[dict[str, A
         candidates = [secret, *sorted(alts)]
         lp = membership.sequence_logprob(model, tokenizer, prefix, [s + suffix for s in candidates])
         out.append({"repetitions": int(c.get("repetitions", 0)), "exposure": canary_exposure(lp, 0),
-                    "exposure_possible": float(np.log2(len(candidates)))})
+                    "exposure_possible": float(np.log2(len(candidates))),
+                    "reference": bool(c.get("reference", False))})
     return out
 
 
@@ -183,7 +195,9 @@ def evaluate_site(
         mia = {"auc": float(mia_result.auc), "tpr_at_1fpr": float(mia_result.tpr_at_fpr)}
         if canaries:
             canary_results = _canary_exposures(model, tokenizer, canaries, seed=seed)
-            cells.update(privacy_cells(exposures=[c["exposure"] for c in canary_results]))
+            planted = [c["exposure"] for c in canary_results if not c["reference"]]
+            if planted:  # reference (never-planted) canaries are the baseline, not a leak
+                cells.update(privacy_cells(exposures=planted))
 
     gate_result = None
     if gate is not None:

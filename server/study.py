@@ -1,0 +1,599 @@
+"""``fedsynth-coordinator study``: what ε buys, measured on the demo consortium.
+
+The study runs the fictional three-hospital consortium (canaries planted 1, 5
+and 10 times) once per setting, in sequence, on the same data, seeds and built
+embedded model, and tabulates the last round's evaluation of every site:
+
+- ``zero-shot``: the base model, no fine-tuning (one evaluation, no adapter);
+- ``eps-1``, ``eps-4``, ``eps-8``: DP-LoRA, each site spending at most that ε
+  over the **whole run** (``train.epsilon-per-round`` chosen so the ledger's
+  composed total lands at or under it, see :func:`per_round_epsilon`);
+- ``no-dp``: the NON-PRIVATE baseline (``DPConfig(private=False)``: no
+  clipping, no noise, no ledger entry). Its updates are checked by the wire
+  contract like the others and must be refused (zero noise / infinite ε).
+
+Every arm runs in a site driver: one separate process that plays the three
+sites with the functions the ClientApp calls (:func:`client.site.site_train`,
+ledger and audit log included; :func:`client.site.site_evaluate`), checks each
+train reply with :func:`shared.wire.check_reply`, aggregates with the
+coordinator's :func:`server.strategy.aggregate` and evaluates once after the
+last round, so the arms differ only in their DP knobs. ``--flower`` sends the
+DP arms through ``flwr run`` (Flower simulation: the deployment's ServerApp
+and transport) instead; that evaluates after every round and is slower. This
+process never imports site code.
+Output: ``DIR/study.json`` (every number), ``DIR/study.md`` (the table) and
+``DIR/results-*.png`` (figures); each setting's run under ``DIR/<setting>/``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from shared.errors import ConfigError, FedsynthError
+from shared.settings import SiteSettings
+
+BIN = Path(sys.executable).parent
+PROJECT = Path(__file__).resolve().parents[1]
+console = Console()
+err = Console(stderr=True)
+
+CANARY_REPETITIONS = (1, 5, 10)
+DP_EPSILONS = (1.0, 4.0, 8.0)  # per site, over the whole run, at the site's delta
+
+# (column, metric cell name) read from each site's last-round evaluation.json.
+METRICS: tuple[tuple[str, str], ...] = (
+    ("centroid_margin", "fidelity.centroid_margin_mean"),
+    ("real_classifier_f1", "fidelity.real_classifier_macro_f1"),
+    ("tstr_trtr_ratio", "fidelity.tstr_trtr_ratio"),
+    ("distinct_2", "diversity.distinct_2"),
+    ("self_bleu_4", "diversity.self_bleu_4"),
+    ("vendi", "diversity.vendi"),
+    ("mode_collapse_ratio", "diversity.mode_collapse_ratio"),
+    ("verbatim_rate_13", "privacy.verbatim_rate_13"),
+    ("rouge_l_p95", "privacy.rouge_l_p95"),
+    ("dcr_train_closer_share", "privacy.dcr_train_closer_share"),
+    ("phi_echo_rate", "privacy.phi_echo_rate"),
+    ("mia_auc", "privacy.mia_auc"),
+    ("mia_tpr_at_1fpr", "privacy.mia_tpr_at_1fpr"),
+)
+# Canary exposure columns: planted r times (r in CANARY_REPETITIONS) and never planted (0).
+EXPOSURE_COLUMNS = tuple(f"exposure_rep{r}" for r in (*CANARY_REPETITIONS, 0))
+COLUMNS = tuple(c for c, _ in METRICS) + EXPOSURE_COLUMNS
+DISPLAY_ORDER = ("zero-shot", "eps-1", "eps-4", "eps-8", "no-dp", "no-dp-long")  # most to least private
+# The memorization probe: no DP, 6x the steps at a higher learning rate. Not part of the
+# ε comparison (other knobs); it shows whether the leakage metrics move when a model
+# is trained long enough to memorize -- the known answer the other rows are read against.
+PROBE_OVERRIDES = {"train.steps": 60, "train.learning-rate": 0.01}
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """What one study runs. ``run_config`` is shared by every arm (kebab-case keys)."""
+
+    settings: tuple[str, ...]
+    rounds: int
+    run_config: dict[str, Any]
+    patients_per_site: int
+    seed: int = 0
+
+
+def plan(*, reduced: bool, seed: int = 0) -> StudyPlan:
+    """Full study (2 CPU cores, ~30 min) or the reduced CI version (two settings, 1 round)."""
+    config: dict[str, Any] = {
+        "min-sites": 3,
+        "timeout.wait-sites": 300,
+        "train.steps": 10,
+        "train.expected-batch-size": 16,
+        "train.max-physical-batch-size": 16,
+        "train.max-length": 320,
+        "train.learning-rate": 0.003,
+        "lora.r": 8,
+        "generate.reports-per-code": 2,
+        "generate.max-new-tokens": 160,
+        "generate.seed": seed,
+        "lora.init-seed": seed,
+    }
+    if reduced:
+        config |= {"train.steps": 3, "generate.max-new-tokens": 48, "train.max-length": 192}
+        return StudyPlan(settings=("eps-8", "no-dp"), rounds=1, run_config=config,
+                         patients_per_site=60, seed=seed)
+    config |= {"generate.max-new-tokens": 128}
+    # 80 patients per site: 64 train (q = 16/64), 16 held out -- smaller than the demo's
+    # 120 so that five settings fit in ~30 minutes on 2 CPU cores.
+    # run order (tables sort by DISPLAY_ORDER): the driver-only arms first, they fail fastest
+    return StudyPlan(settings=("zero-shot", "no-dp", "eps-8", "eps-4", "eps-1", "no-dp-long"), rounds=2,
+                     run_config=config, patients_per_site=80, seed=seed)
+
+
+# ---- per-round ε for a whole-run target --------------------------------------
+
+
+def training_patients(notes_path: Path, *, heldout_fraction: float) -> int:
+    """Training patients a site will have: distinct ``patient_id`` minus the held-out share.
+
+    Mirrors the site's split rule (``round(fraction·n)`` held out, at least 1,
+    at most n−1); the study checks the achieved ε from the replies afterwards.
+    """
+    patients = set()
+    with open(notes_path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                patients.add(json.loads(line)["patient_id"])
+    n = len(patients)
+    return n - min(max(round(heldout_fraction * n), 1), n - 1)
+
+
+@functools.lru_cache(maxsize=64)  # sites of one size share the answer (each costs seconds)
+def per_round_epsilon(
+    total_epsilon: float, *, n_train: int, batch: int, steps: int, rounds: int, accountant: str = "prv"
+) -> tuple[float, float]:
+    """(per-round ε target, whole-run ε it leads to) for one site.
+
+    The site turns ``train.epsilon-per-round`` e into the smallest σ (Opacus'
+    bisection, 0.01 tolerance) whose round costs at most e, and its ledger
+    composes the rounds with the accountant, which costs less than rounds × e.
+    So: σ* = the σ whose ``rounds·steps`` steps cost ``total_epsilon`` (the same
+    bisection over the whole run), e = the cost of one round at σ*. The site's
+    σ for e is then ≥ σ*, so its ledger total is ≤ ``total_epsilon``; the
+    returned total is that ledger total, recomputed here. δ = 1/(10·n_train)
+    (the site default), q = 1/⌈n_train/batch⌉ (Opacus' Poisson rate).
+    """
+    from opacus.accountants import create_accountant
+    from opacus.accountants.utils import get_noise_multiplier
+
+    delta = 1.0 / (10 * n_train)
+    q = 1.0 / math.ceil(n_train / batch)
+
+    def cost(sigma: float, n_steps: int) -> float:
+        acc = create_accountant(mechanism=accountant)
+        acc.history = [(sigma, q, n_steps)]
+        return float(acc.get_epsilon(delta=delta))
+
+    sigma_star = get_noise_multiplier(target_epsilon=total_epsilon, target_delta=delta, sample_rate=q,
+                                      steps=steps * rounds, accountant=accountant)
+    e = cost(sigma_star, steps)
+    site_sigma = get_noise_multiplier(target_epsilon=e, target_delta=delta, sample_rate=q, steps=steps,
+                                      accountant=accountant)
+    achieved = cost(site_sigma, steps * rounds)  # the ledger merges equal (σ, q) runs the same way
+    if achieved > total_epsilon:
+        raise FedsynthError(f"per-round ε {e:g} would compose to {achieved:g} > {total_epsilon:g}")
+    return e, achieved
+
+
+# ---- running the arms ----------------------------------------------------------
+
+
+def _env(home: Path) -> dict[str, str]:
+    return os.environ | {
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "FLWR_HOME": str(home),
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+
+def _run(cmd: list[str], *, env: dict[str, str], what: str, cwd: Path | None = None,
+         log: Path | None = None) -> None:
+    if log is None:
+        proc = subprocess.run(cmd, env=env, cwd=cwd)
+    else:
+        with open(log, "a") as fh:
+            proc = subprocess.run(cmd, env=env, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        where = f"; see {log}" if log else ""
+        raise FedsynthError(f"{what} failed (exit {proc.returncode}){where}")
+
+
+def _config_arg(config: dict[str, Any]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        return json.dumps(v) if isinstance(v, str) else str(v)
+
+    return " ".join(f"{k}={fmt(v)}" for k, v in config.items())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _federated_arm(arm_dir: Path, config: dict[str, Any], *, n_sites: int) -> dict[str, Any]:
+    """One DP arm through ``flwr run`` (Flower simulation); returns the consortium summary."""
+    sites_dir, coord_dir, home = arm_dir / "sites", arm_dir / "coordinator", arm_dir / ".flwr"
+    coord_dir.mkdir(parents=True, exist_ok=True)
+    home.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "study"\n\n[superlink.study]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+        f"options.num-supernodes = {n_sites}\noptions.backend.client-resources.num-cpus = 1\n"
+    )
+    ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # AF_UNIX paths must stay short
+    env = _env(home) | {"FEDSYNTH_SIM_ROOT": str(sites_dir), "FEDSYNTH_COORD_RUN_DIR": str(coord_dir),
+                        "RAY_TMPDIR": ray_dir}
+    log_path = arm_dir / "run.log"
+    with open(log_path, "w") as log:
+        link = subprocess.Popen(
+            [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
+             "--port", str(port), "--disable-runtime-dependency-installation"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=arm_dir,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if link.poll() is not None:
+                raise FedsynthError(f"the simulation SuperLink exited; see {log_path}")
+            time.sleep(0.5)
+        _run([str(BIN / "flwr"), "run", str(PROJECT), "study", "--stream", "--run-config", _config_arg(config)],
+             env=env, what=f"the federated run of {arm_dir.name}", cwd=arm_dir, log=log_path)
+    finally:
+        os.killpg(link.pid, signal.SIGTERM)
+        try:
+            link.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(link.pid, signal.SIGKILL)
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    summary_path = coord_dir / str(config["run-name"]) / "consortium-summary.json"
+    if not summary_path.exists():
+        raise FedsynthError(f"{arm_dir.name}: the run wrote no consortium summary; see {log_path}")
+    summary = json.loads(summary_path.read_text())
+    if summary.get("status") != "completed":
+        raise FedsynthError(f"{arm_dir.name}: run status {summary.get('status')!r}; see {log_path}")
+    return summary
+
+
+# The in-process arms: for every site, in one separate process (this one never
+# imports site code), the functions the ClientApp calls -- site_train (DP: ledger
+# first, audit log) and site_evaluate -- with each train reply checked by the wire
+# contract, aggregated by the coordinator's own strategy, evaluated once after the
+# last round. The no-DP update is checked too, and must be refused: it is not private.
+_SITE_DRIVER = r"""
+import json, sys
+from dataclasses import replace
+import numpy as np
+import torch
+from client import site
+from client.app import site_settings
+from server.strategy import aggregate, site_weights
+from shared import wire
+from shared.errors import WireError
+from shared.run_config import RunConfig
+
+args = json.loads(sys.argv[1])
+run = RunConfig.from_flower(args["run_config"])
+sites = [site_settings({"partition-id": i, "num-partitions": args["sites"]}) for i in range(args["sites"])]
+report = {"mode": args["mode"], "privacy": {}, "wire_refused": {}}
+adapter = None
+for rnd in range(1, run.num_rounds + 1 if args["mode"] != "zero-shot" else 1):
+    updates, buckets = [], []
+    for s in sites:
+        if args["mode"] == "dp":
+            update, privacy = site.site_train(s, run, global_adapter=adapter, round_id=rnd)
+        else:  # NON-PRIVATE baseline: no clipping, no noise, no ledger entry
+            torch.manual_seed(run.lora.init_seed)  # as site_train: every site starts from the same A
+            dp = replace(site.dp_config(run), noise_multiplier=None, target_epsilon=None, private=False)
+            res = site.train_local_round(s, dp=dp, lora=site.lora_params(run), round_id=rnd,
+                                         global_adapter=adapter)
+            if res.ledger_entry is not None or res.privacy.private:
+                raise SystemExit("the non-private baseline reserved privacy budget")
+            update = {k: v.detach().float().cpu().numpy() for k, v in res.adapter.items()}
+            privacy = res.privacy.as_dict()
+        update = {k: v.astype(run.lora.dtype) for k, v in update.items()}
+        try:
+            wire.check_reply(wire.pack_train_reply(update, privacy), kind="train",
+                             spec=site.adapter_spec(s, run), run=run)
+            report["wire_refused"][s.site_id] = False
+        except WireError:
+            report["wire_refused"][s.site_id] = True
+            if args["mode"] == "dp":
+                raise
+        report["privacy"][s.site_id] = {k: v for k, v in privacy.items()
+                                        if not isinstance(v, float) or np.isfinite(v)}
+        updates.append(update)
+        buckets.append(int(privacy["patients_bucket"]))
+    adapter = aggregate(updates, weights=site_weights(buckets, scheme=run.weighting, cap=run.weight_cap),
+                        reference=adapter, method=run.aggregation, trim_fraction=run.trim_fraction,
+                        norm_bound=run.update_norm_bound, dtype=run.lora.dtype)
+    print(f"{args['mode']} round {rnd}/{run.num_rounds} aggregated", flush=True)
+for s in sites:
+    site.site_evaluate(s, run, global_adapter=adapter, round_id=run.num_rounds if adapter is not None else 0)
+with open(args["report"], "w") as fh:
+    json.dump(report, fh, indent=2)
+"""
+
+
+def _driver_arm(arm_dir: Path, config: dict[str, Any], *, mode: str, n_sites: int) -> dict[str, Any]:
+    """Run one arm in the site driver (``mode``: zero-shot, dp, no-dp); returns its report."""
+    # One torch thread (from _env): with a second OpenMP thread on 2 shared cores the tiny
+    # model's small matrix products spent most of their time spinning (~10x slower, measured).
+    env = _env(arm_dir / ".flwr") | {"FEDSYNTH_SIM_ROOT": str(arm_dir / "sites")}
+    report = arm_dir / "driver-report.json"
+    args = json.dumps({"run_config": config, "mode": mode, "sites": n_sites, "report": str(report)})
+    _run([sys.executable, "-c", _SITE_DRIVER, args], env=env, what=f"the {mode} arm", cwd=PROJECT,
+         log=arm_dir / "run.log")
+    return json.loads(report.read_text())
+
+
+# ---- collecting --------------------------------------------------------------
+
+
+@dataclass
+class SettingResult:
+    """One row: per-site values of every column, and their mean/min/max over sites."""
+
+    setting: str
+    label: str
+    private: bool
+    epsilon_target: float | None  # whole-run ε asked for (None: zero-shot / no DP)
+    epsilon_per_round: float | None
+    epsilon_achieved: dict[str, float] = field(default_factory=dict)  # per site, from the replies
+    per_site: dict[str, dict[str, float]] = field(default_factory=dict)
+    mean: dict[str, float] = field(default_factory=dict)
+    min: dict[str, float] = field(default_factory=dict)
+    max: dict[str, float] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+
+def site_row(evaluation: dict[str, Any]) -> dict[str, float]:
+    """The study's columns from one site's ``evaluation.json`` (NaN where a metric is absent)."""
+    cells = evaluation.get("cells", {})
+    row = {}
+    for column, name in METRICS:
+        value = (cells.get(name) or {}).get("value")
+        row[column] = float(value) if isinstance(value, int | float) else math.nan
+    canaries = evaluation.get("canaries") or []
+    for r, column in zip((*CANARY_REPETITIONS, 0), EXPOSURE_COLUMNS, strict=True):
+        values = [float(c["exposure"]) for c in canaries
+                  if int(c.get("repetitions", -1)) == r and bool(c.get("reference", False)) == (r == 0)]
+        row[column] = sum(values) / len(values) if values else math.nan
+    return row
+
+
+def collect(result: SettingResult, sites_dir: Path) -> SettingResult:
+    """Fill ``result`` from the last evaluated round of every site under ``sites_dir``."""
+    problems = []
+    for site_dir in sorted(d for d in sites_dir.iterdir() if (d / "notes.jsonl").is_file()):
+        rounds = sorted((site_dir / "output" / "evaluation").glob("round-*/evaluation.json"),
+                        key=lambda p: int(p.parent.name.removeprefix("round-")))
+        if not rounds:
+            problems.append(site_dir.name)
+            continue
+        result.per_site[site_dir.name] = site_row(json.loads(rounds[-1].read_text()))
+    if problems or not result.per_site:
+        raise FedsynthError(f"{result.setting}: no evaluation from {', '.join(problems) or 'any site'}")
+    for column in COLUMNS:
+        values = [row[column] for row in result.per_site.values() if math.isfinite(row[column])]
+        result.mean[column] = sum(values) / len(values) if values else math.nan
+        result.min[column] = min(values) if values else math.nan
+        result.max[column] = max(values) if values else math.nan
+    return result
+
+
+def _achieved_epsilon(summary: dict[str, Any]) -> dict[str, float]:
+    last = (summary.get("rounds") or [{}])[-1]
+    return {str(k): float(v["epsilon"]) for k, v in (last.get("privacy") or {}).items()}
+
+
+# ---- reporting ---------------------------------------------------------------
+
+
+def _fmt(result: SettingResult, column: str) -> str:
+    m, lo, hi = result.mean[column], result.min[column], result.max[column]
+    if not math.isfinite(m):
+        return "—"
+    return f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def table_markdown(results: list[SettingResult]) -> str:
+    """The study table: one row per setting, mean over sites [min, max]."""
+    head = ["setting", "ε achieved (max over sites)", *COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        eps = f"{max(r.epsilon_achieved.values()):.3f}" if r.epsilon_achieved else ("∞ (no DP)" if not r.private
+                                                                                      else "—")
+        lines.append("| " + " | ".join([r.label, eps, *(_fmt(r, c) for c in COLUMNS)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[SettingResult], out_dir: Path) -> list[Path]:
+    """Privacy–utility curve and canary exposure figures (small PNGs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r.setting for r in results]
+    x = list(range(len(results)))
+    paths = []
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    for ax, (cols, title) in zip(axes, (
+        (("centroid_margin", "real_classifier_f1", "tstr_trtr_ratio"), "fidelity"),
+        (("distinct_2", "self_bleu_4", "mode_collapse_ratio"), "diversity"),
+        (("mia_auc", "dcr_train_closer_share", "verbatim_rate_13", "rouge_l_p95"), "privacy"),
+    ), strict=True):
+        for col in cols:
+            mean = [r.mean[col] for r in results]
+            # max(0, .): a mean of equal values can exceed their max by one rounding error
+            err_lo = [max(0.0, r.mean[col] - r.min[col]) for r in results]
+            err_hi = [max(0.0, r.max[col] - r.mean[col]) for r in results]
+            ax.errorbar(x, mean, yerr=[err_lo, err_hi], marker="o", capsize=3, label=col)
+        ax.set_xticks(x, labels, rotation=30, fontsize=8)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.suptitle("Privacy–utility: mean over 3 sites (bars: min–max), by setting")
+    fig.tight_layout()
+    paths.append(out_dir / "results-privacy-utility.png")
+    fig.savefig(paths[-1], dpi=80)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    width = 0.8 / len(EXPOSURE_COLUMNS)
+    for i, col in enumerate(EXPOSURE_COLUMNS):
+        rep = col.removeprefix("exposure_rep")
+        name = "never planted" if rep == "0" else f"planted in {rep} note(s)"
+        ax.bar([v + (i - 1.5) * width for v in x], [r.mean[col] for r in results], width=width, label=name)
+    ax.set_xticks(x, labels, rotation=30, fontsize=8)
+    ax.set_ylabel("exposure (bits, max 8)")
+    ax.set_title("Canary exposure by repetition (mean over 3 sites)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out_dir / "results-canaries.png")
+    fig.savefig(paths[-1], dpi=80)
+    plt.close(fig)
+    return paths
+
+
+# ---- the command ---------------------------------------------------------------
+
+
+def run_study(out: Path, *, reduced: bool = False, seed: int = 0, flower: bool = False) -> list[SettingResult]:
+    """Run every setting of :func:`plan` in sequence under ``out``; write study.json/md and PNGs.
+
+    ``flower``: run the DP arms through ``flwr run`` (Flower simulation, the
+    deployment's ServerApp/ClientApp; slower: it evaluates after every round)
+    instead of the site driver. Zero-shot and no-DP always use the driver.
+    """
+    study = plan(reduced=reduced, seed=seed)
+    out = out.resolve()
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"study directory {out} exists and is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    data = out / "data"
+    env = _env(out / ".flwr")
+    site_cli = str(BIN / "fedsynth-site")
+    console.rule("[bold]fictional consortium data (canaries planted 1, 5, 10 times) and embedded model")
+    _run([site_cli, "demo-data", str(data), "--seed", str(seed), "--patients-per-site",
+          str(study.patients_per_site), "--canaries", ",".join(map(str, CANARY_REPETITIONS))],
+         env=env, what="writing demo data")
+    shutil.rmtree(data / "public")  # the public split is not a site
+    _run([site_cli, "build-model"], env=env, what="building the embedded model")
+    site_dirs = sorted(d for d in data.iterdir() if (d / "notes.jsonl").is_file())
+    heldout = float(SiteSettings.model_fields["heldout_fraction"].default)
+    n_train = {d.name: training_patients(d / "notes.jsonl", heldout_fraction=heldout) for d in site_dirs}
+    base = study.run_config | {"num-rounds": study.rounds}
+
+    results: list[SettingResult] = []
+    order = {name: i for i, name in enumerate(DISPLAY_ORDER)}
+    previous: Path | None = None
+    for setting in study.settings:
+        arm_dir = out / setting
+        shutil.copytree(data, arm_dir / "sites")
+        if previous is not None:  # same notes: reuse the private-note embedding caches
+            for cache in previous.glob("*/output/cache"):
+                shutil.copytree(cache, arm_dir / "sites" / cache.parent.parent.name / "output" / "cache")
+        previous = arm_dir / "sites"
+        t0 = time.monotonic()
+        console.rule(f"[bold]{setting}")
+        if setting == "zero-shot":
+            result = SettingResult(setting, "zero-shot (base model)", True, None, None)
+            _driver_arm(arm_dir, base | {"num-rounds": 1}, mode="zero-shot", n_sites=len(site_dirs))
+        elif setting in ("no-dp", "no-dp-long"):
+            probe = setting == "no-dp-long"
+            label = ("NO DP, 6x steps, lr 0.01 (memorization probe)" if probe
+                     else "NO DP (non-private baseline)")
+            result = SettingResult(setting, label, False, None, None)
+            report = _driver_arm(arm_dir, base | (PROBE_OVERRIDES if probe else {}), mode="no-dp",
+                                 n_sites=len(site_dirs))
+            if not all(report["wire_refused"].values()):
+                raise FedsynthError("the wire contract accepted a non-private update")
+            (arm_dir / "NON-PRIVATE-BASELINE.txt").write_text(
+                "This arm trained WITHOUT differential privacy (no clipping, no noise, no ledger entry).\n"
+                "Its adapters have no privacy guarantee (the wire contract refused every one of them);\n"
+                "it exists only as the privacy-utility study's baseline.\n"
+            )
+        else:
+            total = float(setting.removeprefix("eps-"))
+            per_site = {
+                name: per_round_epsilon(total, n_train=n, batch=int(base["train.expected-batch-size"]),
+                                        steps=int(base["train.steps"]), rounds=study.rounds)
+                for name, n in n_train.items()
+            }
+            e = min(v[0] for v in per_site.values())  # every site stays at or under the total
+            console.print(f"per-round ε {e:.4f} → whole-run ε per site (PRV): "
+                          + ", ".join(f"{k} {v[1]:.3f}" for k, v in per_site.items()))
+            result = SettingResult(setting, f"DP ε = {total:g}", True, total, e)
+            config = base | {"train.noise-multiplier": 0.0, "train.epsilon-per-round": round(e, 6),
+                             "run-name": f"study-{setting}"}
+            if flower:
+                summary = _federated_arm(arm_dir, config, n_sites=len(site_dirs))
+                result.epsilon_achieved = _achieved_epsilon(summary)
+            else:
+                report = _driver_arm(arm_dir, config, mode="dp", n_sites=len(site_dirs))
+                result.epsilon_achieved = {k: float(v["epsilon"]) for k, v in report["privacy"].items()}
+            over = {k: v for k, v in result.epsilon_achieved.items() if v > total + 1e-9}
+            if over:
+                raise FedsynthError(f"{setting}: sites spent more than ε = {total:g}: {over}")
+        result.wall_s = time.monotonic() - t0
+        results.append(collect(result, arm_dir / "sites"))
+        results.sort(key=lambda r: order.get(r.setting, len(order)))
+        console.print(f"{setting}: done in {result.wall_s:.0f} s")
+        (out / "study-partial.json").write_text(json.dumps(_json_safe([asdict(r) for r in results]), indent=2))
+
+    record = {
+        "command": "fedsynth-coordinator study --out DIR" + (" --reduced" if reduced else "")
+                   + (" --flower" if flower else ""),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "wall_s": time.monotonic() - started,
+        "machine": {"cpus": os.cpu_count(), "platform": sys.platform, "python": sys.version.split()[0]},
+        "plan": asdict(study),
+        "training_patients": n_train,
+        "columns": list(COLUMNS),
+        "settings": [asdict(r) for r in results],
+    }
+    (out / "study.json").write_text(json.dumps(_json_safe(record), indent=2))
+    (out / "study.md").write_text(table_markdown(results))
+    plot(results, out)
+    console.print(table_markdown(results))
+    console.print(f"study: {out} ({record['wall_s']:.0f} s)")
+    return results
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def study_command(
+    out: Annotated[Path, typer.Option(help="Study directory (must be new or empty).")],
+    reduced: Annotated[bool, typer.Option(help="Tiny CI version: ε = 8 and no DP, 1 round.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the data, LoRA init and generation.")] = 0,
+    flower: Annotated[bool, typer.Option(help="DP arms through `flwr run` (Flower simulation; slower).")] = False,
+) -> None:
+    """Privacy–utility study: zero-shot, DP ε = 1, 4, 8 (whole run) and NO DP on the demo consortium."""
+    try:
+        run_study(out, reduced=reduced, seed=seed, flower=flower)
+    except FedsynthError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(exc.exit_code) from None

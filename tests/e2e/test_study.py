@@ -1,0 +1,57 @@
+"""The reduced privacy–utility study end to end (e2e: real demo data, embedded model, flwr run).
+
+``run_study(reduced=True)``: ε = 8 through the Flower simulation and the
+NON-PRIVATE baseline through the site driver, one round each. Checks the
+table, not the science: every setting, every column, finite numbers, the ε
+actually spent within the target, and the no-DP arm labelled as such.
+Run with ``pytest -m e2e tests/e2e/test_study.py`` (minutes on 2 CPU cores).
+"""
+
+import json
+import math
+
+import pytest
+
+from server.study import COLUMNS, plan, run_study
+
+pytestmark = pytest.mark.e2e
+
+
+def test_reduced_study_table(tmp_path):
+    out = tmp_path / "study"
+    results = run_study(out, reduced=True)
+    expected = plan(reduced=True).settings
+    assert sorted(r.setting for r in results) == sorted(expected)
+    assert "no-dp" in expected and any(s.startswith("eps-") for s in expected)
+
+    record = json.loads((out / "study.json").read_text())
+    assert record["columns"] == list(COLUMNS)
+    by_setting = {s["setting"]: s for s in record["settings"]}
+    assert set(by_setting) == set(expected)
+    for name, s in by_setting.items():
+        assert len(s["per_site"]) == 3, name
+        for stat in ("mean", "min", "max"):
+            for column in COLUMNS:
+                value = s[stat][column]
+                assert isinstance(value, float) and math.isfinite(value), (name, stat, column, value)
+        for site, row in s["per_site"].items():
+            assert set(row) == set(COLUMNS), (name, site)
+
+    no_dp = by_setting["no-dp"]
+    assert no_dp["private"] is False and "NO DP" in no_dp["label"]
+    assert no_dp["epsilon_achieved"] == {} and no_dp["epsilon_target"] is None
+    assert (out / "no-dp" / "NON-PRIVATE-BASELINE.txt").is_file()
+    # the non-private arm reserved nothing in any site's ledger
+    for ledger in (out / "no-dp" / "sites").glob("*/output/privacy-ledger.jsonl"):
+        assert "reserve" not in ledger.read_text()
+
+    dp = by_setting["eps-8"]
+    assert dp["private"] is True and dp["epsilon_target"] == 8.0
+    assert len(dp["epsilon_achieved"]) == 3
+    assert all(0 < e <= 8.0 for e in dp["epsilon_achieved"].values())
+
+    table = (out / "study.md").read_text()
+    assert "NO DP" in table and "DP ε = 8" in table
+    assert all(c in table for c in COLUMNS)
+    assert (out / "results-privacy-utility.png").stat().st_size > 1000
+    assert (out / "results-canaries.png").stat().st_size > 1000
