@@ -61,3 +61,16 @@ def training_example(code: str, text: str, tokenizer: Any, *, max_length: int) -
     ids = (prompt_ids + body_ids + eos)[:max_length]
     labels = ([-100] * len(prompt_ids) + body_ids + eos)[:max_length]
     return {"input_ids": ids, "labels": labels}
+
+
+def prompt_and_body(code: str, text: str, tokenizer: Any) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt and of the report body (with the end-of-sequence token).
+
+    For notes longer than the training length, :mod:`client.train` draws a random
+    window of the body behind the full prompt, so every part of a long note can be
+    learned (and, for audits, every planted canary can be reached).
+    """
+    prompt_ids = tokenizer(build_prompt(code, tokenizer), add_special_tokens=False)["input_ids"]
+    body_ids = tokenizer(text.strip(), add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return list(prompt_ids), list(body_ids) + eos

@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from client.model import adapter_state
 from client.notes import group_by_patient
-from client.prompt import training_example
+from client.prompt import prompt_and_body
 from shared.errors import ConfigError, PrivacyError, Problem, TrainingError
 from shared.wire import ACCOUNTANTS
 
@@ -181,7 +181,10 @@ class PatientExamples(Dataset):
 
     Item ``i`` is ``{"input_ids", "labels", "patient": i}``: one training
     example from a note picked uniformly among patient ``i``'s notes, with its
-    primary ICD-10 code as the conditioning prompt.
+    primary ICD-10 code as the conditioning prompt. A note longer than
+    ``max_length`` tokens contributes a window of its body drawn uniformly at
+    random behind the full prompt, so every part of a long note can be learned
+    over the steps; still one example per sampled patient per step.
     """
 
     def __init__(
@@ -196,7 +199,7 @@ class PatientExamples(Dataset):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.rng = rng
-        self._cache: dict[tuple[int, int], dict[str, list[int]]] = {}
+        self._cache: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
 
     def __len__(self) -> int:
         return len(self.patients)
@@ -207,10 +210,14 @@ class PatientExamples(Dataset):
         key = (index, pick)
         if key not in self._cache:
             note = notes[pick]
-            self._cache[key] = training_example(
-                note.primary_code, note.text, self.tokenizer, max_length=self.max_length
-            )
-        return {**self._cache[key], "patient": index}
+            self._cache[key] = prompt_and_body(note.primary_code, note.text, self.tokenizer)
+        prompt, body = self._cache[key]
+        room = max(1, self.max_length - len(prompt))
+        start = self.rng.randrange(len(body) - room + 1) if len(body) > room else 0
+        window = body[start : start + room]
+        ids = (prompt + window)[: self.max_length]
+        labels = ([IGNORE_INDEX] * len(prompt) + window)[: self.max_length]
+        return {"input_ids": ids, "labels": labels, "patient": index}
 
 
 def collate(examples: Sequence[dict[str, Any]], *, pad_id: int) -> dict[str, torch.Tensor]:

@@ -432,3 +432,28 @@ def test_nonprivate_baseline_refuses_noise_knobs(ledger):
             train_dp(model, tok, make_notes(8), config=config(private=False, **knobs), ledger=ledger,
                      round_id="r1", delta=1e-3, epsilon_ceiling=1.0)
         assert any(p.where == "private" for p in exc.value.problems)
+
+
+def test_long_notes_train_on_random_windows_covering_the_whole_note():
+    import random
+
+    from client.prompt import prompt_and_body
+
+    _, tokenizer = tiny_random_model("llama", seed=0)
+    text = " ".join(f"word{i} sleep mood" for i in range(30))  # ~200 tokens: longer than max_length
+    note = Note(note_id="n1", patient_id="p1", icd10=("F32",), text=text)
+    prompt, body = prompt_and_body("F32", text, tokenizer)
+    max_length = len(prompt) + 40
+    ds = train_mod.PatientExamples([[note]], tokenizer, max_length=max_length, rng=random.Random(0))
+    windows = set()
+    for _ in range(3000):  # ~160 possible windows: each is drawn with near certainty
+        item = ds[0]
+        assert len(item["input_ids"]) == max_length
+        assert item["input_ids"][: len(prompt)] == prompt
+        assert item["labels"][: len(prompt)] == [train_mod.IGNORE_INDEX] * len(prompt)
+        window = item["input_ids"][len(prompt):]
+        assert any(body[s : s + 40] == window for s in range(len(body) - 39)), "not a slice of the note"
+        windows.add(tuple(window))
+    # both ends of the note are reached (its last tokens and EOS too), not just its head
+    assert tuple(body[:40]) in windows and tuple(body[-40:]) in windows
+    assert len(windows) > 20
