@@ -14,12 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -28,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from server.simulation import BIN, run_command, run_simulation
 from shared.errors import ConfigError, FedsynthError
 from shared.signing import generate_key, key_id, load_public_key, public_key_path
 
@@ -45,8 +41,6 @@ err = Console(stderr=True)
 @app.callback()
 def _root() -> None:
     """fedsynth coordinator."""
-BIN = Path(sys.executable).parent
-PROJECT = Path(__file__).resolve().parents[1]
 
 # The demo's run config: small enough for 2 CPU cores in a few minutes.
 DEMO_RUN_CONFIG = {
@@ -64,29 +58,6 @@ DEMO_RUN_CONFIG = {
     "generate.reports-per-code": 2,
     "generate.max-new-tokens": 128,
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _run(cmd: list[str], *, env: dict[str, str], what: str, cwd: Path | None = None) -> None:
-    proc = subprocess.run(cmd, env=env, cwd=cwd)
-    if proc.returncode != 0:
-        raise FedsynthError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}")
-
-
-def _config_arg(config: dict[str, object]) -> str:
-    def fmt(v: object) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return json.dumps(v)
-        return str(v)
-
-    return " ".join(f"{k}={fmt(v)}" for k, v in config.items())
 
 
 def _print_summary(summary: dict) -> None:
@@ -167,55 +138,25 @@ def _demo(out: Path | None, rounds: int, seed: int) -> None:
     }
     site_cli = str(BIN / "fedsynth-site")
     console.rule("[bold]1/3 fictional consortium data")
-    _run([site_cli, "demo-data", str(sites_dir), "--seed", str(seed), "--canaries", "1,5,10"],
+    run_command([site_cli, "demo-data", str(sites_dir), "--seed", str(seed), "--canaries", "1,5,10"],
          env=env, what="writing demo data")
     shutil.move(str(sites_dir / "public"), str(run_dir / "public"))  # not a site
     keys_dir = _demo_keys(run_dir, sites_dir, coord_dir, env=env)
     console.rule("[bold]2/3 embedded model (built once, cached)")
-    _run([site_cli, "build-model"], env=env, what="building the embedded model")
+    run_command([site_cli, "build-model"], env=env, what="building the embedded model")
 
     console.rule(f"[bold]3/3 federation: {rounds} rounds × 3 sites (Flower simulation)")
-    port = _free_port()
-    (home / "config.toml").write_text(
-        '[superlink]\ndefault = "demo"\n\n[superlink.demo]\n'
-        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
-        "options.num-supernodes = 3\noptions.backend.client-resources.num-cpus = 1\n"
-    )
-    ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # AF_UNIX paths must stay short
     sim_env = env | {
         "FEDSYNTH_SIM_ROOT": str(sites_dir),
         "FEDSYNTH_COORD_RUN_DIR": str(coord_dir),
         "FEDSYNTH_COORD_SIGNING_KEY": str(coord_dir / "coordinator.key"),
-        "RAY_TMPDIR": ray_dir,
         "OMP_NUM_THREADS": "1",
     }
     sim_env.pop("FEDSYNTH_SITE_SIGNING_KEY", None)  # each simulated site signs with its own key
     config = DEMO_RUN_CONFIG | {"num-rounds": rounds, "run-name": "demo"}
     log_path = run_dir / "superlink.log"
-    with open(log_path, "w") as log:
-        link = subprocess.Popen(
-            [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
-             "--port", str(port), "--disable-runtime-dependency-installation"],
-            env=sim_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=run_dir,
-        )
-        try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                with socket.socket() as s:
-                    if s.connect_ex(("127.0.0.1", port)) == 0:
-                        break
-                if link.poll() is not None:
-                    raise FedsynthError(f"the simulation SuperLink exited; see {log_path}")
-                time.sleep(0.5)
-            _run([str(BIN / "flwr"), "run", str(PROJECT), "demo", "--stream",
-                  "--run-config", _config_arg(config)], env=sim_env, what="the federated run", cwd=run_dir)
-        finally:
-            os.killpg(link.pid, signal.SIGTERM)
-            try:
-                link.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(link.pid, signal.SIGKILL)
-            shutil.rmtree(ray_dir, ignore_errors=True)
+    run_simulation(work_dir=run_dir, federation="demo", n_sites=3, run_config=config, env=sim_env,
+                   superlink_log=log_path)
     summary_path = coord_dir / "demo" / "consortium-summary.json"
     if not summary_path.exists():
         raise FedsynthError(f"the run wrote no consortium summary; see {log_path}")
@@ -230,7 +171,7 @@ def _demo(out: Path | None, rounds: int, seed: int) -> None:
     console.print(f"  public keys: {keys_dir}")
     if summary.get("status") != "completed":
         raise FedsynthError(f"the run did not complete: status {summary.get('status')!r}")
-    _verify_run(run_dir, keys_dir, env=env)
+    _verifyrun_command(run_dir, keys_dir, env=env)
 
 
 def _demo_keys(run_dir: Path, sites_dir: Path, coord_dir: Path, *, env: dict[str, str]) -> Path:
@@ -243,7 +184,7 @@ def _demo_keys(run_dir: Path, sites_dir: Path, coord_dir: Path, *, env: dict[str
     keys_dir = run_dir / "keys"
     keys_dir.mkdir(parents=True, exist_ok=True)
     for site in sorted(d for d in sites_dir.iterdir() if (d / "notes.jsonl").is_file()):
-        _run([str(BIN / "fedsynth-site"), "keygen", str(site / "signing.key")], env=env,
+        run_command([str(BIN / "fedsynth-site"), "keygen", str(site / "signing.key")], env=env,
              what=f"creating the signing key of {site.name}")
         shutil.copyfile(public_key_path(site / "signing.key"), keys_dir / f"{site.name}.key.pub")
     pub = generate_key(coord_dir / "coordinator.key")
@@ -251,7 +192,7 @@ def _demo_keys(run_dir: Path, sites_dir: Path, coord_dir: Path, *, env: dict[str
     return keys_dir
 
 
-def _verify_run(run_dir: Path, keys_dir: Path, *, env: dict[str, str]) -> None:
+def _verifyrun_command(run_dir: Path, keys_dir: Path, *, env: dict[str, str]) -> None:
     """Run the auditor's command over the whole run directory; fail the demo unless it passes."""
     cmd = [str(BIN / "fedsynth-verify"), str(run_dir), "--keys-dir", str(keys_dir)]
     console.rule("[bold]verification (what an auditor runs)")

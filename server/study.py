@@ -32,11 +32,7 @@ import json
 import math
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -46,11 +42,10 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from server.simulation import BIN, PROJECT, run_command, run_simulation
 from shared.errors import ConfigError, FedsynthError
 from shared.settings import SiteSettings
 
-BIN = Path(sys.executable).parent
-PROJECT = Path(__file__).resolve().parents[1]
 console = Console()
 err = Console(stderr=True)
 
@@ -193,72 +188,14 @@ def _env(home: Path) -> dict[str, str]:
     }
 
 
-def _run(cmd: list[str], *, env: dict[str, str], what: str, cwd: Path | None = None,
-         log: Path | None = None) -> None:
-    if log is None:
-        proc = subprocess.run(cmd, env=env, cwd=cwd)
-    else:
-        with open(log, "a") as fh:
-            proc = subprocess.run(cmd, env=env, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        where = f"; see {log}" if log else ""
-        raise FedsynthError(f"{what} failed (exit {proc.returncode}){where}")
-
-
-def _config_arg(config: dict[str, Any]) -> str:
-    def fmt(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        return json.dumps(v) if isinstance(v, str) else str(v)
-
-    return " ".join(f"{k}={fmt(v)}" for k, v in config.items())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _federated_arm(arm_dir: Path, config: dict[str, Any], *, n_sites: int) -> dict[str, Any]:
     """One DP arm through ``flwr run`` (Flower simulation); returns the consortium summary."""
-    sites_dir, coord_dir, home = arm_dir / "sites", arm_dir / "coordinator", arm_dir / ".flwr"
+    sites_dir, coord_dir = arm_dir / "sites", arm_dir / "coordinator"
     coord_dir.mkdir(parents=True, exist_ok=True)
-    home.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    (home / "config.toml").write_text(
-        '[superlink]\ndefault = "study"\n\n[superlink.study]\n'
-        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
-        f"options.num-supernodes = {n_sites}\noptions.backend.client-resources.num-cpus = 1\n"
-    )
-    ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # AF_UNIX paths must stay short
-    env = _env(home) | {"FEDSYNTH_SIM_ROOT": str(sites_dir), "FEDSYNTH_COORD_RUN_DIR": str(coord_dir),
-                        "RAY_TMPDIR": ray_dir}
     log_path = arm_dir / "run.log"
-    with open(log_path, "w") as log:
-        link = subprocess.Popen(
-            [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
-             "--port", str(port), "--disable-runtime-dependency-installation"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=arm_dir,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if link.poll() is not None:
-                raise FedsynthError(f"the simulation SuperLink exited; see {log_path}")
-            time.sleep(0.5)
-        _run([str(BIN / "flwr"), "run", str(PROJECT), "study", "--stream", "--run-config", _config_arg(config)],
-             env=env, what=f"the federated run of {arm_dir.name}", cwd=arm_dir, log=log_path)
-    finally:
-        os.killpg(link.pid, signal.SIGTERM)
-        try:
-            link.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(link.pid, signal.SIGKILL)
-        shutil.rmtree(ray_dir, ignore_errors=True)
+    env = _env(arm_dir / ".flwr") | {"FEDSYNTH_SIM_ROOT": str(sites_dir), "FEDSYNTH_COORD_RUN_DIR": str(coord_dir)}
+    run_simulation(work_dir=arm_dir, federation="study", n_sites=n_sites, run_config=config, env=env,
+                   superlink_log=log_path, flwr_log=log_path)
     summary_path = coord_dir / str(config["run-name"]) / "consortium-summary.json"
     if not summary_path.exists():
         raise FedsynthError(f"{arm_dir.name}: the run wrote no consortium summary; see {log_path}")
@@ -335,7 +272,7 @@ def _driver_arm(arm_dir: Path, config: dict[str, Any], *, mode: str, n_sites: in
     env = _env(arm_dir / ".flwr") | {"FEDSYNTH_SIM_ROOT": str(arm_dir / "sites")}
     report = arm_dir / "driver-report.json"
     args = json.dumps({"run_config": config, "mode": mode, "sites": n_sites, "report": str(report)})
-    _run([sys.executable, "-c", _SITE_DRIVER, args], env=env, what=f"the {mode} arm", cwd=PROJECT,
+    run_command([sys.executable, "-c", _SITE_DRIVER, args], env=env, what=f"the {mode} arm", cwd=PROJECT,
          log=arm_dir / "run.log")
     return json.loads(report.read_text())
 
@@ -489,11 +426,11 @@ def run_study(out: Path, *, reduced: bool = False, seed: int = 0, flower: bool =
     env = _env(out / ".flwr")
     site_cli = str(BIN / "fedsynth-site")
     console.rule("[bold]fictional consortium data (canaries planted 1, 5, 10 times) and embedded model")
-    _run([site_cli, "demo-data", str(data), "--seed", str(seed), "--patients-per-site",
+    run_command([site_cli, "demo-data", str(data), "--seed", str(seed), "--patients-per-site",
           str(study.patients_per_site), "--canaries", ",".join(map(str, CANARY_REPETITIONS))],
          env=env, what="writing demo data")
     shutil.rmtree(data / "public")  # the public split is not a site
-    _run([site_cli, "build-model"], env=env, what="building the embedded model")
+    run_command([site_cli, "build-model"], env=env, what="building the embedded model")
     site_dirs = sorted(d for d in data.iterdir() if (d / "notes.jsonl").is_file())
     heldout = float(SiteSettings.model_fields["heldout_fraction"].default)
     n_train = {d.name: training_patients(d / "notes.jsonl", heldout_fraction=heldout) for d in site_dirs}
