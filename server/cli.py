@@ -138,7 +138,7 @@ def _demo(out: Path | None, rounds: int, seed: int) -> None:
     }
     site_cli = str(BIN / "fedsynth-site")
     console.rule("[bold]1/3 fictional consortium data")
-    run_command([site_cli, "demo-data", str(sites_dir), "--seed", str(seed), "--canaries", "1,5,10"],
+    run_command([site_cli, "demo-data", str(sites_dir), "--seed", str(seed)],  # canaries: see `study`
          env=env, what="writing demo data")
     shutil.move(str(sites_dir / "public"), str(run_dir / "public"))  # not a site
     keys_dir = _demo_keys(run_dir, sites_dir, coord_dir, env=env)
