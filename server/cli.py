@@ -206,15 +206,6 @@ def _verifyrun_command(run_dir: Path, keys_dir: Path, *, env: dict[str, str]) ->
     console.print("[bold green]verified:[/] every signature, audit log and privacy report in the run checks out")
 
 
-def _register_study() -> None:
-    from server.study import study_command
-
-    app.command("study")(study_command)
-
-
-_register_study()
-
-
 def main() -> None:
     app()
 

@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from server.study import COLUMNS, plan, run_study
+from bench.study import COLUMNS, plan, run_study
 
 pytestmark = pytest.mark.e2e
 

@@ -6,7 +6,7 @@ import math
 import pytest
 from opacus.accountants import create_accountant
 
-from server.study import (
+from bench.study import (
     COLUMNS,
     METRICS,
     SettingResult,
@@ -83,7 +83,7 @@ def test_collect_means_min_max_over_sites_and_labels_no_dp(tmp_path):
 
 def test_plot_survives_equal_site_values(tmp_path):
     """Three sites with the same value: mean may exceed max by a rounding error (was a crash)."""
-    from server.study import plot
+    from bench.study import plot
 
     r = SettingResult("eps-8", "DP ε = 8", True, 8.0, 5.6)
     for column in COLUMNS:

@@ -1,4 +1,8 @@
-"""``fedsynth-coordinator study``: what ε buys, measured on the demo consortium.
+"""``python bench/study.py``: what ε buys, measured on the demo consortium.
+
+An experiment, not a coordinator or site command: its site driver runs both
+sides' functions, so it lives in ``bench/`` (outside the client/server import
+rule) rather than in ``server/``.
 
 The study runs the fictional three-hospital consortium (canaries planted 1, 5
 and 10 times) once per setting, in sequence, on the same data, seeds and built
@@ -20,7 +24,7 @@ coordinator's :func:`server.strategy.aggregate` and evaluates once after the
 last round, so the arms differ only in their DP knobs. ``--flower`` sends the
 DP arms through ``flwr run`` (Flower simulation: the deployment's ServerApp
 and transport) instead; that evaluates after every round and is slower. This
-process never imports site code.
+process never imports site code itself.
 Output: ``DIR/study.json`` (every number), ``DIR/study.md`` (the table) and
 ``DIR/results-*.png`` (figures); each setting's run under ``DIR/<setting>/``.
 """
@@ -494,7 +498,7 @@ def run_study(out: Path, *, reduced: bool = False, seed: int = 0, flower: bool =
         (out / "study-partial.json").write_text(json.dumps(_json_safe([asdict(r) for r in results]), indent=2))
 
     record = {
-        "command": "fedsynth-coordinator study --out DIR" + (" --reduced" if reduced else "")
+        "command": "python bench/study.py --out DIR" + (" --reduced" if reduced else "")
                    + (" --flower" if flower else ""),
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "wall_s": time.monotonic() - started,
@@ -534,3 +538,7 @@ def study_command(
     except FedsynthError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(exc.exit_code) from None
+
+
+if __name__ == "__main__":
+    typer.run(study_command)
