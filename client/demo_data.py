@@ -30,13 +30,19 @@ Canaries (Secret Sharer audits). Template, fixed::
     "The patient's locker combination is " + SECRET + "."
 
 ``SECRET`` is 6 decimal digits separated by single spaces ("4 7 1 9 3 2"); the
-candidate space is all 10**6 such strings. For a repetition count r, one
-patient per site gets exactly r notes and the canary sentence once in each of
-them; canaries are unique across the consortium and never appear in the
-public split. ``canaries.json`` lists each canary (text, prefix, secret,
-suffix, patient_id, note_ids, repetitions) plus never-planted reference
-canaries drawn by the same generator, as the baseline for exposure: rank the
-true secret's log-likelihood (given the prefix) among random candidates.
+candidate space is all 10**6 such strings. For a repetition count r, the
+canary sentence is planted once in one note of each of r *different* patients
+of a site, all of them patients the default split trains on (held-out
+fraction 0.2, split seed 0). Across patients, because the privacy unit is the
+patient: a patient is sampled at most once per step whatever their note
+count, so repeating a secret inside one patient's notes does not make it seen
+more often, while a secret shared by r patients is seen ~r times as often and
+is covered only by group privacy (about r times epsilon). Canaries are unique
+across the consortium and never appear in the public split. ``canaries.json``
+lists each canary (text, prefix, secret, suffix, patient_ids, note_ids,
+repetitions) plus never-planted reference canaries drawn by the same
+generator, as the baseline for exposure: rank the true secret's
+log-likelihood (given the prefix) among random candidates.
 """
 
 from __future__ import annotations
@@ -65,12 +71,13 @@ from client.demo_text import (
     render_public,
     slots,
 )
+from client.notes import heldout_patients
 from shared import icd10
 from shared.errors import ConfigError, Problem
 
 __all__ = [
     "SITE_IDS", "CODES", "FICTIONAL_MARKER", "STYLE_MARKERS", "CANARY_PREFIX", "CANARY_SUFFIX",
-    "CANARY_CANDIDATES", "DemoManifest", "write_demo", "public_texts", "canary_text",
+    "CANARY_CANDIDATES", "DemoManifest", "write_demo", "public_texts", "styled_public_texts", "canary_text",
 ]
 
 SITE_IDS = ("site-a", "site-b", "site-c")
@@ -129,6 +136,7 @@ class _Patient:
     n_notes: int
     med: str
     canary: str | None = None
+    canary_note: int = 0  # which of the patient's notes carries ``canary``
     note_ids: list[str] = field(default_factory=list)
 
     def phi(self) -> list[str]:
@@ -153,11 +161,11 @@ def _unique(rng: random.Random, seen: set[str], make) -> str:
             return value
 
 
-def _make_name(rng: random.Random, female: bool, attempt: list[int]) -> str:
+def _make_name(rng: random.Random, female: bool, attempt: list[int], *, always_middle: bool = False) -> str:
     first = rng.choice(_FEMALE if female else _MALE)
     attempt[0] += 1
     # Past ~1000 draws collisions get likely, so a middle initial widens the space.
-    middle = f" {chr(65 + rng.randrange(26))}." if attempt[0] > 1000 else ""
+    middle = f" {chr(65 + rng.randrange(26))}." if always_middle or attempt[0] > 1000 else ""
     return f"{first}{middle} {rng.choice(_LAST)}"
 
 
@@ -173,8 +181,8 @@ _PHONE = {  # ranges reserved by the UK regulator for fiction
 }
 
 
-def _make_patients(site: str, seed: int, n: int, seen: set[str]) -> list[_Patient]:
-    rng = random.Random(f"fedsynth-demo:{seed}:{site}:patients")
+def _make_patients(site: str, seed: int, n: int, seen: set[str], *, public: bool = False) -> list[_Patient]:
+    rng = random.Random(f"fedsynth-demo:{seed}:{'public-styled:' if public else ''}{site}:patients")
     weights = [_SITE_WEIGHTS[site].get(code, 1) for code in CODES]
     # Every code at least once when there is room, so each site can be evaluated on every code.
     primaries = list(CODES[:n]) + rng.choices(CODES, weights, k=max(0, n - len(CODES)))
@@ -192,7 +200,7 @@ def _make_patients(site: str, seed: int, n: int, seen: set[str]) -> list[_Patien
         street = lambda r: f"{r.randrange(1, 200)} {r.choice(_STREETS)}, {r.choice(_TOWNS)}"  # noqa: E731
         patients.append(_Patient(
             site=site, patient_id=f"{site}-p{i + 1:04d}", female=female, codes=codes,
-            name=_unique(rng, seen, partial(_make_name, female=female, attempt=names_drawn)),
+            name=_unique(rng, seen, partial(_make_name, female=female, attempt=names_drawn, always_middle=public)),
             mrn=_unique(rng, seen, _MRN[site]), address=_unique(rng, seen, street),
             phone=_unique(rng, seen, _PHONE[site]), dob=dob, first_date=first,
             n_notes=rng.choices((1, 2, 3, 4), (45, 30, 15, 10))[0],
@@ -201,9 +209,13 @@ def _make_patients(site: str, seed: int, n: int, seen: set[str]) -> list[_Patien
     return patients
 
 
-def _content(rng: random.Random, p: _Patient, k: int, when: date) -> dict:
-    """Everything one note says, before a site's style lays it out."""
-    vocab = CODE_VOCAB[p.codes[0]]
+def _content(rng: random.Random, p: _Patient, k: int, when: date, *, vocab_code: str | None = None) -> dict:
+    """Everything one note says, before a site's style lays it out.
+
+    ``vocab_code`` (styled public texts only) takes the clinical wording from
+    another code's vocabulary than the patient's own.
+    """
+    vocab = CODE_VOCAB[vocab_code or p.codes[0]]
     s = slots(rng, p.female, when.year)
     perception = vocab.get("perception", ()) if rng.random() < 0.7 else ()
     return {
@@ -225,9 +237,17 @@ def _content(rng: random.Random, p: _Patient, k: int, when: date) -> dict:
         "review_weeks": rng.choice((2, 3, 4, 6, 8, 12)),
         "dx": [(c, icd10.describe(c)) for c in p.codes],
         "show_contact": k == 0 or rng.random() < 0.4,
-        "doctor": rng.choice(DOCTORS), "canary": p.canary, "female": p.female, "name": p.name,
+        "doctor": rng.choice(DOCTORS), "canary": p.canary if k == p.canary_note else None, "female": p.female, "name": p.name,
         "mrn": p.mrn, "address": p.address, "phone": p.phone, "dob": dob_text(p.site, p.dob),
     }
+
+
+def _render(site: str, c: dict, rng: random.Random) -> str:
+    if site == "site-a":
+        return render_a(c)
+    if site == "site-b":
+        return render_b(c, rng)
+    return render_c(c)
 
 
 def _site_records(patients: list[_Patient], seed: int) -> list[dict]:
@@ -236,13 +256,7 @@ def _site_records(patients: list[_Patient], seed: int) -> list[dict]:
         rng = random.Random(f"fedsynth-demo:{seed}:{p.patient_id}:notes")
         when = p.first_date
         for k in range(p.n_notes):
-            c = _content(rng, p, k, when)
-            if p.site == "site-a":
-                text = render_a(c)
-            elif p.site == "site-b":
-                text = render_b(c, rng)
-            else:
-                text = render_c(c)
+            text = _render(p.site, _content(rng, p, k, when), rng)
             note_id = f"{p.patient_id}-n{k + 1}"
             p.note_ids.append(note_id)
             records.append({"note_id": note_id, "patient_id": p.patient_id, "icd10": list(p.codes), "text": text,
@@ -264,6 +278,41 @@ def public_texts(*, seed: int = 0, n: int = 600) -> list[tuple[str, str]]:
     codes = [CODES[i % len(CODES)] for i in range(n)]
     rng.shuffle(codes)
     return [(code, render_public(rng, code)) for code in codes]
+
+
+def styled_public_texts(*, seed: int = 0, n: int = 900) -> list[tuple[str, str]]:
+    """``n`` (code, text) pairs laid out in the three house styles, for pretraining only.
+
+    A real base model has read clinical notes in common layouts and shorthand
+    before any site fine-tunes it; a model pretrained on :func:`public_texts`
+    alone has not, and spends a site's whole training budget learning the
+    layout. These texts teach layout and wording, not site data: a separate
+    fictional population (its own RNG namespace, every name with a middle
+    initial, which site names only get past 1000 patients), no canaries, and
+    each note's clinical wording drawn from a *random other* code's vocabulary,
+    so which symptoms go with which code is still learnt only from site notes.
+    No address or telephone lines (the fiction phone ranges are small enough
+    to collide with a site patient's number).
+    Styles rotate site-a, site-b, site-c; the code is the note's primary code.
+    """
+    problems = _check_int("n", n, 1, 100_000) + _check_int("seed", seed, None, None)
+    if problems:
+        raise ConfigError("invalid styled public request", problems)
+    rng = random.Random(f"fedsynth-demo:{seed}:public-styled")
+    seen: set[str] = set()
+    pools = {site: _make_patients(site, seed, -(-n // len(SITE_IDS)), seen, public=True) for site in SITE_IDS}
+    out = []
+    for i in range(n):
+        site = SITE_IDS[i % len(SITE_IDS)]
+        p = pools[site][i // len(SITE_IDS)]
+        other = rng.choice([c for c in CODES if c != p.codes[0]])
+        p.med = rng.choice(CODE_VOCAB[other]["meds"])
+        k = rng.randrange(p.n_notes)
+        when = p.first_date + timedelta(days=60 * k)
+        c = _content(rng, p, k, when, vocab_code=other)
+        c["show_contact"] = False  # phones come from small fiction ranges the sites' patients share
+        out.append((p.codes[0], _render(site, c, rng)))
+    return out
 
 
 def _check_int(name: str, value: object, lo: int | None, hi: int | None) -> list[Problem]:
@@ -301,9 +350,9 @@ def write_demo(out_dir: Path, *, seed: int = 0, patients_per_site: int = 120,
                canary_repetitions: Sequence[int] = (), public_reports: int = 600) -> DemoManifest:
     """Write the fictional consortium under ``out_dir`` (see the module docstring for the layout).
 
-    ``canary_repetitions`` (e.g. ``(1, 5, 10)``): for each r, one patient per
-    site gets r notes each carrying one unique canary, so exposure can be
-    measured against the number of times a secret was seen in training.
+    ``canary_repetitions`` (e.g. ``(1, 5, 10)``): for each r, one unique canary
+    planted in one note of each of r different training patients per site, so
+    exposure can be measured against how many patients share a secret.
     """
     out_dir = Path(out_dir)
     problems = (_check_int("seed", seed, None, None)
@@ -312,8 +361,11 @@ def write_demo(out_dir: Path, *, seed: int = 0, patients_per_site: int = 120,
     reps = list(canary_repetitions)
     for i, r in enumerate(reps):
         problems += _check_int(f"canary_repetitions[{i}]", r, 1, 100)
-    if isinstance(patients_per_site, int) and len(reps) > patients_per_site:
-        problems.append(Problem("canary_repetitions", f"{len(reps)} canaries need as many patients per site"))
+    if isinstance(patients_per_site, int) and not problems:
+        trained = patients_per_site - len(heldout_patients([str(i) for i in range(patients_per_site)]))
+        if sum(reps) > trained:
+            problems.append(Problem("canary_repetitions", f"{sum(reps)} canary holders need as many training "
+                                    f"patients per site; {patients_per_site} patients give {trained}"))
     if out_dir.exists() and not out_dir.is_dir():
         problems.append(Problem(str(out_dir), "exists and is not a directory"))
     if problems:
@@ -327,10 +379,15 @@ def write_demo(out_dir: Path, *, seed: int = 0, patients_per_site: int = 120,
     _write_readme(out_dir, seed)
     for site in SITE_IDS:
         patients = _make_patients(site, seed, patients_per_site, seen)
-        chosen = canary_rng.sample(patients, len(reps))
-        for p, r in zip(chosen, reps, strict=True):
-            p.n_notes = r
-            p.canary = canary_text(_unique(canary_rng, used_secrets, _secret))
+        held = heldout_patients([p.patient_id for p in patients]) if reps else set()
+        pool = canary_rng.sample([p for p in patients if p.patient_id not in held], sum(reps))
+        chosen: list[list[_Patient]] = []
+        for r in reps:
+            holders, pool = pool[:r], pool[r:]
+            text = canary_text(_unique(canary_rng, used_secrets, _secret))
+            for p in holders:
+                p.canary, p.canary_note = text, canary_rng.randrange(p.n_notes)
+            chosen.append(holders)
         records = _site_records(patients, seed)
         sites[site] = out_dir / site / "notes.jsonl"
         _write_readme(out_dir / site, seed)
@@ -352,7 +409,7 @@ def write_demo(out_dir: Path, *, seed: int = 0, patients_per_site: int = 120,
     return DemoManifest(root=out_dir, sites=sites, public=public, canaries=canaries, seed=seed)
 
 
-def _canary_doc(site: str, seed: int, chosen: list[_Patient], reps: list[int], refs: list[str]) -> dict:
+def _canary_doc(site: str, seed: int, chosen: list[list[_Patient]], reps: list[int], refs: list[str]) -> dict:
     def entry(secret: str) -> dict:
         return {"text": canary_text(secret), "prefix": CANARY_PREFIX, "secret": secret, "suffix": CANARY_SUFFIX}
 
@@ -363,10 +420,13 @@ def _canary_doc(site: str, seed: int, chosen: list[_Patient], reps: list[int], r
         "candidate_space": CANARY_CANDIDATES,
         "exposure": "rank the secret's log-likelihood given the prefix among random candidates of the "
                     "same format; exposure = log2(candidate_space) - log2(rank)",
+        "planted": "once in one note of each of `repetitions` different patients, all trained on under the "
+                   "default split (heldout_fraction 0.2, split_seed 0)",
         "canaries": [
-            {**entry(p.canary[len(CANARY_PREFIX):-len(CANARY_SUFFIX)]), "patient_id": p.patient_id,
-             "note_ids": list(p.note_ids), "repetitions": r}
-            for p, r in zip(chosen, reps, strict=True)
+            {**entry(holders[0].canary[len(CANARY_PREFIX):-len(CANARY_SUFFIX)]),
+             "patient_ids": [p.patient_id for p in holders],
+             "note_ids": [p.note_ids[p.canary_note] for p in holders], "repetitions": r}
+            for holders, r in zip(chosen, reps, strict=True)
         ],
         "references": [entry(s) for s in refs],
     }

@@ -377,17 +377,24 @@ def split_by_patient(
         raise ConfigError(f"heldout_fraction must be in (0, 1), got {heldout_fraction!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"split seed must be an integer, got {seed!r}")
-    patients = sorted(group_by_patient(notes), key=lambda p: _patient_rank(seed, p))
+    heldout = heldout_patients(group_by_patient(notes), heldout_fraction=heldout_fraction, seed=seed)
+    return PatientSplit(
+        train=[n for n in notes if n.patient_id not in heldout],
+        heldout=[n for n in notes if n.patient_id in heldout],
+    )
+
+
+def heldout_patients(
+    patient_ids: Iterable[str], *, heldout_fraction: float = 0.2, seed: int = 0
+) -> set[str]:
+    """The patients :func:`split_by_patient` holds out (needs at least 2 patients)."""
+    patients = sorted(set(patient_ids), key=lambda p: _patient_rank(seed, p))
     if len(patients) < 2:
         raise InputError(
             f"cannot split {len(patients)} patient(s) into train and held-out sets: need at least 2"
         )
     n_heldout = min(max(round(heldout_fraction * len(patients)), 1), len(patients) - 1)
-    heldout = set(patients[:n_heldout])
-    return PatientSplit(
-        train=[n for n in notes if n.patient_id not in heldout],
-        heldout=[n for n in notes if n.patient_id in heldout],
-    )
+    return set(patients[:n_heldout])
 
 
 def summarize(notes: Sequence[Note]) -> NotesSummary:

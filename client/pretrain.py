@@ -8,6 +8,11 @@ BPE tokenizer and a few-million-parameter Llama trained with AdamW on
   reports written for this purpose), as prompt -> report examples built by
   :func:`client.prompt.training_example` (the same format generation and DP
   fine-tuning use), and
+* public notes in the layouts and shorthand clinicians use
+  (:func:`client.demo_data.styled_public_texts`: a separate fictional
+  population, wording from a random other code), because a real base model
+  has read such notes and a site's few DP steps should go to what is
+  site-specific, not to learning what "MSE:" means, and
 * WHO ICD-10 chapter V titles (code -> description), so prompts mention
   descriptions the model has seen.
 
@@ -47,7 +52,7 @@ from shared.errors import ConfigError, Problem
 
 # Everything that shapes the weights. Changing any value changes the cache dir.
 RECIPE: dict[str, Any] = {
-    "version": 4,
+    "version": 5,
     "family": "llama",
     "vocab_size": 3072,
     "hidden_size": 192,
@@ -58,6 +63,7 @@ RECIPE: dict[str, Any] = {
     "max_position_embeddings": 1024,
     "max_length": 448,
     "n_public": 3000,
+    "n_styled": 900,
     "batch_size": 8,
     "title_batch_size": 32,
     "title_every": 3,
@@ -71,7 +77,10 @@ RECIPE: dict[str, Any] = {
     "max_steps": 3000,
 }
 
-TRAINED_ON = "public demo split and WHO ICD-10 chapter V titles only; never a site's notes"
+TRAINED_ON = (
+    "public demo split, public notes in common clinical layouts and WHO ICD-10 chapter V titles only; "
+    "never a site's notes"
+)
 
 # The schedule's length is planned once, at this step, from the measured speed.
 _PLAN_AT = 12
@@ -129,10 +138,11 @@ def _title_texts() -> list[str]:
     return out
 
 
-def _public_corpus(seed: int, n: int) -> list[tuple[str, str]]:
-    from client.demo_data import public_texts
+def _public_corpus(seed: int) -> list[tuple[str, str]]:
+    from client.demo_data import public_texts, styled_public_texts
 
-    return list(public_texts(seed=seed, n=n))
+    styled = styled_public_texts(seed=seed, n=RECIPE["n_styled"])
+    return list(public_texts(seed=seed, n=RECIPE["n_public"])) + styled
 
 
 def _weighted_example(code: str, text: str, tokenizer: Any) -> dict[str, list]:
@@ -367,7 +377,7 @@ def ensure_embedded_model(
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (final / "BUILD.json").is_file():  # another process built it while we waited
             return final
-        public = _public_corpus(seed, RECIPE["n_public"])
+        public = _public_corpus(seed)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache))
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared read-only
         try:

@@ -20,10 +20,12 @@ from client.demo_data import (
     SITE_IDS,
     STYLE_MARKERS,
     public_texts,
+    styled_public_texts,
     write_demo,
 )
 from client.demo_text import CODE_VOCAB
 from client.evaluate.tokens import word_tokens
+from client.notes import heldout_patients
 from shared import icd10
 from shared.errors import ConfigError
 
@@ -91,15 +93,13 @@ def test_ids_unique_and_patients_consistent(demo):
     _, sites, public, canaries = demo
     all_notes = [r for notes in sites.values() for r in notes] + public
     assert len({r["note_id"] for r in all_notes}) == len(all_notes)
-    canary_patients = {c["patient_id"] for doc in canaries.values() for c in doc["canaries"]}
     for site, notes in sites.items():
         by_patient = defaultdict(list)
         for r in notes:
             assert r["patient_id"].startswith(site + "-")
             by_patient[r["patient_id"]].append(r)
-        for pid, recs in by_patient.items():
-            if pid not in canary_patients:
-                assert 1 <= len(recs) <= 4
+        for recs in by_patient.values():
+            assert 1 <= len(recs) <= 4  # canary holders too: a canary adds no notes
             assert len({tuple(r["icd10"]) for r in recs}) == 1  # follow-ups keep the codes
             dates = [r["date"] for r in recs]
             assert dates == sorted(dates) and len(set(dates)) == len(dates)
@@ -196,12 +196,18 @@ def test_canaries_planted_exactly_repetitions_times(demo):
             assert re.fullmatch(r"\d( \d){5}", c["secret"])
             assert c["text"] == c["prefix"] + c["secret"] + c["suffix"] and c["prefix"] == CANARY_PREFIX
             seen_secrets.append(c["secret"])
+        heldout = heldout_patients({r["patient_id"] for r in sites[site]})  # the default split's
+        holders_of_all = [c["patient_ids"] for c in doc["canaries"]]
+        assert len({p for h in holders_of_all for p in h}) == sum(REPS)  # no patient holds two canaries
         for c in doc["canaries"]:
             holders = [r["note_id"] for r in sites[site] if c["text"] in r["text"]]
             total = sum(r["text"].count(c["text"]) for r in sites[site])
             assert total == c["repetitions"] == len(c["note_ids"])
             assert sorted(holders) == sorted(c["note_ids"])
-            assert {r["patient_id"] for r in sites[site] if r["note_id"] in holders} == {c["patient_id"]}
+            # once per patient, in r different patients, all of them trained on
+            holder_patients = [r["patient_id"] for r in sites[site] if r["note_id"] in holders]
+            assert sorted(holder_patients) == sorted(c["patient_ids"]) and len(set(holder_patients)) == c["repetitions"]
+            assert not set(holder_patients) & heldout
             for other, notes in sites.items():
                 if other != site:
                     assert not any(c["text"] in r["text"] for r in notes)
@@ -247,7 +253,7 @@ def test_invalid_requests_list_every_problem(tmp_path):
     with pytest.raises(ConfigError) as err:
         write_demo(tmp_path, seed=0, patients_per_site=0, canary_repetitions=(0, 2), public_reports=3)
     wheres = {p.where for p in err.value.problems}
-    assert wheres == {"patients_per_site", "canary_repetitions[0]", "public_reports", "canary_repetitions"}
+    assert wheres == {"patients_per_site", "canary_repetitions[0]", "public_reports"}
     assert not list(tmp_path.iterdir())  # nothing written
     with pytest.raises(ConfigError):
         public_texts(n=len(CODES) - 1)
@@ -262,3 +268,33 @@ def test_written_files_load_with_zero_problems(demo):
         loaded = notes.load_notes(path, mode="strict")
         assert list(loaded.problems) == []
         assert len(loaded.notes) == expected
+
+
+def test_too_many_canary_holders_refused(tmp_path):
+    # 10 patients: the default split trains on 8, so (5, 5) cannot be planted in 10 trained patients
+    with pytest.raises(ConfigError) as err:
+        write_demo(tmp_path, seed=0, patients_per_site=10, canary_repetitions=(5, 5), public_reports=13)
+    assert [p.where for p in err.value.problems] == ["canary_repetitions"]
+    write_demo(tmp_path / "ok", seed=0, patients_per_site=10, canary_repetitions=(3, 5), public_reports=13)
+
+
+def test_styled_public_texts_teach_layouts_not_site_data(demo):
+    _, sites, public, canaries = demo
+    texts = styled_public_texts(seed=7, n=30)
+    assert texts == styled_public_texts(seed=7, n=30) and texts != styled_public_texts(seed=8, n=30)
+    for i, (code, text) in enumerate(texts):
+        site = SITE_IDS[i % 3]
+        assert STYLE_MARKERS[site][0] in text, (i, site)  # styles rotate a, b, c
+        assert text.startswith(FICTIONAL_MARKER) and code in CODES
+        assert "locker combination" not in text  # no canaries
+        assert "Tel:" not in text and "Telephone:" not in text and "telephone" not in text
+    identifiers = {s for notes in sites.values() for r in notes for s in r["identifiers"]}
+    names = {s for s in identifiers if re.fullmatch(r"[A-Z][a-z]+ [A-Z][a-z]+", s)}
+    assert names  # site names have no middle initial at this size ...
+    joined = "\n".join(t for _, t in styled_public_texts(seed=7, n=300))
+    assert not any(name in joined for name in names)  # ... styled names always do
+    # wording from another code's vocabulary: a code's own complaints are rare in its styled texts
+    own = sum(any(c in t for c in CODE_VOCAB[code]["complaint"]) for code, t in styled_public_texts(seed=7, n=300))
+    assert own < 0.25 * 300
+    with pytest.raises(ConfigError):
+        styled_public_texts(n=0)
