@@ -1,12 +1,15 @@
 """DP training overhead: LoRA step time and peak memory with and without Opacus, same run, same batch.
 
-Three modes on the same random-init Llama shape, LoRA r=16 on q/k/v/o, one
+Four modes on the same random-init Llama shape, LoRA r=16 on q/k/v/o, one
 fixed batch of random tokens (throughput does not depend on the weights):
 
 - ``none``  : plain LoRA fine-tuning (AdamW), the baseline;
 - ``hooks`` : Opacus per-sample gradients via hooks, flat clipping, Gaussian noise;
 - ``ghost`` : Opacus ghost clipping (per-sample norms without per-sample gradients,
-  two backward passes), Gaussian noise.
+  two backward passes), Gaussian noise;
+- ``bk``    : book-keeping clipping for LoRA only (``client.dp_bookkeeping``): per-sample
+  norms and the clipped sum from one forward and one backward pass, hooks on the
+  LoRA Linears only, Gaussian noise.
 
 Each mode runs in its own fresh process, one after the other (so peak memory
 is per mode), and is reported -- median seconds per step, peak memory -- as a
@@ -36,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-MODES = ("none", "hooks", "ghost")
+MODES = ("none", "hooks", "ghost", "bk")
 # Real Llama dimensions; weights are random (throughput does not depend on them).
 SHAPES = {
     "tiny": dict(
@@ -111,7 +114,13 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, float]:
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
 
     step_model, criterion = model, None
-    if mode != "none":
+    bk = None
+    if mode == "bk":
+        from client.dp_bookkeeping import LoraBookkeeping, noisy_step
+
+        bk = LoraBookkeeping(model).__enter__()  # hooks stay on for the whole (short) process
+        noise_rng = torch.Generator(device=device).manual_seed(0)
+    elif mode != "none":
         engine = PrivacyEngine(accountant="prv")
         # Fixed batches of exactly --batch rows so every mode does the same work;
         # the loader only tells Opacus the (expected) batch size.
@@ -137,6 +146,19 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, float]:
         targets = ids[:, 1:].reshape(-1)
         if criterion is not None:  # ghost: Opacus' wrapped loss, per-sequence mean
             loss = criterion(flat_logits, targets, shape=(args.batch, args.seq - 1))
+        elif bk is not None:  # bk: per-sequence mean, SUMMED (per-sample grads), clip, noise
+            per_row = F.cross_entropy(flat_logits, targets, reduction="none").view(args.batch, -1)
+            per_row.mean(1).sum().backward()
+            bk.accumulate_clipped(max_grad_norm=1.0)
+            noisy_step(
+                optimizer,
+                params,
+                noise_multiplier=1.0,
+                max_grad_norm=1.0,
+                expected_batch_size=args.batch,
+                generator=noise_rng,
+            )
+            return
         else:  # per-sequence mean, then batch mean: the recipe's loss
             loss = (
                 F.cross_entropy(flat_logits, targets, reduction="none")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # All GPU performance checks in one go, within 8 minutes, JSON under ${OUT:-bench-out}:
-#   dp_overhead          llama-1b and llama-8b, batch 8 x seq 512 (none / hooks / ghost)
+#   dp_overhead          llama-1b and llama-8b, batch 8 x seq 512 (none / hooks / ghost / bk)
 #   generate_throughput  llama-1b and llama-8b, batch 64, 128 new tokens (hf vs fast)
 # Each check has its own time limit (sum 480 s), so one slow check cannot eat the others;
 # a check that fails or runs out leaves its log (and no JSON) and the script goes on.

@@ -26,7 +26,7 @@ from shared.whitelist import ACCOUNTANTS
 
 AGGREGATIONS = ("fedavg", "trimmed-mean", "median")
 WEIGHTINGS = ("patients", "uniform")
-CLIPPINGS = ("flat", "ghost")
+CLIPPINGS = ("flat", "ghost", "bk")
 ADAPTER_DTYPES = ("float32", "float16")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")

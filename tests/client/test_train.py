@@ -94,13 +94,14 @@ def assert_opacus_gone(model) -> None:
 
 
 def test_only_lora_moves_and_epsilon_accumulates_over_rounds(ledger):
-    """Round 1 flat clipping, round 2 ghost clipping, same model, same ledger."""
+    """Round 1 flat clipping, round 2 ghost, round 3 book-keeping: same model, same ledger."""
     model, tok = lora_model()
     notes = make_notes(8)  # B=2 divides n=8: q = 2/8 exactly
     delta = 1e-3
     rounds = [
         ("r1", config(clipping="flat")),
         ("r2", config(clipping="ghost", noise_multiplier=2.0, steps=3)),
+        ("r3", config(clipping="bk", noise_multiplier=1.5, steps=2)),
     ]
     history = []
     for round_id, cfg in rounds:
@@ -201,7 +202,8 @@ def test_one_sample_per_patient_per_step(ledger, monkeypatch):
     assert p.epsilon == pytest.approx(expected, rel=1e-3)
 
 
-def test_empty_poisson_batches_are_still_noisy_charged_steps(ledger, monkeypatch):
+@pytest.mark.parametrize("clipping", ["flat", "bk"])
+def test_empty_poisson_batches_are_still_noisy_charged_steps(ledger, monkeypatch, clipping):
     # 4 patients at q = 1/4: about a third of the steps draw nobody. Those steps
     # still add noise and are charged; the recipe must not skip or miscount them.
     collated = [0]
@@ -224,7 +226,7 @@ def test_empty_poisson_batches_are_still_noisy_charged_steps(ledger, monkeypatch
         model,
         tok,
         make_notes(4),
-        config=config(expected_batch_size=1, max_physical_batch_size=1, steps=steps),
+        config=config(expected_batch_size=1, max_physical_batch_size=1, steps=steps, clipping=clipping),
         ledger=ledger,
         round_id="r1",
         delta=0.1,
@@ -237,6 +239,49 @@ def test_empty_poisson_batches_are_still_noisy_charged_steps(ledger, monkeypatch
     assert result.privacy.epsilon_round == pytest.approx(
         independent_epsilon([(1.0, 0.25, steps)], delta=0.1, accountant="rdp")
     )
+
+
+@pytest.mark.parametrize("sigma,clip", [(0.7, 1.0), (1.3, 0.05)])
+def test_bookkeeping_trains_exactly_like_opacus_flat_clipping(ledger, tmp_path, sigma, clip):
+    """Same seeds, same Poisson batches, same noise stream: book-keeping clipping
+    (one backward pass, our hooks) must give the adapter Opacus' flat clipping
+    gives -- with a bound nothing reaches and with one that clips every patient."""
+    adapters = {}
+    for clipping in ("flat", "bk"):
+        torch.manual_seed(0)  # PEFT draws lora_A from the global RNG
+        model, tok = lora_model()
+        result = train_dp(
+            model,
+            tok,
+            make_notes(8),
+            config=config(
+                clipping=clipping, noise_multiplier=sigma, max_grad_norm=clip, steps=3,
+                expected_batch_size=4, max_physical_batch_size=2, seed=3,
+            ),
+            ledger=Ledger(tmp_path / f"{clipping}.jsonl", site_id="site-a"),
+            round_id="r1",
+            delta=1e-3,
+            epsilon_ceiling=100.0,
+        )
+        adapters[clipping] = result.adapter
+        assert result.privacy.noise_multiplier == sigma and result.privacy.steps == 3
+        assert_opacus_gone(model)
+    for name, flat in adapters["flat"].items():
+        torch.testing.assert_close(adapters["bk"][name], flat, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bookkeeping_refuses_secure_mode(ledger):
+    with pytest.raises(ConfigError) as err:
+        train_dp(
+            *lora_model(),
+            make_notes(8),
+            config=config(clipping="bk", secure_mode=True),
+            ledger=ledger,
+            round_id="r1",
+            delta=1e-3,
+            epsilon_ceiling=100.0,
+        )
+    assert "clipping" in str(err.value)
 
 
 def test_ceiling_refused_before_training(ledger, monkeypatch):
