@@ -32,6 +32,14 @@ adapter into this site's contribution (delta against the global adapter, L2 norm
 bounded here at ``update-norm-bound`` because the coordinator no longer can, every
 coordinate clipped to ``secagg-clipping-range``) and checks that too
 (:func:`shared.wire_secagg.check_secagg_reply`).
+
+Site policy ``require_secagg`` (``FEDSYNTH_SITE_REQUIRE_SECAGG=true``): a plain
+train message is declined (``secagg_required``) right after the site's settings
+are read — before the run config, the instruction, training or the privacy
+ledger — whatever the coordinator's run config says; the refusal is logged and
+written to the site's audit log. SecAgg+ rounds are unaffected, and so are
+evaluate messages (metric summaries of the global adapter, which are sent in the
+clear under SecAgg+ too).
 """
 
 from __future__ import annotations
@@ -135,10 +143,46 @@ def _to_wire_dtype(adapter: dict[str, np.ndarray], dtype: str) -> dict[str, np.n
     }
 
 
+def _claimed_round(message: Message) -> int | None:
+    # For the local log and audit entry only: the instruction is not checked (no adapter spec
+    # is built for a refused round), so anything but a plausible round number is dropped.
+    record = message.content.config_records.get(wire.INSTRUCTION_KEY)
+    value = record.get("round") if record is not None else None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 1_000_000:
+        return value
+    return None
+
+
+def refuse_plain_round(message: Message, settings: SiteSettings) -> RecordDict:
+    """The ``secagg_required`` decline for a plain train message at a ``require_secagg`` site.
+
+    Privacy meaning: nothing derived from the site's notes is computed or sent — no
+    training, no ledger reservation (no epsilon spent). The refusal goes to the local
+    log and, best effort, to the site's audit log as ``update_rejected``.
+    """
+    round_id = _claimed_round(message)
+    log.warning("round %s declined (secagg_required): FEDSYNTH_SITE_REQUIRE_SECAGG is true and this "
+                "train message is not a SecAgg+ one; nothing was trained or sent",
+                "?" if round_id is None else round_id)
+    data: dict[str, Any] = {"phase": "train", "reason": "secagg_required"}
+    if round_id is not None:
+        data["round"] = round_id
+    try:
+        _site().audit_log(settings).append("update_rejected", data)
+    except Exception:  # the decline stands; the warning above is the record of last resort
+        log.exception("could not write the secagg_required refusal to the site's audit log")
+    return wire.pack_decline("secagg_required")
+
+
 def train_reply(message: Message, context: Context) -> RecordDict:
-    """Run one DP training round at this site and return the checked reply content."""
+    """Run one DP training round at this site and return the checked reply content.
+
+    This is the plain (non-SecAgg+) path: a site with ``require_secagg`` declines here.
+    """
     try:
         settings = site_settings(dict(context.node_config))
+        if settings.require_secagg:
+            return refuse_plain_round(message, settings)
         run = RunConfig.from_flower(dict(context.run_config))
         if run.secagg:
             # The run promises secure aggregation: never send this update in the clear.

@@ -9,7 +9,7 @@ the ledger the way a round would (creating an empty one if none exists).
 
 A check is ``ok`` or failed; an ``ok`` check may carry ``warning=True`` when
 the site can run but an operator should look (a CPU-only host, unsigned
-reports, notes readable by other accounts).
+reports, notes readable by other accounts, plain train rounds allowed).
 """
 
 from __future__ import annotations
@@ -306,6 +306,22 @@ def check_signing_key(settings: SiteSettings) -> Check:
     return Check(name, True, f"{settings.signing_key}: Ed25519")
 
 
+def check_secagg(settings: SiteSettings) -> Check:
+    """The site's ``require_secagg`` policy: whether it ever sends an unmasked adapter update.
+
+    Privacy meaning: with False, a coordinator whose run config says ``secagg = false``
+    receives this site's adapter in the clear (DP-protected, but not hidden in a sum).
+    False is meant for the CPU demo only, hence a warning, not a failure.
+    """
+    name = "secure aggregation"
+    if settings.require_secagg:
+        return Check(name, True, "FEDSYNTH_SITE_REQUIRE_SECAGG=true: only SecAgg+ (masked) updates "
+                                 "leave; plain train rounds are declined (secagg_required)")
+    return _warn(name, "FEDSYNTH_SITE_REQUIRE_SECAGG=false: a run with secagg = false gets this "
+                       "site's adapter update in the clear",
+                 "set FEDSYNTH_SITE_REQUIRE_SECAGG=true (false is for the CPU demo only)")
+
+
 # --------------------------------------------------------------------------- coordinator
 
 
@@ -451,6 +467,7 @@ def run_doctor(
         check_root_cert(root_cert),
         check_auth_key(auth_key),
         check_signing_key(settings),
+        check_secagg(settings),
         check_coordinator(coordinator, root_cert, timeout=timeout),
         check_ledger(settings),
         check_disk(settings, min_free_gb=min_free_gb),
@@ -471,7 +488,7 @@ def doctor_command(
     min_free_gb: Annotated[float, _opt("--min-free-gb", None, "Free disk needed (GB).")] = 5.0,
     timeout: Annotated[float, _opt("--timeout", None, "Seconds for the TLS check.")] = 5.0,
 ) -> None:
-    """Check this site's prerequisites (GPU, model, notes, keys, coordinator, ledger, disk).
+    """Check this site's prerequisites (GPU, model, notes, keys, SecAgg policy, coordinator, ledger, disk).
 
     Settings are those the ClientApp will see: ``FEDSYNTH_SITE_*`` plus the
     node config deploy/site.sh passes (``data-dir``, ``site-id``). Exits 1 when

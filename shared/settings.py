@@ -31,6 +31,10 @@ class SiteSettings(BaseSettings):
     (epsilon, delta)-DP, composed over every round this site ever trained, as
     recomputed from the ledger) the site accepts; ``delta`` must be at most
     1/n_patients and defaults to 1/(10 * n_patients) when unset.
+    ``require_secagg`` True: this site sends updates only inside Flower's SecAgg+
+    protocol (the coordinator sees only the sum over sites); a plain train round
+    is declined before anything is trained or spent, whatever the run config says.
+    Default False so the CPU demo's plain rounds run; deployments set it True.
     """
 
     model_config = SettingsConfigDict(
@@ -55,6 +59,8 @@ class SiteSettings(BaseSettings):
     split_seed: int = 0
     signing_key: Path | None = None
     k_min: int = Field(10, ge=2)
+    # The site's policy, not the coordinator's: the run config cannot lower it.
+    require_secagg: bool = False
 
     @model_validator(mode="after")
     def _default_ledger(self) -> SiteSettings:

@@ -51,8 +51,9 @@ DECLINE_KEY = "decline"
 INSTRUCTION_KEY = "instruction"
 
 # Why a site did not send an update: a typed flag, never free text. "site_error"
-# replaces any exception message, which could quote private data.
-DECLINE_REASONS: frozenset[str] = frozenset({"budget_exceeded", "site_error"})
+# replaces any exception message, which could quote private data; "secagg_required":
+# the site's policy (FEDSYNTH_SITE_REQUIRE_SECAGG) refuses a plain, unmasked train round.
+DECLINE_REASONS: frozenset[str] = frozenset({"budget_exceeded", "secagg_required", "site_error"})
 
 REPLY_KINDS = ("train", "evaluate")
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")

@@ -74,7 +74,10 @@ def test_env_example_values_are_accepted(side, monkeypatch):
     for key, value in {**active, **optional}.items():
         if key.startswith(prefix):
             got = getattr(settings, key[len(prefix):].lower())
-            assert str(got) == value or float(got) == float(value), key
+            if isinstance(got, bool):
+                assert got == (value.lower() in ("true", "1", "yes", "on")), key
+            else:
+                assert str(got) == value or float(got) == float(value), key
 
 
 def test_site_example_agrees_with_the_node_config_site_sh_passes():

@@ -133,7 +133,8 @@ def site(tmp_path_factory) -> dict[str, Path]:
 
 def _settings(site, tmp_path: Path, **overrides) -> SiteSettings:
     values = {"site_id": "site-a", "notes_path": site["notes"], "model_dir": site["model"],
-              "output_dir": tmp_path / "output", "signing_key": site["signing"], "device": "auto"}
+              "output_dir": tmp_path / "output", "signing_key": site["signing"], "device": "auto",
+              "require_secagg": True}
     return SiteSettings(**(values | overrides))
 
 
@@ -154,7 +155,7 @@ def test_healthy_site_passes_every_check(site, pki, tls_server, tmp_path):
     assert _failed(checks) == {}
     named = _by_name(checks)
     assert set(named) == {"GPU / CUDA", "model", "notes", "root CA", "SuperNode key", "signing key",
-                          "coordinator", "privacy ledger", "disk space"}
+                          "secure aggregation", "coordinator", "privacy ledger", "disk space"}
     assert "llama" in named["model"].detail
     assert "patients" in named["notes"].detail
     assert "TLS" in named["coordinator"].detail
@@ -295,6 +296,14 @@ def test_signing_key_permissions_and_absence(site, tmp_path):
 # --------------------------------------------------------------------------- coordinator
 
 
+def test_secagg_policy_is_reported_and_plain_rounds_allowed_is_a_warning(site, tmp_path):
+    required = doctor.check_secagg(_settings(site, tmp_path))
+    assert required.ok and not required.warning and "REQUIRE_SECAGG=true" in required.detail
+    allowed = doctor.check_secagg(_settings(site, tmp_path, require_secagg=False))
+    assert allowed.ok and allowed.warning and "in the clear" in allowed.detail
+    assert "FEDSYNTH_SITE_REQUIRE_SECAGG=true" in allowed.fix
+
+
 def test_unreachable_coordinator_port_is_reported(pki):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -369,14 +378,15 @@ def test_doctor_command_exit_codes(site, pki, tls_server, tmp_path, monkeypatch)
     data = tmp_path / "data"
     data.mkdir()
     (data / "notes.jsonl").write_bytes(site["notes"].read_bytes())
-    for key, value in {"MODEL_DIR": site["model"], "SIGNING_KEY": site["signing"]}.items():
+    for key, value in {"MODEL_DIR": site["model"], "SIGNING_KEY": site["signing"],
+                       "REQUIRE_SECAGG": "true"}.items():
         monkeypatch.setenv(f"FEDSYNTH_SITE_{key}", str(value))
     args = ["doctor", "--data-dir", str(data), "--site-id", "site-a", "--min-free-gb", "0.001",
             "--coordinator", tls_server, "--root-cert", str(pki["ca.crt"]), "--auth-key", str(pki["site-a"])]
     runner = CliRunner()
     ok = runner.invoke(_app(), args, terminal_width=200)
     assert ok.exit_code == 0, ok.output
-    assert "all checks passed" in ok.output
+    assert "all checks passed" in ok.output and "secure aggregation" in ok.output
     assert (data / "output" / "privacy-ledger.jsonl").is_file()  # node config data-dir applied
     broken = runner.invoke(_app(), [*args[:-1], str(pki["ed25519-key"])], terminal_width=200)
     assert broken.exit_code == 1 and "SuperNode key" in broken.output and "FAIL" in broken.output

@@ -166,6 +166,7 @@ def test_deploy_scripts_real_site_secagg_round(tmp_path):
                 "FEDSYNTH_SITE_OUTPUT_DIR": data / "output",
                 "FEDSYNTH_SITE_LEDGER_PATH": data / "output" / "privacy-ledger.jsonl",
                 "FEDSYNTH_SITE_DEVICE": "cpu", "FEDSYNTH_SITE_EPSILON_CEILING": "8.0",
+                "FEDSYNTH_SITE_REQUIRE_SECAGG": "true",
                 "FEDSYNTH_SITE_HELDOUT_FRACTION": "0.2", "FEDSYNTH_SITE_SPLIT_SEED": "0",
                 "FEDSYNTH_SITE_SIGNING_KEY": srv / "keys" / "signing", "FEDSYNTH_SITE_K_MIN": "2"})
             procs.start(site, ["bash", str(DEPLOY / "site.sh")], env, srv)

@@ -74,6 +74,21 @@ def test_several_bad_values_give_one_error_listing_each(monkeypatch):
     assert err.value.exit_code == 2
 
 
+def test_require_secagg_defaults_off_and_reads_the_env(monkeypatch):
+    # Off by default so the CPU demo's plain rounds run; a deployment's env file turns it on.
+    assert load_settings(SiteSettings).require_secagg is False
+    for value in ("true", "True", "1"):
+        monkeypatch.setenv("FEDSYNTH_SITE_REQUIRE_SECAGG", value)
+        assert load_settings(SiteSettings).require_secagg is True
+    monkeypatch.setenv("FEDSYNTH_SITE_REQUIRE_SECAGG", "false")
+    assert load_settings(SiteSettings).require_secagg is False
+    # A typo must not silently mean "plain rounds allowed".
+    monkeypatch.setenv("FEDSYNTH_SITE_REQUIRE_SECAGG", "ture")
+    with pytest.raises(ConfigError) as err:
+        load_settings(SiteSettings)
+    assert [p.where for p in err.value.problems] == ["FEDSYNTH_SITE_REQUIRE_SECAGG"]
+
+
 def test_dotenv_is_read_and_unknown_keys_refused(tmp_path):
     (tmp_path / ".env").write_text("FEDSYNTH_SITE_SITE_ID=from-dotenv\n")
     assert load_settings(SiteSettings).site_id == "from-dotenv"

@@ -47,6 +47,14 @@ def test_honest_replies_pass():
     assert d.decline == "budget_exceeded" and d.adapter is None
 
 
+@pytest.mark.parametrize("reason", ["budget_exceeded", "secagg_required", "site_error"])
+def test_every_typed_decline_passes_and_nothing_else(reason):
+    assert wire.DECLINE_REASONS == {"budget_exceeded", "secagg_required", "site_error"}
+    for kind, spec in (("train", SPEC), ("evaluate", None)):
+        assert wire.check_reply(wire.pack_decline(reason), kind=kind, spec=spec, run=RUN).decline == reason
+    refused(wire.pack_decline(reason.upper()), match="reason")
+
+
 def test_text_in_metric_names_and_values():
     refused(RecordDict({"metrics": MetricRecord({SECRET: 1.0})}), "evaluate", match="not a whitelisted")
     refused(RecordDict({"metrics": MetricRecord({"privacy.mia_auc": [0.5, 0.7]})}), "evaluate",
