@@ -28,6 +28,7 @@ HEADLINE_METRICS: tuple[str, ...] = (
     "diversity.self_bleu_4",
     "diversity.mode_collapse_ratio",
     "privacy.verbatim_rate_13",
+    "privacy.verbatim_unique_rate_13",
     "privacy.ngram_overlap_13",
     "privacy.dcr_train_closer_share",
     "privacy.phi_echo_rate",

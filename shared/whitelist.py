@@ -38,6 +38,7 @@ METRIC_NAMES: frozenset[str] = frozenset(
         "privacy.ngram_overlap_8",
         "privacy.ngram_overlap_13",
         "privacy.verbatim_rate_13",
+        "privacy.verbatim_unique_rate_13",
         "privacy.lcs_max",
         "privacy.lcs_p95",
         "privacy.rouge_l_max",

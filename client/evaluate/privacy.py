@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from client.evaluate.ngram_index import PrivateIndex, TokenCorpus
+from client.evaluate.ngram_index import PrivateIndex, TokenCorpus, check_groups
 from client.evaluate.summary import Cell
 from shared.errors import ConfigError, InputError, Problem
 
@@ -30,6 +30,9 @@ class LexicalPrivacy:
     overlap_8 / overlap_13: share (0..1) of the report's token k-gram positions that
         occur verbatim somewhere in the private notes (0 for reports shorter than k).
     verbatim_13: the report contains at least one 13-token span copied from a private note.
+    verbatim_unique_13: the report contains a 13-token span found verbatim in the private
+        notes of exactly one group (patient): spans of two or more patients are shared
+        phrasing (templates), a one-patient span is what memorizing a person looks like.
     lcs_tokens: longest common token substring with the whole private corpus, in tokens (exact).
     rouge_l_max: max ROUGE-L F1 to the retrieved candidate private notes (exact on those
         candidates; a lower bound on the max over all notes: notes sharing no rare
@@ -39,6 +42,7 @@ class LexicalPrivacy:
     overlap_8: np.ndarray
     overlap_13: np.ndarray
     verbatim_13: np.ndarray
+    verbatim_unique_13: np.ndarray
     lcs_tokens: np.ndarray
     rouge_l_max: np.ndarray
 
@@ -64,22 +68,30 @@ def lexical_privacy(
     *,
     candidates: int = 20,
     index: PrivateIndex | None = None,
+    groups: Sequence[str] | None = None,
 ) -> LexicalPrivacy:
     """Lexical memorization of each synthetic report against the private notes.
 
     ``candidates``: private notes retrieved per report (by shared rare 3-grams) and
     scored with exact ROUGE-L. ``index``: a :class:`PrivateIndex` already built over
-    ``private`` (reuse it across calls; ``private`` is then not re-read).
-    Linear in corpus size; never compares all report x note pairs.
+    ``private`` (reuse it across calls; ``private`` is then not re-read; its own
+    groups are used). ``groups``: patient id per private note, for
+    ``verbatim_unique_13``; None = every note is its own group (then a span in two
+    notes of one patient counts as shared). Linear in corpus size; never compares
+    all report x note pairs.
     """
-    problems = _check_texts(synthetic, "synthetic") + (
-        _check_texts(private, "private") if index is None else []
-    )
+    problems = _check_texts(synthetic, "synthetic")
+    if index is None:
+        problems += _check_texts(private, "private")
+        if groups is not None and not problems:
+            problems += check_groups(groups, len(private))
+    elif groups is not None:
+        problems.append(Problem("groups", "give groups to the PrivateIndex, not with an index"))
     if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
         problems.append(Problem("candidates", f"must be an integer >= 1, got {candidates!r}"))
     if problems:
         raise InputError("cannot compute lexical privacy metrics", problems)
-    index = index if index is not None else PrivateIndex(private)
+    index = index if index is not None else PrivateIndex(private, groups=groups)
     scan = index.scan(synthetic, candidates=candidates)
     doc = scan.synthetic.doc_of()
     n = scan.synthetic.n_docs
@@ -97,6 +109,7 @@ def lexical_privacy(
         overlap_8=overlap(8),
         overlap_13=overlap(13),
         verbatim_13=np.bincount(doc[scan.hits[13]], minlength=n) > 0,
+        verbatim_unique_13=np.bincount(doc[scan.hit_groups == 1], minlength=n) > 0,
         lcs_tokens=scan.lcs.copy(),
         rouge_l_max=best,
     )
@@ -113,6 +126,7 @@ def lexical_summary(result: LexicalPrivacy) -> dict[str, float]:
         "privacy.ngram_overlap_8": float(np.mean(result.overlap_8)),
         "privacy.ngram_overlap_13": float(np.mean(result.overlap_13)),
         "privacy.verbatim_rate_13": float(np.mean(result.verbatim_13)),
+        "privacy.verbatim_unique_rate_13": float(np.mean(result.verbatim_unique_13)),
         "privacy.lcs_max": float(np.max(result.lcs_tokens)),
         "privacy.lcs_p95": float(np.percentile(result.lcs_tokens, 95)),
         "privacy.rouge_l_max": float(np.max(result.rouge_l_max)),

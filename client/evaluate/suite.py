@@ -178,7 +178,8 @@ def evaluate_site(
     cells.update(diversity.mode_collapse_ratio(train_emb, train_codes, synth_emb, synth_codes).cells())
 
     # Privacy / memorization
-    index = PrivateIndex(private)
+    # groups = patient ids: a copied span found in one patient's notes only is memorization of a person
+    index = PrivateIndex(private, groups=[n.patient_id for n in (*train, *heldout)])
     lex = lexical_privacy(synth_texts, private, index=index)
     cells.update(lex.cells())
     echoes = phi_echo(synth_texts, identifiers)
@@ -220,6 +221,7 @@ def evaluate_site(
             "centroid_margin_mean": float(np.nanmean(margin[idx])) if np.isfinite(margin[idx]).any() else float("nan"),
             "own_code_nearest_share": float(np.nanmean(own[idx])) if np.isfinite(own[idx]).any() else float("nan"),
             "verbatim_rate_13": float(np.mean(lex.verbatim_13[idx])),
+            "verbatim_unique_rate_13": float(np.mean(lex.verbatim_unique_13[idx])),
             "rouge_l_max": float(np.max(lex.rouge_l_max[idx])),
         }
     kept = set(gate_result.kept) if gate_result is not None else None
@@ -231,6 +233,8 @@ def evaluate_site(
             "centroid_margin": float(margin[i]),
             "overlap_8": float(lex.overlap_8[i]),
             "overlap_13": float(lex.overlap_13[i]),
+            "verbatim_13": bool(lex.verbatim_13[i]),
+            "verbatim_unique_13": bool(lex.verbatim_unique_13[i]),
             "lcs_tokens": int(lex.lcs_tokens[i]),
             "rouge_l_max": float(lex.rouge_l_max[i]),
             "phi_echo": len(echoes[i]),

@@ -7,6 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from client.evaluate import token_hash
 from client.evaluate.ngram_index import RETRIEVAL_K, TOP_LEVEL, PrivateIndex, encode
 from client.evaluate.tokens import word_tokens
 
@@ -102,3 +103,53 @@ def test_encode_shares_vocabulary_and_offsets() -> None:
     assert a.tokens[2] == a.tokens[3] == b.tokens[0]
     assert b.tokens[1] == len(vocab) - 1
     assert a.remaining().tolist() == [3, 2, 1, 1]
+
+
+def _brute_groups(s_tok: list[str], p_tok: list[list[str]], groups: list[str]) -> list[int]:
+    """Per TOP_LEVEL-gram of the report: number of distinct groups with a note containing it."""
+    holders: dict[tuple[str, ...], set[str]] = {}
+    for toks, g in zip(p_tok, groups, strict=True):
+        for gram in _grams(toks, TOP_LEVEL):
+            holders.setdefault(gram, set()).add(g)
+    return [len(holders.get(gram, ())) for gram in _grams(s_tok, TOP_LEVEL)]
+
+
+def _check_groups_against_brute(synthetic: list[str], private: list[str], groups: list[str] | None, **kw) -> None:
+    scan = PrivateIndex(private, groups=groups, **kw).scan(synthetic)
+    p_tok = [word_tokens(p) for p in private]
+    labels = groups if groups is not None else [str(i) for i in range(len(private))]
+    doc = scan.synthetic.doc_of()
+    for i, text in enumerate(synthetic):
+        expect = _brute_groups(word_tokens(text), p_tok, labels)
+        got = scan.hit_groups[doc == i]
+        assert got[: len(expect)].tolist() == expect
+        assert not got[len(expect) :].any()
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_hit_groups_match_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    synthetic, private = _random_case(rng)
+    private = private + private[: int(rng.integers(0, len(private) + 1))]  # repeated notes
+    groups = [f"p{int(g)}" for g in rng.integers(0, 3, len(private))]
+    _check_groups_against_brute(synthetic, private, groups, seed=seed)
+    _check_groups_against_brute(synthetic, private, None, seed=seed)
+
+
+def test_hit_groups_exact_when_every_hash_collides(monkeypatch: pytest.MonkeyPatch) -> None:
+    """All tokens hash alike, so every L-gram of a length collides: counts must still be exact."""
+    monkeypatch.setattr(token_hash.Hasher, "values", lambda self, n: np.ones(n, dtype=np.uint64))
+    a, b = " ".join(f"a{i}" for i in range(20)), " ".join(f"b{i}" for i in range(20))
+    private = [f"x {a} y", f"{a} z", f"q {a}", f"w {b} w", "filler only here"]
+    synthetic = [f"{a} and {b}", f"{b} then {a}", "no copy at all"]
+    scan = PrivateIndex(private, groups=["p1", "p2", "p3", "p4", "p4"]).scan(synthetic)
+    doc = scan.synthetic.doc_of()
+    assert sorted(set(scan.hit_groups[doc == 0].tolist())) == [0, 1, 3]  # b: one patient, a: three
+    assert sorted(set(scan.hit_groups[doc == 1].tolist())) == [0, 1, 3]
+    assert not scan.hit_groups[doc == 2].any()
+    _check_groups_against_brute(synthetic, private, ["p1", "p2", "p3", "p4", "p4"])
+    rng = np.random.default_rng(5)
+    for _ in range(6):
+        synthetic, private = _random_case(rng)
+        groups = [f"p{int(g)}" for g in rng.integers(0, 3, len(private))]
+        _check_groups_against_brute(synthetic, private, groups, seed=0)

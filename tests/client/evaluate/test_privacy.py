@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client.evaluate.ngram_index import encode
+from client.evaluate.ngram_index import PrivateIndex, encode
 from client.evaluate.privacy import (
     canary_exposure,
     dcr_train_closer_share,
@@ -19,6 +19,7 @@ from client.evaluate.privacy import (
 )
 from client.evaluate.tokens import word_tokens
 from shared.errors import ConfigError, InputError
+from shared.whitelist import METRIC_NAMES
 
 
 def _notes(
@@ -149,3 +150,69 @@ def test_cells_for_summary() -> None:
     private = _notes(np.random.default_rng(5), 12)
     cells = lexical_privacy(private[:3], private).cells()
     assert cells["privacy.verbatim_rate_13"].value == 1.0 and cells["privacy.lcs_max"].n == 3
+
+
+def _patients_case() -> tuple[list[str], list[str], list[str]]:
+    """Notes of 5 patients (p0 has 2 notes sharing a 30-token span; p1..p3 share a boilerplate span)."""
+    rng = np.random.default_rng(6)
+    private = _notes(rng, 6, prefix="n", vocab=5000)
+    groups = ["p0", "p0", "p1", "p2", "p3", "p4"]
+    own = word_tokens(_notes(rng, 1, prefix="u", vocab=5000)[0])
+    boiler = word_tokens(_notes(rng, 1, prefix="b", vocab=5000)[0])[:30]
+    toks = [word_tokens(t) for t in private]
+    toks[0] = toks[0][:10] + own[:30] + toks[0][10:]
+    toks[1] = toks[1][:25] + own[:30] + toks[1][25:]
+    for i in (2, 3, 4):
+        toks[i] = toks[i][:15] + boiler + toks[i][15:]
+    return [" ".join(t) for t in toks], groups, own[:30] + boiler
+
+
+def test_unique_verbatim_separates_one_patient_spans_from_boilerplate() -> None:
+    private, groups, spans = _patients_case()
+    own, boiler = spans[:30], spans[30:]
+    filler = word_tokens(_notes(np.random.default_rng(7), 1, prefix="s", vocab=5000)[0])
+    reports = [
+        " ".join(filler[:20] + own[5:25] + filler[20:]),  # 20 tokens of p0's own span
+        " ".join(filler[:20] + boiler[5:25] + filler[20:]),  # 20 tokens shared by p1, p2, p3
+        " ".join(filler),  # nothing copied
+        " ".join(word_tokens(private[5])[:20]),  # 20 tokens of p4's only note
+    ]
+    lp = lexical_privacy(reports, private, groups=groups)
+    assert lp.verbatim_13.tolist() == [True, True, False, True]
+    assert lp.verbatim_unique_13.tolist() == [True, False, False, True]
+    assert lexical_summary(lp)["privacy.verbatim_unique_rate_13"] == 0.5
+    # groups=None: every note is its own group, so p0's span (in 2 notes) is shared
+    plain = lexical_privacy(reports, private)
+    assert plain.verbatim_13.tolist() == lp.verbatim_13.tolist()
+    assert plain.verbatim_unique_13.tolist() == [False, False, False, True]
+
+
+def test_unique_verbatim_one_patient_span_beside_boilerplate() -> None:
+    """A report hitting boilerplate and a one-patient span counts once; all patients distinct => unique."""
+    private, _, spans = _patients_case()
+    report = " ".join(spans[30:50] + ["x"] + spans[:20])
+    lp = lexical_privacy([report], private, groups=["a", "a", "b", "c", "d", "e"])
+    assert lp.verbatim_unique_13.tolist() == [True]
+    lp = lexical_privacy([" ".join(spans[30:50])], private, groups=["a"] * 6)
+    assert lp.verbatim_unique_13.tolist() == [True]  # one patient holds every note
+
+
+def test_invalid_groups_listed_together() -> None:
+    private, _, _ = _patients_case()
+    with pytest.raises(InputError) as err:
+        lexical_privacy(["x"], private, groups=["p0", 3, "", "p1"])  # type: ignore[list-item]
+    wheres = [p.where for p in err.value.problems]
+    assert wheres == ["groups"] * 3  # wrong length, a non-string, an empty label
+    with pytest.raises(InputError):
+        lexical_privacy(["x"], private, groups="p0p0p1")  # type: ignore[arg-type]
+    with pytest.raises(InputError):
+        PrivateIndex(private, groups=["p"] * 5)
+    with pytest.raises(InputError):  # groups belong to the index when one is given
+        lexical_privacy(["x"], private, index=PrivateIndex(private), groups=["p"] * 6)
+
+
+def test_unique_rate_name_is_whitelisted() -> None:
+    private, groups, _ = _patients_case()
+    cells = lexical_privacy(private[:2], private, groups=groups).cells()
+    assert cells["privacy.verbatim_unique_rate_13"].value == 1.0
+    assert set(cells) <= METRIC_NAMES

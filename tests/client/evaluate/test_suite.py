@@ -1,8 +1,13 @@
-"""load_canaries: planted canaries first, then never-planted references as the exposure baseline."""
+"""load_canaries (planted canaries, then never-planted references) and the patient-unique verbatim wiring."""
 
+import hashlib
 import json
 
-from client.evaluate.suite import REFERENCE_CANARIES_SCORED, load_canaries
+import numpy as np
+
+from client.evaluate.suite import REFERENCE_CANARIES_SCORED, evaluate_site, load_canaries
+from client.generate import SyntheticReport
+from client.notes import Note
 
 
 def entry(secret: str) -> dict:
@@ -28,3 +33,47 @@ def test_file_without_references_and_missing_file(tmp_path):
     path.write_text(json.dumps({"canaries": [{**entry("1 2 3 4 5 6"), "repetitions": 1}]}))
     assert [c["reference"] for c in load_canaries(path)] == [False]
     assert load_canaries(tmp_path / "absent.json") == []
+
+
+class _BagOfWordsEmbedder:
+    """Deterministic hashed bag-of-words vectors: the lexical metrics under test ignore embeddings."""
+
+    identity = "bag-of-words-test"
+
+    def embed(self, texts):
+        out = np.full((len(texts), 32), 1e-3, dtype=np.float32)
+        for i, t in enumerate(texts):
+            for w in t.split():
+                out[i, int(hashlib.sha256(w.encode()).hexdigest(), 16) % 32] += 1
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def test_unique_verbatim_uses_patient_ids(tmp_path):
+    """A span in two notes of ONE patient is unique (patient ids reach the index); boilerplate is not."""
+    rng = np.random.default_rng(0)
+    codes = ["F32.1", "F41.1", "F20.0"]
+    vocab = [f"u{j}" for j in range(3000)]
+
+    def note(i, pid, extra=""):
+        return Note(note_id=f"n{i}", patient_id=pid, icd10=(codes[i % 3],),
+                    text=" ".join(rng.choice(vocab, 60)) + extra)
+
+    span = " ".join(f"own{j}" for j in range(25))
+    boiler = " ".join(f"tpl{j}" for j in range(25))
+    train = [note(i, f"p{i // 2}", f" {span}" if i < 2 else f" {boiler}" if i in (2, 4) else "")
+             for i in range(30)]
+    held = [note(100 + i, f"h{i}", f" {boiler}" if i == 0 else "") for i in range(15)]
+
+    def report(i, text):
+        return SyntheticReport(f"r{i}", codes[i % 3], text, "fine-tuned", "m", None, {}, 0)
+
+    other = [f"s{j}" for j in range(500)]
+    reports = [report(i, " ".join(rng.choice(other, 50))) for i in range(20)]
+    reports[0] = report(0, "noted " + " ".join(span.split()[3:23]) + " today")
+    reports[1] = report(1, "noted " + " ".join(boiler.split()[2:22]) + " today")
+    ev = evaluate_site(reports, train, held, embedder=_BagOfWordsEmbedder(), cache_dir=tmp_path, k_min=5)
+    assert [r["verbatim_13"] for r in ev.per_report[:3]] == [True, True, False]
+    assert [r["verbatim_unique_13"] for r in ev.per_report] == [True] + [False] * 19
+    assert ev.summary["privacy.verbatim_unique_rate_13"] == 0.05
+    assert ev.summary["privacy.verbatim_rate_13"] == 0.1
+    assert ev.per_code["F32.1"]["verbatim_unique_rate_13"] == 1 / 7
