@@ -4,9 +4,11 @@ An experiment, not a coordinator or site command: its site driver runs both
 sides' functions, so it lives in ``bench/`` (outside the client/server import
 rule) rather than in ``server/``.
 
-The study runs the fictional three-hospital consortium (canaries planted 1, 5
-and 10 times) once per setting, in sequence, on the same data, seeds and built
-embedded model, and tabulates the last round's evaluation of every site:
+The study runs the fictional three-hospital consortium (each site's canaries
+planted in 1, 5 and 10 different training patients) once per setting, on the
+same data, seeds and built embedded model, two settings at a time (each arm is
+one single-threaded process), and tabulates the last round's evaluation of
+every site:
 
 - ``zero-shot``: the base model, no fine-tuning (one evaluation, no adapter);
 - ``eps-1``, ``eps-4``, ``eps-8``: DP-LoRA, each site spending at most that ε
@@ -14,7 +16,10 @@ embedded model, and tabulates the last round's evaluation of every site:
   composed total lands at or under it, see :func:`per_round_epsilon`);
 - ``no-dp``: the NON-PRIVATE baseline (``DPConfig(private=False)``: no
   clipping, no noise, no ledger entry). Its updates are checked by the wire
-  contract like the others and must be refused (zero noise / infinite ε).
+  contract like the others and must be refused (zero noise / infinite ε);
+- ``no-dp-long``: the memorization probe, the non-private baseline with
+  100 instead of 30 steps per round (not part of the ε comparison: the known answer of whether the
+  leakage metrics move when a model trains long enough to memorize).
 
 Every arm runs in a site driver: one separate process that plays the three
 sites with the functions the ClientApp calls (:func:`client.site.site_train`,
@@ -37,7 +42,9 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,6 +73,7 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("vendi", "diversity.vendi"),
     ("mode_collapse_ratio", "diversity.mode_collapse_ratio"),
     ("verbatim_rate_13", "privacy.verbatim_rate_13"),
+    ("verbatim_unique_13", "privacy.verbatim_unique_rate_13"),
     ("rouge_l_p95", "privacy.rouge_l_p95"),
     ("dcr_train_closer_share", "privacy.dcr_train_closer_share"),
     ("phi_echo_rate", "privacy.phi_echo_rate"),
@@ -76,10 +84,10 @@ METRICS: tuple[tuple[str, str], ...] = (
 EXPOSURE_COLUMNS = tuple(f"exposure_rep{r}" for r in (*CANARY_REPETITIONS, 0))
 COLUMNS = tuple(c for c, _ in METRICS) + EXPOSURE_COLUMNS
 DISPLAY_ORDER = ("zero-shot", "eps-1", "eps-4", "eps-8", "no-dp", "no-dp-long")  # most to least private
-# The memorization probe: no DP, 6x the steps at a higher learning rate. Not part of the
+# The memorization probe: no DP, 10/3 x the steps. Not part of the
 # ε comparison (other knobs); it shows whether the leakage metrics move when a model
 # is trained long enough to memorize -- the known answer the other rows are read against.
-PROBE_OVERRIDES = {"train.steps": 60, "train.learning-rate": 0.01}
+PROBE_OVERRIDES = {"train.steps": 100}
 
 
 @dataclass(frozen=True)
@@ -94,18 +102,18 @@ class StudyPlan:
 
 
 def plan(*, reduced: bool, seed: int = 0) -> StudyPlan:
-    """Full study (2 CPU cores, ~30 min) or the reduced CI version (two settings, 1 round)."""
+    """Full study (2 CPU cores, ~25 min) or the reduced CI version (two settings, 1 round)."""
     config: dict[str, Any] = {
         "min-sites": 3,
         "timeout.wait-sites": 300,
-        "train.steps": 10,
+        "train.steps": 30,
         "train.expected-batch-size": 16,
         "train.max-physical-batch-size": 16,
-        "train.max-length": 320,
-        "train.learning-rate": 0.003,
+        "train.max-length": 256,
+        "train.learning-rate": 0.005,
         "lora.r": 8,
         "generate.reports-per-code": 2,
-        "generate.max-new-tokens": 160,
+        "generate.max-new-tokens": 128,
         "generate.seed": seed,
         "lora.init-seed": seed,
     }
@@ -113,11 +121,11 @@ def plan(*, reduced: bool, seed: int = 0) -> StudyPlan:
         config |= {"train.steps": 3, "generate.max-new-tokens": 48, "train.max-length": 192}
         return StudyPlan(settings=("eps-8", "no-dp"), rounds=1, run_config=config,
                          patients_per_site=60, seed=seed)
-    config |= {"generate.max-new-tokens": 128}
     # 80 patients per site: 64 train (q = 16/64), 16 held out -- smaller than the demo's
-    # 120 so that five settings fit in ~30 minutes on 2 CPU cores.
-    # run order (tables sort by DISPLAY_ORDER): the driver-only arms first, they fail fastest
-    return StudyPlan(settings=("zero-shot", "no-dp", "eps-8", "eps-4", "eps-1", "no-dp-long"), rounds=2,
+    # 120 so that the six settings fit in ~25 minutes on 2 CPU cores. Run order: zero-shot
+    # alone first (it builds the embedding caches), then the longest arm (the probe) beside
+    # the others, two at a time; tables sort by DISPLAY_ORDER.
+    return StudyPlan(settings=("zero-shot", "no-dp-long", "no-dp", "eps-8", "eps-4", "eps-1"), rounds=2,
                      run_config=config, patients_per_site=80, seed=seed)
 
 
@@ -362,6 +370,57 @@ def table_markdown(results: list[SettingResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def exposure_lift_markdown(results: list[SettingResult]) -> str:
+    """Canary exposure minus the base model's for the same secrets, site by site.
+
+    The same secrets are scored against the same alternatives in every arm, so
+    this paired difference removes how much the base model happens to like a
+    given digit string (which varies by several bits from secret to secret).
+    Empty when there is no zero-shot row.
+    """
+    base = next((r for r in results if r.setting == "zero-shot"), None)
+    if base is None:
+        return ""
+    head = ["setting", *EXPOSURE_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        if r is base:
+            continue
+        cells = []
+        for column in EXPOSURE_COLUMNS:
+            lifts = [row[column] - base.per_site[site][column] for site, row in r.per_site.items()
+                     if site in base.per_site and math.isfinite(row[column])
+                     and math.isfinite(base.per_site[site][column])]
+            cells.append(f"{sum(lifts) / len(lifts):+.2f} [{min(lifts):+.2f}, {max(lifts):+.2f}]" if lifts else "—")
+        lines.append("| " + " | ".join([r.label, *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def load_results(study_json: Path) -> list[SettingResult]:
+    """The rows of a finished study (``DIR/study.json``), to re-render its tables and figures."""
+    record = json.loads(study_json.read_text())
+    nan = float("nan")
+    rows = []
+    for s in record["settings"]:
+        fix = {k: (v if v is not None else nan) for k, v in s.items() if k in ("mean", "min", "max")}
+        rows.append(SettingResult(**{**s, **{k: {c: (x if x is not None else nan) for c, x in v.items()}
+                                             for k, v in fix.items()},
+                                     "per_site": {site: {c: (x if x is not None else nan) for c, x in row.items()}
+                                                  for site, row in s["per_site"].items()}}))
+    return rows
+
+
+def write_outputs(results: list[SettingResult], out_dir: Path) -> str:
+    """Write ``study.md`` (the table, then the exposure lift) and the figures; return the markdown."""
+    text = table_markdown(results)
+    lift = exposure_lift_markdown(results)
+    if lift:
+        text += "\nCanary exposure minus the zero-shot base model's, same secrets (bits):\n\n" + lift
+    (out_dir / "study.md").write_text(text)
+    plot(results, out_dir)
+    return text
+
+
 def plot(results: list[SettingResult], out_dir: Path) -> list[Path]:
     """Privacy–utility curve and canary exposure figures (small PNGs)."""
     import matplotlib
@@ -376,7 +435,8 @@ def plot(results: list[SettingResult], out_dir: Path) -> list[Path]:
     for ax, (cols, title) in zip(axes, (
         (("centroid_margin", "real_classifier_f1", "tstr_trtr_ratio"), "fidelity"),
         (("distinct_2", "self_bleu_4", "mode_collapse_ratio"), "diversity"),
-        (("mia_auc", "dcr_train_closer_share", "verbatim_rate_13", "rouge_l_p95"), "privacy"),
+        (("mia_auc", "dcr_train_closer_share", "verbatim_rate_13", "verbatim_unique_13", "rouge_l_p95"),
+         "privacy"),
     ), strict=True):
         for col in cols:
             mean = [r.mean[col] for r in results]
@@ -397,7 +457,7 @@ def plot(results: list[SettingResult], out_dir: Path) -> list[Path]:
     width = 0.8 / len(EXPOSURE_COLUMNS)
     for i, col in enumerate(EXPOSURE_COLUMNS):
         rep = col.removeprefix("exposure_rep")
-        name = "never planted" if rep == "0" else f"planted in {rep} note(s)"
+        name = "never planted" if rep == "0" else f"shared by {rep} patient(s)"
         ax.bar([v + (i - 1.5) * width for v in x], [r.mean[col] for r in results], width=width, label=name)
     ax.set_xticks(x, labels, rotation=30, fontsize=8)
     ax.set_ylabel("exposure (bits, max 8)")
@@ -408,6 +468,51 @@ def plot(results: list[SettingResult], out_dir: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=80)
     plt.close(fig)
     return paths
+
+
+def _run_setting(setting: str, arm_dir: Path, base: dict[str, Any], *, study: StudyPlan,
+                 n_train: dict[str, int], n_sites: int, flower: bool) -> SettingResult:
+    """Run one arm under ``arm_dir`` (its ``sites/`` already laid out); the row before collecting."""
+    if setting == "zero-shot":
+        result = SettingResult(setting, "zero-shot (base model)", True, None, None)
+        _driver_arm(arm_dir, base | {"num-rounds": 1}, mode="zero-shot", n_sites=n_sites)
+    elif setting in ("no-dp", "no-dp-long"):
+        probe = setting == "no-dp-long"
+        label = (f"NO DP, {PROBE_OVERRIDES['train.steps']} steps/round (memorization probe)" if probe
+                 else "NO DP (non-private baseline)")
+        result = SettingResult(setting, label, False, None, None)
+        report = _driver_arm(arm_dir, base | (PROBE_OVERRIDES if probe else {}), mode="no-dp",
+                             n_sites=n_sites)
+        if not all(report["wire_refused"].values()):
+            raise FedsynthError("the wire contract accepted a non-private update")
+        (arm_dir / "NON-PRIVATE-BASELINE.txt").write_text(
+            "This arm trained WITHOUT differential privacy (no clipping, no noise, no ledger entry).\n"
+            "Its adapters have no privacy guarantee (the wire contract refused every one of them);\n"
+            "it exists only as the privacy-utility study's baseline.\n"
+        )
+    else:
+        total = float(setting.removeprefix("eps-"))
+        per_site = {
+            name: per_round_epsilon(total, n_train=n, batch=int(base["train.expected-batch-size"]),
+                                    steps=int(base["train.steps"]), rounds=study.rounds)
+            for name, n in n_train.items()
+        }
+        e = min(v[0] for v in per_site.values())  # every site stays at or under the total
+        console.print(f"per-round ε {e:.4f} → whole-run ε per site (PRV): "
+                      + ", ".join(f"{k} {v[1]:.3f}" for k, v in per_site.items()))
+        result = SettingResult(setting, f"DP ε = {total:g}", True, total, e)
+        config = base | {"train.noise-multiplier": 0.0, "train.epsilon-per-round": round(e, 6),
+                         "run-name": f"study-{setting}"}
+        if flower:
+            summary = _federated_arm(arm_dir, config, n_sites=n_sites)
+            result.epsilon_achieved = _achieved_epsilon(summary)
+        else:
+            report = _driver_arm(arm_dir, config, mode="dp", n_sites=n_sites)
+            result.epsilon_achieved = {k: float(v["epsilon"]) for k, v in report["privacy"].items()}
+        over = {k: v for k, v in result.epsilon_achieved.items() if v > total + 1e-9}
+        if over:
+            raise FedsynthError(f"{setting}: sites spent more than ε = {total:g}: {over}")
+    return result
 
 
 # ---- the command ---------------------------------------------------------------
@@ -440,62 +545,37 @@ def run_study(out: Path, *, reduced: bool = False, seed: int = 0, flower: bool =
     n_train = {d.name: training_patients(d / "notes.jsonl", heldout_fraction=heldout) for d in site_dirs}
     base = study.run_config | {"num-rounds": study.rounds}
 
-    results: list[SettingResult] = []
     order = {name: i for i, name in enumerate(DISPLAY_ORDER)}
-    previous: Path | None = None
-    for setting in study.settings:
+    results: list[SettingResult] = []
+    lock = threading.Lock()
+
+    def run_arm(setting: str) -> None:
         arm_dir = out / setting
         shutil.copytree(data, arm_dir / "sites")
-        if previous is not None:  # same notes: reuse the private-note embedding caches
-            for cache in previous.glob("*/output/cache"):
+        first = out / study.settings[0] / "sites"
+        if setting != study.settings[0]:  # same notes: reuse the first arm's private-note embedding caches
+            for cache in first.glob("*/output/cache"):
                 shutil.copytree(cache, arm_dir / "sites" / cache.parent.parent.name / "output" / "cache")
-        previous = arm_dir / "sites"
         t0 = time.monotonic()
         console.rule(f"[bold]{setting}")
-        if setting == "zero-shot":
-            result = SettingResult(setting, "zero-shot (base model)", True, None, None)
-            _driver_arm(arm_dir, base | {"num-rounds": 1}, mode="zero-shot", n_sites=len(site_dirs))
-        elif setting in ("no-dp", "no-dp-long"):
-            probe = setting == "no-dp-long"
-            label = ("NO DP, 6x steps, lr 0.01 (memorization probe)" if probe
-                     else "NO DP (non-private baseline)")
-            result = SettingResult(setting, label, False, None, None)
-            report = _driver_arm(arm_dir, base | (PROBE_OVERRIDES if probe else {}), mode="no-dp",
-                                 n_sites=len(site_dirs))
-            if not all(report["wire_refused"].values()):
-                raise FedsynthError("the wire contract accepted a non-private update")
-            (arm_dir / "NON-PRIVATE-BASELINE.txt").write_text(
-                "This arm trained WITHOUT differential privacy (no clipping, no noise, no ledger entry).\n"
-                "Its adapters have no privacy guarantee (the wire contract refused every one of them);\n"
-                "it exists only as the privacy-utility study's baseline.\n"
-            )
-        else:
-            total = float(setting.removeprefix("eps-"))
-            per_site = {
-                name: per_round_epsilon(total, n_train=n, batch=int(base["train.expected-batch-size"]),
-                                        steps=int(base["train.steps"]), rounds=study.rounds)
-                for name, n in n_train.items()
-            }
-            e = min(v[0] for v in per_site.values())  # every site stays at or under the total
-            console.print(f"per-round ε {e:.4f} → whole-run ε per site (PRV): "
-                          + ", ".join(f"{k} {v[1]:.3f}" for k, v in per_site.items()))
-            result = SettingResult(setting, f"DP ε = {total:g}", True, total, e)
-            config = base | {"train.noise-multiplier": 0.0, "train.epsilon-per-round": round(e, 6),
-                             "run-name": f"study-{setting}"}
-            if flower:
-                summary = _federated_arm(arm_dir, config, n_sites=len(site_dirs))
-                result.epsilon_achieved = _achieved_epsilon(summary)
-            else:
-                report = _driver_arm(arm_dir, config, mode="dp", n_sites=len(site_dirs))
-                result.epsilon_achieved = {k: float(v["epsilon"]) for k, v in report["privacy"].items()}
-            over = {k: v for k, v in result.epsilon_achieved.items() if v > total + 1e-9}
-            if over:
-                raise FedsynthError(f"{setting}: sites spent more than ε = {total:g}: {over}")
+        result = _run_setting(setting, arm_dir, base, study=study, n_train=n_train, n_sites=len(site_dirs),
+                              flower=flower)
         result.wall_s = time.monotonic() - t0
-        results.append(collect(result, arm_dir / "sites"))
-        results.sort(key=lambda r: order.get(r.setting, len(order)))
-        console.print(f"{setting}: done in {result.wall_s:.0f} s")
-        (out / "study-partial.json").write_text(json.dumps(_json_safe([asdict(r) for r in results]), indent=2))
+        collect(result, arm_dir / "sites")
+        with lock:
+            results.append(result)
+            results.sort(key=lambda r: order.get(r.setting, len(order)))
+            console.print(f"{setting}: done in {result.wall_s:.0f} s")
+            (out / "study-partial.json").write_text(json.dumps(_json_safe([asdict(r) for r in results]), indent=2))
+
+    # The first arm alone (it builds the embedding caches the others copy), then the rest
+    # `workers` at a time: each arm is one single-threaded process, so two arms use both
+    # cores. Flower arms stay sequential (each starts its own SuperLink on free ports).
+    run_arm(study.settings[0])
+    workers = 1 if flower else max(1, min(2, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for future in [pool.submit(run_arm, name) for name in study.settings[1:]]:
+            future.result()  # re-raises the first failure
 
     record = {
         "command": "python bench/study.py --out DIR" + (" --reduced" if reduced else "")
@@ -509,9 +589,7 @@ def run_study(out: Path, *, reduced: bool = False, seed: int = 0, flower: bool =
         "settings": [asdict(r) for r in results],
     }
     (out / "study.json").write_text(json.dumps(_json_safe(record), indent=2))
-    (out / "study.md").write_text(table_markdown(results))
-    plot(results, out)
-    console.print(table_markdown(results))
+    console.print(write_outputs(results, out))
     console.print(f"study: {out} ({record['wall_s']:.0f} s)")
     return results
 

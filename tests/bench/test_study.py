@@ -91,3 +91,31 @@ def test_plot_survives_equal_site_values(tmp_path):
     paths = plot([r], tmp_path)
     assert [p.name for p in paths] == ["results-privacy-utility.png", "results-canaries.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_exposure_lift_is_paired_by_site_and_survives_a_json_round_trip(tmp_path):
+    from bench.study import EXPOSURE_COLUMNS, exposure_lift_markdown, load_results, write_outputs
+
+    def row(**exposure):
+        values = dict.fromkeys(COLUMNS, 0.5)
+        values.update(exposure)
+        return values
+
+    base = SettingResult("zero-shot", "zero-shot (base model)", True, None, None,
+                         per_site={"site-a": row(exposure_rep10=1.0), "site-b": row(exposure_rep10=6.0)})
+    trained = SettingResult("no-dp", "NO DP (non-private baseline)", False, None, None,
+                            per_site={"site-a": row(exposure_rep10=4.0), "site-b": row(exposure_rep10=7.0)})
+    for r in (base, trained):
+        for stat, fn in (("mean", lambda v: sum(v) / len(v)), ("min", min), ("max", max)):
+            getattr(r, stat).update({c: fn([s[c] for s in r.per_site.values()]) for c in COLUMNS})
+    lift = exposure_lift_markdown([base, trained])
+    # paired by site: site-a +3, site-b +1 -> mean +2, range [+1, +3]
+    assert "| NO DP (non-private baseline) | +0.00 [+0.00, +0.00] | +0.00 [+0.00, +0.00] | +2.00 [+1.00, +3.00] |" in lift
+    assert "zero-shot (base model) |" not in lift and len(EXPOSURE_COLUMNS) == 4
+    assert exposure_lift_markdown([trained]) == ""
+
+    (tmp_path / "study.json").write_text(json.dumps({"settings": [vars(base), vars(trained)]}))
+    again = load_results(tmp_path / "study.json")
+    assert [r.setting for r in again] == ["zero-shot", "no-dp"] and again[1].per_site == trained.per_site
+    text = write_outputs(again, tmp_path)
+    assert lift in text and (tmp_path / "study.md").read_text() == text
