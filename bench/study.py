@@ -18,7 +18,7 @@ every site:
   clipping, no noise, no ledger entry). Its updates are checked by the wire
   contract like the others and must be refused (zero noise / infinite ε);
 - ``no-dp-long``: the memorization probe, the non-private baseline with
-  100 instead of 30 steps per round (not part of the ε comparison: the known answer of whether the
+  200 instead of 30 steps per round (not part of the ε comparison: the known answer of whether the
   leakage metrics move when a model trains long enough to memorize).
 
 Every arm runs in a site driver: one separate process that plays the three
@@ -79,15 +79,16 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("phi_echo_rate", "privacy.phi_echo_rate"),
     ("mia_auc", "privacy.mia_auc"),
     ("mia_tpr_at_1fpr", "privacy.mia_tpr_at_1fpr"),
+    ("mia_auc_calibrated", "privacy.mia_auc_calibrated"),
 )
 # Canary exposure columns: planted r times (r in CANARY_REPETITIONS) and never planted (0).
 EXPOSURE_COLUMNS = tuple(f"exposure_rep{r}" for r in (*CANARY_REPETITIONS, 0))
 COLUMNS = tuple(c for c, _ in METRICS) + EXPOSURE_COLUMNS
 DISPLAY_ORDER = ("zero-shot", "eps-1", "eps-4", "eps-8", "no-dp", "no-dp-long")  # most to least private
-# The memorization probe: no DP, 10/3 x the steps. Not part of the
+# The memorization probe: no DP, 200 instead of 30 steps per round. Not part of the
 # ε comparison (other knobs); it shows whether the leakage metrics move when a model
 # is trained long enough to memorize -- the known answer the other rows are read against.
-PROBE_OVERRIDES = {"train.steps": 100}
+PROBE_OVERRIDES = {"train.steps": 200}
 
 
 @dataclass(frozen=True)
@@ -435,8 +436,8 @@ def plot(results: list[SettingResult], out_dir: Path) -> list[Path]:
     for ax, (cols, title) in zip(axes, (
         (("centroid_margin", "real_classifier_f1", "tstr_trtr_ratio"), "fidelity"),
         (("distinct_2", "self_bleu_4", "mode_collapse_ratio"), "diversity"),
-        (("mia_auc", "dcr_train_closer_share", "verbatim_rate_13", "verbatim_unique_13", "rouge_l_p95"),
-         "privacy"),
+        (("mia_auc", "mia_auc_calibrated", "dcr_train_closer_share", "verbatim_rate_13", "verbatim_unique_13",
+          "rouge_l_p95"), "privacy"),
     ), strict=True):
         for col in cols:
             mean = [r.mean[col] for r in results]

@@ -33,6 +33,7 @@ HEADLINE_METRICS: tuple[str, ...] = (
     "privacy.dcr_train_closer_share",
     "privacy.phi_echo_rate",
     "privacy.mia_auc",
+    "privacy.mia_auc_calibrated",
     "release.kept_share",
 )
 GROUP_MEANING = {

@@ -48,6 +48,8 @@ METRIC_NAMES: frozenset[str] = frozenset(
         "privacy.canary_exposure_max",
         "privacy.mia_auc",
         "privacy.mia_tpr_at_1fpr",
+        "privacy.mia_auc_calibrated",
+        "privacy.mia_tpr_at_1fpr_calibrated",
         # release gate
         "release.kept_share",
     }

@@ -50,6 +50,7 @@ class MiaResult:
     fpr: float
     n_members: int
     n_nonmembers: int
+    calibrated: bool = False  # scores are losses minus the base model's (see :func:`calibrated_scores`)
 
     @property
     def fpr_resolution(self) -> float:
@@ -58,9 +59,10 @@ class MiaResult:
     def cells(self) -> dict[str, Cell]:
         # The smaller side bounds how much either value can say about single notes.
         n = min(self.n_members, self.n_nonmembers)
-        out = {"privacy.mia_auc": Cell(self.auc, n)}
+        suffix = "_calibrated" if self.calibrated else ""
+        out = {f"privacy.mia_auc{suffix}": Cell(self.auc, n)}
         if math.isclose(self.fpr, 0.01):
-            out["privacy.mia_tpr_at_1fpr"] = Cell(self.tpr_at_fpr, n)
+            out[f"privacy.mia_tpr_at_1fpr{suffix}"] = Cell(self.tpr_at_fpr, n)
         return out
 
 
@@ -95,12 +97,39 @@ def tpr_at_fpr(member_losses: Sequence[float], nonmember_losses: Sequence[float]
 
 
 def membership_inference(
-    member_losses: Sequence[float], nonmember_losses: Sequence[float], *, fpr: float = 0.01
+    member_losses: Sequence[float],
+    nonmember_losses: Sequence[float],
+    *,
+    fpr: float = 0.01,
+    calibrated: bool = False,
 ) -> MiaResult:
-    """AUC and TPR at ``fpr`` of the loss-threshold attack (members = training patients' notes)."""
+    """AUC and TPR at ``fpr`` of the loss-threshold attack (members = training patients' notes).
+
+    ``calibrated=True`` only names the result: pass :func:`calibrated_scores` as the losses.
+    """
     auc = mia_auc(member_losses, nonmember_losses)
     tpr = tpr_at_fpr(member_losses, nonmember_losses, fpr=fpr)
-    return MiaResult(auc, tpr, fpr, len(member_losses), len(nonmember_losses))
+    return MiaResult(auc, tpr, fpr, len(member_losses), len(nonmember_losses), calibrated)
+
+
+def calibrated_scores(losses: Sequence[float], reference_losses: Sequence[float]) -> np.ndarray:
+    """Each note's loss minus the base (reference) model's loss on it, in nats per token.
+
+    The reference-calibrated attack (Watson et al. 2022; the "reference model"
+    of Carlini et al. 2022): a note that is simply easy or hard to predict is
+    so under both models, so subtracting the base model's loss removes what the
+    content of member and non-member notes differs in and leaves what training
+    changed. Lower = more member-like, as for plain losses. The site has the
+    base model (the adapter switched off), so this attack costs one more scoring
+    pass.
+    """
+    a, p1 = _losses(losses, "losses")
+    b, p2 = _losses(reference_losses, "reference_losses")
+    if not (p1 + p2) and a.shape != b.shape:
+        p2.append(Problem("reference_losses", f"{b.size} values for {a.size} losses"))
+    if p1 + p2:
+        raise InputError("invalid calibration input", p1 + p2)
+    return a - b
 
 
 def _device(model: Any) -> Any:

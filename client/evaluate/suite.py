@@ -189,11 +189,24 @@ def evaluate_site(
     mia = None
     canary_results: list[dict[str, Any]] = []
     if model is not None and tokenizer is not None:
-        member = membership.per_note_losses(model, tokenizer, list(zip(train_codes, train_texts, strict=True)))
-        nonmember = membership.per_note_losses(model, tokenizer, list(zip(held_codes, held_texts, strict=True)))
+        member_notes = list(zip(train_codes, train_texts, strict=True))
+        nonmember_notes = list(zip(held_codes, held_texts, strict=True))
+        member = membership.per_note_losses(model, tokenizer, member_notes)
+        nonmember = membership.per_note_losses(model, tokenizer, nonmember_notes)
         mia_result = membership.membership_inference(member, nonmember)
         cells.update(mia_result.cells())
         mia = {"auc": float(mia_result.auc), "tpr_at_1fpr": float(mia_result.tpr_at_fpr)}
+        if hasattr(model, "disable_adapter"):  # a PEFT model: its base model is the reference
+            with model.disable_adapter():
+                base_member = membership.per_note_losses(model, tokenizer, member_notes)
+                base_nonmember = membership.per_note_losses(model, tokenizer, nonmember_notes)
+            calibrated = membership.membership_inference(
+                membership.calibrated_scores(member, base_member),
+                membership.calibrated_scores(nonmember, base_nonmember),
+                calibrated=True,
+            )
+            cells.update(calibrated.cells())
+            mia |= {"auc_calibrated": float(calibrated.auc), "tpr_at_1fpr_calibrated": float(calibrated.tpr_at_fpr)}
         if canaries:
             canary_results = _canary_exposures(model, tokenizer, canaries, seed=seed)
             planted = [c["exposure"] for c in canary_results if not c["reference"]]

@@ -109,6 +109,9 @@ def render_evaluation_html(ev: SiteEvaluation, *, title: str) -> str:
     if ev.mia is not None:
         mia = (f"<h2>Membership inference (loss threshold)</h2><p>AUC {ev.mia['auc']:.3f} "
                f"(0.5 = chance); TPR at 1% FPR {ev.mia['tpr_at_1fpr']:.3f}</p>")
+        if "auc_calibrated" in ev.mia:
+            mia += (f"<p>Calibrated against the base model (loss minus base-model loss): AUC "
+                    f"{ev.mia['auc_calibrated']:.3f}; TPR at 1% FPR {ev.mia['tpr_at_1fpr_calibrated']:.3f}</p>")
     canaries = ""
     if ev.canaries:
         items = "".join(

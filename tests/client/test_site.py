@@ -76,6 +76,10 @@ def test_train_then_evaluate_round(world):
     assert (out / "reports" / "round-1" / "synthetic.jsonl").read_text().count("\n") == 4
     html = (out / "evaluation" / "round-1" / "evaluation.html").read_text()
     assert "data:image/png;base64," in html
+    # both membership attacks ran: plain loss threshold and calibrated against the base model
+    evaluation = json.loads((out / "evaluation" / "round-1" / "evaluation.json").read_text())
+    assert {"privacy.mia_auc", "privacy.mia_auc_calibrated"} <= set(evaluation["cells"])
+    assert 0.0 <= evaluation["membership"]["auc_calibrated"] <= 1.0
     keys = {"site-a": load_public_key(pub)}
     assert verify_log(out / "audit.jsonl", keys) == 2  # round, report_issued: both signed
 

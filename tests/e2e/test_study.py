@@ -1,6 +1,7 @@
 """The reduced privacy–utility study end to end (e2e: real demo data, embedded model, flwr run).
 
-``run_study(reduced=True)``: ε = 8 through the Flower simulation and the
+``run_study(reduced=True, flower=True)``: ε = 8 through the Flower simulation
+(``flwr run``: the deployment's ServerApp, ClientApp and transport) and the
 NON-PRIVATE baseline through the site driver, one round each. Checks the
 table, not the science: every setting, every column, finite numbers, the ε
 actually spent within the target, and the no-DP arm labelled as such.
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.e2e
 
 def test_reduced_study_table(tmp_path):
     out = tmp_path / "study"
-    results = run_study(out, reduced=True)
+    results = run_study(out, reduced=True, flower=True)
     expected = plan(reduced=True).settings
     assert sorted(r.setting for r in results) == sorted(expected)
     assert "no-dp" in expected and any(s.startswith("eps-") for s in expected)
@@ -49,6 +50,9 @@ def test_reduced_study_table(tmp_path):
     assert dp["private"] is True and dp["epsilon_target"] == 8.0
     assert len(dp["epsilon_achieved"]) == 3
     assert all(0 < e <= 8.0 for e in dp["epsilon_achieved"].values())
+    # the Flower arm left the coordinator's consortium summary and every site's ledger
+    assert list((out / "eps-8" / "coordinator").glob("*/consortium-summary.json"))
+    assert len(list((out / "eps-8" / "sites").glob("*/output/privacy-ledger.jsonl"))) == 3
 
     table = (out / "study.md").read_text()
     assert "NO DP" in table and "DP ε = 8" in table

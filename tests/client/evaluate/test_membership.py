@@ -7,6 +7,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from client.evaluate.membership import (
+    calibrated_scores,
     membership_inference,
     mia_auc,
     per_note_losses,
@@ -50,6 +51,25 @@ def test_tpr_at_1pct_fpr_known_case():
     assert res.tpr_at_fpr == pytest.approx(0.4) and res.fpr_resolution == 1 / 200
     assert set(res.cells()) == {"privacy.mia_auc", "privacy.mia_tpr_at_1fpr"}
     assert res.cells()["privacy.mia_auc"].n == 10
+
+
+def test_calibration_removes_content_difficulty_and_keeps_what_training_changed():
+    # Members' notes are intrinsically harder (base loss 3 vs 1), which hides membership from
+    # the plain attack; training lowered members' loss by 0.5 more than non-members'.
+    rng = np.random.default_rng(1)
+    base_m, base_n = 3.0 + rng.normal(0, 0.1, 200), 1.0 + rng.normal(0, 0.1, 200)
+    trained_m, trained_n = base_m - 1.0, base_n - 0.5
+    assert mia_auc(trained_m, trained_n) == 0.0  # plain: members look like non-members
+    m, n = calibrated_scores(trained_m, base_m), calibrated_scores(trained_n, base_n)
+    res = membership_inference(m, n, calibrated=True)
+    assert res.auc == 1.0
+    assert set(res.cells()) == {"privacy.mia_auc_calibrated", "privacy.mia_tpr_at_1fpr_calibrated"}
+    # an adapter that changes nothing: every score 0, AUC exactly chance
+    same = calibrated_scores(base_m, base_m)
+    assert mia_auc(same, calibrated_scores(base_n, base_n)) == 0.5
+    with pytest.raises(InputError) as err:
+        calibrated_scores([1.0, 2.0], [1.0])
+    assert err.value.problems[0].where == "reference_losses"
 
 
 def test_invalid_losses_are_refused():
