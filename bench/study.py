@@ -354,20 +354,34 @@ def _achieved_epsilon(summary: dict[str, Any]) -> dict[str, float]:
 
 
 def _fmt(result: SettingResult, column: str) -> str:
-    m, lo, hi = result.mean[column], result.min[column], result.max[column]
-    if not math.isfinite(m):
+    nan = math.nan
+    m, lo, hi = result.mean.get(column, nan), result.min.get(column, nan), result.max.get(column, nan)
+    if not math.isfinite(m):  # absent (an older study) or not computed
         return "—"
     return f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+# The table's column groups, in order; together exactly COLUMNS.
+GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Fidelity (higher is better)", ("centroid_margin", "real_classifier_f1", "tstr_trtr_ratio")),
+    ("Diversity", ("distinct_2", "self_bleu_4", "vendi", "mode_collapse_ratio")),
+    ("Privacy / memorization", ("verbatim_rate_13", "verbatim_unique_13", "rouge_l_p95", "dcr_train_closer_share",
+                                "phi_echo_rate", "mia_auc", "mia_tpr_at_1fpr", "mia_auc_calibrated")),
+    ("Canary exposure (bits; 8 = ranked first of 256; rep0 = never planted)", EXPOSURE_COLUMNS),
+)
+
+
 def table_markdown(results: list[SettingResult]) -> str:
-    """The study table: one row per setting, mean over sites [min, max]."""
-    head = ["setting", "ε achieved (max over sites)", *COLUMNS]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    """The study tables: ε per setting, then one table per column group (mean over sites [min, max])."""
+    lines = ["| setting | ε achieved (max over sites) |", "|---|---|"]
     for r in results:
-        eps = f"{max(r.epsilon_achieved.values()):.3f}" if r.epsilon_achieved else ("∞ (no DP)" if not r.private
-                                                                                      else "—")
-        lines.append("| " + " | ".join([r.label, eps, *(_fmt(r, c) for c in COLUMNS)]) + " |")
+        eps = (f"{max(r.epsilon_achieved.values()):.3f} (per round {r.epsilon_per_round:.3f})"
+               if r.epsilon_achieved else ("∞ (no DP)" if not r.private else "— (no training)"))
+        lines.append(f"| {r.label} | {eps} |")
+    for title, columns in GROUPS:
+        lines += ["", f"**{title}**", "", "| setting | " + " | ".join(columns) + " |",
+                  "|" + "---|" * (len(columns) + 1)]
+        lines += ["| " + " | ".join([r.label, *(_fmt(r, c) for c in columns)]) + " |" for r in results]
     return "\n".join(lines) + "\n"
 
 
@@ -439,7 +453,7 @@ def plot(results: list[SettingResult], out_dir: Path) -> list[Path]:
         (("mia_auc", "mia_auc_calibrated", "dcr_train_closer_share", "verbatim_rate_13", "verbatim_unique_13",
           "rouge_l_p95"), "privacy"),
     ), strict=True):
-        for col in cols:
+        for col in (c for c in cols if all(c in r.mean for r in results)):  # older studies lack some
             mean = [r.mean[col] for r in results]
             # max(0, .): a mean of equal values can exceed their max by one rounding error
             err_lo = [max(0.0, r.mean[col] - r.min[col]) for r in results]

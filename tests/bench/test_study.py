@@ -79,6 +79,11 @@ def test_collect_means_min_max_over_sites_and_labels_no_dp(tmp_path):
     assert r.mean["mia_auc"] == pytest.approx(0.3) and (r.min["mia_auc"], r.max["mia_auc"]) == (0.1, 0.6)
     table = table_markdown([r])
     assert "NO DP (non-private baseline) | ∞ (no DP)" in table and "0.300 [0.100, 0.600]" in table
+    from bench.study import GROUPS
+
+    grouped = [c for _, columns in GROUPS for c in columns]
+    assert sorted(grouped) == sorted(COLUMNS) and len(grouped) == len(set(grouped))
+    assert all(f" {c} |" in table for c in COLUMNS)
 
 
 def test_plot_survives_equal_site_values(tmp_path):
