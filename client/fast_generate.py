@@ -17,9 +17,9 @@ ends. This path instead:
 - **Compiled step.** On CUDA the decode step (model forward + mask) is wrapped
   in ``torch.compile(mode="reduce-overhead")`` (CUDA graphs); on CPU it runs
   eagerly.
-- **Sampling without a full sort.** See :func:`sample_next`: ``torch.topk`` on
-  ``K`` candidates, then top-p inside them; exact top-p (a row whose nucleus
-  does not fit in ``K`` is redone with a full sort).
+- **Sampling without a full sort.** See :func:`client.sampling.sample_next`:
+  ``torch.topk`` on ``K`` candidates, then top-p inside them; exact top-p (a
+  row whose nucleus does not fit in ``K`` is redone with a full sort).
 - **Merged LoRA.** A PEFT adapter is merged into the base weights for the run
   (no extra LoRA matmuls per layer) and the caller's exact weights are restored
   afterwards (:func:`merged_lora`).
@@ -45,11 +45,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, StaticLayer
 
-# Candidates kept by the top-k prefilter when top_k is off. 256 covers the
-# nucleus of a trained LM at top-p 0.95 on almost every step (it is usually a
-# few to a few dozen tokens); a row whose nucleus is wider is redone exactly with
-# a full sort, so K trades speed only, never correctness.
-DEFAULT_CANDIDATES = 256
+from client.sampling import DEFAULT_CANDIDATES, apply_repetition_penalty, sample_next
+
 _MASKS = ("sdpa", "eager")
 
 
@@ -115,71 +112,6 @@ def merged_lora(model: Any) -> Iterator[Any]:
                 weight.copy_(original)
 
 
-def _nucleus(
-    vals: torch.Tensor, norm: torch.Tensor, top_p: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    # vals: [B, K] logits sorted descending; norm: [B, 1] log of the distribution's total mass.
-    p = torch.exp(vals - norm)
-    cum = torch.cumsum(p, dim=-1)
-    if top_p < 1:
-        # A token stays if the mass strictly before it is below top_p (HF's rule: the
-        # smallest prefix reaching top_p, the token that crosses it included).
-        keep = (cum - p) < top_p
-        keep[:, 0] = True
-        p = p * keep
-    return p, cum[:, -1] >= top_p
-
-
-def sample_next(
-    logits: torch.Tensor,
-    *,
-    temperature: float,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    generator: torch.Generator | None = None,
-    candidates: int = DEFAULT_CANDIDATES,
-    stats: dict[str, int] | None = None,
-) -> torch.Tensor:
-    """Draw one token id per row of ``logits`` ``[B, V]`` (returns ``[B]``, int64).
-
-    ``temperature=0`` is greedy (argmax). Otherwise the logits are divided by
-    ``temperature``; ``top_k > 0`` keeps the ``top_k`` best (renormalised over
-    them, as in HF); ``top_p < 1`` keeps the smallest set of best tokens whose
-    probability reaches ``top_p``. Only ``K = top_k`` (or ``candidates`` when
-    top-k is off) tokens are ranked, with ``torch.topk``; the probabilities are
-    still normalised over the whole vocabulary (``logsumexp``, no sort). The
-    result is exact top-p whenever the nucleus fits in the ``K`` candidates,
-    i.e. their total probability reaches ``top_p``; rows where it does not are
-    redone with a full sort, so the distribution is always exact top-p.
-    ``stats["full_sort_rows"]`` counts those rows.
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    scaled = logits.float() / temperature
-    vocab = scaled.shape[-1]
-    if top_k > 0:
-        vals, idx = torch.topk(scaled, min(top_k, vocab), dim=-1)
-        norm = torch.logsumexp(vals, dim=-1, keepdim=True)
-        p, _ = _nucleus(vals, norm, top_p)
-    elif top_p < 1:
-        vals, idx = torch.topk(scaled, min(candidates, vocab), dim=-1)
-        norm = torch.logsumexp(scaled, dim=-1, keepdim=True)
-        p, covered = _nucleus(vals, norm, top_p)
-        if vals.shape[-1] < vocab and not bool(covered.all()):
-            rows = (~covered).nonzero().squeeze(1)
-            if stats is not None:
-                stats["full_sort_rows"] = stats.get("full_sort_rows", 0) + int(rows.numel())
-            full_vals, full_idx = torch.sort(scaled[rows], dim=-1, descending=True)
-            full_p, _ = _nucleus(full_vals, norm[rows], top_p)
-            pick = torch.multinomial(full_p, 1, generator=generator)
-            out = idx.gather(1, torch.multinomial(p, 1, generator=generator)).squeeze(1)
-            out[rows] = full_idx.gather(1, pick).squeeze(1)
-            return out
-    else:  # plain temperature sampling over the whole vocabulary
-        return torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=generator).squeeze(1)
-    return idx.gather(1, torch.multinomial(p, 1, generator=generator)).squeeze(1)
-
-
 class _RingLayer(StaticLayer):
     """A static layer that writes the new token at a shared ring column."""
 
@@ -205,12 +137,6 @@ def _ring_cache(model: Any, batch: int, length: int, device: torch.device, dtype
     for layer in layers:
         layer.lazy_initialization(probe, probe)
     return Cache(layers=layers), layers, column
-
-
-def _repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    # HF's rule: a seen token's logit is divided by the penalty if positive, multiplied if negative.
-    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(seen, penalised, logits)
 
 
 @torch.inference_mode()
@@ -303,7 +229,7 @@ def generate_token_ids(
     def pick(logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         logits = logits.float()
         if seen is not None:
-            logits = _repetition_penalty(logits, seen if rows is None else seen[rows], penalty)
+            logits = apply_repetition_penalty(logits, seen if rows is None else seen[rows], penalty)
         return sample_next(
             logits,
             temperature=temperature,

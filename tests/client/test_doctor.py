@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 from typer.testing import CliRunner
 
-from client import doctor
+from client import doctor, doctor_federation, doctor_site
 from client.demo_data import write_demo
 from client.model import tiny_random_model
 from shared.settings import SiteSettings
@@ -168,9 +168,9 @@ def test_healthy_site_passes_every_check(site, pki, tls_server, tmp_path):
 @pytest.mark.skipif(not NO_GPU, reason="CPU-only behaviour")
 def test_cpu_only_host_is_a_warning_for_auto_and_a_failure_for_cuda(site, tmp_path):
     for device in ("auto", "cpu"):
-        check = doctor.check_gpu(_settings(site, tmp_path, device=device))
+        check = doctor_site.check_gpu(_settings(site, tmp_path, device=device))
         assert check.ok and check.warning and "no CUDA device" in check.detail
-    check = doctor.check_gpu(_settings(site, tmp_path, device="cuda"))
+    check = doctor_site.check_gpu(_settings(site, tmp_path, device="cuda"))
     assert not check.ok and "FEDSYNTH_SITE_DEVICE=cpu" in check.fix
 
 
@@ -178,7 +178,7 @@ def test_cpu_only_host_is_a_warning_for_auto_and_a_failure_for_cuda(site, tmp_pa
 
 
 def test_missing_model_dir_is_reported_with_fix(site, tmp_path):
-    check = doctor.check_model(_settings(site, tmp_path, model_dir=tmp_path / "nope"))
+    check = doctor_site.check_model(_settings(site, tmp_path, model_dir=tmp_path / "nope"))
     assert not check.ok and "does not exist" in check.detail and "stage the weights" in check.fix
 
 
@@ -187,11 +187,11 @@ def test_model_dir_without_weights_or_with_lfs_pointers_fails(site, tmp_path):
     incomplete.mkdir()
     for f in ("config.json", "tokenizer.json"):
         (incomplete / f).write_bytes((site["model"] / f).read_bytes())
-    check = doctor.check_model(_settings(site, tmp_path, model_dir=incomplete))
+    check = doctor_site.check_model(_settings(site, tmp_path, model_dir=incomplete))
     assert not check.ok and "missing weights" in check.detail
     (incomplete / "model.safetensors").write_text(
         "version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")
-    check = doctor.check_model(_settings(site, tmp_path, model_dir=incomplete))
+    check = doctor_site.check_model(_settings(site, tmp_path, model_dir=incomplete))
     assert not check.ok and "git-lfs pointer" in check.detail
 
 
@@ -202,7 +202,7 @@ def test_missing_shard_in_index_fails(site, tmp_path):
         (sharded / f.name).write_bytes(f.read_bytes())
     (sharded / "model.safetensors.index.json").write_text(
         '{"weight_map": {"a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}}')
-    check = doctor.check_model(_settings(site, tmp_path, model_dir=sharded))
+    check = doctor_site.check_model(_settings(site, tmp_path, model_dir=sharded))
     assert not check.ok and "model-00002-of-00002.safetensors" in check.detail
 
 
@@ -210,12 +210,12 @@ def test_embedded_model_not_built_is_a_warning_then_ok_once_built(site, tmp_path
     from client import pretrain
 
     monkeypatch.setenv("FEDSYNTH_CACHE_DIR", str(tmp_path / "cache"))
-    check = doctor.check_model(_settings(site, tmp_path, model_dir=None))
+    check = doctor_site.check_model(_settings(site, tmp_path, model_dir=None))
     assert check.ok and check.warning and "build-model" in check.fix
     built = tmp_path / "cache" / f"embedded-{pretrain._recipe_hash(0, 300.0)}"
     built.mkdir(parents=True)
     (built / "BUILD.json").write_text("{}")
-    check = doctor.check_model(_settings(site, tmp_path, model_dir=None))
+    check = doctor_site.check_model(_settings(site, tmp_path, model_dir=None))
     assert check.ok and not check.warning and str(built) in check.detail
 
 
@@ -226,15 +226,15 @@ def test_bad_notes_line_is_reported_with_its_line_number(site, tmp_path):
     bad = tmp_path / "notes.jsonl"
     lines = site["notes"].read_text().splitlines()
     bad.write_text("\n".join(lines[:3] + ['{"note_id": "x", "patient_id": "p", "icd10": "Q99.9"'] + lines[3:]) + "\n")
-    check = doctor.check_notes(_settings(site, tmp_path, notes_path=bad))
+    check = doctor_site.check_notes(_settings(site, tmp_path, notes_path=bad))
     assert not check.ok and f"{bad}:4" in check.detail and "fedsynth-site validate" in check.fix
-    skipped = doctor.check_notes(_settings(site, tmp_path, notes_path=bad, notes_mode="skip"))
+    skipped = doctor_site.check_notes(_settings(site, tmp_path, notes_path=bad, notes_mode="skip"))
     assert skipped.ok and skipped.warning and "1 bad line" in skipped.detail
 
 
 def test_missing_notes_file_and_delta_above_one_over_n_fail(site, tmp_path):
-    assert not doctor.check_notes(_settings(site, tmp_path, notes_path=tmp_path / "none.jsonl")).ok
-    check = doctor.check_notes(_settings(site, tmp_path, delta=0.5))
+    assert not doctor_site.check_notes(_settings(site, tmp_path, notes_path=tmp_path / "none.jsonl")).ok
+    check = doctor_site.check_notes(_settings(site, tmp_path, delta=0.5))
     assert not check.ok and "FEDSYNTH_SITE_DELTA" in check.fix
 
 
@@ -242,7 +242,7 @@ def test_world_readable_notes_are_a_warning(site, tmp_path):
     notes = tmp_path / "notes.jsonl"
     notes.write_bytes(site["notes"].read_bytes())
     notes.chmod(0o644)
-    check = doctor.check_notes(_settings(site, tmp_path, notes_path=notes))
+    check = doctor_site.check_notes(_settings(site, tmp_path, notes_path=notes))
     assert check.ok and check.warning and "chmod o-rwx" in check.fix
 
 
@@ -250,36 +250,36 @@ def test_world_readable_notes_are_a_warning(site, tmp_path):
 
 
 def test_expired_absent_or_non_ca_root_cert_fails(pki, tmp_path):
-    expired = doctor.check_root_cert(pki["expired-ca.crt"])
+    expired = doctor_federation.check_root_cert(pki["expired-ca.crt"])
     assert not expired.ok and "expired" in expired.detail and "ca.crt" in expired.fix
-    absent = doctor.check_root_cert(tmp_path / "ca.crt")
+    absent = doctor_federation.check_root_cert(tmp_path / "ca.crt")
     assert not absent.ok and "server.pki" in absent.fix
-    not_ca = doctor.check_root_cert(pki["server.pem"])
+    not_ca = doctor_federation.check_root_cert(pki["server.pem"])
     assert not not_ca.ok and "not a CA" in not_ca.detail
-    soon = doctor.check_root_cert(pki["ca.crt"], now=datetime.now(UTC) + timedelta(days=350))
+    soon = doctor_federation.check_root_cert(pki["ca.crt"], now=datetime.now(UTC) + timedelta(days=350))
     assert soon.ok and soon.warning
-    assert doctor.check_root_cert(pki["ca.crt"]).ok
+    assert doctor_federation.check_root_cert(pki["ca.crt"]).ok
 
 
 def test_auth_key_with_0644_permissions_fails_with_chmod(pki, tmp_path):
     key = tmp_path / "site-a"
     key.write_bytes(pki["site-a"].read_bytes())
     key.chmod(0o644)
-    check = doctor.check_auth_key(key)
+    check = doctor_federation.check_auth_key(key)
     assert not check.ok and "0644" in check.detail and f"chmod 600 {key}" in check.fix
     key.chmod(0o600)
-    assert doctor.check_auth_key(key).ok
+    assert doctor_federation.check_auth_key(key).ok
 
 
 def test_auth_key_of_wrong_kind_or_mismatched_pub_fails(pki, tmp_path):
-    wrong = doctor.check_auth_key(pki["ed25519-key"])
+    wrong = doctor_federation.check_auth_key(pki["ed25519-key"])
     assert not wrong.ok and "ECDSA" in wrong.detail and "ssh-keygen -t ecdsa" in wrong.fix
-    assert not doctor.check_auth_key(tmp_path / "absent").ok
+    assert not doctor_federation.check_auth_key(tmp_path / "absent").ok
     key = _write_private(tmp_path / "k", pki["site-a"].read_bytes())
     other = ec.generate_private_key(ec.SECP384R1()).public_key()
     (tmp_path / "k.pub").write_bytes(other.public_bytes(serialization.Encoding.OpenSSH,
                                                         serialization.PublicFormat.OpenSSH))
-    mismatch = doctor.check_auth_key(key)
+    mismatch = doctor_federation.check_auth_key(key)
     assert not mismatch.ok and "does not match" in mismatch.detail
 
 
@@ -287,9 +287,9 @@ def test_signing_key_permissions_and_absence(site, tmp_path):
     key = tmp_path / "signing"
     key.write_bytes(site["signing"].read_bytes())
     key.chmod(0o644)
-    check = doctor.check_signing_key(_settings(site, tmp_path, signing_key=key))
+    check = doctor_federation.check_signing_key(_settings(site, tmp_path, signing_key=key))
     assert not check.ok and f"chmod 600 {key}" in check.fix
-    unsigned = doctor.check_signing_key(_settings(site, tmp_path, signing_key=None))
+    unsigned = doctor_federation.check_signing_key(_settings(site, tmp_path, signing_key=None))
     assert unsigned.ok and unsigned.warning and "FEDSYNTH_SITE_SIGNING_KEY" in unsigned.fix
 
 
@@ -297,9 +297,9 @@ def test_signing_key_permissions_and_absence(site, tmp_path):
 
 
 def test_secagg_policy_is_reported_and_plain_rounds_allowed_is_a_warning(site, tmp_path):
-    required = doctor.check_secagg(_settings(site, tmp_path))
+    required = doctor_federation.check_secagg(_settings(site, tmp_path))
     assert required.ok and not required.warning and "REQUIRE_SECAGG=true" in required.detail
-    allowed = doctor.check_secagg(_settings(site, tmp_path, require_secagg=False))
+    allowed = doctor_federation.check_secagg(_settings(site, tmp_path, require_secagg=False))
     assert allowed.ok and allowed.warning and "in the clear" in allowed.detail
     assert "FEDSYNTH_SITE_REQUIRE_SECAGG=true" in allowed.fix
 
@@ -308,15 +308,15 @@ def test_unreachable_coordinator_port_is_reported(pki):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
-    check = doctor.check_coordinator(f"127.0.0.1:{port}", pki["ca.crt"], timeout=2)
+    check = doctor_federation.check_coordinator(f"127.0.0.1:{port}", pki["ca.crt"], timeout=2)
     assert not check.ok and "refused" in check.detail and "SuperLink" in check.fix
 
 
 def test_coordinator_with_certificate_from_another_ca_is_not_trusted(pki, tls_server):
-    check = doctor.check_coordinator(tls_server, pki["other-ca.crt"], timeout=5)
+    check = doctor_federation.check_coordinator(tls_server, pki["other-ca.crt"], timeout=5)
     assert not check.ok and "not trusted" in check.detail and "ca.crt" in check.fix
-    assert not doctor.check_coordinator("no-port", pki["ca.crt"]).ok
-    assert not doctor.check_coordinator(tls_server, None).ok
+    assert not doctor_federation.check_coordinator("no-port", pki["ca.crt"]).ok
+    assert not doctor_federation.check_coordinator(tls_server, None).ok
 
 
 # --------------------------------------------------------------------------- ledger and disk
@@ -325,7 +325,7 @@ def test_coordinator_with_certificate_from_another_ca_is_not_trusted(pki, tls_se
 def test_unwritable_ledger_dir_is_reported(site, tmp_path):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where the ledger's directory should be")
-    check = doctor.check_ledger(_settings(site, tmp_path, ledger_path=blocker / "ledger.jsonl"))
+    check = doctor_site.check_ledger(_settings(site, tmp_path, ledger_path=blocker / "ledger.jsonl"))
     assert not check.ok and "not a directory" in check.detail and "FEDSYNTH_SITE_LEDGER_PATH" in check.fix
 
 
@@ -334,7 +334,7 @@ def test_read_only_ledger_dir_is_reported(site, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     try:
-        check = doctor.check_ledger(_settings(site, tmp_path, ledger_path=locked / "ledger.jsonl"))
+        check = doctor_site.check_ledger(_settings(site, tmp_path, ledger_path=locked / "ledger.jsonl"))
     finally:
         locked.chmod(0o700)
     assert not check.ok and "not writable" in check.detail
@@ -343,23 +343,23 @@ def test_read_only_ledger_dir_is_reported(site, tmp_path):
 def test_corrupt_ledger_is_reported(site, tmp_path):
     ledger = tmp_path / "ledger.jsonl"
     ledger.write_text("not json\n{}\n")  # a bad line before the last: corruption, not a torn tail
-    check = doctor.check_ledger(_settings(site, tmp_path, ledger_path=ledger))
+    check = doctor_site.check_ledger(_settings(site, tmp_path, ledger_path=ledger))
     assert not check.ok and "never an older one" in check.fix
 
 
-@pytest.mark.skipif(doctor._fs_type(Path("/dev/shm")) != "tmpfs", reason="no tmpfs at /dev/shm")
+@pytest.mark.skipif(doctor_site._fs_type(Path("/dev/shm")) != "tmpfs", reason="no tmpfs at /dev/shm")
 def test_ledger_on_tmpfs_fails(site, tmp_path):
     import tempfile
 
     with tempfile.TemporaryDirectory(dir="/dev/shm") as d:
-        check = doctor.check_ledger(_settings(site, tmp_path, ledger_path=Path(d) / "ledger.jsonl"))
+        check = doctor_site.check_ledger(_settings(site, tmp_path, ledger_path=Path(d) / "ledger.jsonl"))
     assert not check.ok and "memory file system" in check.detail
 
 
 def test_low_disk_threshold_fails(site, tmp_path):
-    check = doctor.check_disk(_settings(site, tmp_path), min_free_gb=1e9)
+    check = doctor_site.check_disk(_settings(site, tmp_path), min_free_gb=1e9)
     assert not check.ok and "FEDSYNTH_SITE_OUTPUT_DIR" in check.fix
-    assert doctor.check_disk(_settings(site, tmp_path), min_free_gb=0.001).ok
+    assert doctor_site.check_disk(_settings(site, tmp_path), min_free_gb=0.001).ok
 
 
 # --------------------------------------------------------------------------- command
