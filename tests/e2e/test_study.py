@@ -13,7 +13,8 @@ import math
 
 import pytest
 
-from bench.study import COLUMNS, plan, run_study
+from bench.study import plan, run_study
+from bench.study_tables import COLUMNS
 
 pytestmark = pytest.mark.e2e
 
