@@ -2,7 +2,7 @@
 
 Kept apart from the recipe (:mod:`client.train`) so the non-private study
 baseline (:mod:`client.baseline`) and the recipe share them without importing
-each other. ``_config_problems`` validates every knob and lists all problems.
+each other. ``config_problems`` validates every knob and lists all problems.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ class TrainResult:
     ledger_entry: LedgerEntry | None
 
 
-def _config_problems(
+def config_problems(
     config: DPConfig, *, delta: float, epsilon_ceiling: float, round_id: str
 ) -> list[Problem]:
     problems = []

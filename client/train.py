@@ -17,9 +17,12 @@ Order of operations (each step only runs if the one before succeeded):
 3. reserve (sigma, q, steps) in the site's privacy ledger (fsynced) -- a run
    that would take the site past its epsilon ceiling is refused here, before
    any gradient is computed;
-4. DP-SGD: Poisson sampling, per-patient clipping, Gaussian noise (Opacus),
-   physical batches through ``BatchMemoryManager``, exactly ``steps`` noisy
-   steps, each one seen by the accountant;
+4. DP-SGD: Poisson sampling, per-patient clipping, Gaussian noise -- through
+   Opacus' ``make_private`` (``clipping`` "flat" or "ghost", physical batches
+   through ``BatchMemoryManager``) or through book-keeping clipping of the LoRA
+   weights (``clipping="bk"``, :mod:`client.dp_bookkeeping`, Opacus' Poisson
+   loader, noise routine and accountant) -- exactly ``steps`` noisy steps,
+   each one seen by the accountant;
 5. check the accountant saw exactly what was reserved and that every LoRA
    tensor moved; return the adapter and the privacy scalars.
 
@@ -49,7 +52,7 @@ from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader
 
 from client.baseline import train_nonprivate
-from client.dp_config import DPConfig, PrivacyScalars, TrainResult, _config_problems
+from client.dp_config import DPConfig, PrivacyScalars, TrainResult, config_problems
 from client.dp_steps import bookkeeping_steps, opacus_steps
 from client.examples import IGNORE_INDEX, PatientExamples, collate
 from client.model import adapter_state
@@ -108,7 +111,7 @@ def train_dp(
     see exactly what was reserved).
     """
     # 1. Validate everything, raise once per kind of error.
-    problems = _config_problems(
+    problems = config_problems(
         config, delta=delta, epsilon_ceiling=epsilon_ceiling, round_id=round_id
     )
     trainable = _trainable(model)
