@@ -127,6 +127,11 @@ class TrainResult:
 def config_problems(
     config: DPConfig, *, delta: float, epsilon_ceiling: float, round_id: str
 ) -> list[Problem]:
+    """Every problem with ``config`` and the round's privacy parameters (empty = valid).
+
+    ``delta`` is per patient, ``epsilon_ceiling`` the site's cap on cumulative
+    epsilon; the caller raises one :class:`ConfigError` listing them all.
+    """
     problems = []
 
     def positive(name: str, value: Any, *, integer: bool = False) -> None:
