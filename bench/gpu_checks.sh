@@ -22,7 +22,7 @@ else
   GEN_SIZE="--batches 64 --new-tokens 128 --prompt-len 64"
 fi
 
-declare -A LIMIT=([dp-llama-1b]=80 [dp-llama-8b]=150 [gen-llama-1b]=100 [gen-llama-8b]=150
+declare -A LIMIT=([dp-llama-1b]=100 [dp-llama-8b]=170 [gen-llama-1b]=90 [gen-llama-8b]=120
                   [dp-tiny]=120 [gen-tiny]=60)
 status=0
 check() {  # name, command...
