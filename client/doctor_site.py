@@ -67,7 +67,7 @@ def _embedded_model_check() -> Check:
 
     name = "model"
     # The exact directory load_model(None) uses: ensure_embedded_model() with its defaults.
-    built = cache_dir() / f"embedded-{pretrain._recipe_hash(0, 300.0)}"
+    built = cache_dir() / f"embedded-{pretrain._recipe_hash(0, pretrain.DEFAULT_BUILD_SECONDS)}"
     if (built / "BUILD.json").is_file():
         return Check(name, True, f"embedded default model, built at {built}")
     base = _existing_ancestor(cache_dir())

@@ -212,7 +212,7 @@ def test_embedded_model_not_built_is_a_warning_then_ok_once_built(site, tmp_path
     monkeypatch.setenv("FEDSYNTH_CACHE_DIR", str(tmp_path / "cache"))
     check = doctor_site.check_model(_settings(site, tmp_path, model_dir=None))
     assert check.ok and check.warning and "build-model" in check.fix
-    built = tmp_path / "cache" / f"embedded-{pretrain._recipe_hash(0, 300.0)}"
+    built = tmp_path / "cache" / f"embedded-{pretrain._recipe_hash(0, pretrain.DEFAULT_BUILD_SECONDS)}"
     built.mkdir(parents=True)
     (built / "BUILD.json").write_text("{}")
     check = doctor_site.check_model(_settings(site, tmp_path, model_dir=None))
