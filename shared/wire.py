@@ -16,15 +16,22 @@ What may cross (see the record layout below):
 - ``decline``: a typed reason from :data:`DECLINE_REASONS`.
 
 Nothing else: no free strings, no note ids, no generated text, no extra records.
+
+Every check is total: whatever it is given (wrong types, nesting, huge or NaN
+numbers, odd unicode), it returns or raises :class:`~shared.errors.WireError`,
+never another exception, so one site's malformed reply is a typed refusal of
+that reply and never ends the run (:func:`_fail_closed`).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -60,6 +67,11 @@ LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 _LORA_NAME_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*\.lora_[AB]\.weight$")
 _MAX_ROUND = 1_000_000
 _METRIC_SIG_DIGITS = 6
+_MAX_LEDGER_SEQ = 10**12
+_LEDGER_HEAD_RE = re.compile(r"[0-9a-f]{64}")  # used with fullmatch: no trailing newline
+_MAX_ABS_INT = 2**63  # ints beyond int64 are refused before any float conversion (OverflowError)
+INTERNAL_FAILURE = "check failed on malformed input"
+"""Reason of the fallback refusal :func:`_fail_closed` gives when a check itself raised."""
 
 AdapterSpec = dict[str, tuple[tuple[int, ...], str]]
 """Adapter tensor name (PEFT state-dict key) -> (shape, wire dtype)."""
@@ -137,7 +149,53 @@ def _round_sig(v: float) -> float:
 
 # ---- checking --------------------------------------------------------------
 
+_F = TypeVar("_F", bound=Callable[..., Any])
 
+
+def _fail_closed(what: str) -> Callable[[_F], _F]:
+    """Make a check total: any exception other than WireError becomes a WireError.
+
+    The checks are written not to raise on any input (the fuzz tests in
+    tests/shared/test_wire_fuzz.py assert this fallback is never reached); this is
+    the safety net so that one site's malformed reply can only ever be refused.
+    The exception's message is dropped: it could quote what the site sent.
+    """
+
+    def deco(fn: _F) -> _F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except WireError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - fail closed on anything
+                raise WireError(f"{what} refused", [
+                    Problem("content", f"{INTERNAL_FAILURE} ({type(exc).__name__})")]) from None
+
+        return wrapper  # type: ignore[return-value]
+
+    return deco
+
+
+def refusal_digest(content: Any) -> str:
+    """A short sha256 (16 hex) naming what was refused, for logs and audit entries.
+
+    Refusals are recorded by this digest, never by content: a refused reply may
+    carry anything, including text a site must not send. Flower's content id
+    (sha256 of the serialized records) when it can be computed, else a hash of
+    the object's repr.
+    """
+    try:
+        oid = str(content.object_id)
+    except Exception:  # noqa: BLE001 - any content, however malformed, gets a digest
+        try:
+            oid = repr(content)
+        except Exception:  # noqa: BLE001
+            oid = type(content).__name__
+    return hashlib.sha256(oid.encode("utf-8", "replace")).hexdigest()[:16]
+
+
+@_fail_closed("reply")
 def check_reply(content: RecordDict, *, kind: str, spec: AdapterSpec | None, run: RunConfig) -> Reply:
     """Check one ClientApp reply against the wire contract; fail closed.
 
@@ -175,6 +233,7 @@ def check_reply(content: RecordDict, *, kind: str, spec: AdapterSpec | None, run
     return Reply(kind=kind, metrics=metrics)
 
 
+@_fail_closed("instruction")
 def check_instruction(content: RecordDict, *, spec: AdapterSpec, run: RunConfig) -> Instruction:
     """Check what a site received (untrusted): only a round number and an adapter of ``spec``."""
     problems: list[Problem] = []
@@ -234,7 +293,11 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return -_MAX_ABS_INT <= v <= _MAX_ABS_INT  # math.isfinite(10**400) raises OverflowError
+    return isinstance(v, float) and math.isfinite(v)
 
 
 def _check_adapter(
@@ -320,17 +383,30 @@ def _check_privacy(record: Any, run: RunConfig, problems: list[Problem]) -> dict
          "must be in (0, 1]")
     need("steps", _is_int(v.get("steps")) and v["steps"] >= 1, "must be an int >= 1")
     need("max_grad_norm", num.get("max_grad_norm", False) and v["max_grad_norm"] > 0, "must be > 0")
-    need("accountant", v.get("accountant") in ACCOUNTANTS if isinstance(v.get("accountant"), str)
-         else False, f"must be one of {sorted(ACCOUNTANTS)}")
+    accountant = v.get("accountant") if isinstance(v.get("accountant"), str) else None
+    need("accountant", accountant in ACCOUNTANTS, f"must be one of {sorted(ACCOUNTANTS)}")
     need("secure_mode", isinstance(v.get("secure_mode"), bool), "must be a boolean")
-    need("patients_bucket", _is_int(v.get("patients_bucket")) and v["patients_bucket"] >= 0
-         and v["patients_bucket"] % 10 == 0, "must be an int >= 0, a multiple of 10")
+    bucket_ok = (_is_int(v.get("patients_bucket")) and 0 <= v["patients_bucket"] <= _MAX_ABS_INT
+                 and v["patients_bucket"] % 10 == 0)
+    need("patients_bucket", bucket_ok, "must be an int >= 0, a multiple of 10")
+    need("ledger_seq", _is_int(v.get("ledger_seq")) and 1 <= v["ledger_seq"] <= _MAX_LEDGER_SEQ,
+         f"must be an int in [1, {_MAX_LEDGER_SEQ}]")
+    need("ledger_head", isinstance(v.get("ledger_head"), str)
+         and _LEDGER_HEAD_RE.fullmatch(v["ledger_head"]) is not None, "must be 64 lowercase hex chars")
     if num.get("epsilon") and num.get("epsilon_round") and v["epsilon_round"] > v["epsilon"] * (1 + 1e-9):
         problems.append(Problem("privacy['epsilon_round']", "larger than the cumulative epsilon"))
-    if v.get("accountant") in ACCOUNTANTS and v["accountant"] != run.train.accountant:
+    # delta is derived from the bucketed patient count: delta << 1/n_patients. A delta
+    # of 1/(10 * bucket) or more (bucket floored at 10) is refused.
+    if num.get("delta") and bucket_ok and v["delta"] >= 1 / (10 * max(v["patients_bucket"], 10)):
+        problems.append(Problem("privacy['delta']", "must be < 1/(10 * max(patients_bucket, 10))"))
+    # The accountant is the run's: the coordinator recomputes epsilon with it and the
+    # report compares sites by it. (Both are valid; a per-site choice is not offered.)
+    if accountant in ACCOUNTANTS and accountant != run.train.accountant:
         problems.append(Problem("privacy['accountant']", f"differs from the run's {run.train.accountant!r}"))
-    if isinstance(v.get("secure_mode"), bool) and v["secure_mode"] != run.train.secure_mode:
-        problems.append(Problem("privacy['secure_mode']", "differs from the run's train.secure-mode"))
+    # A site may be stricter than the run (secure noise when the run does not ask for
+    # it), never looser: False is refused only when the run says True.
+    if v.get("secure_mode") is False and run.train.secure_mode is True:
+        problems.append(Problem("privacy['secure_mode']", "False, but the run's train.secure-mode is true"))
     return v
 
 

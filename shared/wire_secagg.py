@@ -22,6 +22,7 @@ from shared.wire import (
     Instruction,
     _check_decline,
     _check_privacy,
+    _fail_closed,
     _is_int,
     check_instruction,
     check_lora_structure,
@@ -112,6 +113,7 @@ def pack_secagg_reply(
     return content
 
 
+@_fail_closed("secagg reply")
 def check_secagg_reply(
     content: RecordDict, *, spec: AdapterSpec | None, run: RunConfig, masked: bool
 ) -> SecAggReply:
@@ -226,7 +228,7 @@ def check_secagg_reply(
             problems.extend(check_lora_structure(got, r=run.lora.r))
         else:
             for n in names:
-                if got[n][0] != tuple(spec[n][0]):
+                if n in spec and got[n][0] != tuple(spec[n][0]):
                     problems.append(Problem(f"layout[{n!r:.120}]", f"shape {got[n][0]} != {spec[n][0]}"))
     elif names and not problems:
         problems.append(Problem(FITRES_PARAMETERS, "no arrays"))
@@ -247,6 +249,7 @@ def _decode_all(blobs: list[bytes], decode: Any, problems: list[Problem], what: 
     return out
 
 
+@_fail_closed("secagg instruction")
 def unpack_secagg_instruction(content: RecordDict, *, spec: AdapterSpec, run: RunConfig) -> Instruction:
     """The legacy FitIns a site receives under SecAgg+, checked as :func:`check_instruction`.
 

@@ -23,7 +23,8 @@ def adapter():
 
 def privacy(**over):
     p = dict(epsilon=1.5, epsilon_round=0.5, delta=1e-5, noise_multiplier=1.1, sample_rate=0.01,
-             steps=50, max_grad_norm=1.0, accountant="prv", secure_mode=False, patients_bucket=120)
+             steps=50, max_grad_norm=1.0, accountant="prv", secure_mode=False, patients_bucket=120,
+             ledger_seq=3, ledger_head="ab" * 32)
     p.update(over)
     return p
 
@@ -149,3 +150,69 @@ def test_instruction_checked_on_receipt():
     assert "non-finite" in str(err.value) and "cmd" in str(err.value)
     with pytest.raises(WireError, match="round"):
         wire.check_instruction(RecordDict({"instruction": ConfigRecord({"round": True})}), spec=SPEC, run=RUN)
+
+
+# ---- ledger anchor (issue #12 §2) and a site stricter than the run (§5) ----
+
+
+def test_ledger_seq_and_head_are_strictly_checked():
+    ok = wire.check_reply(wire.pack_train_reply(adapter(), privacy()), kind="train", spec=SPEC, run=RUN)
+    assert ok.privacy["ledger_seq"] == 3 and ok.privacy["ledger_head"] == "ab" * 32
+    for seq in (0, -1, 10**12 + 1, 1.0, True, "3", [3]):
+        refused(wire.pack_train_reply(adapter(), privacy(ledger_seq=seq)), match="ledger_seq")
+    for head in ("AB" * 32, "ab" * 31, "ab" * 33, "ab" * 32 + "\n", "zz" * 32, SECRET, b"ab" * 32,
+                 ["ab" * 32], "\u0661" * 64):
+        refused(wire.pack_train_reply(adapter(), privacy(ledger_head=head)), match="ledger_head")
+    for key in ("ledger_seq", "ledger_head"):
+        p = privacy()
+        del p[key]
+        refused(wire.pack_train_reply(adapter(), p), match="missing")
+
+
+def test_site_may_be_stricter_on_secure_mode_never_looser():
+    strict_run = RunConfig.from_flower({"lora.r": 2, "train.secure-mode": True})
+    # run says False, site used secure noise anyway: accepted, and reported as used
+    ok = wire.check_reply(wire.pack_train_reply(adapter(), privacy(secure_mode=True)), kind="train",
+                          spec=SPEC, run=RUN)
+    assert ok.privacy["secure_mode"] is True
+    # run says True: True passes, False (looser) is refused
+    wire.check_reply(wire.pack_train_reply(adapter(), privacy(secure_mode=True)), kind="train",
+                     spec=SPEC, run=strict_run)
+    with pytest.raises(WireError, match="secure-mode is true"):
+        wire.check_reply(wire.pack_train_reply(adapter(), privacy(secure_mode=False)), kind="train",
+                         spec=SPEC, run=strict_run)
+
+
+def test_accountant_must_be_the_runs():
+    rdp_run = RunConfig.from_flower({"lora.r": 2, "train.accountant": "rdp"})
+    wire.check_reply(wire.pack_train_reply(adapter(), privacy(accountant="rdp")), kind="train",
+                     spec=SPEC, run=rdp_run)
+    refused(wire.pack_train_reply(adapter(), privacy(accountant="rdp")), match="differs from the run")
+    refused(wire.pack_train_reply(adapter(), privacy(accountant=["prv"])), match="accountant")
+
+
+def test_delta_is_bounded_by_the_patients_bucket():
+    # bucket 120: delta must be < 1/1200
+    wire.check_reply(wire.pack_train_reply(adapter(), privacy(delta=1 / 1200 * 0.999)), kind="train",
+                     spec=SPEC, run=RUN)
+    refused(wire.pack_train_reply(adapter(), privacy(delta=1 / 1200)), match="patients_bucket")
+    refused(wire.pack_train_reply(adapter(), privacy(delta=0.5)), match="patients_bucket")
+    # a bucket of 0 is floored at 10: delta < 1/100
+    wire.check_reply(wire.pack_train_reply(adapter(), privacy(patients_bucket=0, delta=0.009)),
+                     kind="train", spec=SPEC, run=RUN)
+    refused(wire.pack_train_reply(adapter(), privacy(patients_bucket=0, delta=0.01)),
+            match="patients_bucket")
+    refused(wire.pack_train_reply(adapter(), privacy(patients_bucket=10_000, delta=1e-5)),
+            match="patients_bucket")
+
+
+def test_malformed_values_are_refused_not_raised():
+    # issue #13 §1: an accountant given as a list used to raise TypeError
+    for over in ({"accountant": ["prv", "rdp"]}, {"epsilon": 10**400}, {"patients_bucket": 10**30},
+                 {"secure_mode": [True]}, {"ledger_head": ["x"]}):
+        try:
+            content = wire.pack_train_reply(adapter(), privacy(**over))
+        except Exception:  # Flower itself refuses to build the record: nothing to check
+            continue
+        err = refused(content)
+        assert not any(wire.INTERNAL_FAILURE in p.reason for p in err.problems), err.problems
