@@ -7,7 +7,15 @@ Thin wiring over :mod:`server.strategy`, :mod:`server.checkpoint` and
 ``min-sites``, else the global adapter is left unchanged), checkpoint, then ask
 ``fraction-evaluate`` of the sites for metric summaries. Sites that time out,
 fail, decline (out of budget) or send something the wire contract refuses are
-recorded and the round goes on without them.
+recorded and the round goes on without them: any malformed reply is a typed
+refusal, never an exception that ends the run. A refusal is recorded by a short
+sha256 of what was refused (:func:`shared.wire.refusal_digest`), never its content.
+
+Every train update is also checked against the coordinator's per-site budget
+anchor (:mod:`server.site_budget`, ``<FEDSYNTH_COORD_RUN_DIR>/site-budgets.json``,
+shared by every run): a rolled-back or forked ledger, a cumulative epsilon that
+went down, or one below what the coordinator recomputes from the site's own
+reported runs is refused like a wire violation.
 
 With ``secagg = true`` the train phase is SecAgg+ instead (:mod:`server.secagg`):
 the coordinator checks each site's clear scalars and learns only the weighted
@@ -22,6 +30,7 @@ coordinator resumes after the last complete checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -38,7 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
-from server import checkpoint, report, secagg, strategy
+from server import checkpoint, report, secagg, site_budget, strategy
 from shared import wire
 from shared.audit import AuditLog
 from shared.errors import WireError
@@ -64,12 +73,16 @@ def main(grid: Grid, context: Context) -> None:
 
 def run_federation(
     grid: Grid, run: RunConfig, *, run_dir: Path, sleep: Callable[[float], None] = time.sleep,
-    key: Ed25519PrivateKey | None = None,
+    key: Ed25519PrivateKey | None = None, state_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the federation; returns the consortium summary also written to run_dir.
 
     ``key`` signs the coordinator's audit log and consortium report (:mod:`server.report`).
+    ``state_dir`` holds the per-site budget anchor shared by every run of this
+    coordinator (:mod:`server.site_budget`); default: ``run_dir``'s parent, i.e.
+    ``FEDSYNTH_COORD_RUN_DIR``.
     """
+    budget = site_budget.SiteBudgetRegistry.open(state_dir if state_dir is not None else run_dir.parent)
     ckpt_root = run_dir / "checkpoints"
     latest = checkpoint.load_latest(ckpt_root)
     start, global_adapter = latest if latest is not None else (0, None)
@@ -88,24 +101,27 @@ def run_federation(
         record: dict[str, Any] = {"round": rnd}
         flwr_log(INFO, "fedsynth round %d/%d: %d sites connected", rnd, run.num_rounds, len(nodes))
         train_nodes = _sample(nodes, run.fraction_train, run.min_sites, seed=rnd)
+        anchor = _Anchor(budget, site_budget.site_keys(grid), run.run_name, rnd)
         if run.secagg:
             new = secagg.train_round(grid, run, nodes=train_nodes, round_id=rnd,
-                                     global_adapter=global_adapter, record=record)
+                                     global_adapter=global_adapter, record=record, anchor=anchor.admit)
+            record["site_budget"] = anchor.admitted
             if new is not None:
                 global_adapter = new
                 checkpoint.save_round(ckpt_root, rnd, global_adapter, lora=run.lora)
                 record["checkpoint"] = checkpoint.round_dir_name(rnd)
             _evaluate(grid, nodes, rnd, global_adapter, run, record)
-            report.audit_round(audit, record)
+            report.audit_round(audit, record, registry_sha256=budget.digest())
             summary["rounds"].append(record)
             summary["last_round"] = rnd
             _write_summary(run_dir, summary)
             continue
         replies = _send(grid, train_nodes, MessageType.TRAIN, rnd, global_adapter, run.timeout_train)
         spec = wire.spec_of(global_adapter) if global_adapter is not None else None
-        outcome = _classify(replies, train_nodes, kind="train", spec=spec, run=run)
+        outcome = _classify(replies, train_nodes, kind="train", spec=spec, run=run, anchor=anchor.admit)
         accepted = _majority_layout(outcome, spec)
         record["train"] = outcome["record"]
+        record["site_budget"] = anchor.admitted
         if len(accepted) >= run.min_sites:
             global_adapter = _aggregate(accepted, global_adapter, run, record)
             checkpoint.save_round(ckpt_root, rnd, global_adapter, lora=run.lora)
@@ -114,7 +130,7 @@ def run_federation(
             record["aggregated"] = False
             log.warning("round %d: %d accepted updates < min-sites; global unchanged", rnd, len(accepted))
         _evaluate(grid, nodes, rnd, global_adapter, run, record)
-        report.audit_round(audit, record)
+        report.audit_round(audit, record, registry_sha256=budget.digest())
         summary["rounds"].append(record)
         summary["last_round"] = rnd
         _write_summary(run_dir, summary)
@@ -134,6 +150,29 @@ def _finish(run_dir: Path, summary: dict[str, Any], run: RunConfig, audit: Audit
 
 
 # ---- one round's pieces ----------------------------------------------------
+
+
+class _Anchor:
+    """This round's view of the site-budget registry: admit one site's privacy record."""
+
+    def __init__(self, registry: site_budget.SiteBudgetRegistry, keys: dict[int, str],
+                 run_name: str, round_id: int) -> None:
+        self._registry, self._keys, self._run, self._round = registry, keys, run_name, round_id
+        self.admitted: dict[str, dict[str, Any]] = {}
+
+    def admit(self, node: int, privacy: dict[str, Any]) -> site_budget.BudgetRefusal | None:
+        """None when the update is anchored; else the typed refusal (nothing recorded)."""
+        key = site_budget.key_for(node, self._keys)
+        got = self._registry.admit(key, privacy, run_name=self._run, round_id=self._round, node=node)
+        if isinstance(got, site_budget.BudgetRefusal):
+            return got
+        self.admitted[str(node)] = {
+            "site_key": got.site_key, "ledger_seq": got.ledger_seq, "ledger_head": got.ledger_head,
+            "epsilon": got.epsilon, "epsilon_recomputed": got.epsilon_recomputed,
+        }
+        return None
+
+
 
 
 def _evaluate(
@@ -174,9 +213,14 @@ def _send(
 
 
 def _classify(
-    replies: list[Message], sent: list[int], *, kind: str, spec: wire.AdapterSpec | None, run: RunConfig
+    replies: list[Message], sent: list[int], *, kind: str, spec: wire.AdapterSpec | None, run: RunConfig,
+    anchor: Callable[[int, dict[str, Any]], site_budget.BudgetRefusal | None] | None = None,
 ) -> dict[str, Any]:
-    """Sort replies into accepted / declined / refused / failed / missing (by node id)."""
+    """Sort replies into accepted / declined / refused / failed / missing (by node id).
+
+    ``anchor`` (train replies): the site-budget check of :class:`_Anchor`; a refusal
+    there is recorded like a wire refusal (kind ``ledger``, with its typed codes).
+    """
     accepted: dict[int, wire.Reply] = {}
     rec: dict[str, Any] = {"sent": sent, "accepted": [], "declined": {}, "refused": {}, "failed": []}
     seen: set[int] = set()
@@ -190,10 +234,22 @@ def _classify(
             continue
         try:
             reply = wire.check_reply(msg.content, kind=kind, spec=spec, run=run)
-        except WireError as exc:
-            log.warning("site %d: %s reply refused: %s", node, kind, exc)
-            rec["refused"][str(node)] = [str(p) for p in exc.problems][:20]
+        except Exception as exc:  # noqa: BLE001 - WireError, or anything: a refusal, never a crash
+            digest = wire.refusal_digest(msg.content)
+            count = len(exc.problems) if isinstance(exc, WireError) else 1
+            log.warning("site %d: %s reply refused by the wire contract (%d problems, sha256 %s)",
+                        node, kind, count, digest)
+            rec["refused"][str(node)] = report.refusal_record("wire", digest, count)
             continue
+        if reply.privacy is not None and anchor is not None:
+            refusal = anchor(node, reply.privacy)
+            if refusal is not None:
+                digest = wire.refusal_digest(msg.content)
+                log.warning("site %d: train update refused by the site-budget anchor: %s (sha256 %s)",
+                            node, ",".join(refusal.codes), digest)
+                rec["refused"][str(node)] = report.refusal_record("ledger", digest, len(refusal.problems),
+                                                           refusal.codes)
+                continue
         if reply.decline is not None:
             rec["declined"][str(node)] = reply.decline
         else:
@@ -217,7 +273,8 @@ def _majority_layout(outcome: dict[str, Any], spec: wire.AdapterSpec | None) -> 
     for key, nodes in layouts.items():
         if key != best:
             for node in nodes:
-                outcome["record"]["refused"][str(node)] = ["adapter layout differs from the majority"]
+                digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+                outcome["record"]["refused"][str(node)] = report.refusal_record("layout", digest, 1)
                 outcome["record"]["accepted"].remove(node)
     return {n: accepted[n] for n in sorted(layouts[best])}
 

@@ -11,13 +11,23 @@ Both are signed with the coordinator's Ed25519 key (``FEDSYNTH_COORD_SIGNING_KEY
 when one is configured; without a key they are written unsigned and
 ``fedsynth-verify`` will refuse them.
 
-The coordinator knows sites only by their Flower node id, so the report names
-sites ``node-<id>``; the privacy numbers are exactly what each site sent with
-its update (the site's own ledger-recomputed cumulative ε), not recomputed here.
+The coordinator knows sites by their Flower node id, so the report names sites
+``node-<id>``; ``site_key`` is the identity the budget anchor uses (the SuperNode
+public key's sha256 when Flower exposes it). The per-round privacy numbers are
+exactly what each site sent with its update (the site's own ledger-recomputed
+cumulative ε); beside them, per site, the report shows the ledger position the
+coordinator anchored (``ledger_seq``/``ledger_head``) and ``epsilon_recomputed``:
+the ε the coordinator recomputed from every (σ, q, steps) it accepted from that
+site (:mod:`server.site_budget`), a lower bound the site's own ε may not go below.
+
+Refusals are recorded by kind, typed codes and a short sha256 of the refused
+content (:func:`refusal_record`), never by what the site sent.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -66,17 +76,54 @@ def open_audit(run_dir: Path, *, key: Ed25519PrivateKey | None) -> AuditLog:
     return AuditLog(Path(run_dir) / AUDIT_NAME, key=key, actor=ACTOR)
 
 
+def refusal_record(kind: str, digest: str, problems: int, codes: tuple[str, ...] = ()) -> dict[str, Any]:
+    """How a refused reply is recorded (summary, audit log): a type, a hash, a count; no content.
+
+    ``kind``: ``wire`` (the wire contract), ``ledger`` (the site-budget anchor,
+    with its typed ``codes``), ``layout`` (adapter layout differs from the other
+    sites'), ``too_few`` (SecAgg+: too few contributions to unmask safely).
+    ``digest``: :func:`shared.wire.refusal_digest` of the refused content.
+    """
+    out: dict[str, Any] = {"kind": kind, "sha256": digest, "problems": int(problems)}
+    if codes:
+        out["codes"] = list(codes)
+    return out
+
+
 def _short(text: str) -> str:
     clean = "".join(c if c.isprintable() else " " for c in str(text))
     return clean[:MAX_STRING]
 
 
-def audit_round(audit: AuditLog, record: Mapping[str, Any]) -> None:
-    """One entry per site asked to train (accepted or rejected, with a short reason), then ``round``."""
+def _refusal_reason(refusal: Any) -> str:
+    """``refused (<kind>[: codes]) sha256 <digest>``: never the refused content.
+
+    Old summaries recorded a list of problem strings (which could echo what the
+    site sent); those are hashed here, not copied.
+    """
+    if isinstance(refusal, Mapping) and isinstance(refusal.get("sha256"), str):
+        kind = str(refusal.get("kind", "wire"))
+        codes = refusal.get("codes") or []
+        typed = f"{kind}: {','.join(str(c) for c in codes)}" if codes else kind
+        return f"refused ({typed}) sha256 {refusal['sha256']}"
+    digest = hashlib.sha256(json.dumps(refusal, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"refused (wire) sha256 {digest}"
+
+
+def audit_round(audit: AuditLog, record: Mapping[str, Any], *, registry_sha256: str | None = None) -> None:
+    """One entry per site asked to train (accepted or rejected, with a short reason), then ``round``.
+
+    An accepted update carries the site's reported cumulative ε and the ledger
+    position and recomputed ε the coordinator anchored; a rejected one its kind,
+    typed codes and a hash of the refused content. ``registry_sha256`` (the
+    site-budget registry after this round) goes into the ``round`` entry, so the
+    signed audit log pins the anchor's state.
+    """
     rnd = int(record["round"])
     train = record.get("train") or {}
     privacy = record.get("privacy") or {}
     weights = record.get("weights") or {}
+    anchored = record.get("site_budget") or {}
     for node in train.get("accepted", []):
         p = privacy.get(str(node), {})
         data: dict[str, Any] = {"round": rnd, "node": str(node)}
@@ -84,33 +131,45 @@ def audit_round(audit: AuditLog, record: Mapping[str, Any]) -> None:
             data["epsilon"] = float(p["epsilon"])
         if str(node) in weights:
             data["weight"] = float(weights[str(node)])
+        a = anchored.get(str(node)) or {}
+        for k in ("ledger_seq", "ledger_head", "epsilon_recomputed", "site_key"):
+            if k in a:
+                data[k] = a[k]
         audit.append("update_accepted", data)
     rejected: list[tuple[Any, str]] = []
     rejected += [(n, f"declined: {r}") for n, r in (train.get("declined") or {}).items()]
-    rejected += [(n, f"refused: {(p or ['by the wire contract'])[0]}")
-                 for n, p in (train.get("refused") or {}).items()]
+    rejected += [(n, _refusal_reason(p)) for n, p in (train.get("refused") or {}).items()]
     rejected += [(n, "failed: error reply") for n in train.get("failed", [])]
     rejected += [(n, "missing: no reply before the timeout") for n in train.get("missing", [])]
     for node, reason in rejected:
         audit.append("update_rejected", {"round": rnd, "node": str(node), "reason": _short(reason)})
     ev = record.get("evaluate") or {}
-    audit.append("round", {
+    entry: dict[str, Any] = {
         "round": rnd,
         "sent": len(train.get("sent", [])),
         "accepted": len(train.get("accepted", [])),
         "aggregated": bool(record.get("aggregated", False)),
         "checkpoint": str(record.get("checkpoint", "")),
         "evaluated": len(ev.get("accepted", [])),
-    })
+    }
+    if registry_sha256 is not None:
+        entry["site_budget_sha256"] = registry_sha256
+    audit.append("round", entry)
 
 
 def _site_rounds(summary: Mapping[str, Any]) -> list[SitePrivacySummary]:
     by_node: dict[str, list[SiteRoundPrivacy]] = {}
+    anchors: dict[str, dict[str, Any]] = {}  # node -> the latest anchored position (last round wins)
     for rec in summary.get("rounds", []):
+        for node, a in (rec.get("site_budget") or {}).items():
+            anchors[str(node)] = {**a, "round": int(rec["round"])}
         for node, p in (rec.get("privacy") or {}).items():
+            a = (rec.get("site_budget") or {}).get(str(node)) or {}
+            fields = {**p, **({"epsilon_recomputed": a["epsilon_recomputed"]}
+                              if "epsilon_recomputed" in a else {})}
             try:
                 point = SiteRoundPrivacy(round=int(rec["round"]), **{
-                    k: p[k] for k in SiteRoundPrivacy.model_fields if k != "round"
+                    k: fields[k] for k in SiteRoundPrivacy.model_fields if k != "round" and k in fields
                 })
             except (KeyError, ValidationError) as exc:
                 # Only checked replies reach the summary: this means a summary edited by hand.
@@ -118,8 +177,20 @@ def _site_rounds(summary: Mapping[str, Any]) -> list[SitePrivacySummary]:
                             rec.get("round"), node, exc)
                 continue
             by_node.setdefault(str(node), []).append(point)
-    return [SitePrivacySummary(site_id=f"node-{node}", rounds=rounds)
-            for node, rounds in sorted(by_node.items())]
+    out = []
+    for node in sorted(set(by_node) | set(anchors)):
+        a = anchors.get(node) or {}
+        try:
+            out.append(SitePrivacySummary(
+                site_id=f"node-{node}", rounds=by_node.get(node, []),
+                site_key=a.get("site_key"), epsilon=a.get("epsilon"),
+                epsilon_recomputed=a.get("epsilon_recomputed"),
+                ledger_seq=a.get("ledger_seq"), ledger_head=a.get("ledger_head"),
+            ))
+        except ValidationError as exc:
+            log.warning("node %s: anchored budget left out of the report: %s", node, exc)
+            out.append(SitePrivacySummary(site_id=f"node-{node}", rounds=by_node.get(node, [])))
+    return out
 
 
 def _checkpoints(summary: Mapping[str, Any], run_dir: Path) -> list[Checkpoint]:

@@ -39,7 +39,9 @@ about 5e-7 * n / sum(w_i / max_weight) for R = 1, unbiased.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -66,6 +68,8 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
+from server.report import refusal_record
+from server.site_budget import BudgetRefusal
 from shared import wire, wire_secagg
 from shared.errors import Problem, WireError
 from shared.run_config import RunConfig
@@ -83,19 +87,24 @@ def train_round(
     round_id: int,
     global_adapter: Adapter | None,
     record: dict[str, Any],
+    anchor: Callable[[int, dict[str, Any]], BudgetRefusal | None] | None = None,
 ) -> Adapter | None:
     """One SecAgg+ train round over ``nodes``; the new global adapter, or None (unchanged).
 
     Fills ``record`` like the plain path (``train``: sent/accepted/declined/
     refused/failed/missing; ``weights``; ``privacy``; ``aggregated``) plus
     ``secagg`` (protocol parameters). Never raises for a site's misbehaviour.
+    ``anchor`` is the coordinator's site-budget check (server.app._Anchor.admit):
+    the privacy scalars travel in the clear beside the masked vector, so a site
+    whose ledger was rolled back or forked, or whose epsilon is too low, is refused
+    before unmasking, like a wire violation (a dropout for SecAgg+).
     """
     spec = wire.spec_of(global_adapter) if global_adapter is not None else None
     names = sorted(global_adapter) if global_adapter is not None else []
     params = ndarrays_to_parameters([global_adapter[n] for n in names]) if global_adapter is not None \
         else Parameters(tensors=[], tensor_type="numpy.ndarray")
     strategy = _RoundStrategy(grid, nodes, params, round_id)
-    checked = _CheckedGrid(grid, run, spec, nodes)
+    checked = _CheckedGrid(grid, run, spec, nodes, anchor)
     context = LegacyContext(
         Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
         config=ServerConfig(num_rounds=1), strategy=strategy, client_manager=SimpleClientManager(),
@@ -158,11 +167,13 @@ class _CheckedGrid:
     remain, all are dropped so the protocol halts before unmasking.
     """
 
-    def __init__(self, grid: Grid, run: RunConfig, spec: wire.AdapterSpec | None, sent: list[int]):
+    def __init__(self, grid: Grid, run: RunConfig, spec: wire.AdapterSpec | None, sent: list[int],
+                 anchor: Callable[[int, dict[str, Any]], BudgetRefusal | None] | None = None):
         self._grid, self._run, self._spec, self._sent = grid, run, spec, sent
+        self._anchor = anchor
         self.accepted: dict[int, wire_secagg.SecAggReply] = {}
         self.declined: dict[int, str] = {}
-        self.refused: dict[int, list[str]] = {}
+        self.refused: dict[int, dict[str, Any]] = {}
         self.failed: set[int] = set()
         self.replied: set[int] = set()
         self.layout: tuple[tuple[str, ...], tuple[tuple[int, ...], ...]] | None = None
@@ -192,10 +203,20 @@ class _CheckedGrid:
                     self.layout = (got.names, got.shapes)
                 elif (got.names, got.shapes) != self.layout:
                     raise WireError("layout", [Problem("layout", "differs from the other sites'")])
-            except WireError as exc:
-                log.warning("site %d: secagg reply refused: %s", node, exc)
-                self.refused[node] = [str(p) for p in exc.problems][:20]
+            except Exception as exc:  # noqa: BLE001 - WireError, or anything: a refusal, never a crash
+                digest = wire.refusal_digest(msg.content)
+                count = len(exc.problems) if isinstance(exc, WireError) else 1
+                log.warning("site %d: secagg reply refused (%d problems, sha256 %s)", node, count, digest)
+                self.refused[node] = refusal_record("wire", digest, count)
                 continue
+            if got.privacy is not None and got.decline is None and self._anchor is not None:
+                refusal = self._anchor(node, got.privacy)
+                if refusal is not None:
+                    digest = wire.refusal_digest(msg.content)
+                    log.warning("site %d: secagg update refused by the site-budget anchor: %s (sha256 %s)",
+                                node, ",".join(refusal.codes), digest)
+                    self.refused[node] = refusal_record("ledger", digest, len(refusal.problems), refusal.codes)
+                    continue
             if got.decline is not None:
                 self.declined[node] = got.decline
             else:
@@ -204,7 +225,8 @@ class _CheckedGrid:
         need = max(self._run.min_sites, 2)
         if len(self.accepted) < need:
             log.warning("%d checked contributions < %d: halting before unmasking", len(self.accepted), need)
-            self.refused.update({n: ["too few contributions to unmask safely"] for n in self.accepted})
+            too_few = hashlib.sha256(b"too few contributions to unmask safely").hexdigest()[:16]
+            self.refused.update({n: refusal_record("too_few", too_few, 1) for n in self.accepted})
             self.accepted, self.layout = {}, None
             return []
         return keep

@@ -224,14 +224,31 @@ class SiteRoundPrivacy(BaseModel):
     max_grad_norm: float = Field(gt=0)
     accountant: str
     secure_mode: bool
+    # Optional: absent from reports written before the coordinator anchored site ledgers.
+    ledger_seq: int | None = Field(None, ge=1, description="records in the site's ledger after this round")
+    ledger_head: Hex64 | None = Field(None, description="the site ledger's HMAC head after this round")
+    epsilon_recomputed: NonNeg | None = Field(
+        None, description="epsilon the coordinator recomputed from every (sigma, q, steps) it accepted "
+        "from this site up to this round, at this round's delta")
 
 
 class SitePrivacySummary(BaseModel):
+    """One site over the run; the cumulative fields are the coordinator's anchor after its last update."""
+
     model_config = _STRICT
     site_id: str = Field(pattern=SITE_ID_PATTERN)
     unit_of_privacy: Literal["patient"] = "patient"
     epsilon_ceiling: float | None = Field(None, gt=0, description="when the site chose to disclose it")
     rounds: list[SiteRoundPrivacy]
+    # Optional: absent from reports written before the coordinator anchored site ledgers.
+    site_key: Annotated[str, Field(pattern=r"^(pubkey:[0-9a-f]{64}|node:[0-9]{1,20})$")] | None = Field(
+        None, description="the identity the coordinator anchors the budget under")
+    epsilon: NonNeg | None = Field(None, description="cumulative epsilon the site last reported (its ledger)")
+    epsilon_recomputed: NonNeg | None = Field(
+        None, description="cumulative epsilon the coordinator recomputed from the site's reported runs; "
+        "a lower bound: the site's ledger may hold runs the coordinator never saw")
+    ledger_seq: int | None = Field(None, ge=1, description="the site ledger's length last anchored")
+    ledger_head: Hex64 | None = Field(None, description="the site ledger's HMAC head last anchored")
 
 
 class RoundMetrics(BaseModel):

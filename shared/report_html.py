@@ -258,8 +258,11 @@ def _consortium_html(r: ConsortiumReport) -> str:
             _td(_num(last.epsilon if last else None), True), _td(_num(last.delta if last else None), True),
             _td(_num(s.epsilon_ceiling), True), _td(_e(last.accountant if last else "—")),
             _td(_e(last.secure_mode if last else "—")),
+            _td(_num(s.epsilon_recomputed), True),
+            _td(_e(f"{s.ledger_seq} / {s.ledger_head[:16]}…" if s.ledger_seq and s.ledger_head else "—")),
         ])
-    parts.append(_table(["site", "rounds trained", "ε (latest)", "δ", "ceiling", "accountant", "secure mode"], rows))
+    parts.append(_table(["site", "rounds trained", "ε (latest)", "δ", "ceiling", "accountant", "secure mode",
+                         "ε recomputed by the coordinator", "ledger seq / head (anchored)"], rows))
     parts.append("<h2>Aggregated metric summaries</h2>")
     if r.metrics:
         parts.append(_metrics_table(r.metrics[-1].metrics))

@@ -9,13 +9,41 @@ Kill-site variant (tests/e2e/test_kill_site.py): a site whose environment sets
 and then hangs there, so the test can SIGKILL the site mid-train.
 """
 
+import hashlib
+import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 
+from shared.accounting import compute_epsilon
+
 A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+
+
+def fake_ledger(settings, run):
+    """Ledger fields an honest site sends: epsilon, epsilon_round, ledger_seq, ledger_head.
+
+    Like a real ledger it lives in the site's output dir and survives restarts and
+    runs: every call reserves one more run (sigma 1.0, q 0.1, run.train.steps), the
+    sequence number grows, and epsilon is the composition of every run reserved so
+    far, so the coordinator's anchor (server/site_budget.py) accepts it.
+    """
+    path = Path(settings.output_dir) / "fake-ledger.json"
+    state = json.loads(path.read_text()) if path.exists() else {"runs": 0, "seq": 0}
+    state["runs"] += 1
+    state["seq"] += 1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(state))
+    run_ = (1.0, 0.1, run.train.steps)
+    return dict(
+        epsilon=compute_epsilon([run_] * state["runs"], delta=1e-5, accountant=run.train.accountant),
+        epsilon_round=compute_epsilon([run_], delta=1e-5, accountant=run.train.accountant),
+        ledger_seq=state["seq"],
+        ledger_head=hashlib.sha256(f"{settings.site_id}:{state['seq']}".encode()).hexdigest(),
+    )
 
 
 def adapter_spec(settings, run):
@@ -35,10 +63,10 @@ def site_train(settings, run, *, global_adapter, round_id):
         B: np.zeros((4, run.lora.r), np.float32),
     }
     adapter = {n: v + (k + 1) for n, v in base.items()}
-    privacy = dict(epsilon=0.5 * round_id, epsilon_round=0.5, delta=1e-5, noise_multiplier=1.0,
-                   sample_rate=0.1, steps=run.train.steps, max_grad_norm=1.0,
-                   accountant=run.train.accountant, secure_mode=run.train.secure_mode,
-                   patients_bucket=10 * (k + 1))
+    privacy = dict(delta=1e-5, noise_multiplier=1.0, sample_rate=0.1, steps=run.train.steps,
+                   max_grad_norm=1.0, accountant=run.train.accountant,
+                   secure_mode=run.train.secure_mode, patients_bucket=10 * (k + 1),
+                   **fake_ledger(settings, run))
     return adapter, privacy
 
 

@@ -21,6 +21,7 @@ from server.app import SUMMARY_NAME, run_federation
 from shared import wire
 from shared.errors import BudgetExceededError, ConfigError
 from shared.run_config import RunConfig
+from tests.e2e.fake_site import fake_ledger
 
 A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
@@ -44,10 +45,10 @@ def make_fake_site(calls):
         base = global_adapter or {A: np.zeros((run.lora.r, 4), np.float32),
                                   B: np.zeros((4, run.lora.r), np.float32)}
         adapter = {n: v + (k + 1) for n, v in base.items()}
-        privacy = dict(epsilon=0.5 * round_id, epsilon_round=0.5, delta=1e-5, noise_multiplier=1.0,
-                       sample_rate=0.1, steps=run.train.steps, max_grad_norm=1.0,
-                       accountant=run.train.accountant, secure_mode=run.train.secure_mode,
-                       patients_bucket=10 * (k + 1))
+        privacy = dict(delta=1e-5, noise_multiplier=1.0, sample_rate=0.1, steps=run.train.steps,
+                       max_grad_norm=1.0, accountant=run.train.accountant,
+                       secure_mode=run.train.secure_mode, patients_bucket=10 * (k + 1),
+                       **fake_ledger(settings, run))
         return adapter, privacy
 
     def site_evaluate(settings, run, *, global_adapter, round_id):

@@ -102,7 +102,9 @@ def test_audit_round_records_every_site_with_a_short_reason(tmp_path):
                      ("update_rejected", "10"), ("update_rejected", "11"), ("round", None)]
     reasons = [e["data"]["reason"] for e in entries if e["kind"] == "update_rejected"]
     assert reasons[0] == "declined: budget_exceeded" and reasons[2].startswith("missing")
-    assert len(reasons[1]) == 200 and "\n" not in reasons[1]
+    # a refusal is recorded by a hash of what was refused, never its content (issue #13 §2)
+    assert reasons[1].startswith("refused (wire) sha256 ") and "x" * 10 not in reasons[1]
+    assert "\n" not in reasons[1] and len(reasons[1]) <= 200
     assert entries[0]["data"]["epsilon"] == 0.5 and entries[-1]["data"]["aggregated"] is True
 
 
