@@ -42,7 +42,8 @@ def fake_ledger(settings, run):
         epsilon=compute_epsilon([run_] * state["runs"], delta=1e-5, accountant=run.train.accountant),
         epsilon_round=compute_epsilon([run_], delta=1e-5, accountant=run.train.accountant),
         ledger_seq=state["seq"],
-        ledger_head=hashlib.sha256(f"{settings.site_id}:{state['seq']}".encode()).hexdigest(),
+        # a real head MACs the records with the site's secret: a re-made ledger has another head
+        ledger_head=hashlib.sha256(f"{settings.site_id}:{state['seq']}:".encode() + os.urandom(16)).hexdigest(),
     )
 
 

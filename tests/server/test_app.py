@@ -223,3 +223,47 @@ def test_node_config_settings(tmp_path, monkeypatch):
     assert site_settings({"partition-id": 2, "num-partitions": 3}).site_id == "site-c"
     with pytest.raises(ConfigError, match="found 3"):
         site_settings({"partition-id": 3, "num-partitions": 4})
+
+
+def test_malformed_reply_is_a_typed_refusal_and_the_run_goes_on(tmp_path, calls, monkeypatch):
+    """Issue #13 §1: an accountant sent as a list used to raise TypeError and end the run."""
+    def malformed(msg, context):
+        if msg.metadata.message_type != "train":
+            return client_app(msg, context)
+        p = dict(epsilon=1.0, epsilon_round=1.0, delta=1e-5, noise_multiplier=1.0, sample_rate=0.1,
+                 steps=1, max_grad_norm=1.0, accountant=["prv", SECRET], secure_mode=False,
+                 patients_bucket=10, ledger_seq=1, ledger_head="ab" * 32)
+        content = wire.pack_train_reply({A: np.ones((2, 4), np.float32), B: np.ones((4, 2), np.float32)}, p)
+        return Message(content, reply_to=msg)
+
+    rc = RC | {"num-rounds": 2}
+    grid = InProcessGrid(contexts(tmp_path, rc, n=3), handlers={102: malformed})
+    summary = run_federation(grid, RunConfig.from_flower(rc), run_dir=tmp_path / "run", sleep=lambda s: None)
+    assert summary["status"] == "completed"
+    for rnd in summary["rounds"]:
+        assert rnd["train"]["accepted"] == [100, 101] and rnd["aggregated"] is True
+        refused = rnd["train"]["refused"]["102"]
+        assert refused["kind"] == "wire" and len(refused["sha256"]) == 16
+    # the refusal is recorded by hash: nothing the site sent is echoed
+    run_dir = tmp_path / "run"
+    for name in (SUMMARY_NAME, "audit.jsonl", "consortium-report.json"):
+        assert SECRET not in (run_dir / name).read_text()
+
+    # even a check that raises something other than WireError cannot end the run
+    real = wire.check_reply
+
+    def exploding(content, **kw):
+        if kw.get("kind") == "train" and "privacy" in content and content["privacy"]["patients_bucket"] == 20:
+            raise TypeError(SECRET)
+        return real(content, **kw)
+
+    import server.app as server_app
+
+    # only the coordinator's view of the wire module explodes (the sites' checks stay real)
+    monkeypatch.setattr(server_app, "wire", types.SimpleNamespace(**{**vars(wire), "check_reply": exploding}))
+    summary = run_federation(InProcessGrid(contexts(tmp_path, RC | {"min-sites": 1}, n=2)),
+                             RunConfig.from_flower(RC | {"min-sites": 1, "run-name": "other"}),
+                             run_dir=tmp_path / "other", sleep=lambda s: None)
+    rnd = summary["rounds"][0]
+    assert rnd["train"]["accepted"] == [100] and rnd["train"]["refused"]["101"]["kind"] == "wire"
+    assert SECRET not in json.dumps(summary)
