@@ -15,7 +15,10 @@ that site) when
 - the reported cumulative epsilon is below what the coordinator recomputes from
   every run it accepted from that site, this one included, with the reported
   delta and accountant (``epsilon_below_recomputed``; tolerance:
-  :func:`shared.accounting.epsilon_tolerance`).
+  :func:`shared.accounting.epsilon_tolerance`). The recomputation is
+  :func:`shared.accounting.epsilon_lower_bound`: exact for up to 6 distinct
+  (sigma, q) runs, a lower bound beyond, so its cost stays bounded whatever
+  numbers a site sends.
 
 What it cannot see: a fork at a *higher* sequence number (the coordinator has no
 MAC key to verify the chain), rounds the site trained for another coordinator,
@@ -43,7 +46,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shared.accounting import compute_epsilon, epsilon_tolerance
+from shared.accounting import epsilon_lower_bound, epsilon_tolerance
 from shared.errors import LedgerError, Problem
 
 STATE_NAME = "site-budgets.json"
@@ -152,8 +155,8 @@ class SiteBudgetRegistry:
         history.append((float(privacy["noise_multiplier"]), float(privacy["sample_rate"]),
                         int(privacy["steps"])))
         try:
-            recomputed = compute_epsilon(history, delta=float(privacy["delta"]),
-                                         accountant=str(privacy["accountant"]))
+            recomputed = epsilon_lower_bound(history, delta=float(privacy["delta"]),
+                                             accountant=str(privacy["accountant"]))
         except Exception as exc:  # noqa: BLE001 - an accountant failure refuses, never crashes
             codes.append("accounting_failed")
             problems.append(Problem("privacy", f"epsilon recomputation failed ({type(exc).__name__})"))

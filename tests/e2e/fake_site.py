@@ -31,7 +31,7 @@ def fake_ledger(settings, run):
     sequence number grows, and epsilon is the composition of every run reserved so
     far, so the coordinator's anchor (server/site_budget.py) accepts it.
     """
-    path = Path(settings.output_dir) / "fake-ledger.json"
+    path = Path(settings.output_dir) / f"fake-ledger-{settings.site_id}.json"
     state = json.loads(path.read_text()) if path.exists() else {"runs": 0, "seq": 0}
     state["runs"] += 1
     state["seq"] += 1

@@ -161,7 +161,7 @@ def test_site_key_is_the_supernode_public_key_when_flower_exposes_it():
 
 
 def _ledger(tmp_path, k):
-    return tmp_path / f"s{k}" / "fake-ledger.json"
+    return tmp_path / f"s{k}" / f"fake-ledger-site{k}.json"
 
 
 def test_site_that_deletes_its_state_is_refused_and_the_round_goes_on(tmp_path, calls):  # noqa: F811
