@@ -25,6 +25,7 @@ from typing import Annotated, Literal, TypeVar
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from shared.accounting import epsilon_tolerance
 from shared.errors import InputError, Problem
 from shared.signing import sign_file
 from shared.whitelist import ACCOUNTANTS, METRIC_NAMES
@@ -249,6 +250,25 @@ class SitePrivacySummary(BaseModel):
         "a lower bound: the site's ledger may hold runs the coordinator never saw")
     ledger_seq: int | None = Field(None, ge=1, description="the site ledger's length last anchored")
     ledger_head: Hex64 | None = Field(None, description="the site ledger's HMAC head last anchored")
+
+    @model_validator(mode="after")
+    def _anchored(self) -> SitePrivacySummary:
+        # What the coordinator refuses to accept cannot appear in its report either.
+        problems = []
+        seqs = [r.ledger_seq for r in self.rounds if r.ledger_seq is not None]
+        if any(b <= a for a, b in zip(seqs, seqs[1:], strict=False)):
+            problems.append("ledger_seq must increase from round to round")
+        if seqs and self.ledger_seq is not None and self.ledger_seq < seqs[-1]:
+            problems.append("anchored ledger_seq is below a round's ledger_seq")
+        points = [(r.epsilon, r.epsilon_recomputed) for r in self.rounds]
+        points.append((self.epsilon, self.epsilon_recomputed))
+        for eps, recomputed in points:
+            if eps is not None and recomputed is not None and eps + epsilon_tolerance(recomputed) < recomputed:
+                problems.append("a site's epsilon is below the coordinator's recomputation")
+                break
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class RoundMetrics(BaseModel):

@@ -236,3 +236,26 @@ def test_old_summaries_without_anchor_still_make_a_report(tmp_path):
     assert all(s.ledger_seq is None and s.epsilon_recomputed is None for s in report.sites)
     audit = AuditLog(tmp_path / "audit.jsonl", actor="coordinator")
     rep.audit_round(audit, _summary(tmp_path / "run2")["rounds"][0])
+
+
+def test_report_schema_refuses_what_the_anchor_refuses():
+    from pydantic import ValidationError
+
+    from shared.report import SitePrivacySummary, SiteRoundPrivacy
+
+    def rnd(r, seq, e, rec):
+        return SiteRoundPrivacy(round=r, epsilon=e, epsilon_round=0.5, delta=1e-5, noise_multiplier=1.0,
+                                sample_rate=0.1, steps=10, max_grad_norm=1.0, accountant="prv",
+                                secure_mode=False, ledger_seq=seq, ledger_head=head(seq),
+                                epsilon_recomputed=rec)
+
+    ok = SitePrivacySummary(site_id="node-1", rounds=[rnd(1, 1, 1.0, 1.0), rnd(2, 2, 2.0, 1.9)],
+                            site_key="node:1", epsilon=2.0, epsilon_recomputed=1.9, ledger_seq=2,
+                            ledger_head=head(2))
+    assert ok.ledger_seq == 2
+    with pytest.raises(ValidationError, match="increase"):
+        SitePrivacySummary(site_id="node-1", rounds=[rnd(1, 2, 1.0, 1.0), rnd(2, 2, 2.0, 1.9)])
+    with pytest.raises(ValidationError, match="recomputation"):
+        SitePrivacySummary(site_id="node-1", rounds=[rnd(1, 1, 1.0, 3.0)])
+    with pytest.raises(ValidationError, match="site_key"):
+        SitePrivacySummary(site_id="node-1", rounds=[], site_key="Jane Roe")
