@@ -173,8 +173,6 @@ class _Anchor:
         return None
 
 
-
-
 def _evaluate(
     grid: Grid, nodes: list[int], rnd: int, global_adapter: dict | None, run: RunConfig, record: dict
 ) -> None:
