@@ -16,6 +16,15 @@ Node-config keys (``flower-supernode --node-config "data-dir='/srv/site'"``):
 ``data-dir`` (notes at ``<data-dir>/notes.jsonl``, output under
 ``<data-dir>/output``), ``site-id``, ``notes-path``, ``model-dir``,
 ``output-dir``, ``ledger-path``, ``epsilon-ceiling``, ``k-min``, ``device``.
+The node config arrives over the SuperNode's local runtime API, so it may only
+tighten the environment's settings: ``epsilon-ceiling`` only lower, ``k-min`` only
+higher, ``ledger-path`` not other than a set ``FEDSYNTH_SITE_LEDGER_PATH``
+(:func:`client.policy.node_config_problems`; a looser value is refused).
+
+Site floors: every path (train, SecAgg+ train, evaluate) tightens the run config
+to the site's settings with :func:`floored_run` (:mod:`client.policy`) before the
+site functions see it; SecAgg+ stage parameters are checked by
+:mod:`client.secagg_guard` before Flower's ``secaggplus_mod`` acts on them.
 Simulation only: Flower sets ``partition-id``/``num-partitions``; then, unless
 ``data-dir`` is given, partition i uses the i-th (sorted by name) subdirectory of
 ``$FEDSYNTH_SIM_ROOT`` that holds a ``notes.jsonl``, and the site id is that

@@ -298,3 +298,37 @@ def test_configured_delta_at_or_above_one_over_ten_n_is_refused(n):
     assert site_delta(_settings(delta=1e-7), n) == 1e-7
     with pytest.raises(PrivacyError, match="no training patients"):
         site_delta(_settings(), 0)
+
+
+# ---- the CLI path: a round run by hand gets the same noise floors ---------------------
+
+
+def test_fedsynth_site_train_by_hand_gets_the_site_floors(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from client import site
+    from client.cli import app as cli
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def train_dp(model, tokenizer, notes, *, config, **kwargs):
+        seen.append((config, kwargs["delta"]))
+        raise Stop  # nothing is trained; the floors were applied before this point
+
+    monkeypatch.setattr(site, "load_site_data", lambda s: types.SimpleNamespace(train_patients=96, train=[]))
+    monkeypatch.setattr(site, "build_site_model", lambda *a, **k: (None, None))
+    monkeypatch.setattr(site, "train_dp", train_dp)
+    out = CliRunner().invoke(cli, ["train", "--output-dir", str(tmp_path / "out"),
+                                   "--noise-multiplier", "0.01", "--batch", "16", "--steps", "5"])
+    assert isinstance(out.exception, Stop), out.output
+    [(config, delta)] = seen
+    # sigma 0.01 -> 0.5 (floor), and 0.5 at q = 1/6 over 5 steps costs ~12.7 > 2: run at epsilon 2
+    assert config.noise_multiplier is None and config.target_epsilon == 2.0 and config.secure_mode is True
+    assert delta == 1e-5  # the bucketed default, not 1/(10 * 96)
+    [entry] = _audit(tmp_path)
+    assert entry["kind"] == "policy_tightened" and entry["data"]["round"] == "local-1"
+    knobs = entry["data"]["knobs"]
+    assert any("noise_multiplier 0.01 -> 0.5" in k for k in knobs) and any("costs epsilon" in k for k in knobs)
