@@ -21,6 +21,7 @@ train.noise-multiplier      ``MIN_NOISE_MULTIPLIER`` (0.5)                    ra
 train.epsilon-per-round     ``MAX_EPSILON_PER_ROUND`` (2.0)                   lowered
 (either mode, other floor)  both, at the round's real sampling rate           :func:`floor_dp`
 generate.temperature        ``MIN_EVAL_TEMPERATURE`` (0.7)                    raised
+generate.top-p / top-k      ``MIN_EVAL_TOP_P`` (0.9) / ``MIN_EVAL_TOP_K`` (50)  raised (top-k 0 = off)
 evaluate.k-min              ``K_MIN`` (10)                                    raised
 min-sites                   ``MIN_SITES`` (2)                                 round refused
 secagg-reconstruction-      ``MIN_SECAGG_THRESHOLD`` (0.6, > 1/2)             round refused
@@ -100,6 +101,13 @@ def apply_site_floors(run: RunConfig, settings: SiteSettings) -> tuple[RunConfig
         generate["temperature"] = settings.min_eval_temperature
         tightened.append(f"generate.temperature {g.temperature:g} -> "
                          f"{settings.min_eval_temperature:g} (FEDSYNTH_SITE_MIN_EVAL_TEMPERATURE)")
+    if g.top_p < settings.min_eval_top_p:
+        generate["top_p"] = settings.min_eval_top_p
+        tightened.append(f"generate.top-p {g.top_p:g} -> {settings.min_eval_top_p:g} "
+                         "(FEDSYNTH_SITE_MIN_EVAL_TOP_P)")
+    if 0 < g.top_k < settings.min_eval_top_k:
+        generate["top_k"] = settings.min_eval_top_k
+        tightened.append(f"generate.top-k {g.top_k} -> {settings.min_eval_top_k} (FEDSYNTH_SITE_MIN_EVAL_TOP_K)")
     top: dict[str, Any] = {}
     if run.evaluate_k_min < settings.k_min:
         top["evaluate_k_min"] = settings.k_min

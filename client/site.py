@@ -174,7 +174,8 @@ def train_local_round(
     delta = site_delta(settings, data.train_patients)
     # The site's noise floors, for the ClientApp and `fedsynth-site train` alike (client/policy.py).
     dp, tightened = floor_dp(dp, settings, n_patients=data.train_patients, delta=delta)
-    report_tightened(tightened, phase="train", round_id=round_id, audit=audit_log(settings))
+    if tightened:
+        report_tightened(tightened, phase="train", round_id=round_id, audit=audit_log(settings))
     model, tokenizer = build_site_model(settings, lora=lora, global_adapter=global_adapter)
     result = train_dp(
         model,

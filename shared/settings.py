@@ -71,6 +71,9 @@ class SiteSettings(BaseSettings):
     min_noise_multiplier: float = Field(0.5, gt=0, le=1000)  # sigma floor (noise std / clipping bound)
     max_epsilon_per_round: float = Field(2.0, gt=0)  # cap on one round's epsilon at the site's delta
     min_eval_temperature: float = Field(0.7, ge=0, le=10)  # sampling temperature floor when evaluating
+    # top-k = 1 or a tiny top-p is greedy decoding whatever the temperature: floors for both
+    min_eval_top_p: float = Field(0.9, gt=0, le=1)
+    min_eval_top_k: int = Field(50, ge=1)  # a run's top-k in [1, this) is raised to it; 0 (off) stays
     min_secagg_threshold: float = Field(0.6, gt=0.5, le=1)  # SecAgg+ threshold / shares, > 1/2
     min_secagg_group_size: int = Field(3, ge=2)  # fewest SecAgg+ share holders (demo/tests: 2)
     min_sites: int = Field(2, ge=1)  # the run's min-sites may not be lower

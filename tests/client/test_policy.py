@@ -64,6 +64,15 @@ def test_temperature_zero_is_raised_to_the_site_floor():
     assert run.generate.temperature == 0.9
 
 
+def test_greedy_decoding_through_top_k_or_top_p_is_raised():
+    run, tightened = policy.apply_site_floors(
+        RunConfig.from_flower({"generate.top-k": 1, "generate.top-p": 0.01}), _settings())
+    assert (run.generate.top_k, run.generate.top_p) == (50, 0.9)
+    assert sum("generate.top-" in t for t in tightened) == 2
+    run, tightened = policy.apply_site_floors(RunConfig.from_flower({"generate.top-k": 0}), _settings())
+    assert run.generate.top_k == 0 and not any("top-k" in t for t in tightened)  # 0 = no filter
+
+
 def test_epsilon_per_round_1000_is_lowered_to_the_site_cap():
     rc = {"train.noise-multiplier": 0.0, "train.epsilon-per-round": 1000.0}
     run, tightened = policy.apply_site_floors(RunConfig.from_flower(rc), _settings())

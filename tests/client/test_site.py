@@ -44,6 +44,9 @@ def _settings(root: Path, manifest, **kw) -> SiteSettings:
         k_min=2,
         # secure noise needs torchcsprng, which the test environment does not install
         require_secure_noise=kw.pop("require_secure_noise", False),
+        # sigma 1 over 3 steps at q = 1/8 costs epsilon ~2.4 at the default delta: above the
+        # default per-round cap (2), which would turn the round into an epsilon-2 one
+        max_epsilon_per_round=kw.pop("max_epsilon_per_round", 10.0),
         **kw,
     )
 
