@@ -16,6 +16,15 @@ Node-config keys (``flower-supernode --node-config "data-dir='/srv/site'"``):
 ``data-dir`` (notes at ``<data-dir>/notes.jsonl``, output under
 ``<data-dir>/output``), ``site-id``, ``notes-path``, ``model-dir``,
 ``output-dir``, ``ledger-path``, ``epsilon-ceiling``, ``k-min``, ``device``.
+The node config arrives over the SuperNode's local runtime API, so it may only
+tighten the environment's settings: ``epsilon-ceiling`` only lower, ``k-min`` only
+higher, ``ledger-path`` not other than a set ``FEDSYNTH_SITE_LEDGER_PATH``
+(:func:`client.policy.node_config_problems`; a looser value is refused).
+
+Site floors: every path (train, SecAgg+ train, evaluate) tightens the run config
+to the site's settings with :func:`floored_run` (:mod:`client.policy`) before the
+site functions see it; SecAgg+ stage parameters are checked by
+:mod:`client.secagg_guard` before Flower's ``secaggplus_mod`` acts on them.
 Simulation only: Flower sets ``partition-id``/``num-partitions``; then, unless
 ``data-dir`` is given, partition i uses the i-th (sorted by name) subdirectory of
 ``$FEDSYNTH_SIM_ROOT`` that holds a ``notes.jsonl``, and the site id is that
@@ -56,8 +65,9 @@ from flwr.app import Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
+from client import policy, secagg_guard
 from shared import wire, wire_secagg
-from shared.errors import BudgetExceededError, ConfigError, Problem
+from shared.errors import BudgetExceededError, ConfigError, PrivacyError, Problem
 from shared.run_config import RunConfig
 from shared.settings import SiteSettings, load_settings
 
@@ -119,6 +129,10 @@ def site_settings(node_config: dict[str, Any]) -> SiteSettings:
                 overrides.setdefault("site_id", data_dir.name)
                 # Simulated sites share one environment, so each one's key sits in its own dir.
                 sim_key = data_dir / "signing.key"
+    if any(f in overrides for f in ("epsilon_ceiling", "k_min", "ledger_path")):
+        # Node config comes over the SuperNode's local API: it may only tighten (client/policy.py).
+        problems += policy.node_config_problems(
+            overrides, load_settings(SiteSettings), keys={v: k for k, v in _NODE_KEYS.items()})
     if problems:
         raise ConfigError("invalid site node config", problems)
     if data_dir is not None:
@@ -153,6 +167,41 @@ def _claimed_round(message: Message) -> int | None:
     return None
 
 
+def _audit_log(settings: SiteSettings) -> Any:
+    try:
+        return _site().audit_log(settings)
+    except Exception:  # best effort: the caller's log line is the record of last resort
+        log.exception("the site's audit log is not available")
+        return None
+
+
+def floored_run(run: RunConfig, settings: SiteSettings, *, phase: str, message: Message) -> RunConfig:
+    """``run`` tightened to the site's floors (:func:`client.policy.apply_site_floors`), reported.
+
+    A run the site refuses (PrivacyError) is written to the audit log as
+    ``update_rejected`` (reason ``site_floor``) and the error re-raised.
+    """
+    round_id = _claimed_round(message)
+    try:
+        run, tightened = policy.apply_site_floors(run, settings)
+    except PrivacyError as exc:
+        log.warning("%s round %s refused by this site's floors: %s", phase, round_id, exc)
+        audit = _audit_log(settings)
+        if audit is not None:
+            data: dict[str, Any] = {"phase": phase, "reason": "site_floor",
+                                    "problems": [str(p)[:200] for p in exc.problems]}
+            if round_id is not None:
+                data["round"] = round_id
+            try:
+                audit.append("update_rejected", data)
+            except Exception:
+                log.exception("could not write the refusal to the site's audit log")
+        raise
+    if tightened:
+        policy.report_tightened(tightened, phase=phase, round_id=round_id, audit=_audit_log(settings))
+    return run
+
+
 def refuse_plain_round(message: Message, settings: SiteSettings) -> RecordDict:
     """The ``secagg_required`` decline for a plain train message at a ``require_secagg`` site.
 
@@ -183,7 +232,8 @@ def train_reply(message: Message, context: Context) -> RecordDict:
         settings = site_settings(dict(context.node_config))
         if settings.require_secagg:
             return refuse_plain_round(message, settings)
-        run = RunConfig.from_flower(dict(context.run_config))
+        run = floored_run(RunConfig.from_flower(dict(context.run_config)), settings,
+                          phase="train", message=message)
         if run.secagg:
             # The run promises secure aggregation: never send this update in the clear.
             raise ConfigError("secagg = true but the train message is not a SecAgg+ one")
@@ -255,7 +305,8 @@ def secagg_train_reply(message: Message, context: Context) -> RecordDict:
     """
     try:
         settings = site_settings(dict(context.node_config))
-        run = RunConfig.from_flower(dict(context.run_config))
+        run = floored_run(RunConfig.from_flower(dict(context.run_config)), settings,
+                          phase="train", message=message)
         spec = _spec(settings, run)
     except Exception as exc:
         log.exception("secagg train: no site settings/adapter spec; dropping out of the round")
@@ -300,7 +351,8 @@ def evaluate_reply(message: Message, context: Context) -> RecordDict:
     """Generate and evaluate at this site; return the checked metric summary."""
     try:
         settings = site_settings(dict(context.node_config))
-        run = RunConfig.from_flower(dict(context.run_config))
+        run = floored_run(RunConfig.from_flower(dict(context.run_config)), settings,
+                          phase="evaluate", message=message)
         spec = _spec(settings, run)
         got = wire.check_instruction(message.content, spec=spec, run=run)
         metrics = _site().site_evaluate(settings, run, global_adapter=got.adapter, round_id=got.round_id)
@@ -317,7 +369,11 @@ def train(message: Message, context: Context) -> Message:
     # secaggplus_mod is applied per message rather than as an app-wide mod: it
     # requires its protocol record and would fail on a plain (secagg = false) round.
     if wire_secagg.SECAGG_CONFIGS_KEY in message.content.config_records:
-        return secaggplus_mod(message, context, _secagg_train)
+        # Our check of the SecAgg+ stage parameters runs first: Flower's mod trusts them.
+        return secagg_guard.guard_mod(
+            message, context, lambda m, c: secaggplus_mod(m, c, _secagg_train),
+            settings=lambda c: site_settings(dict(c.node_config)), audit=_audit_log,
+            declined=SiteDeclinedError)
     return Message(train_reply(message, context), reply_to=message)
 
 

@@ -160,9 +160,10 @@ def check_notes(settings: SiteSettings) -> Check:
                           "or set FEDSYNTH_SITE_NOTES_MODE=skip to leave bad lines out (they are counted)")
     patients = len(group_by_patient(loaded.notes))
     detail = f"{path}: {len(loaded.notes)} notes, {patients} patients"
-    if settings.delta is not None and settings.delta > 1.0 / patients:
-        return fail_check(name, detail + f"; FEDSYNTH_SITE_DELTA={settings.delta:g} > 1/{patients}",
-                          "lower FEDSYNTH_SITE_DELTA (unset: 1/(10·patients)) or add patients")
+    if settings.delta is not None and settings.delta >= 1.0 / (10 * patients):
+        return fail_check(name, detail + f"; FEDSYNTH_SITE_DELTA={settings.delta:g} >= 1/(10·{patients})",
+                          "lower FEDSYNTH_SITE_DELTA far below 1/(10·patients) (e.g. 1e-5) or unset "
+                          "it (default min(1e-5, 1/(10·b·ln b)), b = patients rounded down to 10s)")
     if loaded.skipped:
         return warn_check(name, detail + f"; {loaded.skipped} bad line(s) skipped",
                           f"`fedsynth-site validate {path} --mode skip` lists them")

@@ -5,10 +5,20 @@ bundles signed by Flower's online hub, so an air-gapped consortium cannot use
 it. Instead the SuperNode runs with ``--isolation process`` (it then starts no
 ClientApp itself) and this launcher takes its place:
 
-``python -m client.launcher serve --runtime-api-address 127.0.0.1:9094 --insecure --pin pin.json``
+``python -m client.launcher serve --runtime-api-address 127.0.0.1:9094 --insecure --pin pin.json
+--superexec-auth-secret-file superexec.secret``
     polls the SuperNode's local Runtime API for ClientApp tasks (what
     ``flower-superexec`` does) and starts one ``task`` process per task, with
     the task token on stdin (not on the command line, where ``ps`` shows it).
+    With the secret file (the same one the SuperNode gets as
+    ``--superexec-auth-secret-file``; Flower 1.39, experimental, process isolation
+    only) the poll requests are HMAC-signed with Flower's
+    ``SuperExecAuthHttpInterceptor``, so no other local process can claim the
+    site's tasks. Flower signs only AcquireTask, PullPendingTasks and ClaimTask;
+    a task process authenticates with its task token. The secret cannot stop a
+    process that binds the Runtime API port before the SuperNode does and feeds
+    the ClientApp its own node config: the site floors (:mod:`client.policy`)
+    stop that, so both are needed.
 
 ``task`` (one task, mirrors ``flwr-clientapp``'s ``run_clientapp``)
     pulls the task input (token-bound: run, context, app bundle, message),
@@ -189,19 +199,54 @@ def _audit(audit_log: Path | None, site: str, data: dict[str, Any]) -> None:
         log.exception("could not write the refusal to the audit log %s", audit_log)
 
 
-def _runtime_client(address: str, token: str | None, insecure: bool, root_certificates: str | None):
+# The Runtime API methods a SuperNode started with --superexec-auth-secret-file verifies
+# (Flower 1.39: flwr.supercore.superexec.run_superexec._SUPEREXEC_AUTH_METHODS, private there).
+SUPEREXEC_AUTH_METHODS = frozenset({
+    "/flwr.proto.Runtime/AcquireTask",
+    "/flwr.proto.Runtime/PullPendingTasks",
+    "/flwr.proto.Runtime/ClaimTask",
+})
+
+
+def load_superexec_secret(path: Path | str) -> bytes:
+    """The SuperExec shared secret: the file's exact bytes (as the SuperNode reads it), non-empty."""
+    from flwr.supercore.auth import load_superexec_auth_secret
+
+    try:
+        secret = load_superexec_auth_secret(str(path))
+    except ValueError as exc:
+        raise InputError("cannot read the SuperExec auth secret", [Problem(str(path), str(exc)[:160])]) from None
+    if not secret:
+        raise InputError("cannot read the SuperExec auth secret", [Problem(str(path), "empty")])
+    return secret
+
+
+def runtime_interceptors(token: str | None, superexec_secret: bytes | None = None) -> list[Any]:
+    """Flower's HTTP interceptors for a Runtime API client: version, then the task token (a task
+    process) or the SuperExec HMAC signature (the poller, when the site has a secret)."""
     from flwr.supercore.interceptors import (
         RuntimeTokenHttpInterceptor,
         RuntimeVersionHttpInterceptor,
     )
-    from flwr.supercore.retry import make_simple_http_retry_invoker
-    from flwr.supercore.runtime import RuntimeHttpClient
-    from flwr.supercore.tls import validate_and_resolve_root_certificates
+    from flwr.supercore.interceptors.http.superexec_auth import SuperExecAuthHttpInterceptor
 
     interceptors: list[Any] = [RuntimeVersionHttpInterceptor(
         component_name="flwr-clientapp" if token else "SuperExec")]
     if token:
         interceptors.append(RuntimeTokenHttpInterceptor(token))
+    if superexec_secret:
+        interceptors.append(SuperExecAuthHttpInterceptor(
+            master_secret=superexec_secret, protected_methods=SUPEREXEC_AUTH_METHODS))
+    return interceptors
+
+
+def _runtime_client(address: str, token: str | None, insecure: bool, root_certificates: str | None,
+                    superexec_secret: bytes | None = None):
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supercore.tls import validate_and_resolve_root_certificates
+
+    interceptors = runtime_interceptors(token, superexec_secret)
     invoker = make_simple_http_retry_invoker()
     client = RuntimeHttpClient.from_server_address(
         server_address=address, insecure=insecure,
@@ -264,13 +309,21 @@ def run_task(address: str, token: str, pin: BundleId, *, insecure: bool,
 
 
 def serve(address: str, pin_path: Path, *, insecure: bool, root_certificates: str | None = None,
-          audit_log: Path | None = None, site: str = "site", poll_s: float = 1.0) -> None:
-    """Poll the SuperNode's Runtime API forever; one ``task`` process per acquired ClientApp task."""
+          audit_log: Path | None = None, site: str = "site", poll_s: float = 1.0,
+          superexec_secret_file: Path | None = None) -> None:
+    """Poll the SuperNode's Runtime API forever; one ``task`` process per acquired ClientApp task.
+
+    ``superexec_secret_file``: sign the polls (see the module docstring); every deploy
+    path (deploy/site.sh) passes it. Without it the Runtime API is unauthenticated.
+    """
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.constant import TaskType
 
     load_pin(pin_path)  # fail at start, not at the first round
-    client, _ = _runtime_client(address, None, insecure, root_certificates)
+    secret = load_superexec_secret(superexec_secret_file) if superexec_secret_file else None
+    if secret is None:
+        log.warning("no --superexec-auth-secret-file: the SuperNode's Runtime API is unauthenticated")
+    client, _ = _runtime_client(address, None, insecure, root_certificates, secret)
     children: list[subprocess.Popen] = []
     log.info("launcher serving %s with pin %s (site code from %s)", address, pin_path, _PACKAGE_ROOT)
     while True:
@@ -308,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--audit-log", type=Path)
         p.add_argument("--site", default=os.environ.get("FEDSYNTH_SITE_SITE_ID", "site"))
     sub.choices["serve"].add_argument("--poll", type=float, default=1.0, help="seconds between polls")
+    sub.choices["serve"].add_argument(
+        "--superexec-auth-secret-file", type=Path, default=None,
+        help="the SuperNode's --superexec-auth-secret-file: sign AcquireTask/PullPendingTasks/ClaimTask")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.cmd == "pin":
@@ -316,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "serve":
         serve(args.address, args.pin, insecure=args.insecure, root_certificates=args.root_certificates,
-              audit_log=args.audit_log, site=args.site, poll_s=args.poll)
+              audit_log=args.audit_log, site=args.site, poll_s=args.poll,
+              superexec_secret_file=args.superexec_auth_secret_file)
         return 0
     token = sys.stdin.readline().strip()
     if not token:

@@ -20,6 +20,7 @@ Site output layout (all of it stays at the site)::
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from client.model import (
     load_model,
 )
 from client.notes import Note, NotesLoad, group_by_patient, load_notes, split_by_patient
+from client.policy import floor_dp, report_tightened
 from client.train import DPConfig, TrainResult, train_dp
 from shared.audit import AuditLog
 from shared.errors import BudgetExceededError, PrivacyError
@@ -78,21 +80,50 @@ def load_site_data(settings: SiteSettings) -> SiteData:
     return SiteData(load=loaded, train=split.train, heldout=split.heldout)
 
 
+def patients_bucket(n_patients: int) -> int:
+    """``n_patients`` rounded down to a multiple of 10: the only patient count that leaves the site
+    (the same bucketing as :attr:`client.dp_config.PrivacyScalars.patients_bucket`)."""
+    return (int(n_patients) // 10) * 10
+
+
+DEFAULT_DELTA_CAP = 1e-5  # the default δ is never above this, whatever the site's size
+
+
+def default_delta(bucket: int) -> float:
+    """The default δ for a site whose patients bucket is ``bucket``: min(1e-5, 1/(10·b·ln b)).
+
+    A function of the bucket only, so the δ sent with every update reveals no more
+    than ``patients_bucket`` does. For b >= 10 and any n in [b, b + 9],
+    10·b·ln b > 10·n, so the default is always below 1/(10·n); below 10 patients
+    (b = 0) it is 1e-5.
+    """
+    if bucket < 10:
+        return DEFAULT_DELTA_CAP
+    return min(DEFAULT_DELTA_CAP, 1.0 / (10 * bucket * math.log(bucket)))
+
+
 def site_delta(settings: SiteSettings, n_patients: int) -> float:
-    """δ for this site: the setting, or 1/(10·n) when unset; δ > 1/n is refused.
+    """δ for this site: the setting, or :func:`default_delta` of the patients bucket when unset.
 
     Privacy meaning: δ bounds the probability that the ε guarantee fails for a
-    patient; with δ ≥ 1/n a mechanism could publish one patient's data outright.
+    patient; with δ ≥ 1/n a mechanism could publish one patient's data outright,
+    and δ = 1/(10·n) still allows one patient in ten. A configured δ ≥ 1/(10·n)
+    is refused (:class:`PrivacyError`). The default depends on the bucketed count
+    only: δ goes out with every update, and δ = 1/(10·n) would tell the
+    coordinator the exact patient count.
     """
     if n_patients < 1:
         raise PrivacyError("no training patients at this site")
-    delta = settings.delta if settings.delta is not None else 1.0 / (10 * n_patients)
-    if delta > 1.0 / n_patients:
+    if settings.delta is None:
+        return default_delta(patients_bucket(n_patients))
+    limit = 1.0 / (10 * n_patients)
+    if settings.delta >= limit:
         raise PrivacyError(
-            f"delta {delta:g} is larger than 1/n_patients = 1/{n_patients} = {1.0 / n_patients:g}; "
-            "lower FEDSYNTH_SITE_DELTA or add patients"
+            f"FEDSYNTH_SITE_DELTA={settings.delta:g} is not below 1/(10 * n_patients) = "
+            f"1/(10 * {n_patients}) = {limit:g}; set it far lower (e.g. 1e-5) or leave it unset "
+            f"for the default min(1e-5, 1/(10 b ln b))"
         )
-    return delta
+    return settings.delta
 
 
 def open_ledger(settings: SiteSettings) -> Ledger:
@@ -141,6 +172,10 @@ def train_local_round(
     """
     data = data or load_site_data(settings)
     delta = site_delta(settings, data.train_patients)
+    # The site's noise floors, for the ClientApp and `fedsynth-site train` alike (client/policy.py).
+    dp, tightened = floor_dp(dp, settings, n_patients=data.train_patients, delta=delta)
+    if tightened:
+        report_tightened(tightened, phase="train", round_id=round_id, audit=audit_log(settings))
     model, tokenizer = build_site_model(settings, lora=lora, global_adapter=global_adapter)
     result = train_dp(
         model,

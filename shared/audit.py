@@ -46,6 +46,7 @@ KINDS: frozenset[str] = frozenset(
         "budget_refusal",
         "report_issued",
         "config",  # data carries the config hash
+        "policy_tightened",  # a site floor overrode the run/node config (client/policy.py)
     }
 )
 ENTRY_FIELDS = frozenset({"seq", "time", "actor", "kind", "data", "prev", "key_id", "hash", "sig"})

@@ -103,7 +103,7 @@ class RunConfig:
     # sites sampled in a round (threshold is never below 2).
     secagg_clipping_range: float = 1.0
     secagg_num_shares: float = 1.0
-    secagg_threshold: float = 0.6
+    secagg_threshold: float = 0.7  # 0.6 gives 2 of 4 (= half): sites refuse that
     evaluate_k_min: int = 10
     lora: LoraConfig = LoraConfig()
     train: TrainConfig = TrainConfig()

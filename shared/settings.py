@@ -29,8 +29,10 @@ class SiteSettings(BaseSettings):
 
     Privacy meaning: ``epsilon_ceiling`` is the largest total epsilon (patient-level
     (epsilon, delta)-DP, composed over every round this site ever trained, as
-    recomputed from the ledger) the site accepts; ``delta`` must be at most
-    1/n_patients and defaults to 1/(10 * n_patients) when unset.
+    recomputed from the ledger) the site accepts; ``delta`` must be below
+    1/(10 * n_patients) and defaults to min(1e-5, 1/(10 * b * ln b)) with b the
+    patients bucket (n rounded down to a multiple of 10), so δ reveals only b
+    (:func:`client.site.site_delta`).
     ``require_secagg`` True: this site sends updates only inside Flower's SecAgg+
     protocol (the coordinator sees only the sum over sites); a plain train round
     is declined before anything is trained or spent, whatever the run config says.
@@ -61,6 +63,20 @@ class SiteSettings(BaseSettings):
     k_min: int = Field(10, ge=2)
     # The site's policy, not the coordinator's: the run config cannot lower it.
     require_secagg: bool = False
+    # Site floors (client/policy.py, docs/privacy-model.md "Site floors"): the run config
+    # and the node config may only TIGHTEN these; a looser value is raised/lowered to
+    # the floor (logged, audit kind ``policy_tightened``) or, where only the coordinator
+    # can act on it (min-sites, SecAgg+ threshold/group), the round is refused.
+    require_secure_noise: bool = True  # DP noise and sampling from the OS CSPRNG, whatever the run says
+    min_noise_multiplier: float = Field(0.5, gt=0, le=1000)  # sigma floor (noise std / clipping bound)
+    max_epsilon_per_round: float = Field(2.0, gt=0)  # cap on one round's epsilon at the site's delta
+    min_eval_temperature: float = Field(0.7, ge=0, le=10)  # sampling temperature floor when evaluating
+    # top-k = 1 or a tiny top-p is greedy decoding whatever the temperature: floors for both
+    min_eval_top_p: float = Field(0.9, gt=0, le=1)
+    min_eval_top_k: int = Field(50, ge=1)  # a run's top-k in [1, this) is raised to it; 0 (off) stays
+    min_secagg_threshold: float = Field(0.6, gt=0.5, le=1)  # SecAgg+ threshold / shares, > 1/2
+    min_secagg_group_size: int = Field(3, ge=2)  # fewest SecAgg+ share holders (demo/tests: 2)
+    min_sites: int = Field(2, ge=1)  # the run's min-sites may not be lower
 
     @model_validator(mode="after")
     def _default_ledger(self) -> SiteSettings:

@@ -187,3 +187,74 @@ def test_task_accepted_runs_local_app(agreed, monkeypatch):
     assert not reply.has_error() and "decline" in reply.content
     assert runtime.outputs == [("completed", "")]
     assert not agreed.marker.exists()  # the bundle's own client/app.py never ran
+
+
+# ---- SuperExec authentication of the poller (--superexec-auth-secret-file) -----------
+
+
+def _signed(interceptors, method):
+    """Run a Runtime API request through the launcher's interceptors; return (message, headers)."""
+    import httpx
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.protobuf.client import ProtobufRequestContext
+
+    msg = AcquireTaskRequest()
+    ctx = ProtobufRequestContext(rpc_method=method, message=msg,
+                                 request=httpx.Request("POST", "http://127.0.0.1:9094/x"))
+
+    def call(i, c):
+        return interceptors[i].intercept(c, lambda c2: call(i + 1, c2)) if i < len(interceptors) \
+            else httpx.Response(200)
+
+    call(0, ctx)
+    return msg, ctx.request.headers
+
+
+def _supernode_accepts(secret: bytes, msg, headers, method) -> bool:
+    """What Flower's SuperNode checks (flwr.supercore.dependencies.superexec), with its own code."""
+    from flwr.supercore.auth import derive_auth_secret
+    from flwr.supercore.auth.superexec import verify_superexec_request
+
+    class Nonces:
+        seen: set = set()
+
+        def reserve_nonce(self, namespace, nonce, expires_at):
+            fresh = nonce not in self.seen
+            self.seen.add(nonce)
+            return fresh
+
+    names = ("flwr-superexec-ts", "flwr-superexec-nonce", "flwr-superexec-body-sha256",
+             "flwr-superexec-signature")
+    if any(n not in headers for n in names):
+        return False
+    ts, nonce, body, sig = (headers[n] for n in names)
+    return verify_superexec_request(request=msg, method=method, auth_secret=derive_auth_secret(secret),
+                                    timestamp_raw=ts, nonce=nonce, body_sha256_header=body,
+                                    signature=sig, nonce_store=Nonces())
+
+
+def test_poller_signs_what_the_supernode_verifies_and_nothing_else_passes():
+    from client.launcher import SUPEREXEC_AUTH_METHODS, runtime_interceptors
+
+    acquire = "/flwr.proto.Runtime/AcquireTask"
+    msg, headers = _signed(runtime_interceptors(None, b"site-secret"), acquire)
+    assert _supernode_accepts(b"site-secret", msg, headers, acquire)
+    # a local process without the secret (or with another one) is refused
+    assert not _supernode_accepts(b"other-secret", msg, headers, acquire)
+    msg, headers = _signed(runtime_interceptors(None, None), acquire)
+    assert not _supernode_accepts(b"site-secret", msg, headers, acquire)
+    # the methods are Flower's own list (a private constant there: fail loudly on an upgrade)
+    from flwr.supercore.superexec.run_superexec import _SUPEREXEC_AUTH_METHODS
+
+    assert SUPEREXEC_AUTH_METHODS == _SUPEREXEC_AUTH_METHODS
+
+
+def test_superexec_secret_file_must_be_readable_and_non_empty(tmp_path):
+    from client.launcher import load_superexec_secret
+
+    (tmp_path / "s").write_bytes(b"\x00raw bytes\n")
+    assert load_superexec_secret(tmp_path / "s") == b"\x00raw bytes\n"  # exact bytes, as Flower reads them
+    (tmp_path / "empty").write_bytes(b"")
+    for path in (tmp_path / "empty", tmp_path / "missing"):
+        with pytest.raises(InputError):
+            load_superexec_secret(path)

@@ -152,12 +152,16 @@ def test_deploy_scripts_real_site_secagg_round(tmp_path):
             (srv / "pki").mkdir()
             shutil.copy(pki / "ca.crt", srv / "pki" / "ca.crt")
             shutil.copy(pki / site, srv / "pki" / site)  # keeps 0600
+            secret = srv / "pki" / "superexec.secret"  # SuperNode <-> launcher (Runtime API auth)
+            secret.write_bytes(os.urandom(32))
+            secret.chmod(0o600)
             site_keys[site] = load_public_key(generate_key(srv / "keys" / "signing"))
             env = base_env | env_from_example("site", {
                 "FEDSYNTH_SUPERLINK": f"127.0.0.1:{fleet}", "FEDSYNTH_CA_CERT": srv / "pki" / "ca.crt",
                 "FEDSYNTH_DEPLOY_KEY": srv / "pki" / site, "FEDSYNTH_DEPLOY_SITE_ID": site,
                 "FEDSYNTH_DATA_DIR": data, "FEDSYNTH_PIN": pin, "FEDSYNTH_INSTALL_DIR": install,
                 "FEDSYNTH_PYTHON": PY, "FEDSYNTH_RUNTIME_PORT": deployment.free_port(),
+                "FEDSYNTH_SUPEREXEC_SECRET": secret,
                 "FEDSYNTH_AUDIT_LOG": data / "audit.jsonl", "FLWR_HOME": srv / "flwr",
                 "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                 "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "FEDSYNTH_CACHE_DIR": srv / "cache",
@@ -168,7 +172,12 @@ def test_deploy_scripts_real_site_secagg_round(tmp_path):
                 "FEDSYNTH_SITE_DEVICE": "cpu", "FEDSYNTH_SITE_EPSILON_CEILING": "8.0",
                 "FEDSYNTH_SITE_REQUIRE_SECAGG": "true",
                 "FEDSYNTH_SITE_HELDOUT_FRACTION": "0.2", "FEDSYNTH_SITE_SPLIT_SEED": "0",
-                "FEDSYNTH_SITE_SIGNING_KEY": srv / "keys" / "signing", "FEDSYNTH_SITE_K_MIN": "2"})
+                "FEDSYNTH_SITE_SIGNING_KEY": srv / "keys" / "signing", "FEDSYNTH_SITE_K_MIN": "2",
+                # site floors: a two-site test consortium; secure noise needs torchcsprng (not here)
+                "FEDSYNTH_SITE_REQUIRE_SECURE_NOISE": "false", "FEDSYNTH_SITE_MIN_NOISE_MULTIPLIER": "0.5",
+                "FEDSYNTH_SITE_MAX_EPSILON_PER_ROUND": "2.0", "FEDSYNTH_SITE_MIN_EVAL_TEMPERATURE": "0.7",
+                "FEDSYNTH_SITE_MIN_SECAGG_THRESHOLD": "0.6", "FEDSYNTH_SITE_MIN_SECAGG_GROUP_SIZE": "2",
+                "FEDSYNTH_SITE_MIN_SITES": "2"})
             procs.start(site, ["bash", str(DEPLOY / "site.sh")], env, srv)
             data_dirs[site] = data
         node_ids = deployment.wait_for(online, 120, "two SuperNodes online", step=2)

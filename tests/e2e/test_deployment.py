@@ -200,16 +200,20 @@ def test_deployment(tmp_path):
             home.mkdir()
             env = base_env | {"FLWR_HOME": str(home)}
             runtime = free_port()
+            secret = home / "superexec.secret"  # Runtime API auth, as deploy/site.sh does it
+            secret.write_bytes(os.urandom(32))
             procs.start(f"supernode-{site}", [
                 str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{fleet}",
                 "--root-certificates", str(pki["ca_cert"]),
                 "--auth-supernode-private-key", str(pki[site]),
                 "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime),
+                "--superexec-auth-secret-file", str(secret),
                 "--node-config", f"data-dir='{data}' site-id='{site}'"], env, tmp_path)
             procs.start(f"launcher-{site}", [
                 PY, "-m", "client.launcher", "serve", "--runtime-api-address",
                 f"127.0.0.1:{runtime}", "--insecure", "--pin", str(pin_path),
-                "--audit-log", str(data / "audit.jsonl"), "--site", site, "--poll", "0.5"],
+                "--audit-log", str(data / "audit.jsonl"), "--site", site, "--poll", "0.5",
+                "--superexec-auth-secret-file", str(secret)],
                 env, install)
             sites[site] = data
         def online_nodes() -> list[dict] | None:

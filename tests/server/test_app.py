@@ -105,6 +105,16 @@ def contexts(tmp_path, run_config, n=4):
     }
 
 
+def site_floors_for_two_fake_sites(monkeypatch):
+    """Site floors (client/policy.py) as the in-process harness needs them.
+
+    Two sites form a SecAgg+ group (the default floor is 3), and the fake site reports
+    the run's secure_mode, which the coordinator compares with its own run config.
+    """
+    monkeypatch.setenv("FEDSYNTH_SITE_MIN_SECAGG_GROUP_SIZE", "2")
+    monkeypatch.setenv("FEDSYNTH_SITE_REQUIRE_SECURE_NOISE", "false")
+
+
 @pytest.fixture
 def calls(monkeypatch):
     # The Flower runtime sets the task identity of the ServerApp process; in-process we do.
@@ -114,6 +124,7 @@ def calls(monkeypatch):
         monkeypatch.setattr(TaskIdentity, attr, value)
     log = []
     monkeypatch.setitem(sys.modules, "client.site", make_fake_site(log))
+    site_floors_for_two_fake_sites(monkeypatch)
     return log
 
 

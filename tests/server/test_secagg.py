@@ -24,7 +24,15 @@ from server.app import run_federation
 from shared import wire, wire_secagg
 from shared.errors import ConfigError, WireError
 from shared.run_config import RunConfig
-from tests.server.test_app import SECRET, A, B, InProcessGrid, contexts, make_fake_site
+from tests.server.test_app import (
+    SECRET,
+    A,
+    B,
+    InProcessGrid,
+    contexts,
+    make_fake_site,
+    site_floors_for_two_fake_sites,
+)
 
 R = 4.0  # the fake sends values up to 5: a clipping range that covers them
 RC = {"num-rounds": 1, "min-sites": 2, "lora.r": 2, "timeout.wait-sites": 0, "secagg": True,
@@ -61,6 +69,7 @@ def calls(monkeypatch):
         monkeypatch.setattr(TaskIdentity, attr, value)
     log = []
     monkeypatch.setitem(sys.modules, "client.site", make_fake_site(log))
+    site_floors_for_two_fake_sites(monkeypatch)
     return log
 
 
