@@ -57,7 +57,7 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
 from shared import wire, wire_secagg
-from shared.errors import BudgetExceededError, ConfigError, Problem
+from shared.errors import BudgetExceededError, ConfigError, EvaluationBudgetError, Problem
 from shared.run_config import RunConfig
 from shared.settings import SiteSettings, load_settings
 
@@ -303,7 +303,13 @@ def evaluate_reply(message: Message, context: Context) -> RecordDict:
         run = RunConfig.from_flower(dict(context.run_config))
         spec = _spec(settings, run)
         got = wire.check_instruction(message.content, spec=spec, run=run)
-        metrics = _site().site_evaluate(settings, run, global_adapter=got.adapter, round_id=got.round_id)
+        try:
+            metrics = _site().site_evaluate(settings, run, global_adapter=got.adapter, round_id=got.round_id)
+        except (BudgetExceededError, EvaluationBudgetError) as exc:  # the metric release is a DP spend
+            log.warning("evaluate round %d declined: %s", got.round_id, exc)
+            return wire.pack_decline(
+                "evaluation_budget" if isinstance(exc, EvaluationBudgetError) else "budget_exceeded"
+            )
         content = wire.pack_evaluate_reply(metrics)
         wire.check_reply(content, kind="evaluate", spec=None, run=run)
         return content

@@ -59,6 +59,11 @@ class SiteSettings(BaseSettings):
     split_seed: int = 0
     signing_key: Path | None = None
     k_min: int = Field(10, ge=2)
+    # Evaluation is a DP mechanism charged to the ledger (docs/metrics.md): its noise multiplier,
+    # how many evaluations one run may ask for, and the lowest temperature it samples at.
+    eval_noise_multiplier: float = Field(5.0, ge=0.5)
+    max_evaluations_per_run: int = Field(10, ge=1)
+    min_eval_temperature: float = Field(0.7, ge=0.1, le=2.0)
     # The site's policy, not the coordinator's: the run config cannot lower it.
     require_secagg: bool = False
 
