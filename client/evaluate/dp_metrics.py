@@ -35,12 +35,13 @@ draws each code's reports from the same randomness).
 The sums of the rows over each group, (covered count, score sums), are
 released with Gaussian noise of standard deviation σ·Δ on every coordinate,
 σ = the site's ``eval_noise_multiplier``. Δ is the L2 sensitivity of the whole
-vector (both groups) to adding or removing one patient: the new patient's row
-(≤ √(m+1), m = number of scores) and, because the held-out count is
-round(fraction·n), at most one other patient moving between train and
-held-out (its row leaves one group and joins the other). Worst case: the two
-rows add up in one group (each coordinate ≤ 2) and one row leaves the other:
-Δ² ≤ 4(m+1) + (m+1), so Δ = √(5(m+1)). The Gaussian mechanism with noise
+vector (both groups) to adding or removing one patient q (m = number of
+scores). Patients are ranked by a keyed hash and the first round(fraction·n)
+are held out, so adding q changes that count by 0 or 1 and moves at most one
+other patient p across the boundary: either one group gains q's row (no move),
+or one group gains q and loses p while the other gains p. Rows lie in
+[0, 1]^(m+1), so per coordinate (q−p)² + p² ≤ 2 and Δ² ≤ 2(m+1):
+Δ = √(2(m+1)). The Gaussian mechanism with noise
 σ·Δ is exactly one step of the sampled Gaussian mechanism with noise
 multiplier σ and sample rate 1, which the ledger's accountant composes with
 training. Rates (noisy sum / noisy count) and the rounding to a few
@@ -74,7 +75,7 @@ VERBATIM_LENGTHS = {"verbatim_13_rate": 13, "verbatim_26_rate": 26}
 # A loss drop of this many nats/token (base minus adapter) saturates a patient's loss score.
 LOSS_SCALE_NATS = 1.0
 # Δ² = SPLIT_SHIFT_FACTOR · (m + 1): the new patient's row plus one patient moving between groups.
-SPLIT_SHIFT_FACTOR = 5
+SPLIT_SHIFT_FACTOR = 2
 
 
 def wire_names(stats: Sequence[str]) -> list[str]:
