@@ -309,7 +309,7 @@ def site_evaluate(
         charge = charge_evaluation(settings, run, ledger=ledger, round_id=round_id,
                                    delta=site_delta(settings, data.train_patients))
     except (EvaluationBudgetError, BudgetExceededError) as exc:
-        log.append("evaluation_refusal", {"round": round_id, "reason": type(exc).__name__})
+        log.append("budget_refusal", {"round": round_id, "phase": "evaluate", "reason": type(exc).__name__})
         raise
     torch.manual_seed(run.lora.init_seed)
     model, tokenizer = build_site_model(settings, lora=lora_params(run), global_adapter=global_adapter)
@@ -343,8 +343,8 @@ def site_evaluate(
     write_evaluation(evaluation, settings.output_dir / "evaluation" / f"round-{round_id}",
                      title=f"{settings.site_id} — round {round_id}")
     ledger.mark_released(charge.entry)
-    log.append("evaluation", {"round": round_id, "metrics_epsilon": round(charge.epsilon, 6),
-                              "noise_multiplier": charge.noise_multiplier})
+    log.append("round", {"round": round_id, "phase": "evaluate", "metrics_epsilon": round(charge.epsilon, 6),
+                         "noise_multiplier": charge.noise_multiplier})
     # The signed privacy report (privacy-reports/) and its report_issued audit entry.
     issue_round_report(settings, run, round_id=round_id, evaluation=evaluation,
                        ledger=ledger, audit=log,

@@ -1,0 +1,112 @@
+"""#12 §3: the site, not the coordinator, bounds an evaluation: sampling, budget, ledger charge.
+
+The adversary is a coordinator choosing the run config (temperature 0, a fixed
+seed, top-k 1, many evaluate rounds) to turn evaluation into a replayable probe.
+"""
+
+import json
+
+import pytest
+
+from client import site
+from client.demo_data import write_demo
+from client.evaluate import eval_policy
+from client.evaluate.eval_policy import (
+    charge_evaluation,
+    evaluation_budget,
+    evaluation_round_id,
+    evaluation_sampling,
+    evaluations_used,
+)
+from client.ledger import Ledger, compute_epsilon
+from shared.errors import BudgetExceededError, EvaluationBudgetError
+from shared.run_config import RunConfig
+from shared.settings import SiteSettings, load_settings
+
+GREEDY = RunConfig.from_flower({
+    "generate.temperature": 0.0, "generate.top-k": 1, "generate.top-p": 0.01, "generate.seed": 7,
+    "num-rounds": 3,
+})
+
+
+def _settings(tmp_path, **kw) -> SiteSettings:
+    return load_settings(SiteSettings, site_id="site-a", output_dir=tmp_path / "out", **kw)
+
+
+def test_no_greedy_probe_and_the_seed_is_the_sites(tmp_path):
+    settings = _settings(tmp_path)
+    a = evaluation_sampling(settings, GREEDY.generate)
+    b = evaluation_sampling(settings, GREEDY.generate)
+    assert a.temperature == settings.min_eval_temperature == 0.7  # temperature 0 raised to the floor
+    assert a.top_k >= eval_policy.MIN_EVAL_TOP_K and a.top_p >= eval_policy.MIN_EVAL_TOP_P
+    assert a.seed != b.seed and GREEDY.generate.seed not in (a.seed, b.seed)  # fresh entropy each call
+    hot = RunConfig.from_flower({"generate.temperature": 1.3, "generate.top-k": 50})
+    c = evaluation_sampling(_settings(tmp_path, min_eval_temperature=1.0), hot.generate)
+    assert (c.temperature, c.top_k) == (1.3, 50)  # the run may only be hotter / wider
+    assert evaluation_sampling(settings, hot.generate).max_new_tokens == hot.generate.max_new_tokens
+
+
+def test_an_evaluation_is_reserved_in_the_ledger_with_its_epsilon(tmp_path):
+    settings = _settings(tmp_path, eval_noise_multiplier=4.0)
+    ledger = Ledger(settings.ledger_path, site_id="site-a")
+    charge = charge_evaluation(settings, GREEDY, ledger=ledger, round_id=2, delta=1e-3)
+    (entry,) = ledger.entries()
+    assert entry == charge.entry and entry.kind == "reserve"
+    assert entry.round_id == evaluation_round_id(GREEDY, 2) and entry.round_id.startswith("eval-")
+    assert (entry.noise_multiplier, entry.sample_rate, entry.steps) == (4.0, 1.0, 1)
+    assert entry.accountant == GREEDY.train.accountant
+    assert charge.epsilon == pytest.approx(ledger.epsilon(delta=1e-3, accountant=entry.accountant))
+    assert 0.3 < charge.epsilon < 1.0  # σ = 4 at δ = 1e-3: a modest spend, composed with training
+
+
+def test_the_evaluation_budget_is_per_run_survives_restarts_and_refuses_before_charging(tmp_path):
+    settings = _settings(tmp_path, max_evaluations_per_run=2)
+    assert evaluation_budget(settings, GREEDY) == 2
+    assert evaluation_budget(_settings(tmp_path), GREEDY) == GREEDY.num_rounds + 1  # the run tightens
+    for r in (1, 2):
+        charge_evaluation(settings, GREEDY, ledger=Ledger(settings.ledger_path, site_id="site-a"),
+                          round_id=r, delta=1e-3)
+    ledger = Ledger(settings.ledger_path, site_id="site-a")  # a restart re-reads the same count
+    assert evaluations_used(ledger, GREEDY) == 2
+    before = ledger.entries()
+    with pytest.raises(EvaluationBudgetError, match="2 of its 2"):
+        charge_evaluation(settings, GREEDY, ledger=ledger, round_id=1, delta=1e-3)  # a replayed round too
+    assert ledger.entries() == before
+    other = RunConfig.from_flower({"run-name": "another-run"})
+    charge_evaluation(settings, other, ledger=ledger, round_id=1, delta=1e-3)  # counted per run
+
+
+def test_the_epsilon_ceiling_refuses_an_evaluation_and_nothing_is_written(tmp_path):
+    delta = 1e-3
+    one = compute_epsilon([(5.0, 1.0, 1)], delta=delta, accountant="prv")
+    settings = _settings(tmp_path, epsilon_ceiling=one * 1.2)  # two releases compose to ~1.47x one
+    ledger = Ledger(settings.ledger_path, site_id="site-a")
+    charge_evaluation(settings, GREEDY, ledger=ledger, round_id=1, delta=delta)
+    with pytest.raises(BudgetExceededError):
+        charge_evaluation(settings, GREEDY, ledger=ledger, round_id=2, delta=delta)
+    assert len(ledger.entries()) == 1
+
+
+def test_site_evaluate_charges_before_it_generates_and_declines_past_the_budget(tmp_path, monkeypatch):
+    manifest = write_demo(tmp_path / "data", seed=3, patients_per_site=30)
+    settings = _settings(tmp_path, notes_path=manifest.sites["site-a"], max_evaluations_per_run=1)
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def build_model(*args, **kwargs):  # the first step after the charge: the ledger must hold it already
+        seen.append([e.round_id for e in site.open_ledger(settings).entries()])
+        raise Stop
+
+    monkeypatch.setattr(site, "build_site_model", build_model)
+    with pytest.raises(Stop):
+        site.site_evaluate(settings, GREEDY, global_adapter=None, round_id=1)
+    assert seen == [[evaluation_round_id(GREEDY, 1)]]  # reserved before anything ran; it counts anyway
+    with pytest.raises(EvaluationBudgetError):
+        site.site_evaluate(settings, GREEDY, global_adapter=None, round_id=2)
+    assert len(seen) == 1  # refused before the model was even built
+    audit = [json.loads(line) for line in (settings.output_dir / "audit.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["data"]) for r in audit] == [
+        ("budget_refusal", {"round": 2, "phase": "evaluate", "reason": "EvaluationBudgetError"})
+    ]
