@@ -110,3 +110,62 @@ def test_site_evaluate_charges_before_it_generates_and_declines_past_the_budget(
     assert [(r["kind"], r["data"]) for r in audit] == [
         ("budget_refusal", {"round": 2, "phase": "evaluate", "reason": "EvaluationBudgetError"})
     ]
+
+
+def test_site_evaluate_end_to_end_with_a_crafted_generator(tmp_path, monkeypatch):
+    """The coordinator's adapter is faked as a generator of identical reports; everything else is real."""
+    import numpy as np
+
+    import client.evaluate.embeddings as embeddings
+    import client.generate as generate
+    import client.privacy_report as privacy_report
+    from client.generate import SyntheticReport
+    from shared.report import ModelInfo, SiteRoundReport, read_report
+    from shared.whitelist import METRIC_NAMES
+
+    manifest = write_demo(tmp_path / "data", seed=3, patients_per_site=30)
+    settings = _settings(tmp_path, notes_path=manifest.sites["site-a"])
+    sampled = []
+
+    class FakeModel:
+        def eval(self):
+            return self
+
+    def crafted(model, tokenizer, codes, *, n_per_code, sampling, **kwargs):
+        sampled.append(sampling)
+        return [SyntheticReport(f"r{c}-{i}", c, "Seen today, record number MRN 0000-0000, no change.",
+                                "zero-shot", "fake", None, {}, sampling.seed)
+                for c in codes for i in range(n_per_code)]
+
+    class Embedder:
+        identity = "bag-of-words-test"
+
+        def __init__(self, **kwargs):
+            pass
+
+        def embed(self, texts):
+            out = np.full((len(texts), 16), 1e-3, dtype=np.float32)
+            for i, t in enumerate(texts):
+                for w in t.split():
+                    out[i, len(w) % 16] += 1
+            return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+    monkeypatch.setattr(site, "build_site_model", lambda *a, **k: (FakeModel(), None))
+    monkeypatch.setattr(generate, "generate_reports", crafted)
+    monkeypatch.setattr(embeddings, "Embedder", Embedder)
+    monkeypatch.setattr(privacy_report, "model_info",
+                        lambda _: ModelInfo(id="fake", family="llama", identity_hash="0" * 64))
+    first = site.site_evaluate(settings, GREEDY, global_adapter=None, round_id=1)
+    site.site_evaluate(settings, GREEDY, global_adapter=None, round_id=2)
+    # greedy, seeded run config -> sampled at the site's floor with two different site seeds
+    assert [s.temperature for s in sampled] == [0.7, 0.7] and sampled[0].seed != sampled[1].seed
+    # codes came from the site's notes: only dp.* names leave (no synthetic-only metric)
+    assert first and set(first) <= METRIC_NAMES and all(n.startswith("dp.") for n in first)
+    entries = site.open_ledger(settings).entries()
+    assert [(e.kind, e.round_id) for e in entries] == [
+        ("reserve", evaluation_round_id(GREEDY, 1)), ("released", evaluation_round_id(GREEDY, 1)),
+        ("reserve", evaluation_round_id(GREEDY, 2)), ("released", evaluation_round_id(GREEDY, 2)),
+    ]
+    report = read_report(settings.output_dir / "privacy-reports" / "report-round-2.json", SiteRoundReport)
+    assert report.metrics_mode == "dp-noised" and report.metrics_epsilon > 0
+    assert report.privacy.epsilon > report.metrics_epsilon  # two releases composed
