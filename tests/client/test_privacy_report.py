@@ -34,7 +34,7 @@ class Evaluation:
 
 def _evaluation() -> Evaluation:
     return Evaluation(
-        summary={"diversity.distinct_2": 0.61, "privacy.mia_auc": 0.52, "release.kept_share": 0.75},
+        summary={"diversity.distinct_2": 0.61, "dp.train.loss_drop_mean": 0.52, "dp.heldout.verbatim_13_rate": 0.75},
         gate=GateResult(kept=[0, 1, 3], removed={"verbatim_13": 1, "rouge_l": 1}, total=4),
         mia={"auc": 0.52, "tpr_at_1fpr": 0.02},
         canaries=[{"repetitions": 1, "exposure": 1.5, "exposure_possible": 6.0},
