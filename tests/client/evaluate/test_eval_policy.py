@@ -166,6 +166,10 @@ def test_site_evaluate_end_to_end_with_a_crafted_generator(tmp_path, monkeypatch
         ("reserve", evaluation_round_id(GREEDY, 1)), ("released", evaluation_round_id(GREEDY, 1)),
         ("reserve", evaluation_round_id(GREEDY, 2)), ("released", evaluation_round_id(GREEDY, 2)),
     ]
+    local = json.loads((settings.output_dir / "evaluation" / "round-2" / "evaluation.json").read_text())
+    dp = local["dp_release"]  # the site keeps the exact sums next to what it released
+    assert dp["noise_std"] == pytest.approx(dp["noise_multiplier"] * dp["sensitivity"])
+    assert dp["exact"]["train"][0] >= 10 and dp["exact"]["train"] != dp["noisy"]["train"]
     report = read_report(settings.output_dir / "privacy-reports" / "report-round-2.json", SiteRoundReport)
     assert report.metrics_mode == "dp-noised" and report.metrics_epsilon > 0
     assert report.privacy.epsilon > report.metrics_epsilon  # two releases composed
