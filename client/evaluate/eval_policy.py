@@ -33,13 +33,16 @@ from shared.settings import SiteSettings
 MIN_EVAL_TOP_K = 20
 MIN_EVAL_TOP_P = 0.5
 EVAL_PREFIX = "eval-"
+# Bits of OS entropy in an evaluation's sampling seed. Not 63: the HF generation path seeds torch
+# with seed * 1_000_003 + batch, which must stay below 2**63 (torch.manual_seed overflows above).
+EVAL_SEED_BITS = 40
 
 
 def evaluation_sampling(settings: SiteSettings, generate: GenerateConfig) -> SamplingConfig:
     """The sampling an evaluation actually uses: site-drawn seed, site-bounded temperature.
 
     Only the run's length and repetition knobs pass through unchanged; the seed
-    is 63 bits from :func:`secrets.randbits`, fresh on every call.
+    is :data:`EVAL_SEED_BITS` bits from :func:`secrets.randbits`, fresh on every call.
     """
     top_k = generate.top_k if generate.top_k == 0 else max(generate.top_k, MIN_EVAL_TOP_K)
     return SamplingConfig(
@@ -47,7 +50,7 @@ def evaluation_sampling(settings: SiteSettings, generate: GenerateConfig) -> Sam
         top_p=max(float(generate.top_p), MIN_EVAL_TOP_P),
         top_k=top_k,
         max_new_tokens=generate.max_new_tokens,
-        seed=secrets.randbits(63),
+        seed=secrets.randbits(EVAL_SEED_BITS),
     )
 
 

@@ -46,6 +46,15 @@ def test_no_greedy_probe_and_the_seed_is_the_sites(tmp_path):
     assert evaluation_sampling(settings, hot.generate).max_new_tokens == hot.generate.max_new_tokens
 
 
+def test_the_largest_site_seed_still_seeds_both_generation_paths():
+    import torch
+
+    largest = 2**eval_policy.EVAL_SEED_BITS - 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(largest * 1_000_003 + 10_000)  # client/generate.py: seed * 1_000_003 + batch
+    torch.Generator().manual_seed(largest)  # client/fast_generate.py
+
+
 def test_an_evaluation_is_reserved_in_the_ledger_with_its_epsilon(tmp_path):
     settings = _settings(tmp_path, eval_noise_multiplier=4.0)
     ledger = Ledger(settings.ledger_path, site_id="site-a")
