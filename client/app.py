@@ -67,7 +67,13 @@ from flwr.clientapp import ClientApp
 
 from client import policy, secagg_guard
 from shared import wire, wire_secagg
-from shared.errors import BudgetExceededError, ConfigError, PrivacyError, Problem
+from shared.errors import (
+    BudgetExceededError,
+    ConfigError,
+    EvaluationBudgetError,
+    PrivacyError,
+    Problem,
+)
 from shared.run_config import RunConfig
 from shared.settings import SiteSettings, load_settings
 
@@ -355,7 +361,13 @@ def evaluate_reply(message: Message, context: Context) -> RecordDict:
                           phase="evaluate", message=message)
         spec = _spec(settings, run)
         got = wire.check_instruction(message.content, spec=spec, run=run)
-        metrics = _site().site_evaluate(settings, run, global_adapter=got.adapter, round_id=got.round_id)
+        try:
+            metrics = _site().site_evaluate(settings, run, global_adapter=got.adapter, round_id=got.round_id)
+        except (BudgetExceededError, EvaluationBudgetError) as exc:  # the metric release is a DP spend
+            log.warning("evaluate round %d declined: %s", got.round_id, exc)
+            return wire.pack_decline(
+                "evaluation_budget" if isinstance(exc, EvaluationBudgetError) else "budget_exceeded"
+            )
         content = wire.pack_evaluate_reply(metrics)
         wire.check_reply(content, kind="evaluate", spec=None, run=run)
         return content

@@ -321,10 +321,11 @@ def evaluate(
     table = Table(title=f"{len(batch)} reports vs {settings.notes_path} (k_min={settings.k_min})")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for name, value in sorted(ev.summary.items()):
-        table.add_row(name, f"{value:.4g}")
+    for name, cell in sorted(ev.cells.items()):  # site-only values: this command sends nothing
+        table.add_row(name, f"{cell.value:.4g}")
     console.print(table)
-    console.print(f"suppressed cells: {len(ev.suppressed)}; report: {paths['html']}")
+    console.print(f"site-only values (a federated evaluate round sends only the DP-noised summary); "
+                  f"report: {paths['html']}")
 
 
 def _register_doctor() -> None:

@@ -90,7 +90,8 @@ def ledger_privacy(
     reserves = [e for e in entries if e.kind == "reserve"]
     if not reserves:
         raise PrivacyError("no privacy report: the ledger holds no training reservation")
-    last = reserves[-1]
+    # σ, q shown are training's; evaluation releases (round_id "eval-...") count in ε only
+    last = next((e for e in reversed(reserves) if not e.round_id.startswith("eval-")), reserves[-1])
     delta, accountant = last.delta, last.accountant
     this_round = [e for e in reserves if e.round_id == str(round_id)]
     history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in reserves]
@@ -194,6 +195,7 @@ def build_site_report(
     canaries: Canaries | None = None,
     history: Sequence[HistoryPoint] = (),
     created: datetime | None = None,
+    metrics_epsilon: float | None = None,
 ) -> SiteRoundReport:
     """Assemble and validate a SiteRoundReport (InputError-free: pydantic raises on bad numbers)."""
     return SiteRoundReport(
@@ -203,7 +205,9 @@ def build_site_report(
         created=created or datetime.now(UTC),
         privacy=privacy,
         metrics={k: float(v) for k, v in sorted(metrics.items())},
-        metrics_mode="suppressed-aggregates",
+        # every metric a site sends is dp.* (Gaussian mechanism) or synthetic-only (docs/metrics.md)
+        metrics_mode="dp-noised",
+        metrics_epsilon=metrics_epsilon,
         release_gate=release_gate,
         membership=membership,
         canaries=canaries,
@@ -240,6 +244,7 @@ def issue_round_report(
     audit: AuditLog,
     texts: Sequence[str] = (),
     canaries: Sequence[Mapping[str, Any]] = (),
+    metrics_epsilon: float | None = None,
 ) -> IssuedReport | None:
     """Build, sign (with the audit log's key), write and audit this round's report.
 
@@ -270,6 +275,7 @@ def issue_round_report(
         membership=membership_result(evaluation.mia),
         canaries=canary_results(evaluation.canaries, [str(c.get("secret", "")) for c in canaries if not c.get("reference")], texts),
         history=read_history(out / REPORT_DIR, run_id=run.run_name, before_round=int(round_id)),
+        metrics_epsilon=metrics_epsilon,
     )
     issued = write_site_report(report, out, key=audit.key)
     audit.append("report_issued", {

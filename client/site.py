@@ -319,25 +319,43 @@ def site_evaluate(
     round_id: int,
 ) -> dict[str, float]:
     """Generate reports with the global adapter (zero-shot without one), evaluate them
-    against this site's notes, keep everything at the site, return the summary."""
+    against this site's notes, keep everything at the site, return the wire summary.
+
+    The metric release is a DP mechanism (docs/metrics.md): the run's evaluation
+    budget is checked and the release is reserved in the privacy ledger before
+    anything is generated; raises :class:`~shared.errors.EvaluationBudgetError` or
+    :class:`~shared.errors.BudgetExceededError` (nothing evaluated, nothing
+    charged) when either limit is reached. Sampling uses a site-drawn seed and a
+    site-bounded temperature, never the run's seed or greedy decoding.
+    """
     from client.evaluate.embeddings import Embedder
+    from client.evaluate.eval_policy import charge_evaluation, evaluation_sampling
     from client.evaluate.suite import evaluate_site, load_canaries
     from client.evaluate.write import write_evaluation
-    from client.generate import SamplingConfig, generate_reports, write_reports
+    from client.generate import generate_reports, write_reports
     from client.privacy_report import issue_round_report
     from client.release import GateConfig
+    from shared.errors import EvaluationBudgetError
 
     data = load_site_data(settings)
+    log = audit_log(settings)
+    ledger = open_ledger(settings)
+    try:
+        charge = charge_evaluation(settings, run, ledger=ledger, round_id=round_id,
+                                   delta=site_delta(settings, data.train_patients))
+    except (EvaluationBudgetError, BudgetExceededError) as exc:
+        log.append("budget_refusal", {"round": round_id, "phase": "evaluate", "reason": type(exc).__name__})
+        raise
     torch.manual_seed(run.lora.init_seed)
     model, tokenizer = build_site_model(settings, lora=lora_params(run), global_adapter=global_adapter)
     model.eval()
     g = run.generate
-    sampling = SamplingConfig(
-        temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-        max_new_tokens=g.max_new_tokens, seed=g.seed + int(round_id),
-    )
+    # Codes are public (the run's) or every primary code at the site (train and held-out): then
+    # adding a patient adds reports only for a code no other patient has (docs/metrics.md).
+    codes = list(g.codes) or sorted({n.primary_code for n in (*data.train, *data.heldout)})
     reports = generate_reports(
-        model, tokenizer, site_codes(data, run), n_per_code=g.reports_per_code, sampling=sampling,
+        model, tokenizer, codes, n_per_code=g.reports_per_code,
+        sampling=evaluation_sampling(settings, g),
         setting="adapter" if global_adapter is not None else "zero-shot",
         model_id=str(settings.model_dir or "embedded"),
         adapter_hash=adapter_hash(global_adapter) if global_adapter is not None else None,
@@ -354,11 +372,17 @@ def site_evaluate(
         canaries=canaries,
         gate=GateConfig(),
         seed=g.seed,
+        noise_multiplier=charge.noise_multiplier,
+        public_codes=bool(g.codes),
     )
     write_evaluation(evaluation, settings.output_dir / "evaluation" / f"round-{round_id}",
                      title=f"{settings.site_id} — round {round_id}")
+    ledger.mark_released(charge.entry)
+    log.append("round", {"round": round_id, "phase": "evaluate", "metrics_epsilon": round(charge.epsilon, 6),
+                         "noise_multiplier": charge.noise_multiplier})
     # The signed privacy report (privacy-reports/) and its report_issued audit entry.
     issue_round_report(settings, run, round_id=round_id, evaluation=evaluation,
-                       ledger=open_ledger(settings), audit=audit_log(settings),
-                       texts=[r.text for r in reports], canaries=canaries)
+                       ledger=ledger, audit=log,
+                       texts=[r.text for r in reports], canaries=canaries,
+                       metrics_epsilon=charge.epsilon)
     return evaluation.summary

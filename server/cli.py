@@ -62,8 +62,8 @@ DEMO_RUN_CONFIG = {
 
 def _print_summary(summary: dict) -> None:
     table = Table(title="demo consortium: rounds")
-    for col in ("round", "sites trained", "declined", "ε (max over sites)", "fidelity margin",
-                "distinct-2", "verbatim 13-gram rate", "MIA AUC"):
+    for col in ("round", "sites trained", "declined", "ε (max over sites)", "centroid cos (DP)",
+                "distinct-2", "verbatim-13 train (DP)", "verbatim-13 held-out (DP)"):
         table.add_column(col)
     for rnd in summary.get("rounds", []):
         train = rnd.get("train", {})
@@ -77,8 +77,8 @@ def _print_summary(summary: dict) -> None:
         table.add_row(
             str(rnd.get("round")), str(len(train.get("accepted", []))),
             str(len(train.get("declined", []))), f"{max(eps):.3f}" if eps else "—",
-            g("fidelity.centroid_margin_mean"), g("diversity.distinct_2"),
-            g("privacy.verbatim_rate_13"), g("privacy.mia_auc"),
+            g("dp.train.centroid_cosine_mean"), g("diversity.distinct_2"),
+            g("dp.train.verbatim_13_rate"), g("dp.heldout.verbatim_13_rate"),
         )
     console.print(table)
 

@@ -88,6 +88,12 @@ class BudgetExceededError(PrivacyError):
         super().__init__(message)
 
 
+class EvaluationBudgetError(PrivacyError):
+    """This run has used the site's evaluations (``max_evaluations_per_run``); nothing was evaluated."""
+
+    exit_code = 6
+
+
 class LedgerError(FedsynthError):
     """The privacy ledger cannot be read or written safely (corruption, permissions)."""
 

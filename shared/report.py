@@ -9,8 +9,9 @@ fields are refused.
 Privacy meaning of the numbers: ``epsilon``/``delta`` are patient-level
 (epsilon, delta)-DP of the LoRA adapter with respect to one patient's notes at
 one site, composed over every round that site trained (recomputed from its
-ledger). Metric summaries are computed from private notes and are *not*
-covered by that guarantee (unless ``metrics_mode`` is ``dp-noised``).
+ledger). With ``metrics_mode`` ``dp-noised`` (what sites issue) the metric
+summaries computed from private notes are Gaussian mechanisms charged to the
+same ledger, so ``epsilon`` includes them (``metrics_epsilon``: one release alone).
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ EPSILON_COVERS = (
     "composed over every round this site has trained."
 )
 EPSILON_DOES_NOT_COVER: tuple[str, ...] = (
-    "Metric summaries: they are computed from private notes after training; they are coarse "
-    "aggregates with small-cell suppression, not DP (unless metrics_mode is dp-noised).",
+    "Metric summaries in suppressed-aggregates mode (dp-noised summaries are Gaussian mechanisms "
+    "charged to the same ledger and included in epsilon); the site's local evaluation report, "
+    "which never leaves the site.",
     "Release-gate filtering of synthetic reports: it uses private notes and is defence in "
     "depth, not differential privacy.",
     "The base model and its pretraining data (the embedded model is trained on public text only).",
@@ -183,6 +185,9 @@ class SiteRoundReport(BaseModel):
     privacy: Privacy
     metrics: dict[str, float]
     metrics_mode: Literal["suppressed-aggregates", "dp-noised"]
+    metrics_epsilon: NonNeg | None = Field(
+        None, description="epsilon of this round's metric release alone (dp-noised); included in privacy.epsilon"
+    )
     release_gate: ReleaseGate | None = None
     membership: Membership | None = None
     canaries: Canaries | None = None

@@ -61,6 +61,11 @@ class SiteSettings(BaseSettings):
     split_seed: int = 0
     signing_key: Path | None = None
     k_min: int = Field(10, ge=2)
+    # Evaluation is a DP mechanism charged to the ledger (docs/metrics.md): its noise multiplier,
+    # how many evaluations one run may ask for, and the lowest temperature it samples at.
+    eval_noise_multiplier: float = Field(5.0, ge=0.5)
+    max_evaluations_per_run: int = Field(10, ge=1)
+    min_eval_temperature: float = Field(0.7, ge=0.1, le=2.0)
     # The site's policy, not the coordinator's: the run config cannot lower it.
     require_secagg: bool = False
     # Site floors (client/policy.py, docs/privacy-model.md "Site floors"): the run config
@@ -70,7 +75,6 @@ class SiteSettings(BaseSettings):
     require_secure_noise: bool = True  # DP noise and sampling from the OS CSPRNG, whatever the run says
     min_noise_multiplier: float = Field(0.5, gt=0, le=1000)  # sigma floor (noise std / clipping bound)
     max_epsilon_per_round: float = Field(2.0, gt=0)  # cap on one round's epsilon at the site's delta
-    min_eval_temperature: float = Field(0.7, ge=0, le=10)  # sampling temperature floor when evaluating
     # top-k = 1 or a tiny top-p is greedy decoding whatever the temperature: floors for both
     min_eval_top_p: float = Field(0.9, gt=0, le=1)
     min_eval_top_k: int = Field(50, ge=1)  # a run's top-k in [1, this) is raised to it; 0 (off) stays

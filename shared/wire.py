@@ -59,8 +59,11 @@ INSTRUCTION_KEY = "instruction"
 
 # Why a site did not send an update: a typed flag, never free text. "site_error"
 # replaces any exception message, which could quote private data; "secagg_required":
-# the site's policy (FEDSYNTH_SITE_REQUIRE_SECAGG) refuses a plain, unmasked train round.
-DECLINE_REASONS: frozenset[str] = frozenset({"budget_exceeded", "secagg_required", "site_error"})
+# the site's policy (FEDSYNTH_SITE_REQUIRE_SECAGG) refuses a plain, unmasked train round;
+# "evaluation_budget": the run has used the site's FEDSYNTH_SITE_MAX_EVALUATIONS_PER_RUN.
+DECLINE_REASONS: frozenset[str] = frozenset(
+    {"budget_exceeded", "evaluation_budget", "secagg_required", "site_error"}
+)
 
 REPLY_KINDS = ("train", "evaluate")
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")

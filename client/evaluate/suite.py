@@ -1,10 +1,18 @@
 """Evaluate one batch of synthetic reports against the site's private notes.
 
 This is the one place the metric modules are put together. Everything computed
-here stays at the site except the output of :func:`shared`-whitelisted
-``summary`` (aggregates over at least ``k_min`` reports or notes, small cells
-suppressed) — and even that is *not* covered by DP-SGD: it is a function of the
-private notes (see docs/privacy-model.md).
+here stays at the site (``cells``, per-code and per-report values, the HTML
+report) except ``summary``, the wire summary, which holds only:
+
+- metrics over private notes as one Gaussian mechanism on bounded per-patient
+  contributions (:mod:`client.evaluate.dp_metrics`; names ``dp.*``), which the
+  caller has charged to the privacy ledger first;
+- when the reports' codes are public (the run config named them), metrics of
+  the synthetic reports alone (``count.reports``, ``diversity.*`` without any
+  real-note reference): post-processing of the DP adapter and public inputs.
+
+No max/min over notes and no un-noised value computed from a private note
+goes into ``summary`` (see docs/metrics.md).
 
 Which notes play which role:
 
@@ -28,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from client.evaluate import diversity, fidelity, membership
+from client.evaluate import diversity, dp_metrics, fidelity, membership
 from client.evaluate.embeddings import Embedder, embed_cached
 from client.evaluate.ngram_index import PrivateIndex
 from client.evaluate.privacy import (
@@ -48,11 +56,24 @@ from shared.errors import InputError, Problem
 CANARY_ALTERNATIVES = 255
 # Never-planted reference canaries scored as the "unseen" baseline (each costs as much as a planted one).
 REFERENCE_CANARIES_SCORED = 10
+# Noise multiplier of the metric release when a caller gives none (the site setting's default).
+DEFAULT_EVAL_NOISE_MULTIPLIER = 5.0
+# Wire cells over synthetic reports only (no real-note reference): they leave un-noised when the
+# reports' codes are public.
+SYNTHETIC_ONLY_NAMES = frozenset({
+    "count.reports", "diversity.distinct_1", "diversity.distinct_2", "diversity.distinct_3",
+    "diversity.self_bleu_4", "diversity.mtld", "diversity.vendi",
+    "diversity.exact_duplicate_rate", "diversity.near_duplicate_rate",
+})
 
 
 @dataclass
 class SiteEvaluation:
-    """Everything one evaluation produced. Only ``summary`` may leave the site."""
+    """Everything one evaluation produced. Only ``summary`` may leave the site.
+
+    ``dp_release``: the noisy vectors behind the ``dp.*`` names (site-only copy of
+    what was released); ``patient_tables``: the exact per-patient rows (site-only).
+    """
 
     summary: dict[str, float]
     suppressed: list[str]
@@ -63,6 +84,8 @@ class SiteEvaluation:
     gate: GateResult | None = None
     mia: dict[str, float] | None = None
     canaries: list[dict[str, Any]] = field(default_factory=list)
+    dp_release: dp_metrics.DPRelease | None = None
+    patient_tables: dict[str, dp_metrics.PatientTable] = field(default_factory=dict)
 
 
 def _codes_texts(notes: Sequence[Note]) -> tuple[list[str], list[str]]:
@@ -131,8 +154,17 @@ def evaluate_site(
     canaries: Sequence[dict[str, Any]] = (),
     gate: GateConfig | None = None,
     seed: int = 0,
+    noise_multiplier: float = DEFAULT_EVAL_NOISE_MULTIPLIER,
+    public_codes: bool = False,
 ) -> SiteEvaluation:
-    """Every metric of docs/metrics.md for ``reports``; see the module docstring for roles."""
+    """Every metric of docs/metrics.md for ``reports``; see the module docstring for roles.
+
+    ``noise_multiplier``: σ of the Gaussian release of the ``dp.*`` metrics (the
+    caller charges it to the ledger before calling). ``public_codes``: the
+    reports' codes came from the run config, not from the site's notes, so the
+    synthetic-only metrics may leave un-noised. ``k_min`` applies to patients
+    (noisy counts) for ``dp.*`` cells and to reports for synthetic-only cells.
+    """
     problems = []
     if not reports:
         problems.append(Problem("reports", "no synthetic reports to evaluate"))
@@ -188,6 +220,7 @@ def evaluate_site(
 
     mia = None
     canary_results: list[dict[str, Any]] = []
+    loss_gain: dict[str, np.ndarray] = {}  # group -> per-note base loss minus adapter loss
     if model is not None and tokenizer is not None:
         member_notes = list(zip(train_codes, train_texts, strict=True))
         nonmember_notes = list(zip(held_codes, held_texts, strict=True))
@@ -206,12 +239,28 @@ def evaluate_site(
                 calibrated=True,
             )
             cells.update(calibrated.cells())
+            loss_gain = {"train": base_member - member, "heldout": base_nonmember - nonmember}
             mia |= {"auc_calibrated": float(calibrated.auc), "tpr_at_1fpr_calibrated": float(calibrated.tpr_at_fpr)}
         if canaries:
             canary_results = _canary_exposures(model, tokenizer, canaries, seed=seed)
             planted = [c["exposure"] for c in canary_results if not c["reference"]]
             if planted:  # reference (never-planted) canaries are the baseline, not a leak
                 cells.update(privacy_cells(exposures=planted))
+
+    # The wire: DP-noised per-patient statistics, plus synthetic-only cells when codes are public.
+    tables = {
+        group: dp_metrics.patient_table(
+            group, notes, report_codes=synth_codes, report_texts=synth_texts, note_emb=emb,
+            report_emb=synth_emb, loss_gain=loss_gain.get(group),
+        )
+        for group, notes, emb in (("train", train, train_emb), ("heldout", heldout, held_emb))
+    }
+    release = dp_metrics.gaussian_release(tables, noise_multiplier=noise_multiplier)
+    wire_cells = release.cells()
+    if public_codes:
+        own = _diversity_cells(synth_texts, synth_emb, budget=diversity.total_tokens(synth_texts), seed=seed)
+        own["count.reports"] = cells["count.reports"]
+        wire_cells.update({k: c for k, c in own.items() if k in SYNTHETIC_ONLY_NAMES})
 
     gate_result = None
     if gate is not None:
@@ -256,8 +305,8 @@ def evaluate_site(
         for i, r in enumerate(reports)
     ]
     return SiteEvaluation(
-        summary=build_summary(cells, k_min=k_min),
-        suppressed=suppressed_names(cells, k_min=k_min),
+        summary=build_summary(wire_cells, k_min=k_min),
+        suppressed=suppressed_names(wire_cells, k_min=k_min),
         cells=cells,
         real_reference=real_div,
         per_code=per_code,
@@ -265,4 +314,6 @@ def evaluate_site(
         gate=gate_result,
         mia=mia,
         canaries=canary_results,
+        dp_release=release,
+        patient_tables=tables,
     )

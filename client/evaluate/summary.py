@@ -4,13 +4,14 @@ Every metric module produces :class:`Cell` values (a scalar plus the number of
 reports/notes it aggregates). :func:`build_summary` turns them into the flat
 ``{name: float}`` mapping that goes on the wire, and enforces:
 
-- names: only those in :data:`shared.wire.METRIC_NAMES`;
+- names: only those in :data:`shared.wire.METRIC_NAMES` (``dp.*`` Gaussian-mechanism
+  releases and synthetic-only metrics; see :mod:`client.evaluate.dp_metrics`);
 - values: finite scalars only (no arrays, strings, NaN/inf, booleans);
-- small cells: a value aggregating fewer than ``k_min`` reports/notes is left
-  out (suppressed), because a metric over a handful of notes says something
-  about those notes;
-- counts (``count.reports``, ``count.notes``): rounded down to a multiple of 10,
-  so the exact size of a site's corpus does not leave;
+- small cells: a value aggregating fewer than ``k_min`` items is left out
+  (suppressed). For ``dp.*`` cells ``n`` is the noisy number of private
+  patients behind the value (so k counts patients, and the suppression is
+  post-processing of DP output); for synthetic-only cells it counts reports;
+- counts (``count.reports``): rounded down to a multiple of 10;
 - precision: values are rounded to ``digits`` significant digits, which bounds
   what repeated runs on nearly the same notes can reveal by differencing.
 

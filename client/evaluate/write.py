@@ -96,9 +96,15 @@ def render_evaluation_html(ev: SiteEvaluation, *, title: str) -> str:
     e = html.escape
     rows = "".join(
         f"<tr><td>{e(n)}</td><td>{c.value:.4g}</td><td>{c.n}</td>"
-        f"<td>{'yes' if n in ev.summary else 'suppressed'}</td></tr>"
+        f"<td>{'yes' if n in ev.summary else 'no (site only)'}</td></tr>"
         for n, c in sorted(ev.cells.items())
     )
+    sent = "".join(f"<tr><td>{e(n)}</td><td>{v:.4g}</td></tr>" for n, v in sorted(ev.summary.items()))
+    dp = ev.dp_release
+    dp_note = "" if dp is None else (
+        f"<p>dp.* values carry Gaussian noise: σ = {dp.noise_multiplier:g}, sensitivity Δ = "
+        f"{dp.sensitivity:.3g}, noise standard deviation {dp.noise_std:.3g} patients on each sum; "
+        "charged to the privacy ledger.</p>")
     gate = ""
     if ev.gate is not None:
         removed = ", ".join(f"{e(k)}: {v}" for k, v in sorted(ev.gate.removed.items())) or "none"
@@ -124,10 +130,11 @@ def render_evaluation_html(ev: SiteEvaluation, *, title: str) -> str:
 <title>{e(title)}</title><style>body{{font-family:sans-serif;max-width:1000px;margin:auto}}
 td,th{{padding:2px 8px;border-bottom:1px solid #ddd}}</style></head><body>
 <h1>Site evaluation: {e(title)}</h1>
-<p>This page stays at the site: it is computed from private notes. Only the cells marked
-"yes" (aggregates over at least k_min reports or notes) may be sent to the coordinator, and
-they are not covered by DP-SGD.</p>
-<h2>Metrics</h2><table><tr><th>metric</th><th>value</th><th>n</th><th>sent</th></tr>{rows}</table>
+<p>This page stays at the site: it is computed from private notes. What is sent to the
+coordinator is the table below it: DP-noised per-patient statistics (dp.*) and, when the run
+named the codes, metrics of the synthetic reports alone.</p>
+<h2>Sent to the coordinator</h2><table><tr><th>metric</th><th>value</th></tr>{sent}</table>{dp_note}
+<h2>Metrics (site only)</h2><table><tr><th>metric</th><th>value</th><th>n</th><th>sent</th></tr>{rows}</table>
 {_per_code_plot(ev)}{_diversity_plot(ev)}{_distribution_plot(ev)}{gate}{mia}{canaries}
 </body></html>"""
 
@@ -151,6 +158,14 @@ def write_evaluation(ev: SiteEvaluation, out_dir: Path, *, title: str) -> dict[s
             "checked": ev.gate.total, "kept": len(ev.gate.kept), "removed": ev.gate.removed},
         "membership": ev.mia,
         "canaries": ev.canaries,
+        "dp_release": None if ev.dp_release is None else {
+            "noise_multiplier": ev.dp_release.noise_multiplier,
+            "sensitivity": ev.dp_release.sensitivity,
+            "noise_std": ev.dp_release.noise_std,
+            "stats": ["patients", *ev.dp_release.stats],
+            "noisy": {g: [float(x) for x in v] for g, v in ev.dp_release.noisy.items()},
+            "exact": {g: [float(x) for x in t.sums()] for g, t in ev.patient_tables.items()},
+        },
     }
     _atomic_write(paths["evaluation"], json.dumps(_finite(detail), indent=2, sort_keys=True))
     _atomic_write(paths["per_report"], "".join(json.dumps(_finite(r)) + "\n" for r in ev.per_report))

@@ -148,3 +148,32 @@ def test_evaluate_is_unaffected_by_the_setting(tmp_path, monkeypatch, calls):  #
     reply = client_app(msg, contexts(tmp_path, rc, n=1)[100])
     got = wire.check_reply(reply.content, kind="evaluate", spec=None, run=RunConfig.from_flower(rc))
     assert got.metrics == {"diversity.distinct_1": 0.25} and [c[0] for c in calls] == ["evaluate"]
+
+
+@pytest.mark.parametrize(("error", "reason"), [("evaluation", "evaluation_budget"), ("epsilon", "budget_exceeded")])
+def test_a_refused_evaluation_is_a_typed_decline(tmp_path, monkeypatch, error, reason):
+    """#12 §3: past the run's evaluation budget or the ε ceiling, the coordinator gets a typed flag only."""
+    import sys
+    import types
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from shared.errors import BudgetExceededError, EvaluationBudgetError
+
+    for attr, value in (("_run_id", 1), ("_node_id", 100), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)  # as the Flower runtime would
+
+    def site_evaluate(*args, **kwargs):
+        if error == "evaluation":
+            raise EvaluationBudgetError("this run has used 4 of its 4 evaluations")
+        raise BudgetExceededError("over the ceiling", projected_epsilon=9.0, ceiling=8.0)
+
+    fake = types.ModuleType("client.site")
+    fake.adapter_spec = lambda settings, run: {}
+    fake.site_evaluate = site_evaluate
+    monkeypatch.setitem(sys.modules, "client.site", fake)
+    msg = Message(wire.pack_instruction(round_id=2, adapter=None), dst_node_id=100,
+                  message_type="evaluate", group_id="2")
+    reply = client_app(msg, _context(tmp_path, {"lora.r": 2}))
+    got = wire.check_reply(reply.content, kind="evaluate", spec=None, run=RunConfig.from_flower({"lora.r": 2}))
+    assert got.decline == reason and not got.metrics

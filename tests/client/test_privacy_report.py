@@ -34,7 +34,7 @@ class Evaluation:
 
 def _evaluation() -> Evaluation:
     return Evaluation(
-        summary={"diversity.distinct_2": 0.61, "privacy.mia_auc": 0.52, "release.kept_share": 0.75},
+        summary={"diversity.distinct_2": 0.61, "dp.train.loss_drop_mean": 0.52, "dp.heldout.verbatim_13_rate": 0.75},
         gate=GateResult(kept=[0, 1, 3], removed={"verbatim_13": 1, "rouge_l": 1}, total=4),
         mia={"auc": 0.52, "tpr_at_1fpr": 0.02},
         canaries=[{"repetitions": 1, "exposure": 1.5, "exposure_possible": 6.0},
@@ -92,6 +92,18 @@ def test_round_without_training_spends_nothing_new(site):
                           secure_mode=True)
     assert p.epsilon_round == 0.0 and p.steps == 0 and p.epsilon > 0
     assert p.epsilon_remaining == 0.0  # ceiling already crossed: floored, not negative
+
+
+def test_evaluation_releases_count_in_epsilon_but_not_in_the_shown_training_knobs(site):
+    _, ledger, _ = site
+    _reserve(ledger, 1)
+    ledger.reserve(round_id="eval-0123456789abcdef-1", noise_multiplier=5.0, sample_rate=1.0, steps=1,
+                   delta=DELTA, accountant="rdp", epsilon_ceiling=100.0)
+    p = pr.ledger_privacy(ledger.entries(), round_id=2, epsilon_ceiling=10.0, max_grad_norm=1.0,
+                          secure_mode=False)
+    both = [(1.0, 0.1, 20), (5.0, 1.0, 1)]
+    assert p.epsilon == pytest.approx(compute_epsilon(both, delta=DELTA, accountant="rdp"))
+    assert (p.noise_multiplier, p.sample_rate) == (1.0, 0.1)  # training's, not the release's
 
 
 def test_empty_ledger_issues_no_report(site):

@@ -76,6 +76,15 @@ def test_train_then_evaluate_round(world):
 
     summary = site.site_evaluate(settings, RUN, global_adapter=adapter, round_id=1)
     assert summary and set(summary) <= METRIC_NAMES
+    # the metric release was charged to the same ledger (σ, q = 1, one step), then released
+    entries = site.open_ledger(settings).entries()
+    assert [e.kind for e in entries] == ["reserve", "released", "reserve", "released"]
+    assert entries[2].round_id.startswith("eval-") and (entries[2].sample_rate, entries[2].steps) == (1.0, 1)
+    assert entries[2].noise_multiplier == settings.eval_noise_multiplier
+    # sampled with a site-drawn seed, not the run's
+    seeds = {json.loads(line)["seed"] for line in
+             (settings.output_dir / "reports" / "round-1" / "synthetic.jsonl").read_text().splitlines()}
+    assert RUN.generate.seed + 1 not in seeds and RUN.generate.seed not in seeds
     assert summary["count.reports"] == 0.0  # 4 reports, rounded down to a multiple of 10
     out = settings.output_dir
     assert (out / "reports" / "round-1" / "synthetic.jsonl").read_text().count("\n") == 4
@@ -86,13 +95,16 @@ def test_train_then_evaluate_round(world):
     assert {"privacy.mia_auc", "privacy.mia_auc_calibrated"} <= set(evaluation["cells"])
     assert 0.0 <= evaluation["membership"]["auc_calibrated"] <= 1.0
     keys = {"site-a": load_public_key(pub)}
-    assert verify_log(out / "audit.jsonl", keys) == 2  # round, report_issued: both signed
+    assert verify_log(out / "audit.jsonl", keys) == 3  # round (train, evaluate), report_issued: all signed
 
     # The round's privacy report: schema-valid, signed by site-a, ε = what the update carried.
     path = out / "privacy-reports" / "report-round-1.json"
     report = read_report(path, SiteRoundReport)
     assert report.site_id == "site-a" and report.round == 1
-    assert report.privacy.epsilon == pytest.approx(privacy["epsilon"])
+    # ε includes the metric release; metrics are dp-noised and their own ε is stated
+    assert report.privacy.epsilon > privacy["epsilon"]
+    assert report.privacy.epsilon == pytest.approx(site.open_ledger(settings).epsilon(delta=report.privacy.delta))
+    assert report.metrics_mode == "dp-noised" and 0 < report.metrics_epsilon < report.privacy.epsilon
     assert report.privacy.epsilon_round == pytest.approx(privacy["epsilon_round"])
     assert (report.privacy.steps, report.privacy.sample_rate) == (privacy["steps"], privacy["sample_rate"])
     assert report.metrics == pytest.approx(summary)

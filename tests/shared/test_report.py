@@ -32,8 +32,8 @@ def site_report(site_id="site-a", round_=2, **overrides) -> SiteRoundReport:
             "epsilon_remaining": 5.5, "noise_multiplier": 1.1, "sample_rate": 0.01, "steps": 300,
             "max_grad_norm": 1.0, "accountant": "prv", "secure_mode": True,
         },
-        "metrics": {"fidelity.centroid_cosine_mean": 0.71, "diversity.distinct_2": 0.43,
-                    "privacy.verbatim_rate_13": 0.0, "privacy.mia_auc": 0.52, "count.reports": 200.0},
+        "metrics": {"dp.train.centroid_cosine_mean": 0.71, "diversity.distinct_2": 0.43,
+                    "dp.train.verbatim_13_rate": 0.0, "dp.train.loss_drop_mean": 0.52, "count.reports": 200.0},
         "metrics_mode": "suppressed-aggregates",
         "release_gate": {"checked": 200, "kept": 190, "removed": {"verbatim": 6, "phi_echo": 4}},
         "membership": {"auc": 0.52, "tpr_at_1fpr": 0.012},
@@ -42,8 +42,8 @@ def site_report(site_id="site-a", round_=2, **overrides) -> SiteRoundReport:
         "model": {"id": "embedded-tiny", "family": "llama", "identity_hash": HASH},
         "config_hash": HASH,
         "history": [
-            {"round": 0, "epsilon": 1.0, "metrics": {"fidelity.centroid_cosine_mean": 0.6, "privacy.mia_auc": 0.5}},
-            {"round": 1, "epsilon": 1.8, "metrics": {"fidelity.centroid_cosine_mean": 0.66}},
+            {"round": 0, "epsilon": 1.0, "metrics": {"dp.train.centroid_cosine_mean": 0.6, "dp.train.loss_drop_mean": 0.5}},
+            {"round": 1, "epsilon": 1.8, "metrics": {"dp.train.centroid_cosine_mean": 0.66}},
         ],
     }
     data.update(overrides)
@@ -126,7 +126,7 @@ def test_read_report_lists_every_bad_field(tmp_path):
 
 
 @pytest.mark.parametrize("mutate,match", [
-    (lambda d: d["metrics"].__setitem__("privacy.mia_auc", float("nan")), "finite"),
+    (lambda d: d["metrics"].__setitem__("dp.train.loss_drop_mean", float("nan")), "finite"),
     (lambda d: d["privacy"].__setitem__("epsilon_remaining", 7.0), "epsilon_remaining"),
     (lambda d: d["privacy"].__setitem__("accountant", "gdp"), "accountant"),
     (lambda d: d["privacy"].__setitem__("unit_of_privacy", "note"), "patient"),

@@ -48,9 +48,9 @@ def test_honest_replies_pass():
     assert d.decline == "budget_exceeded" and d.adapter is None
 
 
-@pytest.mark.parametrize("reason", ["budget_exceeded", "secagg_required", "site_error"])
+@pytest.mark.parametrize("reason", ["budget_exceeded", "evaluation_budget", "secagg_required", "site_error"])
 def test_every_typed_decline_passes_and_nothing_else(reason):
-    assert wire.DECLINE_REASONS == {"budget_exceeded", "secagg_required", "site_error"}
+    assert wire.DECLINE_REASONS == {"budget_exceeded", "evaluation_budget", "secagg_required", "site_error"}
     for kind, spec in (("train", SPEC), ("evaluate", None)):
         assert wire.check_reply(wire.pack_decline(reason), kind=kind, spec=spec, run=RUN).decline == reason
     refused(wire.pack_decline(reason.upper()), match="reason")
@@ -58,16 +58,16 @@ def test_every_typed_decline_passes_and_nothing_else(reason):
 
 def test_text_in_metric_names_and_values():
     refused(RecordDict({"metrics": MetricRecord({SECRET: 1.0})}), "evaluate", match="not a whitelisted")
-    refused(RecordDict({"metrics": MetricRecord({"privacy.mia_auc": [0.5, 0.7]})}), "evaluate",
+    refused(RecordDict({"metrics": MetricRecord({"dp.train.loss_drop_mean": [0.5, 0.7]})}), "evaluate",
             match="scalar")
-    rec = ConfigRecord({"privacy.mia_auc": SECRET})
+    rec = ConfigRecord({"dp.train.loss_drop_mean": SECRET})
     refused(RecordDict({"metrics": rec}), "evaluate", match="must be a MetricRecord")
     # eight bytes of text hidden in a float's mantissa: refused for its precision
     hidden = np.frombuffer(b"JohnDoe!", dtype=np.float64)[0]
     if np.isfinite(hidden):
-        refused(RecordDict({"metrics": MetricRecord({"privacy.mia_auc": float(hidden)})}), "evaluate",
+        refused(RecordDict({"metrics": MetricRecord({"dp.train.loss_drop_mean": float(hidden)})}), "evaluate",
                 match="significant digits")
-    refused(RecordDict({"metrics": MetricRecord({"privacy.mia_auc": float("nan")})}), "evaluate",
+    refused(RecordDict({"metrics": MetricRecord({"dp.train.loss_drop_mean": float("nan")})}), "evaluate",
             match="finite")
 
 

@@ -211,8 +211,9 @@ def test_invalid_groups_listed_together() -> None:
         lexical_privacy(["x"], private, index=PrivateIndex(private), groups=["p"] * 6)
 
 
-def test_unique_rate_name_is_whitelisted() -> None:
+def test_lexical_cells_stay_at_the_site() -> None:
+    """Report-level lexical cells (max, p95, rates over reports) are local-only: none is whitelisted."""
     private, groups, _ = _patients_case()
     cells = lexical_privacy(private[:2], private, groups=groups).cells()
     assert cells["privacy.verbatim_unique_rate_13"].value == 1.0
-    assert set(cells) <= METRIC_NAMES
+    assert not set(cells) & METRIC_NAMES

@@ -74,6 +74,18 @@ def test_unique_verbatim_uses_patient_ids(tmp_path):
     ev = evaluate_site(reports, train, held, embedder=_BagOfWordsEmbedder(), cache_dir=tmp_path, k_min=5)
     assert [r["verbatim_13"] for r in ev.per_report[:3]] == [True, True, False]
     assert [r["verbatim_unique_13"] for r in ev.per_report] == [True] + [False] * 19
-    assert ev.summary["privacy.verbatim_unique_rate_13"] == 0.05
-    assert ev.summary["privacy.verbatim_rate_13"] == 0.1
+    # the local cells keep the report-level rates; the wire summary carries none of them
+    assert ev.cells["privacy.verbatim_unique_rate_13"].value == 0.05
+    assert ev.cells["privacy.verbatim_rate_13"].value == 0.1
+    assert not any(name.startswith(("privacy.", "fidelity.")) for name in ev.summary)
+    # per patient: p0's own span came back in a report of p0's code (F32.1)
+    table = ev.patient_tables["train"]
+    row = table.scores[table.patients.index("p0")]
+    assert row[table.stats.index("verbatim_13_rate")] == 1.0
+    # p2's boilerplate (F41.1) came back too, and so it did for held-out h0: the contrast is the signal
+    hits = table.scores[:, table.stats.index("verbatim_13_rate")]
+    assert [table.patients[i] for i in np.nonzero(hits)[0]] == ["p0", "p2"]
+    held_table = ev.patient_tables["heldout"]
+    held_hits = held_table.scores[:, held_table.stats.index("verbatim_13_rate")]
+    assert [held_table.patients[i] for i in np.nonzero(held_hits)[0]] == ["h0"]
     assert ev.per_code["F32.1"]["verbatim_unique_rate_13"] == 1 / 7

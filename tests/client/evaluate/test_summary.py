@@ -14,18 +14,29 @@ def test_small_cells_are_suppressed_and_listed():
     cells = {
         "diversity.vendi": Cell(3.25, 50),
         "diversity.mtld": Cell(80.0, 9),
-        "privacy.mia_auc": Cell(0.51, 10),
+        "dp.train.loss_drop_mean": Cell(0.51, 10),
     }
     out = build_summary(cells, k_min=10)
-    assert out == {"diversity.vendi": 3.25, "privacy.mia_auc": 0.51}
+    assert out == {"diversity.vendi": 3.25, "dp.train.loss_drop_mean": 0.51}
     assert suppressed_names(cells, k_min=10) == ["diversity.mtld"]
     assert build_summary(cells, k_min=60) == {}
 
 
 def test_counts_are_bucketed_down_to_tens():
-    out = build_summary({"count.reports": Cell(137, 137), "count.notes": Cell(10, 10)})
-    assert out == {"count.reports": 130.0, "count.notes": 10.0}
-    assert build_summary({"count.notes": Cell(9, 9)}) == {}
+    out = build_summary({"count.reports": Cell(137, 137)})
+    assert out == {"count.reports": 130.0}
+    assert build_summary({"count.reports": Cell(9, 9)}) == {}
+
+
+@pytest.mark.parametrize("name", [
+    "privacy.lcs_max", "privacy.rouge_l_max", "privacy.canary_exposure_max", "privacy.phi_echo_rate",
+    "privacy.verbatim_unique_rate_13", "privacy.ngram_overlap_13", "privacy.mia_auc",
+    "fidelity.centroid_cosine_mean", "count.notes", "release.kept_share",
+])
+def test_metrics_computed_in_the_clear_from_private_notes_never_leave(name):
+    """#12 §3: max/min over notes and un-noised private-note aggregates are not on the wire."""
+    with pytest.raises(WireError):
+        build_summary({name: Cell(1.0, 1000)})
 
 
 def test_unknown_names_are_refused_all_at_once():
@@ -54,8 +65,8 @@ def test_refuses_bad_n_and_non_cells_and_bad_counts():
         {"diversity.vendi": Cell(1.0, -1)},
         {"diversity.vendi": Cell(1.0, 2.5)},
         {"diversity.vendi": 1.0},
-        {"count.notes": Cell(12.5, 100)},
-        {"count.notes": Cell(-10, 100)},
+        {"count.reports": Cell(12.5, 100)},
+        {"count.reports": Cell(-10, 100)},
     ):
         with pytest.raises(WireError):
             build_summary(cells)
@@ -67,9 +78,9 @@ def test_k_min_must_be_positive():
 
 
 def test_values_are_plain_floats_rounded_to_significant_digits():
-    out = build_summary({"fidelity.frechet_distance_mean": Cell(np.float32(0.123456789), 20)}, digits=4)
-    assert type(out["fidelity.frechet_distance_mean"]) is float
-    assert out["fidelity.frechet_distance_mean"] == 0.1235
+    out = build_summary({"dp.train.centroid_cosine_mean": Cell(np.float32(0.123456789), 20)}, digits=4)
+    assert type(out["dp.train.centroid_cosine_mean"]) is float
+    assert out["dp.train.centroid_cosine_mean"] == 0.1235
     assert build_summary({"diversity.mtld": Cell(np.int64(87), 20)}) == {"diversity.mtld": 87.0}
 
 
