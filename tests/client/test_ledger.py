@@ -147,10 +147,10 @@ def test_complete_last_line_without_newline_still_counts(tmp_path):
 @pytest.mark.parametrize(
     "mutate, line, reason",
     [
-        (lambda ls: ls[:1] + [ls[1].replace(b'"steps":50', b'"steps":5')] + ls[2:], 2, "checksum mismatch"),
+        (lambda ls: ls[:1] + [ls[1].replace(b'"steps":50', b'"steps":5')] + ls[2:], 2, "hash mismatch"),
         (lambda ls: ls[:1] + [b"{garbage\n"] + ls[2:], 2, "not valid JSON"),
         (lambda ls: [ls[0], ls[2]], 2, "sequence gap: expected seq 2, found 3"),
-        (lambda ls: ls[:2] + [ls[2].replace(b'"steps":50', b'"steps":1')], 3, "checksum mismatch"),
+        (lambda ls: ls[:2] + [ls[2].replace(b'"steps":50', b'"steps":1')], 3, "hash mismatch"),
     ],
     ids=["middle-checksum", "middle-garbage", "gap", "complete-last-tampered"],
 )
@@ -267,7 +267,9 @@ def test_written_lines_are_self_describing(tmp_path):
     path = tmp_path / "l.jsonl"
     _reserve(Ledger(path, site_id="h1"), 1)
     rec = json.loads(path.read_text())
-    assert rec["seq"] == 1 and rec["site_id"] == "h1" and rec["kind"] == "reserve" and len(rec["sha256"]) == 64
+    assert rec["seq"] == 1 and rec["site_id"] == "h1" and rec["kind"] == "reserve"
+    assert rec["prev"] == "0" * 64 and len(rec["hash"]) == 64 and len(rec["mac"]) == 64
+    assert rec["noise_source"] == "unspecified"
 
 
 def test_garbage_last_line_after_power_loss_is_moved_aside(tmp_path):
