@@ -101,6 +101,7 @@ class Ledger:
         key_path: Path | None = None,
         audit: AuditSink | None = None,
         anchored_seq: int = 0,
+        anchored_where: str = "the audit log",
     ) -> None:
         if not isinstance(site_id, str) or not site_id.strip():
             raise ConfigError(f"ledger site_id must be a non-empty string, got {site_id!r}")
@@ -109,6 +110,7 @@ class Ledger:
         self.key_path = Path(key_path) if key_path is not None else default_key_path(self.path)
         self._audit = audit
         self._seen = (int(anchored_seq), None)  # (seq, hash) this object has confirmed
+        self._anchored_where = anchored_where
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -239,9 +241,9 @@ class Ledger:
                     os.fsync(fh.fileno())
             elif last and (tail_open or parsed == NOT_JSON):
                 if number <= confirmed:
-                    raise self._fail(number, f"{parsed}; record {number} was confirmed (anchored in the "
-                                     "audit log) when it was written, so this is an edit or disk "
-                                     "damage, not a torn write")
+                    raise self._fail(number, f"{parsed}; record {number} was confirmed (anchored in "
+                                     f"{self._anchored_where}) when it was written, so this is an edit "
+                                     "or disk damage, not a torn write")
                 self._move_aside(fh, offset, data[offset:])
             else:
                 raise self._fail(number, parsed)
@@ -249,8 +251,9 @@ class Ledger:
         if len(entries) < confirmed:
             raise LedgerError(
                 f"privacy ledger {self.path} holds {len(entries)} records but record {confirmed} was "
-                "confirmed (anchored in the audit log): it was truncated, emptied or replaced by an "
-                "older copy; restore the newest backup or run `fedsynth-site ledger recover`",
+                f"confirmed (anchored in {self._anchored_where}): it was truncated, emptied or replaced "
+                "by an older copy; training is refused — restore the newest backup or run "
+                "`fedsynth-site ledger recover` (rebuilds it from the signed audit log, never lower)",
                 [Problem(str(self.path), f"{len(entries)} records < confirmed {confirmed}")],
             )
         if confirmed and confirmed_hash is not None and entries[confirmed - 1].hash != confirmed_hash:

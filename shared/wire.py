@@ -60,6 +60,7 @@ LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 _LORA_NAME_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*\.lora_[AB]\.weight$")
 _MAX_ROUND = 1_000_000
 _METRIC_SIG_DIGITS = 6
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 AdapterSpec = dict[str, tuple[tuple[int, ...], str]]
 """Adapter tensor name (PEFT state-dict key) -> (shape, wire dtype)."""
@@ -325,6 +326,9 @@ def _check_privacy(record: Any, run: RunConfig, problems: list[Problem]) -> dict
     need("secure_mode", isinstance(v.get("secure_mode"), bool), "must be a boolean")
     need("patients_bucket", _is_int(v.get("patients_bucket")) and v["patients_bucket"] >= 0
          and v["patients_bucket"] % 10 == 0, "must be an int >= 0, a multiple of 10")
+    need("ledger_seq", _is_int(v.get("ledger_seq")) and v["ledger_seq"] >= 1, "must be an int >= 1")
+    need("ledger_head", isinstance(v.get("ledger_head"), str) and _HEX64.match(v["ledger_head"]) is not None,
+         "must be 64 lowercase hex characters")
     if num.get("epsilon") and num.get("epsilon_round") and v["epsilon_round"] > v["epsilon"] * (1 + 1e-9):
         problems.append(Problem("privacy['epsilon_round']", "larger than the cumulative epsilon"))
     if v.get("accountant") in ACCOUNTANTS and v["accountant"] != run.train.accountant:

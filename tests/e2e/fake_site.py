@@ -38,8 +38,12 @@ def site_train(settings, run, *, global_adapter, round_id):
     privacy = dict(epsilon=0.5 * round_id, epsilon_round=0.5, delta=1e-5, noise_multiplier=1.0,
                    sample_rate=0.1, steps=run.train.steps, max_grad_norm=1.0,
                    accountant=run.train.accountant, secure_mode=run.train.secure_mode,
-                   patients_bucket=10 * (k + 1))
+                   patients_bucket=10 * (k + 1), ledger_seq=round_id, ledger_head=f"{k:x}" * 64)
     return adapter, privacy
+
+
+def release_update(settings, privacy):
+    pass  # no ledger here: the real one marks the reservation released after the wire check
 
 
 def site_evaluate(settings, run, *, global_adapter, round_id):
