@@ -91,6 +91,8 @@ class Ledger:
     ``ledger_anchor`` entry for every record written (and ``ledger_migrated``);
     ``anchored_seq`` is the highest seq confirmed outside the file (the audit log):
     fewer records, or a damaged record at or below it, is an error, never a torn write.
+    ``migrate`` False refuses a format-1 file instead of migrating it (once records
+    are anchored, a format-1 file can only be an old copy or a forgery).
     """
 
     def __init__(
@@ -102,6 +104,7 @@ class Ledger:
         audit: AuditSink | None = None,
         anchored_seq: int = 0,
         anchored_where: str = "the audit log",
+        migrate: bool = True,
     ) -> None:
         if not isinstance(site_id, str) or not site_id.strip():
             raise ConfigError(f"ledger site_id must be a non-empty string, got {site_id!r}")
@@ -111,6 +114,7 @@ class Ledger:
         self._audit = audit
         self._seen = (int(anchored_seq), None)  # (seq, hash) this object has confirmed
         self._anchored_where = anchored_where
+        self._migrate = migrate
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -283,6 +287,10 @@ class Ledger:
             return None
         if not isinstance(head, dict) or set(head) != _V1_LINE_KEYS:
             return None
+        if not self._migrate:
+            raise self._fail(1, f"a format-1 record (plain checksum, no MAC), but {self._anchored_where} "
+                             "already anchors authenticated records: an old copy or a forgery, not "
+                             "migrated")
         old = V1Reader(self).read(fh)
         fh.seek(0)
         backup = self.path.with_name(f"{self.path.name}.pre-mac")

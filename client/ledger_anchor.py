@@ -168,7 +168,8 @@ def open_site_ledger(settings: SiteSettings, audit: AuditLog) -> Ledger:
     sink = _Sink(audit)
     ledger = Ledger(path, site_id=settings.site_id, key_path=key, audit=sink,
                     anchored_seq=top.seq if top is not None else 0,
-                    anchored_where=top.where if top is not None else "the audit log")
+                    anchored_where=top.where if top is not None else "the audit log",
+                    migrate=top is None)
     records = ledger.records()
     problems = disagreements(records, anchors)
     if problems:
