@@ -226,6 +226,8 @@ def budget(
         "delta": delta,
         "rounds": len(entries),
         "accountant": accountant,
+        "ledger_seq": ledger.head()[0],  # compare with the coordinator's record of this site
+        "ledger_head": ledger.head()[1],
     }
     if as_json:
         console.print_json(json.dumps(out))

@@ -289,3 +289,27 @@ def _report(settings, ledger, round_id) -> SiteRoundReport:
     )
     write_site_report(report, settings.output_dir, key=site_audit_log(settings).key)
     return report
+
+
+def test_recover_command_prints_epsilon_and_exits_nonzero_when_refused(three_rounds, monkeypatch):
+    from typer.testing import CliRunner
+
+    from client.cli import app
+
+    settings, path, eps = three_rounds
+    monkeypatch.setenv("FEDSYNTH_SITE_SITE_ID", "site-a")
+    monkeypatch.setenv("FEDSYNTH_SITE_SIGNING_KEY", str(settings.signing_key))
+    path.unlink()
+    args = ["ledger", "recover", "--output-dir", str(settings.output_dir)]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    assert "6 records (6 from the audit log)" in done.output and f"ε {eps:.4f}" in done.output
+    (settings.output_dir / "audit.jsonl").write_bytes(b"")  # the signed record is gone too
+    (settings.output_dir / "privacy-reports").mkdir()
+    _report(settings, _open_bare(settings), 3)
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == LedgerError.exit_code and "recovery refused" in refused.output
+
+
+def _open_bare(settings) -> Ledger:
+    return Ledger(settings.ledger_path, site_id="site-a", key_path=settings.output_dir / "ledger.key")
