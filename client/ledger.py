@@ -52,29 +52,29 @@ from typing import IO, Any
 
 from client.ledger_key import default_key_path, key_id, mac_ok, read_key, write_new_key
 from client.ledger_records import (
-    _LINE_KEYS,
-    _NOISE_SOURCE,
-    _ROUND_ID_MAX,
-    _V1_LINE_KEYS,
     ACCOUNTANTS,
     GENESIS,
+    LINE_KEYS,
+    NOISE_SOURCE,
     NOT_JSON,
     RECORD_KEYS,
+    ROUND_ID_MAX,
+    V1_LINE_KEYS,
     AuditSink,
     LedgerEntry,
     V1Reader,
-    _check_query,
-    _entry,
-    _fsync_dir,
-    _is_num,
-    _value_problems,
+    check_query,
     compute_epsilon,
+    entry_from,
     entry_record,
+    fsync_dir,
+    is_num,
     record_hash,
     record_line,
     record_problems,
     replace_file,
     stamp,
+    value_problems,
 )
 from shared.errors import BudgetExceededError, ConfigError, LedgerError, Problem
 
@@ -124,7 +124,7 @@ class Ledger:
             else:
                 os.fsync(fd)
                 os.close(fd)
-                _fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
         except OSError as exc:
             raise LedgerError(f"cannot create privacy ledger {self.path}: {exc.strerror}") from None
         with self._locked() as fh:
@@ -208,9 +208,9 @@ class Ledger:
             return NOT_JSON
         if not isinstance(rec, dict):
             return NOT_JSON
-        if set(rec) == _V1_LINE_KEYS:
+        if set(rec) == V1_LINE_KEYS:
             return "a format-1 record (plain checksum, no MAC) inside an authenticated ledger"
-        if set(rec) != _LINE_KEYS:
+        if set(rec) != LINE_KEYS:
             return "not a ledger record (unexpected fields)"
         bad = record_problems(rec, site_id=self.site_id, seq=expected_seq, prev=prev)
         if bad:
@@ -218,7 +218,7 @@ class Ledger:
         if not isinstance(rec["mac"], str) or not mac_ok(self._key, rec["hash"], rec["mac"]):
             return (f"MAC mismatch: the record was edited, or {self.key_path} (key id "
                     f"{self.key_id}) is not this ledger's key")
-        return _entry(rec)
+        return entry_from(rec)
 
     def _read(self, fh: IO[bytes]) -> list[LedgerEntry]:
         """Verify the whole file (lock held); move a torn, unconfirmed last line aside."""
@@ -272,7 +272,7 @@ class Ledger:
             out.write(tail)
             out.flush()
             os.fsync(out.fileno())
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         fh.truncate(offset)
         fh.flush()
         os.fsync(fh.fileno())
@@ -285,7 +285,7 @@ class Ledger:
             head = json.loads(first)
         except (UnicodeDecodeError, json.JSONDecodeError):
             return None
-        if not isinstance(head, dict) or set(head) != _V1_LINE_KEYS:
+        if not isinstance(head, dict) or set(head) != V1_LINE_KEYS:
             return None
         if not self._migrate:
             raise self._fail(1, f"a format-1 record (plain checksum, no MAC), but {self._anchored_where} "
@@ -325,7 +325,7 @@ class Ledger:
         self._seen = (rec["seq"], rec["hash"])
         # Anchored while the lock is held, before the caller may train on (or send) anything.
         self._emit("ledger_anchor", {**rec, "cause": cause, **(extra or {})})
-        return _entry(rec)
+        return entry_from(rec)
 
     def _emit(self, kind: str, data: Mapping[str, Any]) -> None:
         if self._audit is not None:
@@ -357,7 +357,7 @@ class Ledger:
 
     def epsilon(self, *, delta: float, accountant: str = "prv") -> float:
         """Cumulative epsilon of everything ever reserved, at ``delta`` (0.0 for an empty ledger)."""
-        _check_query(delta, accountant)
+        check_query(delta, accountant)
         return compute_epsilon(self.history(), delta=delta, accountant=accountant)
 
     def projected_epsilon(
@@ -370,19 +370,19 @@ class Ledger:
         )
 
     def _check_run(self, sigma: Any, q: Any, steps: Any, delta: Any, accountant: Any, **more: Any) -> None:
-        reasons = _value_problems(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta, accountant=accountant)
+        reasons = value_problems(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta, accountant=accountant)
         problems = [Problem("privacy", r) for r in reasons]
         if "round_id" in more and (
             not isinstance(more["round_id"], str) or not more["round_id"].strip()
-            or len(more["round_id"]) > _ROUND_ID_MAX or not more["round_id"].isprintable()
+            or len(more["round_id"]) > ROUND_ID_MAX or not more["round_id"].isprintable()
         ):
             problems.append(Problem("round_id", f"must be a non-empty printable string of at most "
-                                    f"{_ROUND_ID_MAX} characters, got {more['round_id']!r:.140}"))
-        if "ceiling" in more and not (_is_num(more["ceiling"]) and more["ceiling"] > 0):
+                                    f"{ROUND_ID_MAX} characters, got {more['round_id']!r:.140}"))
+        if "ceiling" in more and not (is_num(more["ceiling"]) and more["ceiling"] > 0):
             problems.append(Problem("epsilon_ceiling", f"must be a finite number > 0, got {more['ceiling']!r}"))
         source = more.get("noise_source", "unspecified")
-        if not isinstance(source, str) or not _NOISE_SOURCE.match(source):
-            problems.append(Problem("noise_source", f"must match {_NOISE_SOURCE.pattern}, got {source!r:.80}"))
+        if not isinstance(source, str) or not NOISE_SOURCE.match(source):
+            problems.append(Problem("noise_source", f"must match {NOISE_SOURCE.pattern}, got {source!r:.80}"))
         if problems:
             raise ConfigError("invalid privacy ledger request", problems)
 

@@ -27,14 +27,14 @@ from shared.errors import ConfigError, Problem
 
 ACCOUNTANTS = ("prv", "rdp")
 GENESIS = "0" * 64
-_V1_ENTRY_KEYS = ("seq", "kind", "round_id", "noise_multiplier", "sample_rate", "steps", "delta",
+V1_ENTRY_KEYS = ("seq", "kind", "round_id", "noise_multiplier", "sample_rate", "steps", "delta",
                   "accountant", "time")
-_ENTRY_KEYS = (*_V1_ENTRY_KEYS, "noise_source")
-_V1_LINE_KEYS = {*_V1_ENTRY_KEYS, "site_id", "ref", "sha256"}  # ref: seq of the reserve a release closes
+_ENTRY_KEYS = (*V1_ENTRY_KEYS, "noise_source")
+V1_LINE_KEYS = {*V1_ENTRY_KEYS, "site_id", "ref", "sha256"}  # ref: seq of the reserve a release closes
 RECORD_KEYS = frozenset({*_ENTRY_KEYS, "site_id", "ref", "prev"})  # what ``hash`` covers; what an anchor carries
-_LINE_KEYS = {*RECORD_KEYS, "hash", "mac"}
-_NOISE_SOURCE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-_ROUND_ID_MAX = 120  # round ids go into audit anchors, which take short strings only
+LINE_KEYS = {*RECORD_KEYS, "hash", "mac"}
+NOISE_SOURCE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+ROUND_ID_MAX = 120  # round ids go into audit anchors, which take short strings only
 NOT_JSON = "not valid JSON"
 AuditSink = Callable[[str, Mapping[str, Any]], Any]
 """Where a ledger reports what it wrote: (audit kind, data), e.g. ``AuditLog.append``."""
@@ -63,32 +63,32 @@ class LedgerEntry:
     hash: str = ""
 
 
-def _is_num(x: Any) -> bool:
+def is_num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _value_problems(
+def value_problems(
     *, noise_multiplier: Any, sample_rate: Any, steps: Any, delta: Any, accountant: Any
 ) -> list[str]:
     out = []
-    if not (_is_num(noise_multiplier) and noise_multiplier > 0):
+    if not (is_num(noise_multiplier) and noise_multiplier > 0):
         out.append(f"noise_multiplier must be a finite number > 0, got {noise_multiplier!r}")
-    if not (_is_num(sample_rate) and 0 < sample_rate <= 1):
+    if not (is_num(sample_rate) and 0 < sample_rate <= 1):
         out.append(f"sample_rate must be in (0, 1], got {sample_rate!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         out.append(f"steps must be an integer >= 1, got {steps!r}")
-    if not (_is_num(delta) and 0 < delta < 1):
+    if not (is_num(delta) and 0 < delta < 1):
         out.append(f"delta must be in (0, 1), got {delta!r}")
     if accountant not in ACCOUNTANTS:
         out.append(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
     return out
 
 
-def _check_query(delta: Any, accountant: Any) -> None:
+def check_query(delta: Any, accountant: Any) -> None:
     problems = [
         Problem(name, reason)
         for name, reason in (
-            ("delta", None if _is_num(delta) and 0 < delta < 1 else f"must be in (0, 1), got {delta!r}"),
+            ("delta", None if is_num(delta) and 0 < delta < 1 else f"must be in (0, 1), got {delta!r}"),
             ("accountant", None if accountant in ACCOUNTANTS else f"must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}"),
         )
         if reason
@@ -141,13 +141,13 @@ def record_problems(rec: Mapping[str, Any], *, site_id: str, seq: int, prev: str
     if rec["prev"] != prev:
         return ["chain broken: prev is not the hash of the record before it (a record was removed, "
                 "replaced or reordered)"]
-    bad = _value_problems(**{k: rec[k] for k in ("noise_multiplier", "sample_rate", "steps", "delta", "accountant")})
+    bad = value_problems(**{k: rec[k] for k in ("noise_multiplier", "sample_rate", "steps", "delta", "accountant")})
     if rec["kind"] not in ("reserve", "released"):
         bad.append(f"unknown kind {rec['kind']!r}")
     if not isinstance(rec["round_id"], str) or not isinstance(rec["time"], str):
         bad.append("round_id and time must be strings")
-    if not isinstance(rec["noise_source"], str) or not _NOISE_SOURCE.match(rec["noise_source"]):
-        bad.append(f"noise_source must match {_NOISE_SOURCE.pattern}")
+    if not isinstance(rec["noise_source"], str) or not NOISE_SOURCE.match(rec["noise_source"]):
+        bad.append(f"noise_source must match {NOISE_SOURCE.pattern}")
     ref = rec["ref"]
     if rec["kind"] == "reserve" and ref is not None:
         bad.append("a reserve record must not reference another record")
@@ -158,7 +158,7 @@ def record_problems(rec: Mapping[str, Any], *, site_id: str, seq: int, prev: str
     return bad
 
 
-def _entry(rec: Mapping[str, Any]) -> LedgerEntry:
+def entry_from(rec: Mapping[str, Any]) -> LedgerEntry:
     return LedgerEntry(**{k: rec[k] for k in (*_ENTRY_KEYS, "ref", "hash")})
 
 
@@ -176,7 +176,7 @@ def record_line(record: Mapping[str, Any], key: bytes) -> bytes:
     return json.dumps(rec, sort_keys=True, separators=(",", ":")).encode() + b"\n"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -194,7 +194,7 @@ def replace_file(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def stamp() -> str:
@@ -212,14 +212,14 @@ class V1Reader:
             rec = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             return NOT_JSON
-        if not isinstance(rec, dict) or set(rec) != _V1_LINE_KEYS:
+        if not isinstance(rec, dict) or set(rec) != V1_LINE_KEYS:
             return "not a format-1 ledger record (unexpected fields)"
         if rec["sha256"] != _v1_checksum(rec):
             return "checksum mismatch"
         rec = {**rec, "noise_source": "unspecified", "prev": GENESIS, "hash": ""}
         rec["hash"] = record_hash(rec)  # placeholder chain: only the values are checked here
         bad = record_problems(rec, site_id=self.ledger.site_id, seq=expected_seq, prev=GENESIS)
-        return "; ".join(bad) if bad else _entry(rec)
+        return "; ".join(bad) if bad else entry_from(rec)
 
     def read(self, fh: IO[bytes]) -> list[LedgerEntry]:
         fh.seek(0)
