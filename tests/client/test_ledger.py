@@ -164,6 +164,17 @@ def test_corruption_raises_ledger_error_naming_the_line(tmp_path, mutate, line, 
     assert path.read_bytes() == before and not list(tmp_path.glob("*.torn-*"))
 
 
+def test_noise_source_and_round_id_are_checked(tmp_path):
+    ledger = Ledger(tmp_path / "l.jsonl")
+    with pytest.raises(ConfigError) as err:
+        ledger.reserve(round_id="r" * 500, noise_multiplier=1.0, sample_rate=0.1, steps=1, delta=DELTA,
+                       accountant="rdp", epsilon_ceiling=10.0, noise_source="free text\nhere")
+    assert {p.where for p in err.value.problems} == {"round_id", "noise_source"}
+    entry = ledger.reserve(round_id="r1", noise_multiplier=1.0, sample_rate=0.1, steps=1, delta=DELTA,
+                           accountant="rdp", epsilon_ceiling=10.0, noise_source="csprng")
+    assert Ledger(tmp_path / "l.jsonl").entries() == [entry] and entry.noise_source == "csprng"
+
+
 def test_another_sites_ledger_is_refused(tmp_path):
     path, _ = _three_lines(tmp_path)
     with pytest.raises(LedgerError, match="belongs to site 'site', not 'h2'"):

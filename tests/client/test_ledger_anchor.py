@@ -313,3 +313,25 @@ def test_recover_command_prints_epsilon_and_exits_nonzero_when_refused(three_rou
 
 def _open_bare(settings) -> Ledger:
     return Ledger(settings.ledger_path, site_id="site-a", key_path=settings.output_dir / "ledger.key")
+
+
+def test_an_edited_audit_log_cannot_vouch_for_a_lowered_ledger(three_rounds):
+    settings, path, _ = three_rounds
+    audit = settings.output_dir / "audit.jsonl"
+    site_audit_log(settings).append("round", {"round": 3, "phase": "train"})  # later entries exist
+    lines = audit.read_bytes().splitlines(keepends=True)
+    cut = [raw for raw in lines
+           if json.loads(raw)["kind"] != "ledger_anchor" or json.loads(raw)["data"]["seq"] == 1]
+    audit.write_bytes(b"".join(cut))  # drop the anchors of records 2..6 to match a cut ledger ...
+    path.write_bytes(_lines(path)[0])
+    _refused(settings, "audit log", "does not verify")  # ... which breaks the signed chain
+
+
+def test_reservation_records_and_anchors_its_noise_source(three_rounds):
+    settings, path, _ = three_rounds
+    assert {e.noise_source for e in _open(settings).entries()} == {"test"}
+    anchors = [json.loads(line)["data"] for line in (settings.output_dir / "audit.jsonl").read_text().splitlines()
+               if json.loads(line)["kind"] == "ledger_anchor"]
+    assert [(a["seq"], a["kind"], a["noise_source"], a["cause"]) for a in anchors[:2]] == [
+        (1, "reserve", "test", "reserve"), (2, "released", "test", "release")]
+    assert anchors[0]["epsilon"] == pytest.approx(_eps(RUNS[:1]))
