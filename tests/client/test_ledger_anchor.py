@@ -335,3 +335,87 @@ def test_reservation_records_and_anchors_its_noise_source(three_rounds):
     assert [(a["seq"], a["kind"], a["noise_source"], a["cause"]) for a in anchors[:2]] == [
         (1, "reserve", "test", "reserve"), (2, "released", "test", "release")]
     assert anchors[0]["epsilon"] == pytest.approx(_eps(RUNS[:1]))
+
+
+# kill -9 at random points of reserve(): mid ledger write, between the ledger's fsync and its
+# anchor, mid audit-log write. Every reopen through the start-up check must succeed (a crash is
+# not tampering) and show at least the epsilon the writer saw confirmed.
+_ANCHORED_WRITER = """
+import os, sys
+from pathlib import Path
+from client.ledger import compute_epsilon
+from client.ledger_anchor import open_site_ledger
+from client.ledger_recovery import site_audit_log
+from shared.settings import SiteSettings, load_settings
+compute_epsilon([(1.0, 0.5, 1)], delta=1e-5, accountant="rdp")
+settings = load_settings(SiteSettings, site_id="site-a", output_dir=Path(sys.argv[1]), signing_key=Path(sys.argv[2]))
+for command in sys.stdin:
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        ledger = open_site_ledger(settings, site_audit_log(settings))
+        i = 0
+        while True:
+            ledger.reserve(round_id=f"{os.getpid()}-{i}", noise_multiplier=1.2, sample_rate=0.01,
+                           steps=20, delta=1e-5, accountant="rdp", epsilon_ceiling=1e9)
+            print(ledger.epsilon(delta=1e-5, accountant="rdp"), flush=True)
+            i += 1
+    print("child", pid, flush=True)
+    os.waitpid(pid, 0)
+    print("dead", flush=True)
+"""
+
+
+def _anchored_kill_runs(tmp_path, kills):
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import threading
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    settings = _settings(tmp_path)
+    rng, floor = random.Random(99), 0.0
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _ANCHORED_WRITER, str(settings.output_dir), str(settings.signing_key)],
+        cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    try:
+        for _ in range(kills):
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            printed, child, want = [], None, rng.randint(1, 3)
+            while child is None or len(printed) < want:
+                line = proc.stdout.readline()
+                assert line, "writer process died"
+                if line.startswith("child"):
+                    child = int(line.split()[1])
+                else:
+                    printed.append(float(line))
+            threading.Event().wait(rng.uniform(0.0, 0.03))
+            os.kill(child, signal.SIGKILL)
+            for line in iter(proc.stdout.readline, ""):
+                if line.endswith("dead\n"):
+                    break
+                printed.append(float(line))
+            eps = _open(settings).epsilon(delta=1e-5, accountant="rdp")  # a crash never blocks the site
+            assert eps >= printed[-1] >= floor
+            floor = eps
+    finally:
+        proc.kill()
+        proc.wait()
+    return settings, floor
+
+
+def test_kill_9_with_anchors_never_blocks_or_lowers(tmp_path):
+    settings, eps = _anchored_kill_runs(tmp_path, kills=3)
+    settings.ledger_path.unlink()  # and every confirmed record is in the audit log
+    assert recover_ledger(settings).epsilon >= eps
+
+
+@pytest.mark.integration
+def test_kill_9_with_anchors_many_times(tmp_path):
+    _anchored_kill_runs(tmp_path, kills=30)
