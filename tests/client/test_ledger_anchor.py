@@ -304,6 +304,12 @@ def test_recover_command_prints_epsilon_and_exits_nonzero_when_refused(three_rou
     done = CliRunner().invoke(app, args)
     assert done.exit_code == 0, done.output
     assert "6 records (6 from the audit log)" in done.output and f"ε {eps:.4f}" in done.output
+    monkeypatch.setenv("FEDSYNTH_SITE_DELTA", str(DELTA))
+    budget = CliRunner().invoke(app, ["budget", "--json", "--output-dir", str(settings.output_dir)])
+    assert budget.exit_code == 0, budget.output
+    shown = json.loads(budget.output)
+    assert shown["epsilon_spent"] == pytest.approx(eps) and shown["ledger_seq"] == 6
+    assert shown["ledger_head"] == _open(settings).head()[1]
     (settings.output_dir / "audit.jsonl").write_bytes(b"")  # the signed record is gone too
     (settings.output_dir / "privacy-reports").mkdir()
     _report(settings, _open_bare(settings), 3)
