@@ -425,3 +425,17 @@ def test_kill_9_with_anchors_never_blocks_or_lowers(tmp_path):
 @pytest.mark.integration
 def test_kill_9_with_anchors_many_times(tmp_path):
     _anchored_kill_runs(tmp_path, kills=30)
+
+
+def test_recovery_keeps_authentic_records_the_audit_log_missed(three_rounds):
+    settings, path, _ = three_rounds
+    bare = Ledger(path, site_id="site-a", key_path=settings.output_dir / "ledger.key")  # no anchor
+    _reserve(bare, 4, 1.5, 0.05, 30)
+    eps4 = bare.epsilon(delta=DELTA, accountant="rdp")
+    lines = _lines(path)
+    lines[0] = lines[0].replace(b'"steps":60', b'"steps":6')
+    path.write_bytes(b"".join(lines))
+    _refused(settings, "corrupt at line 1")
+    got = recover_ledger(settings)
+    assert (got.records, got.from_anchors) == (7, 6) and got.epsilon == pytest.approx(eps4)
+    assert _open(settings).epsilon(delta=DELTA, accountant="rdp") == pytest.approx(eps4)
