@@ -65,16 +65,25 @@ def read_key(path: Path) -> bytes:
 
 
 def write_new_key(path: Path) -> bytes:
-    """Create ``path`` with a fresh random key (mode 0600, fsynced); FileExistsError if present."""
+    """Create ``path`` with a fresh random key (mode 0600, fsynced); FileExistsError if present.
+
+    The key is written to a private temporary file and hard-linked into place, so a
+    concurrent reader sees either no key file or the whole key, never an empty one.
+    """
     key = secrets.token_bytes(KEY_BYTES)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.write(fd, key.hex().encode("ascii") + b"\n")
         os.fsync(fd)
     finally:
         os.close(fd)
+    try:
+        os.link(tmp, path)  # fails with FileExistsError when another process won the race
+    finally:
+        tmp.unlink()
     dfd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dfd)

@@ -289,3 +289,14 @@ def test_garbage_last_line_after_power_loss_is_moved_aside(tmp_path):
     assert [e.seq for e in Ledger(path).entries()] == [1, 2]
     (aside,) = tmp_path.glob("l.jsonl.torn-*")
     assert aside.read_bytes() == b"\x00" * 40 + b"\n"
+
+
+def test_ledger_key_is_private_and_created_whole(tmp_path):
+    from client.ledger_key import read_key, write_new_key
+
+    path = tmp_path / "k" / "ledger.key"
+    key = write_new_key(path)
+    assert read_key(path) == key and len(key) == 32 and (path.stat().st_mode & 0o777) == 0o600
+    with pytest.raises(FileExistsError):
+        write_new_key(path)
+    assert read_key(path) == key and list(path.parent.iterdir()) == [path]  # no temp file left
