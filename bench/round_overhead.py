@@ -108,7 +108,7 @@ def random_adapter(spec: wire.AdapterSpec, seed: int) -> dict[str, np.ndarray]:
 def privacy_scalars(patients_bucket: int = 120) -> dict[str, Any]:
     return dict(epsilon=2.5, epsilon_round=0.5, delta=1e-5, noise_multiplier=1.1, sample_rate=0.05,
                 steps=50, max_grad_norm=1.0, accountant="prv", secure_mode=False,
-                patients_bucket=patients_bucket)
+                patients_bucket=patients_bucket, ledger_seq=1, ledger_head="ab" * 32)
 
 
 # ---- bytes on the wire -----------------------------------------------------
@@ -240,6 +240,7 @@ def _bench_site(spec: wire.AdapterSpec) -> types.ModuleType:
     site.adapter_spec = lambda settings, run: spec
     site.site_train = lambda settings, run, *, global_adapter, round_id: (
         random_adapter(spec, seed=hash(settings.site_id) % 2**31), privacy_scalars())
+    site.release_update = lambda settings, privacy: None
     return site
 
 

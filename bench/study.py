@@ -248,6 +248,8 @@ for rnd in range(1, run.num_rounds + 1 if args["mode"] != "zero-shot" else 1):
             wire.check_reply(wire.pack_train_reply(update, privacy), kind="train",
                              spec=site.adapter_spec(s, run), run=run)
             report["wire_refused"][s.site_id] = False
+            if args["mode"] == "dp":  # as the ClientApp: released only after the wire check
+                site.release_update(s, privacy)
         except WireError:
             report["wire_refused"][s.site_id] = True
             if args["mode"] == "dp":

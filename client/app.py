@@ -5,7 +5,8 @@ adapter; both are untrusted here (:meth:`RunConfig.from_flower`,
 :func:`shared.wire.check_instruction`). The site's own settings come from its
 environment (``FEDSYNTH_SITE_*``, .env, secrets dir) and its SuperNode's
 ``--node-config`` — never from the coordinator. Every reply passes
-:func:`shared.wire.check_reply` before it leaves.
+:func:`shared.wire.check_reply` before it leaves; only then is the update marked
+released in the site's privacy ledger (:func:`client.site.release_update`).
 
 Failures never leave as text: Flower would send an exception's message to the
 coordinator, and a message can quote private data (a bad note's line, a path).
@@ -254,7 +255,9 @@ def train_reply(message: Message, context: Context) -> RecordDict:
             log.warning("round %d declined: %s", got.round_id, exc)
             return wire.pack_decline("budget_exceeded")
         content = wire.pack_train_reply(_to_wire_dtype(adapter, run.lora.dtype), privacy)
-        wire.check_reply(content, kind="train", spec=spec, run=run)
+        reply = wire.check_reply(content, kind="train", spec=spec, run=run)
+        # Only now is the update leaving: the ledger's "released" record comes after the check.
+        site.release_update(settings, reply.privacy)
         return content
     except Exception:  # fail closed: no exception text may reach the coordinator
         log.exception("train failed at this site; replying with a typed decline")
@@ -334,8 +337,11 @@ def secagg_train_reply(message: Message, context: Context) -> RecordDict:
         reply = wire.check_reply(wire.pack_train_reply(adapter, privacy), kind="train", spec=spec, run=run)
         contribution = secagg_contribution(reply.adapter, got.adapter, run)
         weight = wire_secagg.secagg_weight(int(reply.privacy["patients_bucket"]), run)
-        return _checked_secagg(wire_secagg.pack_secagg_reply(contribution, weight=weight, privacy=reply.privacy),
-                               spec, run)
+        content = _checked_secagg(
+            wire_secagg.pack_secagg_reply(contribution, weight=weight, privacy=reply.privacy), spec, run
+        )
+        _site().release_update(settings, reply.privacy)  # after every check, as on the plain path
+        return content
     except Exception:  # fail closed: no exception text may reach the coordinator
         log.exception("secagg train failed at this site; sending a zero, weight-0 decline")
         try:

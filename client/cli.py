@@ -226,6 +226,8 @@ def budget(
         "delta": delta,
         "rounds": len(entries),
         "accountant": accountant,
+        "ledger_seq": ledger.head()[0],  # compare with the coordinator's record of this site
+        "ledger_head": ledger.head()[1],
     }
     if as_json:
         console.print_json(json.dumps(out))
@@ -326,6 +328,35 @@ def evaluate(
     console.print(table)
     console.print(f"site-only values (a federated evaluate round sends only the DP-noised summary); "
                   f"report: {paths['html']}")
+
+
+ledger_app = typer.Typer(
+    help="The privacy ledger: rebuild it from the signed audit log, rotate its key.",
+    no_args_is_help=True,
+)
+app.add_typer(ledger_app, name="ledger")
+
+
+@ledger_app.command("recover")
+@expected_errors
+def ledger_recover(output_dir: OutOpt = None) -> None:
+    """Rebuild a missing, cut or damaged ledger from the audit log's anchors (ε never lowered; audited)."""
+    from client.ledger_recovery import recover_ledger
+
+    r = recover_ledger(_settings(output_dir=output_dir))
+    eps = f"ε {r.epsilon:.4f} (δ={r.delta:g}, {r.accountant})" if r.delta is not None else "ε 0"
+    console.print(f"ledger {r.path}: {r.records} records ({r.from_anchors} from the audit log), {eps}")
+    console.print(f"old file kept as {r.previous}" if r.previous else "there was no old ledger file")
+
+
+@ledger_app.command("rotate-key")
+@expected_errors
+def ledger_rotate_key(output_dir: OutOpt = None) -> None:
+    """Re-authenticate every ledger record under a fresh ledger key (anchors unchanged; audited)."""
+    from client.ledger_recovery import rotate_key
+
+    old, new = rotate_key(_settings(output_dir=output_dir))
+    console.print(f"ledger key rotated: {old} -> {new}; back up the new key now")
 
 
 def _register_doctor() -> None:

@@ -199,7 +199,8 @@ def check_ledger(settings: SiteSettings) -> Check:
     Privacy meaning: the ledger is the site's only memory of the epsilon it has
     spent; on a volatile file system (tmpfs) a reboot would reset it to zero.
     """
-    from client.ledger import Ledger
+    from client.ledger_anchor import open_site_ledger
+    from client.ledger_recovery import site_audit_log
 
     name = "privacy ledger"
     path = Path(settings.ledger_path or settings.output_dir / "privacy-ledger.jsonl")
@@ -210,13 +211,13 @@ def check_ledger(settings: SiteSettings) -> Check:
     if not os.access(base, os.W_OK | os.X_OK):
         return fail_check(name, f"{path}: {base} is not writable by this account",
                           "chown the directory to the site's service account, or move the ledger")
-    try:
-        ledger = Ledger(path, site_id=settings.site_id)
+    try:  # as a round opens it: MAC chain, then the audit-log and report anchors
+        ledger = open_site_ledger(settings, site_audit_log(settings))
         entries = ledger.entries()
     except FedsynthError as exc:
         return fail_check(name, str(exc).splitlines()[0],
-                          "restore the ledger from the newest backup (never an older one) or see "
-                          "docs/hospital-it.md, troubleshooting")
+                          "restore the ledger and its key from the newest backup (never an older one), "
+                          "or run `fedsynth-site ledger recover`; see docs/hospital-it.md")
     detail = f"{path}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, ε ceiling {settings.epsilon_ceiling:g}"
     if _fs_type(path) in {"tmpfs", "ramfs"}:
         return fail_check(name, detail + "; on a memory file system (lost on reboot, epsilon would reset)",

@@ -71,6 +71,11 @@ class PrivacyScalars:
     A non-private baseline (``DPConfig(private=False)``) reports epsilon =
     epsilon_round = +inf, noise_multiplier = 0, max_grad_norm = +inf and
     accountant "none": :func:`shared.wire.check_reply` refuses every one of them.
+    ``ledger_seq``/``ledger_head`` name this round's reservation in the site's
+    ledger (its seq and chain hash; 0 and 64 zeros when nothing was reserved):
+    the coordinator records them per site so a ledger that is later lowered,
+    restored or forked is noticed outside the site (docs/privacy-model.md).
+    ``epsilon`` covers at least every record up to ``ledger_seq``.
     """
 
     epsilon: float
@@ -83,6 +88,8 @@ class PrivacyScalars:
     accountant: str
     secure_mode: bool
     patients_bucket: int
+    ledger_seq: int = 0
+    ledger_head: str = "0" * 64
 
     def as_dict(self) -> dict[str, float | int | str | bool]:
         """The scalars keyed exactly by ``shared.wire.PRIVACY_KEYS``."""
@@ -97,6 +104,8 @@ class PrivacyScalars:
             "accountant": str(self.accountant),
             "secure_mode": bool(self.secure_mode),
             "patients_bucket": int(self.patients_bucket),
+            "ledger_seq": int(self.ledger_seq),
+            "ledger_head": str(self.ledger_head),
         }
 
     @property
@@ -113,8 +122,8 @@ class TrainResult:
     ``mean_loss`` is the mean training loss over all examples seen; it is
     computed from private notes without noise, so it is for the local progress
     display only and must not leave the site. ``ledger_entry`` is the
-    reservation made before training; the caller marks it released once the
-    update has been sent (``Ledger.mark_released``). It is None only for the
+    reservation made before training; the ClientApp marks it released once the
+    update passed the wire check (``client.site.release_update``). It is None only for the
     non-private baseline, which reserves nothing.
     """
 

@@ -84,10 +84,14 @@ def ledger_privacy(
     this round's (steps summed over its reservations); when the site did not
     train this round, steps is 0 and σ, q are those of its last reservation.
     The ledger does not record C or secure mode: they come from the run config
-    the site trained with. PrivacyError when the ledger holds no reservation
-    (nothing was trained, so there is no ε to report).
+    the site trained with. ``ledger_seq``/``ledger_head`` name the ledger's last
+    record, so the signed report anchors the ledger: a later ledger that lacks
+    that record is refused at start-up (:mod:`client.ledger_anchor`).
+    PrivacyError when the ledger holds no reservation (nothing was trained, so
+    there is no ε to report).
     """
     reserves = [e for e in entries if e.kind == "reserve"]
+    head = entries[-1] if entries else None
     if not reserves:
         raise PrivacyError("no privacy report: the ledger holds no training reservation")
     # σ, q shown are training's; evaluation releases (round_id "eval-...") count in ε only
@@ -112,6 +116,8 @@ def ledger_privacy(
         max_grad_norm=max_grad_norm,
         accountant=accountant,
         secure_mode=secure_mode,
+        ledger_seq=head.seq,
+        ledger_head=head.hash or None,
     )
 
 

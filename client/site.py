@@ -9,6 +9,7 @@ as the number of steps, but never the data, the ceiling or the ledger.
 Site output layout (all of it stays at the site)::
 
     <output_dir>/privacy-ledger.jsonl        the ε ledger (unless ledger_path is set)
+    <output_dir>/ledger.key                  the ledger's HMAC secret (unless ledger_key is set)
     <output_dir>/adapters/round-<n>.safetensors   the adapter this site trained in round n
     <output_dir>/reports/round-<n>/synthetic.jsonl  generated reports (never sent)
     <output_dir>/evaluation/round-<n>/         per-report results, summary, HTML
@@ -19,6 +20,7 @@ Site output layout (all of it stays at the site)::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping
@@ -42,7 +44,7 @@ from client.notes import Note, NotesLoad, group_by_patient, load_notes, split_by
 from client.policy import floor_dp, report_tightened
 from client.train import DPConfig, TrainResult, train_dp
 from shared.audit import AuditLog
-from shared.errors import BudgetExceededError, PrivacyError
+from shared.errors import BudgetExceededError, LedgerError, PrivacyError
 from shared.run_config import RunConfig
 from shared.settings import SiteSettings
 from shared.signing import load_private_key
@@ -127,9 +129,15 @@ def site_delta(settings: SiteSettings, n_patients: int) -> float:
 
 
 def open_ledger(settings: SiteSettings) -> Ledger:
-    """The site's privacy ledger (created on first use)."""
-    path = settings.ledger_path or settings.output_dir / "privacy-ledger.jsonl"
-    return Ledger(path, site_id=settings.site_id)
+    """The site's privacy ledger (created on first use), checked against its anchors.
+
+    Raises :class:`~shared.errors.LedgerError` — and so stops training — when the
+    ledger is missing, truncated, edited or forked relative to the site's signed
+    audit log or privacy reports (:func:`client.ledger_anchor.open_site_ledger`).
+    """
+    from client.ledger_anchor import open_site_ledger
+
+    return open_site_ledger(settings, audit_log(settings))
 
 
 def build_site_model(
@@ -282,6 +290,8 @@ def site_train(
 ) -> tuple[dict[str, np.ndarray], dict[str, float | int | str | bool]]:
     """One federated training round: (adapter tensors, privacy scalars) to send.
 
+    Nothing is marked released here: the caller does that with
+    :func:`release_update` once the reply passed :func:`shared.wire.check_reply`.
     Round 1 (no global adapter) initialises LoRA from the run's ``lora.init-seed``
     so every site starts from the same A matrices. Raises
     :class:`~shared.errors.BudgetExceededError` (nothing trained) when the round
@@ -298,12 +308,31 @@ def site_train(
         log.append("budget_refusal", {"round": round_id, "projected_epsilon": round(exc.projected_epsilon, 4),
                                       "ceiling": exc.ceiling})
         raise
-    privacy = result.privacy.as_dict()
-    open_ledger(settings).mark_released(result.ledger_entry)
+    entry = result.ledger_entry
+    # The reservation's ledger position travels with the update: the coordinator's anchor.
+    privacy = dataclasses.replace(result.privacy, ledger_seq=entry.seq, ledger_head=entry.hash).as_dict()
     log.append("round", {"round": round_id, "phase": "train", "epsilon": round(result.privacy.epsilon, 6),
                          "adapter_sha256": adapter_hash(result.adapter)})
     adapter = {k: v.detach().to(torch.float32).cpu().numpy() for k, v in result.adapter.items()}
     return adapter, privacy
+
+
+def release_update(settings: SiteSettings, privacy: Mapping[str, object]) -> None:
+    """Record that the update with these (checked) privacy scalars is leaving the site.
+
+    Called by the ClientApp only after :func:`shared.wire.check_reply` passed: the
+    ``released`` ledger record (and its ``ledger_anchor`` audit entry) then means
+    "passed the wire check and was handed to Flower". It names the reservation by
+    the ``ledger_seq``/``ledger_head`` the update carries; epsilon is unchanged
+    (the reservation already counted). LedgerError when no such reservation exists.
+    """
+    ledger = open_ledger(settings)
+    seq, head = privacy.get("ledger_seq"), privacy.get("ledger_head")
+    entry = next((e for e in ledger.entries() if e.kind == "reserve" and (e.seq, e.hash) == (seq, head)), None)
+    if entry is None:
+        raise LedgerError(f"{ledger.path}: the update names ledger record {seq!r}, which is not a "
+                          "reservation of this ledger; nothing marked released")
+    ledger.mark_released(entry)
 
 
 def site_codes(data: SiteData, run: RunConfig) -> list[str]:

@@ -263,6 +263,8 @@ def train_dp(
         accountant=config.accountant,
         secure_mode=bool(config.secure_mode),
         patients_bucket=(n_patients // 10) * 10,
+        ledger_seq=entry.seq,  # the reservation's ledger position: the coordinator's anchor
+        ledger_head=entry.hash,
     )
     return TrainResult(
         adapter=adapter_state(model), privacy=privacy, mean_loss=mean_loss, ledger_entry=entry

@@ -47,6 +47,10 @@ KINDS: frozenset[str] = frozenset(
         "report_issued",
         "config",  # data carries the config hash
         "policy_tightened",  # a site floor overrode the run/node config (client/policy.py)
+        "ledger_anchor",  # a whole privacy-ledger record (seq, hash, ...): the ledger's outside anchor
+        "ledger_migrated",  # a format-1 ledger rewritten authenticated (seq, head, backup)
+        "ledger_recovered",  # a ledger rebuilt from the anchors (fedsynth-site ledger recover)
+        "ledger_rekeyed",  # the ledger re-authenticated under a new ledger key (old/new key ids)
     }
 )
 ENTRY_FIELDS = frozenset({"seq", "time", "actor", "kind", "data", "prev", "key_id", "hash", "sig"})

@@ -88,6 +88,10 @@ class Privacy(BaseModel):
     max_grad_norm: float = Field(gt=0, description="per-patient gradient clipping norm C")
     accountant: str = Field(description="privacy accountant: prv or rdp")
     secure_mode: bool = Field(description="Opacus secure_mode (cryptographically safe noise)")
+    ledger_seq: int | None = Field(None, ge=0, description="records in the site's privacy ledger that "
+                                   "epsilon was computed from (absent in older reports)")
+    ledger_head: Hex64 | None = Field(None, description="hash of the ledger's last record: an anchor a "
+                                      "later, lowered or rewritten ledger cannot match")
     what_epsilon_covers: Annotated[str, Field(min_length=1, max_length=2000)] = EPSILON_COVERS
     what_epsilon_does_not_cover: list[str] = Field(default_factory=lambda: list(EPSILON_DOES_NOT_COVER))
 

@@ -54,6 +54,7 @@ class SiteSettings(BaseSettings):
     model_dir: Path | None = None  # None: the embedded default model
     output_dir: Path = Path("site-output")
     ledger_path: Path | None = None  # None: <output_dir>/privacy-ledger.jsonl
+    ledger_key: Path | None = None  # the ledger's HMAC secret; None: <output_dir>/ledger.key
     device: Literal["auto", "cpu", "cuda"] = "auto"
     epsilon_ceiling: float = Field(8.0, gt=0)
     delta: float | None = Field(None, gt=0, lt=1)

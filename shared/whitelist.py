@@ -44,8 +44,8 @@ PRIVACY_KEYS: frozenset[str] = frozenset(
         "accountant",  # one of ACCOUNTANTS
         "secure_mode",
         "patients_bucket",  # number of training patients rounded down to a multiple of 10
-        "ledger_seq",  # records in the site's MAC-chained ledger after this round's reservation
-        "ledger_head",  # the ledger's HMAC head (64 lowercase hex), anchored at the coordinator
+        "ledger_seq",  # seq of this round's reservation in the site's privacy ledger
+        "ledger_head",  # that record's chain hash (64 hex): the coordinator's anchor of the ledger
     }
 )
 ACCOUNTANTS: frozenset[str] = frozenset({"prv", "rdp"})

@@ -147,10 +147,10 @@ def test_complete_last_line_without_newline_still_counts(tmp_path):
 @pytest.mark.parametrize(
     "mutate, line, reason",
     [
-        (lambda ls: ls[:1] + [ls[1].replace(b'"steps":50', b'"steps":5')] + ls[2:], 2, "checksum mismatch"),
+        (lambda ls: ls[:1] + [ls[1].replace(b'"steps":50', b'"steps":5')] + ls[2:], 2, "hash mismatch"),
         (lambda ls: ls[:1] + [b"{garbage\n"] + ls[2:], 2, "not valid JSON"),
         (lambda ls: [ls[0], ls[2]], 2, "sequence gap: expected seq 2, found 3"),
-        (lambda ls: ls[:2] + [ls[2].replace(b'"steps":50', b'"steps":1')], 3, "checksum mismatch"),
+        (lambda ls: ls[:2] + [ls[2].replace(b'"steps":50', b'"steps":1')], 3, "hash mismatch"),
     ],
     ids=["middle-checksum", "middle-garbage", "gap", "complete-last-tampered"],
 )
@@ -162,6 +162,17 @@ def test_corruption_raises_ledger_error_naming_the_line(tmp_path, mutate, line, 
         Ledger(path)
     assert f"{path} is corrupt at line {line}: {reason}" in str(err.value)
     assert path.read_bytes() == before and not list(tmp_path.glob("*.torn-*"))
+
+
+def test_noise_source_and_round_id_are_checked(tmp_path):
+    ledger = Ledger(tmp_path / "l.jsonl")
+    with pytest.raises(ConfigError) as err:
+        ledger.reserve(round_id="r" * 500, noise_multiplier=1.0, sample_rate=0.1, steps=1, delta=DELTA,
+                       accountant="rdp", epsilon_ceiling=10.0, noise_source="free text\nhere")
+    assert {p.where for p in err.value.problems} == {"round_id", "noise_source"}
+    entry = ledger.reserve(round_id="r1", noise_multiplier=1.0, sample_rate=0.1, steps=1, delta=DELTA,
+                           accountant="rdp", epsilon_ceiling=10.0, noise_source="csprng")
+    assert Ledger(tmp_path / "l.jsonl").entries() == [entry] and entry.noise_source == "csprng"
 
 
 def test_another_sites_ledger_is_refused(tmp_path):
@@ -267,7 +278,9 @@ def test_written_lines_are_self_describing(tmp_path):
     path = tmp_path / "l.jsonl"
     _reserve(Ledger(path, site_id="h1"), 1)
     rec = json.loads(path.read_text())
-    assert rec["seq"] == 1 and rec["site_id"] == "h1" and rec["kind"] == "reserve" and len(rec["sha256"]) == 64
+    assert rec["seq"] == 1 and rec["site_id"] == "h1" and rec["kind"] == "reserve"
+    assert rec["prev"] == "0" * 64 and len(rec["hash"]) == 64 and len(rec["mac"]) == 64
+    assert rec["noise_source"] == "unspecified"
 
 
 def test_garbage_last_line_after_power_loss_is_moved_aside(tmp_path):
@@ -276,3 +289,14 @@ def test_garbage_last_line_after_power_loss_is_moved_aside(tmp_path):
     assert [e.seq for e in Ledger(path).entries()] == [1, 2]
     (aside,) = tmp_path.glob("l.jsonl.torn-*")
     assert aside.read_bytes() == b"\x00" * 40 + b"\n"
+
+
+def test_ledger_key_is_private_and_created_whole(tmp_path):
+    from client.ledger_key import read_key, write_new_key
+
+    path = tmp_path / "k" / "ledger.key"
+    key = write_new_key(path)
+    assert read_key(path) == key and len(key) == 32 and (path.stat().st_mode & 0o777) == 0o600
+    with pytest.raises(FileExistsError):
+        write_new_key(path)
+    assert read_key(path) == key and list(path.parent.iterdir()) == [path]  # no temp file left

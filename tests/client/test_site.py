@@ -70,9 +70,12 @@ def test_train_then_evaluate_round(world):
     }
     assert set(privacy) == PRIVACY_KEYS and privacy["epsilon"] > 0
     assert privacy["patients_bucket"] % 10 == 0
-    # the spend is in the ledger, reserved and then released
-    kinds = [e.kind for e in site.open_ledger(settings).entries()]
-    assert kinds == ["reserve", "released"]
+    # the spend is in the ledger, reserved; released only once the ClientApp's wire check passed
+    entries = site.open_ledger(settings).entries()
+    assert [e.kind for e in entries] == ["reserve"]
+    assert (privacy["ledger_seq"], privacy["ledger_head"]) == (entries[0].seq, entries[0].hash)
+    site.release_update(settings, privacy)
+    assert [e.kind for e in site.open_ledger(settings).entries()] == ["reserve", "released"]
 
     summary = site.site_evaluate(settings, RUN, global_adapter=adapter, round_id=1)
     assert summary and set(summary) <= METRIC_NAMES
@@ -95,7 +98,8 @@ def test_train_then_evaluate_round(world):
     assert {"privacy.mia_auc", "privacy.mia_auc_calibrated"} <= set(evaluation["cells"])
     assert 0.0 <= evaluation["membership"]["auc_calibrated"] <= 1.0
     keys = {"site-a": load_public_key(pub)}
-    assert verify_log(out / "audit.jsonl", keys) == 3  # round (train, evaluate), report_issued: all signed
+    # ledger_anchor (reserve), round, ledger_anchor (released), report_issued: all signed
+    assert verify_log(out / "audit.jsonl", keys) == 4
 
     # The round's privacy report: schema-valid, signed by site-a, ε = what the update carried.
     path = out / "privacy-reports" / "report-round-1.json"

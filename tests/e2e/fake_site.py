@@ -71,5 +71,9 @@ def site_train(settings, run, *, global_adapter, round_id):
     return adapter, privacy
 
 
+def release_update(settings, privacy):
+    pass  # no ledger here: the real one marks the reservation released after the wire check
+
+
 def site_evaluate(settings, run, *, global_adapter, round_id):
     return {"diversity.distinct_1": 0.5}

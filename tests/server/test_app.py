@@ -51,11 +51,15 @@ def make_fake_site(calls):
                        **fake_ledger(settings, run))
         return adapter, privacy
 
+    def release_update(settings, privacy):  # after the site's wire check (kept apart from calls)
+        mod.released.append((settings.site_id, privacy["ledger_seq"]))
+
     def site_evaluate(settings, run, *, global_adapter, round_id):
         calls.append(("evaluate", settings.site_id, round_id, global_adapter))
         return {"diversity.distinct_1": 0.25 * (int(settings.site_id[-1]) + 1)}
 
     mod.adapter_spec, mod.site_train, mod.site_evaluate = adapter_spec, site_train, site_evaluate
+    mod.release_update, mod.released = release_update, []
     return mod
 
 
@@ -169,7 +173,8 @@ def test_server_refuses_hostile_reply_and_goes_on(tmp_path, calls):
         content = wire.pack_train_reply({A: np.ones((2, 4), np.float32), B: np.ones((4, 2), np.float32)},
                                         dict(epsilon=1.0, epsilon_round=1.0, delta=1e-5, noise_multiplier=1.0,
                                              sample_rate=0.1, steps=1, max_grad_norm=1.0, accountant="prv",
-                                             secure_mode=False, patients_bucket=10))
+                                             secure_mode=False, patients_bucket=10,
+                                             ledger_seq=1, ledger_head="ab" * 32))
         content["leak"] = ConfigRecord({"text": SECRET})
         return Message(content, reply_to=msg)
 
