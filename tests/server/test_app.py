@@ -112,11 +112,11 @@ def contexts(tmp_path, run_config, n=4):
 def site_floors_for_two_fake_sites(monkeypatch):
     """Site floors (client/policy.py) as the in-process harness needs them.
 
-    Two sites form a SecAgg+ group (the default floor is 3), and the fake site reports
-    the run's secure_mode, which the coordinator compares with its own run config.
+    Two sites form a SecAgg+ group (the default floor is 3), and one test runs a
+    single-site federation (min-sites 1).
     """
     monkeypatch.setenv("FEDSYNTH_SITE_MIN_SECAGG_GROUP_SIZE", "2")
-    monkeypatch.setenv("FEDSYNTH_SITE_REQUIRE_SECURE_NOISE", "false")
+    monkeypatch.setenv("FEDSYNTH_SITE_MIN_SITES", "1")
 
 
 @pytest.fixture

@@ -17,8 +17,7 @@ from tests.server.test_app import RC, InProcessGrid, calls, contexts  # noqa: F4
 
 RUN = RunConfig.from_flower({"run-name": "r1", "num-rounds": 2, "lora.r": 2, "update-norm-bound": 0.0})
 PRIV = dict(epsilon_round=0.5, delta=1e-5, noise_multiplier=1.0, sample_rate=0.1, steps=10,
-            max_grad_norm=1.0, accountant="prv", secure_mode=False, patients_bucket=40,
-            ledger_seq=1, ledger_head="ab" * 32)
+            max_grad_norm=1.0, accountant="prv", secure_mode=False, patients_bucket=40)
 
 
 @pytest.fixture
