@@ -46,15 +46,26 @@ random streams); greedy decoding gives the same tokens up to float rounding.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
-from client.ring_decoder import decode, model_parts, parts_problem, prefill
-from client.sampling import DEFAULT_CANDIDATES, apply_repetition_penalty, draw, redraw_rows
+from client.decode_engine import (
+    RING_BUCKET,
+    WIDTH_BUCKET,
+    Engine,
+    cached_engine,
+    group_size,
+    release_engines,
+    round_up,
+)
+from client.ring_decoder import parts_problem
+from client.sampling import DEFAULT_CANDIDATES, redraw_rows
+
+__all__ = ["generate_texts", "generate_token_ids", "merged_lora", "release_engines",
+           "unsupported_reason"]  # fmt: skip
 
 
 def unsupported_reason(model: Any) -> str | None:
@@ -107,141 +118,6 @@ def merged_lora(model: Any) -> Iterator[Any]:
                 weight.copy_(original)
 
 
-# Shapes are bucketed so that new prompt lengths or refill group sizes reuse compiled
-# graphs instead of recompiling (and, past dynamo's recompile limit, silently running eagerly).
-WIDTH_BUCKET = 32  # prefill widths: a multiple of this
-RING_BUCKET = 64  # ring length L: a multiple of this
-_MAX_ENGINES = 2  # cached engines per model (each holds a ring: layers x 2 x B x H_kv x L x d)
-_ENGINES: weakref.WeakKeyDictionary[Any, dict[tuple, _Engine]] = weakref.WeakKeyDictionary()
-
-
-def _round_up(n: int, step: int) -> int:
-    return -(-n // step) * step
-
-
-def _group_size(n: int, slots: int) -> int:
-    # Refill groups are padded to a power of two (at most `slots`): few prefill graphs.
-    size = 1
-    while size < n:
-        size *= 2
-    return min(size, slots)
-
-
-def _raise_recompile_limit(limit: int = 64) -> None:
-    # One entry per (engine, prefill bucket): more than dynamo's default of 8.
-    config = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(config, name) and getattr(config, name) < limit:
-            setattr(config, name, limit)
-
-
-class _Engine:
-    """Ring, device-side decode state and the (compiled) step/prefill for one shape.
-
-    Cached per model and key (:func:`_engine`), so a second call with the same
-    slots, ring length and sampling settings reuses the compiled graphs and the
-    ring: no compilation, no CUDA graph re-recording. Row ``slots`` of every
-    state tensor is scratch (the target of padded refill rows).
-    """
-
-    def __init__(self, model: Any, slots: int, length: int, sampler: dict, penalty: float,
-                 compile: bool) -> None:  # fmt: skip
-        self.parts = parts = model_parts(model)
-        device = next(model.parameters()).device
-        dtype = next(model.parameters()).dtype
-        vocab = model.get_output_embeddings().weight.shape[0]
-        self.slots, self.length, self.sampler, self.penalty = slots, length, sampler, penalty
-        self.device, self.compiled = device, compile
-        rows = slots + 1
-        shape = (len(parts.layers), 2, rows, parts.kv_heads, length, parts.head_dim)
-        self.kv = torch.zeros(shape, dtype=dtype, device=device)
-        self.cur = torch.zeros(rows, dtype=torch.long, device=device)
-        self.window = torch.zeros(rows, dtype=torch.long, device=device)
-        self.active = torch.zeros(rows, dtype=torch.bool, device=device)
-        self.column = torch.zeros(1, dtype=torch.long, device=device)
-        self.cols = torch.arange(length, device=device)
-        self.uniforms = torch.zeros(rows, dtype=torch.float32, device=device)
-        self.seen = (
-            torch.zeros(rows, vocab, dtype=torch.bool, device=device) if penalty != 1.0 else None
-        )
-        self.step, self.prefill = self._step, self._prefill
-        if compile:
-            for t in (self.kv, self.cur, self.window, self.active, self.column, self.cols,
-                      self.uniforms, self.seen):  # fmt: skip
-                if t is not None:  # fixed addresses: CUDA graphs replay them without copies
-                    torch._dynamo.mark_static_address(t)
-            _raise_recompile_limit()
-            self.step = torch.compile(self._step, mode="reduce-overhead", dynamic=False)
-            self.prefill = torch.compile(self._prefill, dynamic=False)
-
-    def reset(self) -> None:
-        self.active.zero_()
-        self.window.zero_()
-        self.column.zero_()
-        if self.seen is not None:
-            self.seen.zero_()
-
-    def _scores(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
-        logits = logits.float()
-        if seen is not None:
-            logits = apply_repetition_penalty(logits, seen, self.penalty)
-        return logits
-
-    def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        # One decode step for rows 0..B-1, all state on the device: returns
-        # ([2, B] = tokens, exact flags) and the processed logits (for rare redraws).
-        b = self.slots
-        cur, window, active = self.cur[:b], self.window[:b], self.active[:b]
-        seen = None if self.seen is None else self.seen[:b]
-        if seen is not None:  # the previous token (possibly redrawn on the host) is now seen
-            seen.scatter_(1, cur[:, None], True)
-        # Empty slots still run (static shapes) on a one-column window; their tokens are ignored.
-        window.copy_(torch.where(active, window + 1, torch.ones_like(window)))
-        mask = torch.remainder(self.column - self.cols, self.length)[None, :] < window[:, None]
-        logits = decode(self.parts, self.kv, cur, window - 1, self.column, mask)
-        scores = self._scores(logits, seen)
-        tokens, exact = draw(scores, self.uniforms[:b], **self.sampler)
-        cur.copy_(tokens)
-        self.column.copy_(torch.remainder(self.column + 1, self.length))
-        return torch.stack((tokens, exact.long())), scores
-
-    def _prefill(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # packed [n, W + 2]: left-padded ids, then ring row and prompt length per entry.
-        ids, rows, lengths = packed[:, :-2], packed[:, -2], packed[:, -1]
-        width = ids.shape[1]
-        columns = torch.remainder(
-            self.column - width + torch.arange(width, device=ids.device), self.length
-        )
-        seen = None
-        if self.seen is not None:  # pads repeat the prompt's first token: marking them is exact
-            self.seen[rows] = False
-            self.seen.index_put_((rows[:, None].expand_as(ids), ids), torch.ones_like(ids, dtype=torch.bool))
-            seen = self.seen[rows]
-        logits = prefill(self.parts, self.kv, ids, lengths, rows, columns)
-        scores = self._scores(logits, seen)
-        tokens, exact = draw(scores, self.uniforms[: ids.shape[0]], **self.sampler)
-        self.cur[rows] = tokens
-        self.window[rows] = lengths
-        self.active[rows] = True
-        return torch.stack((tokens, exact.long())), scores
-
-
-def _engine(model: Any, key: tuple, build: Callable[[], _Engine]) -> tuple[_Engine, bool]:
-    cache = _ENGINES.setdefault(model, {})
-    if key in cache:
-        cache[key] = cache.pop(key)  # most recently used last
-        return cache[key], True
-    while len(cache) >= _MAX_ENGINES:
-        cache.pop(next(iter(cache)))
-    cache[key] = engine = build()
-    return engine, False
-
-
-def release_engines(model: Any) -> None:
-    """Drop the cached rings and compiled graphs of ``model`` (frees their memory)."""
-    _ENGINES.pop(model, None)
-
-
 @torch.inference_mode()
 def generate_token_ids(
     model: Any,
@@ -285,7 +161,7 @@ def generate_token_ids(
         raise ValueError("every prompt needs at least one token")
     device = next(model.parameters()).device
     slots = min(batch_size, len(prompts))
-    length = _round_up(_round_up(max(len(p) for p in prompts), WIDTH_BUCKET) + max_new_tokens,
+    length = round_up(round_up(max(len(p) for p in prompts), WIDTH_BUCKET) + max_new_tokens,
                        RING_BUCKET)  # fmt: skip
     sampler = dict(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
                    candidates=int(candidates))  # fmt: skip
@@ -293,8 +169,8 @@ def generate_token_ids(
     use_compile = device.type == "cuda" if compile is None else bool(compile)
     key = (slots, length, tuple(sorted(sampler.items())), penalty, use_compile, device,
            next(model.parameters()).dtype)  # fmt: skip
-    engine, reused = _engine(
-        model, key, lambda: _Engine(model, slots, length, sampler, penalty, use_compile)
+    engine, reused = cached_engine(
+        model, key, lambda: Engine(model, slots, length, sampler, penalty, use_compile)
     )
     engine.reset()
     generator = torch.Generator(device=device)
@@ -341,8 +217,8 @@ def generate_token_ids(
         # at the scratch row), one scatter of all layers' keys/values into the ring.
         take = [pending.popleft() for _ in free[: len(pending)]]
         free = free[: len(take)]
-        group = _group_size(len(take), slots)
-        width = _round_up(max(len(prompts[j]) for j in take), WIDTH_BUCKET)
+        group = group_size(len(take), slots)
+        width = round_up(max(len(prompts[j]) for j in take), WIDTH_BUCKET)
         entries = [[p[0]] * (width - len(p)) + list(p) + [s, len(p)]
                    for s, p in ((s, prompts[j]) for s, j in zip(free, take, strict=True))]  # fmt: skip
         entries += [[pad_token_id] * width + [slots, 1]] * (group - len(take))
@@ -403,20 +279,24 @@ def generate_texts(
     model.eval()
     try:
         with merged_lora(model) as plain:
-            new = generate_token_ids(
-                plain,
-                ids,
-                max_new_tokens=sampling.max_new_tokens,
-                temperature=float(sampling.temperature),
-                top_p=float(sampling.top_p),
-                top_k=sampling.top_k,
-                repetition_penalty=float(sampling.repetition_penalty),
-                seed=sampling.seed,
-                batch_size=batch_size,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                on_done=None if progress is None else (lambda done: progress(done, total)),
-            )
+            try:
+                new = generate_token_ids(
+                    plain,
+                    ids,
+                    max_new_tokens=sampling.max_new_tokens,
+                    temperature=float(sampling.temperature),
+                    top_p=float(sampling.top_p),
+                    top_k=sampling.top_k,
+                    repetition_penalty=float(sampling.repetition_penalty),
+                    seed=sampling.seed,
+                    batch_size=batch_size,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                    on_done=None if progress is None else (lambda done: progress(done, total)),
+                )
+            except BaseException:
+                release_engines(plain)  # a failed run must not keep its ring and graphs alive
+                raise
     finally:
         if was_training:
             model.train()

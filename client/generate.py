@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -28,6 +29,8 @@ import torch
 from client.prompt import build_prompt
 from shared import icd10
 from shared.errors import ConfigError, InputError, Problem
+
+_log = logging.getLogger(__name__)
 
 SETTINGS = ("zero-shot", "adapter")
 MAX_NEW_TOKENS_LIMIT = 32768
@@ -185,8 +188,10 @@ def generate_reports(
     top-k-prefiltered exact top-p, LoRA merged for the run): same prompts and
     settings, reproducible for a given seed and batch size, but a different
     random stream than the plain path. Models it cannot run (Qwen3.5's
-    linear-attention layers, sliding windows, flash attention) fall back to the
-    plain path with a warning.
+    linear-attention layers, sliding windows) fall back to the plain path with
+    a warning, and so does any exception the fast path raises (logged with its
+    traceback): a fast-path bug or an incompatible library version never
+    takes site generation down.
     """
     canon = _validate_request(codes, n_per_code, batch_size, setting, model_id, adapter_hash)
     if tokenizer.pad_token_id is None:
@@ -226,11 +231,17 @@ def generate_reports(
 
         reason = fast_generate.unsupported_reason(model)
         if reason is None:
-            texts = fast_generate.generate_texts(
-                model, tokenizer, [prompts[code] for code, _ in jobs],
-                sampling=sampling, batch_size=batch_size, progress=progress,
-            )
-            return [report(code, k, text) for (code, k), text in zip(jobs, texts, strict=True)]
+            try:
+                texts = fast_generate.generate_texts(
+                    model, tokenizer, [prompts[code] for code, _ in jobs],
+                    sampling=sampling, batch_size=batch_size, progress=progress,
+                )
+                return [report(code, k, text) for (code, k), text in zip(jobs, texts, strict=True)]
+            except Exception as exc:  # noqa: BLE001  never let the fast path take generation down
+                # The message names the exception type and torch/transformers' own text; the
+                # prompts are ICD-10 codes, never note text.
+                reason = f"failed with {type(exc).__name__}: {exc}"
+                _log.warning("fast generation %s; using plain generate", reason, exc_info=True)
         warnings.warn(f"fast generation unavailable ({reason}); using plain generate", stacklevel=2)
     was_training = model.training
     model.eval()

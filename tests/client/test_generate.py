@@ -169,3 +169,20 @@ def test_report_is_frozen():
     r = SyntheticReport("id", "F32.1", "t", "zero-shot", "m", None, {}, 0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.text = "x"  # type: ignore[misc]
+
+
+def test_fast_path_failure_falls_back_to_plain_generate(tiny, monkeypatch, caplog):
+    """Item 2: a fast path that raises (e.g. transformers 5.17's missing out.cache) must not
+    take site generation down: reports come from plain generate, with a warning and a log."""
+    from client import fast_generate
+
+    def broken(*args, **kwargs):
+        raise AttributeError("'CausalLMOutputWithPast' object has no attribute 'cache'")
+
+    monkeypatch.setattr(fast_generate, "generate_texts", broken)
+    greedy = SamplingConfig(temperature=0, max_new_tokens=6)
+    with pytest.warns(UserWarning, match="fast generation unavailable .*AttributeError"):
+        with caplog.at_level("WARNING", logger="client.generate"):
+            reports = _run(tiny, sampling=greedy, fast=True)
+    assert reports == _run(tiny, sampling=greedy)
+    assert any("AttributeError" in r.getMessage() for r in caplog.records)
