@@ -158,6 +158,21 @@ def _validate_request(
     return canon
 
 
+GPU_BATCH_SIZE = 64  # decode slots on CUDA: decode is weight-read bound up to ~64 rows
+CPU_BATCH_SIZE = 16
+
+
+def generation_batch_size(configured: int | None, device: str) -> int:
+    """Decode slots for site generation: the site's setting, else a default for ``device``.
+
+    ``configured`` is ``SiteSettings.generation_batch_size`` (``None``: not set);
+    ``device`` is the resolved device (``"cuda"`` or ``"cpu"``).
+    """
+    if configured is not None:
+        return configured
+    return GPU_BATCH_SIZE if device == "cuda" else CPU_BATCH_SIZE
+
+
 def _model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
@@ -170,7 +185,7 @@ def generate_reports(
     *,
     n_per_code: int,
     sampling: SamplingConfig,
-    batch_size: int = 16,
+    batch_size: int | None = 16,
     setting: Literal["zero-shot", "adapter"],
     model_id: str,
     adapter_hash: str | None = None,
@@ -183,6 +198,10 @@ def generate_reports(
     so a run is reproducible for a given seed and batch size without touching
     the caller's RNG state. ``progress(done, total)`` is called after each batch.
 
+    ``batch_size`` is the number of prompts decoded at once (the fast path's
+    slots); ``None`` picks :func:`generation_batch_size`'s default for the
+    model's device (64 on CUDA, 16 on CPU).
+
     ``fast=True`` uses :mod:`client.fast_generate` (static ring KV cache,
     continuous refill of ``batch_size`` slots, compiled decode step on CUDA,
     top-k-prefiltered exact top-p, LoRA merged for the run): same prompts and
@@ -193,6 +212,7 @@ def generate_reports(
     traceback): a fast-path bug or an incompatible library version never
     takes site generation down.
     """
+    batch_size = generation_batch_size(batch_size, _model_device(model).type)
     canon = _validate_request(codes, n_per_code, batch_size, setting, model_id, adapter_hash)
     if tokenizer.pad_token_id is None:
         raise ConfigError("tokenizer has no pad token", [Problem("tokenizer", "set pad_token (e.g. to eos)")])

@@ -186,3 +186,21 @@ def test_fast_path_failure_falls_back_to_plain_generate(tiny, monkeypatch, caplo
             reports = _run(tiny, sampling=greedy, fast=True)
     assert reports == _run(tiny, sampling=greedy)
     assert any("AttributeError" in r.getMessage() for r in caplog.records)
+
+
+def test_generation_batch_size_setting_and_device_default(tiny, monkeypatch):
+    from client.generate import CPU_BATCH_SIZE, GPU_BATCH_SIZE, generation_batch_size
+    from shared.settings import SiteSettings, load_settings
+
+    assert generation_batch_size(None, "cuda") == GPU_BATCH_SIZE == 64
+    assert generation_batch_size(None, "cpu") == CPU_BATCH_SIZE == 16
+    assert generation_batch_size(24, "cuda") == 24
+    assert SiteSettings().generation_batch_size is None
+    monkeypatch.setenv("FEDSYNTH_SITE_GENERATION_BATCH_SIZE", "32")
+    assert load_settings(SiteSettings).generation_batch_size == 32
+    monkeypatch.setenv("FEDSYNTH_SITE_GENERATION_BATCH_SIZE", "0")
+    with pytest.raises(ConfigError, match="invalid SiteSettings") as err:
+        load_settings(SiteSettings)
+    assert "GENERATION_BATCH_SIZE" in str(err.value.problems)
+    # None reaches generate_reports as "the device's default": same reports as batch 16 on CPU.
+    assert _run(tiny, batch_size=None) == _run(tiny, batch_size=16)
