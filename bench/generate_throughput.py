@@ -122,7 +122,9 @@ def _graphs_compiled() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def run_batch(model, config, batch: int, args: argparse.Namespace, emit) -> dict[str, dict]:
+def run_batch(
+    model, config, batch: int, eos_mean: float, args: argparse.Namespace, emit
+) -> dict[str, dict]:
     """Time each mode at batch size ``batch``; ``emit(results)`` after each mode."""
     import torch
 
@@ -131,12 +133,12 @@ def run_batch(model, config, batch: int, args: argparse.Namespace, emit) -> dict
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(batch)
     n = args.new_tokens
-    eos_mode = args.eos_mean > 0
+    eos_mode = eos_mean > 0
     count = batch * (args.prompts_per_slot if eos_mode else 1)
     prompts = torch.randint(3, config.vocab_size, (count, args.prompt_len), generator=gen)
     eos: list[int] | None = None
     if eos_mode:
-        size = max(1, round(config.vocab_size / args.eos_mean))
+        size = max(1, round(config.vocab_size / eos_mean))
         eos = sorted(torch.randperm(config.vocab_size - 3, generator=gen)[:size].add(3).tolist())
     eos_set = set(eos or [])
     produced: dict[str, int] = {}
@@ -221,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--logit-std", type=float, default=4.0)
-    parser.add_argument("--eos-mean", type=float, default=0,
-                        help="EOS mode: rows stop after about this many tokens (0: off)")
+    parser.add_argument("--eos-mean", default="0",
+                        help="comma list; EOS mode: rows stop after about this many tokens "
+                        "(0: off, fixed length); several share one process (and compiled graphs)")
     parser.add_argument("--prompts-per-slot", type=int, default=4,
                         help="EOS mode: prompts per decode slot (so slots are refilled)")
     parser.add_argument(
@@ -239,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.modes = [m for m in args.modes.split(",") if m in ("hf", "fast")]
     batches = [int(b) for b in args.batches.split(",") if b]
+    eos_means = [float(e) for e in args.eos_mean.split(",") if e]
 
     import torch
 
@@ -266,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(next(model.parameters()).dtype),
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
-        "eos_mean": args.eos_mean,
-        "prompts_per_slot": args.prompts_per_slot if args.eos_mean > 0 else 1,
+        "eos_means": eos_means,
+        "prompts_per_slot_eos": args.prompts_per_slot,
         "temperature": TEMPERATURE,
         "top_p": TOP_P,
         "logit_std": args.logit_std,
@@ -285,24 +289,26 @@ def main(argv: list[str] | None = None) -> int:
 
     dump()
     failed = False
-    for batch in batches:
-        results = run_batch(model, config, batch, args, lambda r, b=batch: (report.update({str(b): r}), dump()))
+    for batch, eos_mean in [(b, e) for b in batches for e in eos_means]:
+        key = str(batch) if eos_mean <= 0 else f"{batch}-eos{eos_mean:g}"
+        results = run_batch(model, config, batch, eos_mean, args,
+                            lambda r, k=key: (report.update({k: r}), dump()))  # fmt: skip
         base = results.get("hf", {}).get("ms_per_step")
         for mode, r in results.items():
             if "error" in r:
                 failed = True
-                print(f"{batch:>5} {mode:<5} failed: {r['error']}")
+                print(f"{key:>5} {mode:<5} failed: {r['error']}")
                 continue
             r["ratio_vs_hf"] = r["ms_per_step"] / base if base else float("nan")
             r["ratio_vs_roofline"] = r["ms_per_step"] / roofline_ms
             share = f"{r['full_sort_share']:.1%}" if "full_sort_share" in r else ""
             refill = f"{r['refill_share']:.1%}" if "refill_share" in r else ""
             print(
-                f"{batch:>5} {mode:<5} {r['ms_per_step']:>9.3f} {r['ratio_vs_hf']:>5.2f}x "
+                f"{key:>5} {mode:<5} {r['ms_per_step']:>9.3f} {r['ratio_vs_hf']:>5.2f}x "
                 f"{r['ratio_vs_roofline']:>6.1f}x {r['tokens_per_s']:>10.1f} {share:>9} {refill:>7}"
                 f" {r['graphs_compiled_timed']:>3}"
             )
-        report[str(batch)] = results
+        report[key] = results
         dump()
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -41,11 +41,12 @@ def round_up(n: int, step: int) -> int:
 
 
 def group_size(n: int, slots: int) -> int:
-    """Rows of a refill prefill for ``n`` prompts: the next power of two, at most ``slots``.
+    """Rows of a refill prefill for ``n`` prompts: the next power of two, at least 2 (dynamo
+    specialises size 1 into a graph of its own), at most ``slots``.
 
-    Padding groups to few sizes keeps the number of prefill graphs small.
+    Padding groups to few sizes keeps the number of prefill shapes small.
     """
-    size = 1
+    size = 2
     while size < n:
         size *= 2
     return min(size, slots)
@@ -96,7 +97,9 @@ class Engine:
                     torch._dynamo.mark_static_address(t)
             _raise_recompile_limit()
             self.step = torch.compile(self._step, mode="reduce-overhead", dynamic=False)
-            self.prefill = torch.compile(self._prefill, dynamic=False)
+            # Dynamic group size and width: one prefill graph for every refill bucket
+            # (a graph per bucket would cost a compile each, 30-60 s at 1B on a GPU).
+            self.prefill = torch.compile(self._prefill, dynamic=True)
 
     def reset(self) -> None:
         self.active.zero_()

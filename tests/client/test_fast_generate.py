@@ -238,3 +238,27 @@ def test_wide_nucleus_rows_are_redrawn_with_a_full_sort():
     out = generate_token_ids(model, _ids(tok, CODES[:3]), candidates=2, stats=stats, **kw)
     assert stats["full_sort_rows"] > 0
     assert out == generate_token_ids(model, _ids(tok, CODES[:3]), candidates=2, **kw)
+
+
+@pytest.mark.integration
+def test_compiled_path_equals_eager_and_second_call_compiles_nothing():
+    """torch.compile on CPU (inductor; CUDA graphs only apply on a GPU): the compiled step
+    and dynamic-shape prefill give the eager path's tokens, with no graph break, and a
+    second call with new prompt lengths and refill groups compiles no new graph."""
+    from torch._dynamo.utils import counters
+
+    model, tok = _sharp("qwen3")
+    ids = _ids(tok, CODES + ["F43.1", "F60.3", "F32.0", "F33.1", "F40.1"])
+    kw = dict(max_new_tokens=8, temperature=0.8, top_p=0.9, batch_size=4, seed=2,
+              eos_token_id=list(range(5, 60)), repetition_penalty=1.2)  # fmt: skip
+    eager = generate_token_ids(model, ids, compile=False, **kw)
+    counters.clear()
+    assert generate_token_ids(model, ids, compile=True, **kw) == eager
+    assert not counters["graph_break"]
+    before = counters["stats"]["unique_graphs"]
+    stats: dict[str, int] = {}
+    shorter = [p[1:] for p in ids[::-1]]
+    again = generate_token_ids(model, shorter, compile=True, stats=stats, **kw)
+    assert again == generate_token_ids(model, shorter, compile=False, **kw)
+    assert stats["engine_reused"] == 1 and stats["prefills"] >= 2
+    assert counters["stats"]["unique_graphs"] == before
