@@ -10,10 +10,14 @@ top-p 0.95 (top-k off) in both paths:
   top-k-prefiltered exact top-p).
 
 ``--eos-mean N`` (EOS mode) times refills instead: ``--prompts-per-slot`` x B
-prompts, and a random set of ``V / N`` token ids counts as EOS (a random set
-of ids holds ``1/N`` of the probability mass in expectation; a random-init
-model's nuclei repeat, so rows run longer than ``N``: the JSON records the
-actual ``mean_new_tokens``), capped at ``--new-tokens``. Rows end at
+prompts, and token id 2 is EOS. A random-init model would almost never draw
+a given token, so the LM head gets a bias buffer (a forward hook, the same for
+both paths; zero outside EOS mode) whose EOS entry is calibrated on the
+prompts' last-token logits so that EOS holds ``1/N`` of the sampling
+distribution (approximately: decode-time hidden states differ from the
+prompts', and top-p is not modelled, so rows run longer than ``N``); lengths
+are capped at ``--new-tokens`` and the JSON records the actual
+``mean_new_tokens`` and ``refill_share``. Rows end at
 different steps, so the fast path refills slots mid-run (``refill_share``:
 refill prefills per decode step) and plain ``generate`` runs its batches of B
 until their longest row ends.
@@ -40,7 +44,7 @@ fall back to a full sort.
     .venv/bin/python bench/generate_throughput.py --threads 1 --batches 1,4 --new-tokens 32   # CPU, tiny
     .venv/bin/python bench/generate_throughput.py --device cuda --shape llama-1b --batches 1,16,64,256
     .venv/bin/python bench/generate_throughput.py --device cuda --shape llama-8b --batches 64 --json 8b.json
-    .venv/bin/python bench/generate_throughput.py --device cuda --shape llama-1b --batches 64 --eos-mean 64
+    .venv/bin/python bench/generate_throughput.py --device cuda --shape llama-1b --batches 64 --eos-mean 0,32
 """
 
 from __future__ import annotations
@@ -116,6 +120,43 @@ def time_call(fn, device) -> float:
     return time.perf_counter() - start
 
 
+EOS_ID = 2  # never in the prompts (drawn from ids >= 3)
+
+
+def install_eos_bias(model) -> None:
+    """Give the LM head a zero bias buffer (added by a forward hook) that EOS mode sets.
+
+    A buffer, not a constant: compiled graphs and CUDA graphs read it in place,
+    so changing it between runs needs no recompilation.
+    """
+    import torch
+
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0]
+    head.register_buffer(
+        "eos_bias", torch.zeros(vocab, dtype=head.weight.dtype, device=head.weight.device),
+        persistent=False,
+    )  # fmt: skip
+    head.register_forward_hook(lambda module, args, out: out + module.eos_bias)
+
+
+def calibrate_eos_bias(model, prompts, share: float) -> float:
+    """The EOS logit offset giving EOS ``share`` of the temperature-scaled distribution,
+    averaged over the prompts' last positions (bisection; top-p not modelled)."""
+    import torch
+
+    with torch.inference_mode():
+        logits = model(input_ids=prompts).logits[:, -1].float() / TEMPERATURE
+    lo, hi = -100.0, 100.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        shifted = logits.clone()
+        shifted[:, EOS_ID] += mid / TEMPERATURE
+        p = torch.softmax(shifted, dim=-1)[:, EOS_ID].mean().item()
+        lo, hi = (mid, hi) if p < share else (lo, mid)
+    return (lo + hi) / 2
+
+
 def _graphs_compiled() -> int:
     from torch._dynamo.utils import counters
 
@@ -137,9 +178,12 @@ def run_batch(
     count = batch * (args.prompts_per_slot if eos_mode else 1)
     prompts = torch.randint(3, config.vocab_size, (count, args.prompt_len), generator=gen)
     eos: list[int] | None = None
+    bias = getattr(model.get_output_embeddings(), "eos_bias", None)
+    if bias is not None:
+        bias.zero_()
     if eos_mode:
-        size = max(1, round(config.vocab_size / eos_mean))
-        eos = sorted(torch.randperm(config.vocab_size - 3, generator=gen)[:size].add(3).tolist())
+        eos = [EOS_ID]
+        bias[EOS_ID] = calibrate_eos_bias(model, prompts[:16].to(device), 1 / eos_mean)
     eos_set = set(eos or [])
     produced: dict[str, int] = {}
 
@@ -249,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     device_text = device_name(args.device, args.threads)
     model, config = build_model(args)
+    if any(e > 0 for e in eos_means):
+        install_eos_bias(model)
     device = next(model.parameters()).device
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = copy_bandwidth(device, 2**30 if device.type == "cuda" else 2**28)
