@@ -1,9 +1,12 @@
 """Drawing the next token from logits: greedy, temperature, top-k, exact top-p; repetition penalty.
 
-Used by the fast decode loop (:mod:`client.fast_generate`). :func:`sample_next`
-avoids sorting the whole vocabulary on every step: ``torch.topk`` on ``K``
-candidates, then top-p inside them, still exact (a row whose nucleus does not
-fit in ``K`` is redone with a full sort). These functions only shape the
+Used by the fast decode loop (:mod:`client.fast_generate`). :func:`draw` avoids
+sorting the whole vocabulary on every step: ``torch.topk`` on ``K``
+candidates, then top-p inside them, and an inverse-CDF draw from uniforms the
+caller supplies, so it runs inside a compiled graph with no host sync. It
+flags the rows whose nucleus does not fit in ``K``; :func:`redraw_rows` redoes
+those with a full sort, so the result is always exact top-p
+(:func:`sample_next` does both, eagerly). These functions only shape the
 distribution a token is drawn from; they add no privacy protection (the DP
 guarantee comes from training, see :mod:`client.train`).
 """

@@ -262,3 +262,31 @@ def test_compiled_path_equals_eager_and_second_call_compiles_nothing():
     assert again == generate_token_ids(model, shorter, compile=False, **kw)
     assert stats["engine_reused"] == 1 and stats["prefills"] >= 2
     assert counters["stats"]["unique_graphs"] == before
+
+
+def test_dynamo_traced_step_attends_over_kv_heads():
+    """The graph torch.compile captures for the decode step (what inductor and CUDA graphs
+    run) calls SDPA with K/V of H_kv = 2 heads and queries grouped onto them: no repeat_kv
+    expansion to the 4 query heads. Traced with a recording backend, run eagerly."""
+    from client.decode_engine import Engine
+
+    model, _ = _sharp("llama")
+    sampler = dict(temperature=0.8, top_p=0.9, top_k=0, candidates=64)
+    engine = Engine(model, 3, 64, sampler, 1.0, compile=False)
+    engine.reset()
+    engine.active[:3] = True
+    engine.window[:3] = 2
+    shapes = []
+
+    def record(gm, example_inputs):
+        for node in gm.graph.nodes:
+            if "scaled_dot_product_attention" in str(node.target):
+                q, k, v = (a.meta["example_value"].shape for a in node.args[:3])
+                shapes.append((tuple(q), tuple(k), tuple(v)))
+        return gm.forward
+
+    with torch.inference_mode():
+        packed, scores = torch.compile(engine._step, backend=record, dynamic=False)()
+    assert packed.shape == (2, 3) and scores.shape == (3, model.config.vocab_size)
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    assert shapes == [((3, 2, 2, head_dim), (3, 2, 64, head_dim), (3, 2, 64, head_dim))] * 2
