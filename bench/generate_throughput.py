@@ -27,7 +27,10 @@ new tokens (EOS mode: by the decode steps for fast, the mean new tokens per
 batch for hf); ``tok/s`` = B x new tokens / wall time. Each path runs once
 untimed first (CUDA start-up, compilation); ``graphs_compiled_timed`` counts
 the graphs dynamo compiled during the timed call (should be 0: the fast path
-caches its compiled step, prefill buckets and ring across calls). The JSON is
+caches its compiled step, prefill buckets and ring across calls). When the
+fast path is compiled, fixed-length mode also reruns it uncompiled with the
+same seed (``vs_eager``: first-token agreement, mean common prefix): a
+correctness check of the compiled step on the device. The JSON is
 rewritten after every result, so a run cut short keeps what it measured. The
 **roofline** is the time to
 read every weight once per step at a copy bandwidth measured in this run
@@ -157,6 +160,35 @@ def calibrate_eos_bias(model, prompts, share: float) -> float:
     return (lo + hi) / 2
 
 
+def compiled_path(device, args: argparse.Namespace) -> bool:
+    return device.type == "cuda" if args.compile is None else bool(args.compile)
+
+
+def compare_with_eager(model, prompts, compiled: list[list[int]], n: int) -> dict[str, float]:
+    """Same prompts and seed through the fast path uncompiled: how alike the tokens are.
+
+    A correctness check of the compiled (CUDA-graph) step on the device: same
+    uniforms, same model, so tokens agree until rounding differences between the
+    fused and the eager kernels flip a draw; a bug shows as early divergence.
+    """
+    from client.fast_generate import generate_token_ids
+
+    eager = generate_token_ids(
+        model, prompts.tolist(), max_new_tokens=n, temperature=TEMPERATURE, top_p=TOP_P,
+        batch_size=len(compiled), seed=0, compile=False,
+    )  # fmt: skip
+
+    def common(a: list[int], b: list[int]) -> int:
+        return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+    prefixes = [common(a, b) for a, b in zip(compiled, eager, strict=True)]
+    return {
+        "first_token_agreement": sum(p > 0 for p in prefixes) / len(prefixes),
+        "mean_common_prefix": statistics.mean(prefixes),
+        "identical_rows": sum(p == n for p in prefixes) / len(prefixes),
+    }
+
+
 def _graphs_compiled() -> int:
     from torch._dynamo.utils import counters
 
@@ -220,7 +252,7 @@ def run_batch(
             batch_size=batch, seed=0, stats=stats, compile=args.compile, eos_token_id=eos,
         )  # fmt: skip
         assert eos_mode or all(len(x) == n for x in out)
-        produced.update(tokens=sum(len(x) for x in out), steps=stats["steps"])
+        produced.update(tokens=sum(len(x) for x in out), steps=stats["steps"], out=out)
 
     results: dict[str, dict] = {}
     for mode, fn in (("hf", hf), ("fast", fast)):
@@ -255,6 +287,8 @@ def run_batch(
             )
             results[mode]["refill_share"] = max(0, stats["prefills"] - 1) / max(1, stats["steps"])
             results[mode]["refill_rows"] = stats["refill_rows"]
+            if compiled_path(device, args) and not eos_mode:
+                results[mode]["vs_eager"] = compare_with_eager(model, prompts, produced["out"], n)
         emit(results)
     return results
 
@@ -279,6 +313,13 @@ def main(argv: list[str] | None = None) -> int:
         const=False,
         default=None,
         help="fast path: never compile the decode step (default: compile on CUDA only)",
+    )
+    parser.add_argument(
+        "--compile",
+        dest="compile",
+        action="store_const",
+        const=True,
+        help="fast path: compile the decode step on CPU too (inductor; no CUDA graphs)",
     )
     parser.add_argument("--modes", default="hf,fast", help="comma list of hf, fast")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
