@@ -63,7 +63,7 @@ def _raise_recompile_limit(limit: int = 64) -> None:
 class Engine:
     """Ring, device-side decode state and the (compiled) step/prefill for one shape.
 
-    Cached per model and key (:func:`_engine`), so a second call with the same
+    Cached per model and key (:func:`cached_engine`), so a second call with the same
     slots, ring length and sampling settings reuses the compiled graphs and the
     ring: no compilation, no CUDA graph re-recording. Row ``slots`` of every
     state tensor is scratch (the target of padded refill rows).
