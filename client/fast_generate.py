@@ -5,30 +5,38 @@ most of a sampled decode step sorting the whole vocabulary for top-p, grows its
 KV cache every step, and keeps finished rows in the batch until the longest one
 ends. This path instead:
 
-- **Static ring cache.** Keys/values live in preallocated ``[B, heads, L, dim]``
-  tensors, ``L = longest prompt + max_new_tokens``. Every step writes one shared
-  column ``t`` (mod ``L``) for all rows; each row attends only to its own last
-  ``w_b`` columns (a per-row mask), and RoPE positions are per row. Keys are
-  stored already rotated, so their column order does not matter to attention.
-- **Continuous refill.** When a row ends (EOS or ``max_new_tokens``) its slot
-  takes the next pending prompt: the new prompts are prefilled together (plain
-  forward, left padded) and their keys/values copied into the slot's columns
-  just behind ``t``. Rows never wait for the longest row of a batch.
-- **Compiled step.** On CUDA the decode step (model forward + mask) is wrapped
-  in ``torch.compile(mode="reduce-overhead")`` (CUDA graphs); on CPU it runs
-  eagerly.
-- **Sampling without a full sort.** See :func:`client.sampling.sample_next`:
-  ``torch.topk`` on ``K`` candidates, then top-p inside them; exact top-p (a
-  row whose nucleus does not fit in ``K`` is redone with a full sort).
+- **Static ring cache.** Keys/values of all layers live in one preallocated
+  tensor (:mod:`client.ring_decoder`), ``L`` columns per row (longest prompt
+  and ``max_new_tokens``, bucketed). Every step writes one shared column ``t``
+  (mod ``L``) for all rows; each row attends only to its own last ``w_b``
+  columns (a per-row mask), and RoPE positions are per row. Keys are stored
+  already rotated, so their column order does not matter to attention.
+- **Own forward pass.** The model's modules are called directly
+  (:mod:`client.ring_decoder`), not ``model(..., cache=...)``: no dependence
+  on the transformers version's cache keyword, and grouped-query attention
+  reads each K/V head once (no ``repeat_kv`` to all query heads).
+- **Continuous refill, in groups.** When rows end (EOS or ``max_new_tokens``)
+  their slots take the next pending prompts: one prefill for all of them
+  (left padded, group size and width bucketed) and one scatter of every
+  layer's keys/values into the slots' columns just behind ``t``.
+- **State on the device.** Tokens, windows, the ring column and the
+  repetition-penalty mask stay on the device; the sampler
+  (:func:`client.sampling.draw`, top-k-prefiltered exact top-p, uniforms from
+  a seeded generator) runs inside the step. A step costs one device-to-host
+  copy (tokens and "exact" flags); a rare row whose nucleus is wider than the
+  candidates is redrawn with a full sort.
+- **Compiled, cached.** On CUDA the step is compiled with
+  ``mode="reduce-overhead"`` (CUDA graphs) and the prefill with the default
+  mode; both, and the ring, are cached on the model across calls
+  (:func:`release_engines` drops them). On CPU they run eagerly.
 - **Merged LoRA.** A PEFT adapter is merged into the base weights for the run
   (no extra LoRA matmuls per layer) and the caller's exact weights are restored
   afterwards (:func:`merged_lora`).
 
-Families: llama, qwen2, qwen3 (full attention, ``sdpa`` or ``eager``
-attention). Qwen3.5's linear-attention layers keep a recurrent state that a
-ring cache cannot hold, and sliding-window layers are not handled:
-:func:`unsupported_reason` says why, and :mod:`client.generate` falls back to
-plain ``model.generate`` for them.
+Families: llama, qwen2, qwen3 (full attention). Qwen3.5's linear-attention
+layers keep a recurrent state that a ring cache cannot hold, and
+sliding-window layers are not handled: :func:`unsupported_reason` says why,
+and :mod:`client.generate` falls back to plain ``model.generate`` for them.
 
 Reproducibility: the same prompts, seed and batch size give the same tokens.
 Outputs are not bit-identical to plain ``generate`` under sampling (different
@@ -43,28 +51,26 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, StaticLayer
 
-from client.sampling import DEFAULT_CANDIDATES, apply_repetition_penalty, sample_next
+from client.decode_engine import (
+    RING_BUCKET,
+    WIDTH_BUCKET,
+    Engine,
+    cached_engine,
+    group_size,
+    release_engines,
+    round_up,
+)
+from client.ring_decoder import parts_problem
+from client.sampling import DEFAULT_CANDIDATES, redraw_rows
 
-_MASKS = ("sdpa", "eager")
+__all__ = ["generate_texts", "generate_token_ids", "merged_lora", "release_engines",
+           "unsupported_reason"]  # fmt: skip
 
 
 def unsupported_reason(model: Any) -> str | None:
     """Why the fast path cannot run ``model`` (``None`` when it can)."""
-    model = _unwrap_all(model)
-    config = getattr(model, "config", None)
-    if config is None:
-        return f"{type(model).__name__} has no config"
-    types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if types != {"full_attention"}:
-        return f"layer types {sorted(types)} (only full-attention layers fit the ring cache)"
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return "sliding-window attention"
-    impl = getattr(config, "_attn_implementation", None) or "eager"
-    if impl not in _MASKS:
-        return f"attention implementation {impl!r} (needs one of {_MASKS}: a custom 4D mask)"
-    return None
+    return parts_problem(_unwrap_all(model))
 
 
 def _unwrap_all(model: Any) -> Any:
@@ -112,33 +118,6 @@ def merged_lora(model: Any) -> Iterator[Any]:
                 weight.copy_(original)
 
 
-class _RingLayer(StaticLayer):
-    """A static layer that writes the new token at a shared ring column."""
-
-    def __init__(self, max_cache_len: int, column: torch.Tensor) -> None:
-        super().__init__(max_cache_len=max_cache_len)
-        self.column = column
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ):
-        self.keys.index_copy_(2, self.column, key_states)
-        self.values.index_copy_(2, self.column, value_states)
-        return self.keys, self.values
-
-
-def _ring_cache(model: Any, batch: int, length: int, device: torch.device, dtype: torch.dtype):
-    config = model.config.get_text_config(decoder=True)
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    column = torch.zeros(1, dtype=torch.long, device=device)
-    layers = [_RingLayer(length, column) for _ in range(config.num_hidden_layers)]
-    probe = torch.zeros(batch, heads, 1, head_dim, dtype=dtype, device=device)
-    for layer in layers:
-        layer.lazy_initialization(probe, probe)
-    return Cache(layers=layers), layers, column
-
-
 @torch.inference_mode()
 def generate_token_ids(
     model: Any,
@@ -162,11 +141,16 @@ def generate_token_ids(
 
     ``batch_size`` is the number of decode slots; a slot whose row ends (an
     EOS id, kept in the output, or ``max_new_tokens`` tokens) is refilled with
-    the next pending prompt. ``compile=None`` compiles the decode step on CUDA
-    only. ``on_done(n)`` is called with the number of finished prompts whenever
-    it grows. ``stats`` (optional) receives ``steps`` (decode steps),
-    ``prefills`` and ``full_sort_rows``. The model must be a plain transformers
-    model (see :func:`merged_lora`) of a family :func:`unsupported_reason` accepts.
+    the next pending prompt, all slots freed by one step in one prefill.
+    ``compile=None`` compiles the decode step and prefill on CUDA only; the
+    compiled graphs and the ring are cached on ``model`` across calls with the
+    same slots, bucketed ring length and sampling settings (see
+    :func:`release_engines`). ``on_done(n)`` is called with the number of
+    finished prompts whenever it grows. ``stats`` (optional) receives ``steps``
+    (decode steps), ``prefills`` (refill groups), ``refill_rows``,
+    ``full_sort_rows`` and ``engine_reused`` (1 when the cached graphs were
+    used). The model must be a plain transformers model (see
+    :func:`merged_lora`) of a family :func:`unsupported_reason` accepts.
     """
     reason = unsupported_reason(model)
     if reason is not None:
@@ -176,77 +160,48 @@ def generate_token_ids(
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    eos = torch.tensor(
-        []
-        if eos_token_id is None
-        else [eos_token_id]
-        if isinstance(eos_token_id, int)
-        else list(eos_token_id),
-        dtype=torch.long,
-        device=device,
-    )
     slots = min(batch_size, len(prompts))
-    length = max(len(p) for p in prompts) + max_new_tokens
-    cache, layers, column = _ring_cache(model, slots, length, device, dtype)
-    vocab = model.get_output_embeddings().weight.shape[0]
+    length = round_up(round_up(max(len(p) for p in prompts), WIDTH_BUCKET) + max_new_tokens,
+                       RING_BUCKET)  # fmt: skip
+    sampler = dict(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
+                   candidates=int(candidates))  # fmt: skip
+    penalty = float(repetition_penalty)
+    use_compile = device.type == "cuda" if compile is None else bool(compile)
+    key = (slots, length, tuple(sorted(sampler.items())), penalty, use_compile, device,
+           next(model.parameters()).dtype)  # fmt: skip
+    engine, reused = cached_engine(
+        model, key, lambda: Engine(model, slots, length, sampler, penalty, use_compile)
+    )
+    engine.reset()
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     stats = stats if stats is not None else {}
-    stats.update(steps=0, prefills=0, full_sort_rows=stats.get("full_sort_rows", 0))
-    eager_mask = (getattr(model.config, "_attn_implementation", None) or "eager") == "eager"
-    cols = torch.arange(length, device=device)
+    stats.update(steps=0, prefills=0, refill_rows=0, engine_reused=int(reused),
+                 full_sort_rows=stats.get("full_sort_rows", 0))  # fmt: skip
+    eos_ids = set([] if eos_token_id is None else
+                  [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))  # fmt: skip
+    pin = device.type == "cuda"
+    host = torch.zeros(2, slots, dtype=torch.long, pin_memory=pin)
 
-    def step(ids: torch.Tensor, window: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        # window[b]: tokens of row b in the cache after this step; the row attends to
-        # the `window` columns ending at t (mod length), nothing older.
-        column.copy_(t)
-        valid = torch.remainder(t - cols, length)[None, :] < window[:, None]
-        mask = valid[:, None, None, :]
-        if eager_mask:
-            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(
-                ~mask, torch.finfo(dtype).min
-            )
-        out = model(
-            input_ids=ids[:, None],
-            position_ids=(window - 1)[:, None],
-            attention_mask=mask,
-            cache=cache,
-            use_cache=True,
-        )
-        return out.logits[:, -1, :]
-
-    use_compile = device.type == "cuda" if compile is None else compile
-    if use_compile:
-        # Tensors the compiled step reads or writes in place keep fixed addresses
-        # (CUDA graphs replay them without copies).
-        torch._dynamo.mark_static_address(column)
-        torch._dynamo.mark_static_address(cols)
-    decode = torch.compile(step, mode="reduce-overhead", dynamic=False) if use_compile else step
-    penalty = float(repetition_penalty)
-    seen = torch.zeros(slots, vocab, dtype=torch.bool, device=device) if penalty != 1.0 else None
-
-    def pick(logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        logits = logits.float()
-        if seen is not None:
-            logits = apply_repetition_penalty(logits, seen if rows is None else seen[rows], penalty)
-        return sample_next(
-            logits,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            generator=generator,
-            candidates=candidates,
-            stats=stats,
-        )
+    def fetch(packed: torch.Tensor, scores: torch.Tensor, rows: list[int], n: int) -> list[int]:
+        # The one device-to-host copy of a step (or refill): tokens and exact flags.
+        out = host[:, :n]
+        out.copy_(packed[:, :n], non_blocking=True)
+        if pin:
+            torch.cuda.current_stream(device).synchronize()
+        tokens, exact = out[0].tolist(), out[1].tolist()
+        redo = [i for i in range(n) if not exact[i]]
+        if redo:  # rare: a nucleus wider than the candidates, redrawn exactly with a full sort
+            fixed = redraw_rows(scores[redo], temperature=sampler["temperature"],
+                                top_p=sampler["top_p"], generator=generator, stats=stats)  # fmt: skip
+            engine.cur[torch.tensor([rows[i] for i in redo], device=device)] = fixed
+            for i, tok in zip(redo, fixed.tolist(), strict=True):
+                tokens[i] = tok
+        return tokens
 
     pending = deque(range(len(prompts)))
     job = [-1] * slots  # prompt index held by each slot, -1 when empty
     outputs: list[list[int]] = [[] for _ in prompts]
-    cur = torch.full((slots,), pad_token_id, dtype=torch.long, device=device)
-    window = torch.zeros(slots, dtype=torch.long, device=device)
-    t = 0  # the ring column the next decode step writes
-    eos_ids = set(eos.tolist())
 
     def record(rows: list[int], tokens: list[int]) -> list[int]:
         # Append each row's new token; return the rows that ended with it.
@@ -258,46 +213,23 @@ def generate_token_ids(
         return ended
 
     def refill(free: list[int]) -> list[int]:
-        # Prefill the next prompts together, copy their keys/values into the free
-        # slots' columns just behind t, and sample each slot's first new token.
+        # One prefill for every free slot (group padded to a bucket, extra entries aimed
+        # at the scratch row), one scatter of all layers' keys/values into the ring.
         take = [pending.popleft() for _ in free[: len(pending)]]
         free = free[: len(take)]
-        width = max(len(prompts[j]) for j in take)
-        ids = torch.full((len(take), width), pad_token_id, dtype=torch.long)
-        att = torch.zeros((len(take), width), dtype=torch.long)
-        for i, j in enumerate(take):
-            ids[i, width - len(prompts[j]) :] = torch.tensor(list(prompts[j]))
-            att[i, width - len(prompts[j]) :] = 1
-        ids, att = ids.to(device), att.to(device)
-        out = model(
-            input_ids=ids,
-            attention_mask=att,
-            position_ids=(att.cumsum(-1) - 1).clamp(min=0),
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        rows = torch.tensor(free, dtype=torch.long, device=device)
-        where = torch.remainder(t - width + torch.arange(width, device=device), length)
-        for ring, fresh in zip(layers, out.cache.layers, strict=True):
-            ring.keys.transpose(1, 2).index_put_(
-                (rows[:, None], where[None, :]), fresh.keys.transpose(1, 2)
-            )
-            ring.values.transpose(1, 2).index_put_(
-                (rows[:, None], where[None, :]), fresh.values.transpose(1, 2)
-            )
-        if seen is not None:
-            seen[rows] = False
-            for i, j in enumerate(take):
-                seen[free[i], torch.tensor(list(prompts[j]), device=device)] = True
-        window[rows] = att.sum(-1)
-        first = pick(out.logits[:, -1, :], rows)
-        cur[rows] = first
-        if seen is not None:
-            seen[rows, first] = True
+        group = group_size(len(take), slots)
+        width = round_up(max(len(prompts[j]) for j in take), WIDTH_BUCKET)
+        entries = [[p[0]] * (width - len(p)) + list(p) + [s, len(p)]
+                   for s, p in ((s, prompts[j]) for s, j in zip(free, take, strict=True))]  # fmt: skip
+        entries += [[pad_token_id] * width + [slots, 1]] * (group - len(take))
+        packed = torch.tensor(entries, dtype=torch.long, pin_memory=pin)
+        engine.uniforms[:group].uniform_(generator=generator)
+        out, scores = engine.prefill(packed.to(device, non_blocking=True))
         for s, j in zip(free, take, strict=True):
             job[s] = j
         stats["prefills"] += 1
-        return record(free, first.tolist())
+        stats["refill_rows"] += len(take)
+        return record(free, fetch(out, scores, free, len(take)))
 
     done = 0
     ended = refill(list(range(slots)))
@@ -308,20 +240,20 @@ def generate_token_ids(
             done += len(ended)
             if on_done is not None:
                 on_done(done)
-            ended = refill(ended) if pending else []
+            refilled = refill(ended) if pending else []
+            idle = [s for s in ended if job[s] < 0]
+            if idle:
+                engine.active[torch.tensor(idle, device=device)] = False
+            ended = refilled
         live = [s for s in range(slots) if job[s] >= 0]
         if not live:
             break
-        active = torch.tensor([j >= 0 for j in job], device=device)
-        # Empty slots still run (static shapes) on a one-column window; their tokens are ignored.
-        window = torch.where(active, window + 1, torch.ones_like(window))
-        logits = decode(cur, window, torch.tensor([t], device=device))
-        t = (t + 1) % length
+        engine.uniforms[:slots].uniform_(generator=generator)
+        if engine.compiled:
+            torch.compiler.cudagraph_mark_step_begin()
+        packed, scores = engine.step()
         stats["steps"] += 1
-        cur = pick(logits)
-        if seen is not None:
-            seen[torch.arange(slots, device=device), cur] = True
-        tokens = cur.tolist()
+        tokens = fetch(packed, scores, list(range(slots)), slots)
         ended = record(live, [tokens[s] for s in live])
     return outputs
 
@@ -347,20 +279,24 @@ def generate_texts(
     model.eval()
     try:
         with merged_lora(model) as plain:
-            new = generate_token_ids(
-                plain,
-                ids,
-                max_new_tokens=sampling.max_new_tokens,
-                temperature=float(sampling.temperature),
-                top_p=float(sampling.top_p),
-                top_k=sampling.top_k,
-                repetition_penalty=float(sampling.repetition_penalty),
-                seed=sampling.seed,
-                batch_size=batch_size,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                on_done=None if progress is None else (lambda done: progress(done, total)),
-            )
+            try:
+                new = generate_token_ids(
+                    plain,
+                    ids,
+                    max_new_tokens=sampling.max_new_tokens,
+                    temperature=float(sampling.temperature),
+                    top_p=float(sampling.top_p),
+                    top_k=sampling.top_k,
+                    repetition_penalty=float(sampling.repetition_penalty),
+                    seed=sampling.seed,
+                    batch_size=batch_size,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                    on_done=None if progress is None else (lambda done: progress(done, total)),
+                )
+            except BaseException:
+                release_engines(plain)  # a failed run must not keep its ring and graphs alive
+                raise
     finally:
         if was_training:
             model.train()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -28,6 +29,8 @@ import torch
 from client.prompt import build_prompt
 from shared import icd10
 from shared.errors import ConfigError, InputError, Problem
+
+_log = logging.getLogger(__name__)
 
 SETTINGS = ("zero-shot", "adapter")
 MAX_NEW_TOKENS_LIMIT = 32768
@@ -155,6 +158,21 @@ def _validate_request(
     return canon
 
 
+GPU_BATCH_SIZE = 64  # decode slots on CUDA: decode is weight-read bound up to ~64 rows
+CPU_BATCH_SIZE = 16
+
+
+def generation_batch_size(configured: int | None, device: str) -> int:
+    """Decode slots for site generation: the site's setting, else a default for ``device``.
+
+    ``configured`` is ``SiteSettings.generation_batch_size`` (``None``: not set);
+    ``device`` is the resolved device (``"cuda"`` or ``"cpu"``).
+    """
+    if configured is not None:
+        return configured
+    return GPU_BATCH_SIZE if device == "cuda" else CPU_BATCH_SIZE
+
+
 def _model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
@@ -167,7 +185,7 @@ def generate_reports(
     *,
     n_per_code: int,
     sampling: SamplingConfig,
-    batch_size: int = 16,
+    batch_size: int | None = 16,
     setting: Literal["zero-shot", "adapter"],
     model_id: str,
     adapter_hash: str | None = None,
@@ -180,14 +198,21 @@ def generate_reports(
     so a run is reproducible for a given seed and batch size without touching
     the caller's RNG state. ``progress(done, total)`` is called after each batch.
 
+    ``batch_size`` is the number of prompts decoded at once (the fast path's
+    slots); ``None`` picks :func:`generation_batch_size`'s default for the
+    model's device (64 on CUDA, 16 on CPU).
+
     ``fast=True`` uses :mod:`client.fast_generate` (static ring KV cache,
     continuous refill of ``batch_size`` slots, compiled decode step on CUDA,
     top-k-prefiltered exact top-p, LoRA merged for the run): same prompts and
     settings, reproducible for a given seed and batch size, but a different
     random stream than the plain path. Models it cannot run (Qwen3.5's
-    linear-attention layers, sliding windows, flash attention) fall back to the
-    plain path with a warning.
+    linear-attention layers, sliding windows) fall back to the plain path with
+    a warning, and so does any exception the fast path raises (logged with its
+    traceback): a fast-path bug or an incompatible library version never
+    takes site generation down.
     """
+    batch_size = generation_batch_size(batch_size, _model_device(model).type)
     canon = _validate_request(codes, n_per_code, batch_size, setting, model_id, adapter_hash)
     if tokenizer.pad_token_id is None:
         raise ConfigError("tokenizer has no pad token", [Problem("tokenizer", "set pad_token (e.g. to eos)")])
@@ -226,11 +251,17 @@ def generate_reports(
 
         reason = fast_generate.unsupported_reason(model)
         if reason is None:
-            texts = fast_generate.generate_texts(
-                model, tokenizer, [prompts[code] for code, _ in jobs],
-                sampling=sampling, batch_size=batch_size, progress=progress,
-            )
-            return [report(code, k, text) for (code, k), text in zip(jobs, texts, strict=True)]
+            try:
+                texts = fast_generate.generate_texts(
+                    model, tokenizer, [prompts[code] for code, _ in jobs],
+                    sampling=sampling, batch_size=batch_size, progress=progress,
+                )
+                return [report(code, k, text) for (code, k), text in zip(jobs, texts, strict=True)]
+            except Exception as exc:  # noqa: BLE001  never let the fast path take generation down
+                # The message names the exception type and torch/transformers' own text; the
+                # prompts are ICD-10 codes, never note text.
+                reason = f"failed with {type(exc).__name__}: {exc}"
+                _log.warning("fast generation %s; using plain generate", reason, exc_info=True)
         warnings.warn(f"fast generation unavailable ({reason}); using plain generate", stacklevel=2)
     was_training = model.training
     model.eval()

@@ -1,9 +1,12 @@
 """Drawing the next token from logits: greedy, temperature, top-k, exact top-p; repetition penalty.
 
-Used by the fast decode loop (:mod:`client.fast_generate`). :func:`sample_next`
-avoids sorting the whole vocabulary on every step: ``torch.topk`` on ``K``
-candidates, then top-p inside them, still exact (a row whose nucleus does not
-fit in ``K`` is redone with a full sort). These functions only shape the
+Used by the fast decode loop (:mod:`client.fast_generate`). :func:`draw` avoids
+sorting the whole vocabulary on every step: ``torch.topk`` on ``K``
+candidates, then top-p inside them, and an inverse-CDF draw from uniforms the
+caller supplies, so it runs inside a compiled graph with no host sync. It
+flags the rows whose nucleus does not fit in ``K``; :func:`redraw_rows` redoes
+those with a full sort, so the result is always exact top-p
+(:func:`sample_next` does both, eagerly). These functions only shape the
 distribution a token is drawn from; they add no privacy protection (the DP
 guarantee comes from training, see :mod:`client.train`).
 """
@@ -34,6 +37,52 @@ def _nucleus(
     return p, cum[:, -1] >= top_p
 
 
+def draw(
+    logits: torch.Tensor,
+    uniforms: torch.Tensor,
+    *,
+    temperature: float,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    candidates: int = DEFAULT_CANDIDATES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row of ``logits`` ``[B, V]`` by inverse CDF, without a host sync.
+
+    ``uniforms`` ``[B]`` in ``[0, 1)`` (drawn by the caller from its generator,
+    so this function can run inside a compiled graph). Returns ``(tokens [B]
+    int64, exact [B] bool)``. ``exact[b]`` is False only for a top-p row (top-k
+    off) whose nucleus does not fit in the ``candidates`` best tokens: its token
+    was drawn from the candidates alone and must be redrawn
+    (:func:`sample_next` does, with a full sort). The rules are those of
+    :func:`sample_next`.
+    """
+    rows = logits.shape[0]
+    exact = torch.ones(rows, dtype=torch.bool, device=logits.device)
+    if temperature == 0:
+        return logits.argmax(dim=-1), exact
+    scaled = logits.float() / temperature
+    vocab = scaled.shape[-1]
+    idx = None
+    if top_k > 0:
+        vals, idx = torch.topk(scaled, min(top_k, vocab), dim=-1)
+        p, _ = _nucleus(vals, torch.logsumexp(vals, dim=-1, keepdim=True), top_p)
+    elif top_p < 1:
+        if candidates < vocab:
+            vals, idx = torch.topk(scaled, candidates, dim=-1)
+        else:
+            vals, idx = torch.sort(scaled, dim=-1, descending=True)
+        p, exact = _nucleus(vals, torch.logsumexp(scaled, dim=-1, keepdim=True), top_p)
+        exact = exact | (candidates >= vocab)
+    else:  # plain temperature sampling over the whole vocabulary
+        p = torch.softmax(scaled, dim=-1)
+    # Inverse CDF: the first index whose cumulative mass exceeds u * total.
+    cum = torch.cumsum(p, dim=-1)
+    target = uniforms.to(cum.dtype)[:, None] * cum[:, -1:]
+    choice = (cum <= target).sum(dim=-1).clamp(max=p.shape[-1] - 1)
+    tokens = choice if idx is None else idx.gather(1, choice[:, None]).squeeze(1)
+    return tokens, exact
+
+
 def sample_next(
     logits: torch.Tensor,
     *,
@@ -55,33 +104,37 @@ def sample_next(
     result is exact top-p whenever the nucleus fits in the ``K`` candidates,
     i.e. their total probability reaches ``top_p``; rows where it does not are
     redone with a full sort, so the distribution is always exact top-p.
-    ``stats["full_sort_rows"]`` counts those rows.
+    ``stats["full_sort_rows"]`` counts those rows. Eager helper: it reads one
+    flag on the host to decide on the redo; the decode loop calls :func:`draw`
+    in its graph and redoes rows with :func:`redraw_rows` only when needed.
     """
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    scaled = logits.float() / temperature
-    vocab = scaled.shape[-1]
-    if top_k > 0:
-        vals, idx = torch.topk(scaled, min(top_k, vocab), dim=-1)
-        norm = torch.logsumexp(vals, dim=-1, keepdim=True)
-        p, _ = _nucleus(vals, norm, top_p)
-    elif top_p < 1:
-        vals, idx = torch.topk(scaled, min(candidates, vocab), dim=-1)
-        norm = torch.logsumexp(scaled, dim=-1, keepdim=True)
-        p, covered = _nucleus(vals, norm, top_p)
-        if vals.shape[-1] < vocab and not bool(covered.all()):
-            rows = (~covered).nonzero().squeeze(1)
-            if stats is not None:
-                stats["full_sort_rows"] = stats.get("full_sort_rows", 0) + int(rows.numel())
-            full_vals, full_idx = torch.sort(scaled[rows], dim=-1, descending=True)
-            full_p, _ = _nucleus(full_vals, norm[rows], top_p)
-            pick = torch.multinomial(full_p, 1, generator=generator)
-            out = idx.gather(1, torch.multinomial(p, 1, generator=generator)).squeeze(1)
-            out[rows] = full_idx.gather(1, pick).squeeze(1)
-            return out
-    else:  # plain temperature sampling over the whole vocabulary
-        return torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=generator).squeeze(1)
-    return idx.gather(1, torch.multinomial(p, 1, generator=generator)).squeeze(1)
+    uniforms = torch.rand(logits.shape[0], generator=generator, device=logits.device)
+    tokens, exact = draw(
+        logits, uniforms, temperature=temperature, top_p=top_p, top_k=top_k, candidates=candidates
+    )
+    if not bool(exact.all()):
+        rows = (~exact).nonzero().squeeze(1)
+        tokens[rows] = redraw_rows(logits[rows], temperature=temperature, top_p=top_p,
+                                   generator=generator, stats=stats)  # fmt: skip
+    return tokens
+
+
+def redraw_rows(
+    logits: torch.Tensor,
+    *,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None = None,
+    stats: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """Exact top-p draw with a full sort, for the rows :func:`draw` flagged (``[R, V]`` -> ``[R]``)."""
+    if stats is not None:
+        stats["full_sort_rows"] = stats.get("full_sort_rows", 0) + int(logits.shape[0])
+    uniforms = torch.rand(logits.shape[0], generator=generator, device=logits.device)
+    tokens, _ = draw(
+        logits, uniforms, temperature=temperature, top_p=top_p, candidates=logits.shape[-1]
+    )
+    return tokens
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

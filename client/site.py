@@ -389,6 +389,7 @@ def site_evaluate(
         model_id=str(settings.model_dir or "embedded"),
         adapter_hash=adapter_hash(global_adapter) if global_adapter is not None else None,
         fast=True,  # static ring cache + refill; falls back to HF generate where unsupported
+        batch_size=settings.generation_batch_size,  # None: sized for the model's device
     )
     write_reports(reports, settings.output_dir / "reports" / f"round-{round_id}" / "synthetic.jsonl")
     canaries = load_canaries(settings.notes_path.parent / "canaries.json")

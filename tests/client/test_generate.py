@@ -169,3 +169,38 @@ def test_report_is_frozen():
     r = SyntheticReport("id", "F32.1", "t", "zero-shot", "m", None, {}, 0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.text = "x"  # type: ignore[misc]
+
+
+def test_fast_path_failure_falls_back_to_plain_generate(tiny, monkeypatch, caplog):
+    """Item 2: a fast path that raises (e.g. transformers 5.17's missing out.cache) must not
+    take site generation down: reports come from plain generate, with a warning and a log."""
+    from client import fast_generate
+
+    def broken(*args, **kwargs):
+        raise AttributeError("'CausalLMOutputWithPast' object has no attribute 'cache'")
+
+    monkeypatch.setattr(fast_generate, "generate_texts", broken)
+    greedy = SamplingConfig(temperature=0, max_new_tokens=6)
+    with pytest.warns(UserWarning, match="fast generation unavailable .*AttributeError"):
+        with caplog.at_level("WARNING", logger="client.generate"):
+            reports = _run(tiny, sampling=greedy, fast=True)
+    assert reports == _run(tiny, sampling=greedy)
+    assert any("AttributeError" in r.getMessage() for r in caplog.records)
+
+
+def test_generation_batch_size_setting_and_device_default(tiny, monkeypatch):
+    from client.generate import CPU_BATCH_SIZE, GPU_BATCH_SIZE, generation_batch_size
+    from shared.settings import SiteSettings, load_settings
+
+    assert generation_batch_size(None, "cuda") == GPU_BATCH_SIZE == 64
+    assert generation_batch_size(None, "cpu") == CPU_BATCH_SIZE == 16
+    assert generation_batch_size(24, "cuda") == 24
+    assert SiteSettings().generation_batch_size is None
+    monkeypatch.setenv("FEDSYNTH_SITE_GENERATION_BATCH_SIZE", "32")
+    assert load_settings(SiteSettings).generation_batch_size == 32
+    monkeypatch.setenv("FEDSYNTH_SITE_GENERATION_BATCH_SIZE", "0")
+    with pytest.raises(ConfigError, match="invalid SiteSettings") as err:
+        load_settings(SiteSettings)
+    assert "GENERATION_BATCH_SIZE" in str(err.value.problems)
+    # None reaches generate_reports as "the device's default": same reports as batch 16 on CPU.
+    assert _run(tiny, batch_size=None) == _run(tiny, batch_size=16)

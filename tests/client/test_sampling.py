@@ -10,7 +10,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from client.sampling import apply_repetition_penalty, sample_next
+from client.sampling import apply_repetition_penalty, draw, sample_next
 
 
 def _reference(logits, *, temperature, top_p, top_k):
@@ -73,3 +73,20 @@ def test_repetition_penalty_follows_hf_rule_on_seen_tokens_only():
     # positive seen logit divided, negative seen logit multiplied: both move away from being drawn
     assert out.tolist() == [[1.0, -4.0, 1.0, -1.0]]
     assert torch.equal(apply_repetition_penalty(logits, seen, 1.0), logits)
+
+
+def test_draw_flags_rows_whose_nucleus_exceeds_the_candidates():
+    gen = torch.Generator().manual_seed(3)
+    flat = torch.zeros(1, 100)  # uniform: top-p 0.9 needs 90 tokens
+    sharp = torch.full((1, 100), -20.0)
+    sharp[0, 7] = 20.0  # one token holds all the mass
+    logits = torch.cat([flat, sharp])
+    u = torch.rand(2, generator=gen)
+    tokens, exact = draw(logits, u, temperature=1.0, top_p=0.9, candidates=16)
+    assert exact.tolist() == [False, True] and tokens[1].item() == 7
+    _, exact = draw(logits, u, temperature=1.0, top_p=0.9, candidates=100)
+    assert exact.all()
+    # Inverse CDF on the same uniform is deterministic; u near 1 picks the last kept token.
+    t1, _ = draw(flat, torch.tensor([0.999]), temperature=1.0, top_p=0.9, candidates=100)
+    t2, _ = draw(flat, torch.tensor([0.999]), temperature=1.0, top_p=0.9, candidates=100)
+    assert t1.item() == t2.item()
