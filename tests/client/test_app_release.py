@@ -47,7 +47,7 @@ def site(monkeypatch):
         eps = ledger.epsilon(delta=1e-5, accountant=dp.accountant)
         privacy = PrivacyScalars(epsilon=eps, epsilon_round=eps, delta=1e-5, noise_multiplier=1.0,
                                  sample_rate=0.1, steps=3, max_grad_norm=1.0, accountant=dp.accountant,
-                                 secure_mode=False, patients_bucket=10)
+                                 secure_mode=dp.secure_mode, patients_bucket=10)
         return TrainResult(adapter=dict(mod.next_adapter), privacy=privacy, mean_loss=0.0, ledger_entry=entry)
 
     monkeypatch.setattr(mod, "train_local_round", train_local_round)

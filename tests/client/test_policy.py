@@ -213,13 +213,14 @@ def seen(monkeypatch):
         return adapter, dict(epsilon=0.5, epsilon_round=0.5, delta=1e-5, noise_multiplier=1.0,
                              sample_rate=0.1, steps=run.train.steps, max_grad_norm=1.0,
                              accountant=run.train.accountant, secure_mode=run.train.secure_mode,
-                             patients_bucket=10)
+                             patients_bucket=10, ledger_seq=1, ledger_head="ab" * 32)
 
     def site_evaluate(settings, run, *, global_adapter, round_id):
         runs.append(("evaluate", run))
         return {"diversity.distinct_1": 0.25}
 
     mod.site_train, mod.site_evaluate = site_train, site_evaluate
+    mod.release_update = lambda settings, privacy: None
     mod.audit_log = lambda s: AuditLog(s.output_dir / "audit.jsonl", key=None, actor=s.site_id)
     monkeypatch.setitem(sys.modules, "client.site", mod)
     return runs

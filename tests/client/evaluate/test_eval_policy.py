@@ -116,8 +116,12 @@ def test_site_evaluate_charges_before_it_generates_and_declines_past_the_budget(
         site.site_evaluate(settings, GREEDY, global_adapter=None, round_id=2)
     assert len(seen) == 1  # refused before the model was even built
     audit = [json.loads(line) for line in (settings.output_dir / "audit.jsonl").read_text().splitlines()]
-    assert [(r["kind"], r["data"]) for r in audit] == [
+    # the charge is anchored in the audit log (ledger_anchor), then the refusal is recorded
+    assert [(r["kind"], r["data"]) for r in audit if r["kind"] != "ledger_anchor"] == [
         ("budget_refusal", {"round": 2, "phase": "evaluate", "reason": "EvaluationBudgetError"})
+    ]
+    assert [r["data"]["round_id"] for r in audit if r["kind"] == "ledger_anchor"] == [
+        evaluation_round_id(GREEDY, 1)
     ]
 
 
