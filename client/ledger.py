@@ -47,7 +47,9 @@ _LINE_KEYS = {*_ENTRY_KEYS, "site_id", "ref", "sha256"}  # ref: seq of the reser
 class LedgerEntry:
     """One ledger record. ``noise_multiplier`` sigma (noise std / clipping norm),
     ``sample_rate`` q (Poisson sampling probability of a patient per step),
-    ``steps`` (optimizer steps), ``delta`` the run's target delta, ``time`` UTC ISO-8601."""
+    ``steps`` (optimizer steps), ``delta`` the run's target delta, ``time`` UTC ISO-8601,
+    ``noise_source`` where the DP noise came from (``client.dp_noise``; "unspecified"
+    on records written before it was recorded)."""
 
     seq: int
     kind: Literal["reserve", "released"]
@@ -58,6 +60,7 @@ class LedgerEntry:
     delta: float
     accountant: str
     time: str
+    noise_source: str = "unspecified"
 
 
 def _is_num(x: Any) -> bool:
@@ -183,7 +186,7 @@ class Ledger:
             rec = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             return "not valid JSON"
-        if not isinstance(rec, dict) or set(rec) != _LINE_KEYS:
+        if not isinstance(rec, dict) or set(rec) - {"noise_source"} != _LINE_KEYS:
             return "not a ledger record (unexpected fields)"
         if rec["sha256"] != _checksum(rec):
             return "checksum mismatch"
@@ -196,6 +199,8 @@ class Ledger:
             bad.append(f"unknown kind {rec['kind']!r}")
         if not isinstance(rec["round_id"], str) or not isinstance(rec["time"], str):
             bad.append("round_id and time must be strings")
+        if not isinstance(rec.get("noise_source", "unspecified"), str) or not rec.get("noise_source", "-"):
+            bad.append("noise_source must be a non-empty string")
         ref = rec["ref"]
         if rec["kind"] == "reserve" and ref is not None:
             bad.append("a reserve record must not reference another record")
@@ -205,7 +210,8 @@ class Ledger:
             bad.append(f"a released record must reference an earlier reserve, got ref {ref!r}")
         if bad:
             return "; ".join(bad)
-        return LedgerEntry(**{k: rec[k] for k in _ENTRY_KEYS})
+        return LedgerEntry(**{k: rec[k] for k in _ENTRY_KEYS},
+                           noise_source=rec.get("noise_source", "unspecified"))
 
     def _read(self, fh: IO[bytes]) -> list[LedgerEntry]:
         """Verify the whole file (lock held); move a torn last line aside."""
@@ -309,13 +315,15 @@ class Ledger:
         delta: float,
         accountant: str,
         epsilon_ceiling: float,
+        noise_source: str = "unspecified",
     ) -> LedgerEntry:
         """Record a DP-SGD run before it starts; refuse it if it would cross ``epsilon_ceiling``.
 
         The check and the append happen under one lock, so two processes cannot
         both squeeze under the ceiling. Raises :class:`BudgetExceededError`
         (nothing written) when the projected cumulative epsilon at ``delta``
-        exceeds the ceiling. Returns once the record is fsynced.
+        exceeds the ceiling. Returns once the record is fsynced. ``noise_source``
+        names the DP noise generator (recorded for the privacy report).
         """
         self._check_run(noise_multiplier, sample_rate, steps, delta, accountant,
                         round_id=round_id, ceiling=epsilon_ceiling)
@@ -345,6 +353,7 @@ class Ledger:
                 delta=float(delta),
                 accountant=accountant,
                 time=datetime.now(UTC).isoformat(timespec="microseconds"),
+                noise_source=str(noise_source),
             )
             self._append(fh, entry)
             return entry

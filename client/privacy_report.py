@@ -84,7 +84,8 @@ def ledger_privacy(
     this round's (steps summed over its reservations); when the site did not
     train this round, steps is 0 and σ, q are those of its last reservation.
     The ledger does not record C or secure mode: they come from the run config
-    the site trained with. PrivacyError when the ledger holds no reservation
+    the site trained with; the noise source is the ledger's (this round's
+    reservation, else the last one). PrivacyError when the ledger holds no reservation
     (nothing was trained, so there is no ε to report).
     """
     reserves = [e for e in entries if e.kind == "reserve"]
@@ -111,6 +112,7 @@ def ledger_privacy(
         max_grad_norm=max_grad_norm,
         accountant=accountant,
         secure_mode=secure_mode,
+        noise_source=shown.noise_source,
     )
 
 

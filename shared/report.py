@@ -84,7 +84,12 @@ class Privacy(BaseModel):
     steps: int = Field(ge=0, description="DP-SGD steps this round")
     max_grad_norm: float = Field(gt=0, description="per-patient gradient clipping norm C")
     accountant: str = Field(description="privacy accountant: prv or rdp")
-    secure_mode: bool = Field(description="Opacus secure_mode (cryptographically safe noise)")
+    secure_mode: bool = Field(description="noise from a CSPRNG keyed from os.urandom (ChaCha20)")
+    noise_source: str = Field(
+        default="unspecified", min_length=1, max_length=64,
+        description="the DP noise generator of this round's training (docs/privacy-model.md); "
+        "'unspecified' in reports from before it was recorded",
+    )
     what_epsilon_covers: Annotated[str, Field(min_length=1, max_length=2000)] = EPSILON_COVERS
     what_epsilon_does_not_cover: list[str] = Field(default_factory=lambda: list(EPSILON_DOES_NOT_COVER))
 

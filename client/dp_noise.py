@@ -1,0 +1,354 @@
+"""Secret DP randomness: Gaussian noise and Poisson sampling that nothing in a run can seed.
+
+DP-SGD's guarantee assumes the noise added to each clipped gradient sum, and
+which patients each step samples, are unknown to whoever sees the update. A
+generator seeded from configuration (or from torch's global RNG, which
+:mod:`client.site` seeds with the run's ``lora.init-seed``) is known to anyone
+with the source and the run config: they can regenerate and subtract the
+noise, and the formal epsilon is infinite. So every round here draws its keys
+from ``os.urandom`` and owns its generators; no run config, site setting or
+:class:`~client.dp_config.DPConfig` field reaches them, and torch's, numpy's
+and Python's global RNGs are never used.
+
+Two noise sources (named in the ledger entry, the privacy report and
+``docs/privacy-model.md``):
+
+- ``"chacha20-gaussian"`` (``secure=True``, the default): a ChaCha20 keystream
+  (``cryptography``; 256-bit key and 96-bit nonce fresh from ``os.urandom`` per
+  round) read as 53-bit uniforms and turned into N(0, 1) by Box-Muller in float64,
+  with the floating-point attack mitigation of Opacus' secure mode
+  (``opacus.optimizers.optimizer._generate_noise``, ``secure_mode=True``): per
+  tensor one draw is thrown away, then four N(0, std^2) draws are summed and
+  halved (Mironov's attack on the float representation of a single Gaussian
+  sample; https://arxiv.org/abs/2107.10138 section 5.1 with n = 2). The keystream
+  for step t+1 is generated in a background thread while step t computes
+  (``cryptography`` holds the GIL, so it is produced in 1 MiB chunks to let the
+  training thread run between them); the cheap Box-Muller transform runs on the
+  parameters' device.
+- ``"torch-urandom-seeded"`` (``secure=False``): torch's own generator on the
+  parameters' device (Philox on CUDA, MT19937 on CPU), seeded per round with 64
+  bits from ``os.urandom``, through Opacus' plain ``_generate_noise``. Fresh and
+  unpredictable from the source, but not a CSPRNG and without the mitigation.
+
+Poisson sampling (:class:`SecretPoissonSampler`) is what Opacus' accountant
+assumes and ``UniformWithReplacementSampler`` does: each step every patient is
+drawn independently with probability q (variable batch size, empty batches
+included), from a ChaCha20 stream of its own (secure) or an ``os.urandom``-seeded
+torch generator.
+
+:func:`deterministic_for_tests` is the only way to make any of it repeatable. It
+is a context manager for tests (like the non-private baseline switch, nothing in
+a run can reach it: no config key, setting, environment variable or file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import random
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch.utils.data import DataLoader, Dataset
+
+from shared.errors import TrainingError
+
+SECURE_SOURCE = "chacha20-gaussian"
+FRESH_SOURCE = "torch-urandom-seeded"
+NOISE_SOURCES = (SECURE_SOURCE, FRESH_SOURCE)
+_CHUNK = 1 << 20  # keystream bytes per cryptography call (the GIL is held during one)
+_WORD = 8  # keystream bytes per uniform (53 of its 64 bits are used)
+
+
+def noise_source_name(*, secure: bool) -> str:
+    """The name recorded for the noise a round with this ``secure_mode`` draws."""
+    return SECURE_SOURCE if secure else FRESH_SOURCE
+
+
+# --- entropy ----------------------------------------------------------------------------
+
+_test_seed: bytes | None = None  # set only by deterministic_for_tests
+_test_counter = [0]
+_test_lock = threading.Lock()
+
+
+def _entropy(n: int) -> bytes:
+    """``n`` secret bytes: ``os.urandom``, except inside :func:`deterministic_for_tests`."""
+    if _test_seed is None:
+        return os.urandom(n)
+    with _test_lock:
+        _test_counter[0] += 1
+        digest = hashlib.sha256(_test_seed + _test_counter[0].to_bytes(8, "little")).digest()
+    return (digest * (n // len(digest) + 1))[:n]
+
+
+@contextmanager
+def deterministic_for_tests(seed: int) -> Iterator[None]:
+    """TESTS ONLY: every key, nonce and seed drawn inside comes from ``seed``, in call order.
+
+    Two blocks with the same seed and the same sequence of draws get the same
+    noise and batches (e.g. to check that two clipping paths agree exactly).
+    Never call it outside tests: inside it the noise is known to anyone who
+    knows ``seed``, i.e. there is no privacy. Nothing in a run (config, site
+    settings, environment) can enter it.
+    """
+    global _test_seed
+    if _test_seed is not None:
+        raise RuntimeError("deterministic_for_tests does not nest")
+    _test_seed, _test_counter[0] = hashlib.sha256(b"fedsynth-test-%d" % seed).digest(), 0
+    try:
+        yield
+    finally:
+        _test_seed = None
+
+
+def note_window_rng() -> random.Random:
+    """The RNG that picks a patient's note and window when the patient is sampled.
+
+    Which note is drawn is part of the sampling the DP analysis assumes secret:
+    a SystemRandom (``os.urandom``) in a run, a seeded Random inside
+    :func:`deterministic_for_tests`.
+    """
+    if _test_seed is None:
+        return random.SystemRandom()
+    return random.Random(_entropy(16))
+
+
+def _torch_generator(device: torch.device | str) -> torch.Generator:
+    seed = int.from_bytes(_entropy(8), "little") & ((1 << 63) - 1)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+class _KeyStream:
+    """A ChaCha20 keystream under a fresh 256-bit key and 96-bit nonce (RFC 8439 layout:
+    32-bit block counter starting at 0, so 256 GiB before it would wrap)."""
+
+    def __init__(self) -> None:
+        key, nonce = _entropy(32), _entropy(12)
+        self._enc = Cipher(algorithms.ChaCha20(key, bytes(4) + nonce), mode=None).encryptor()
+        self._zeros = bytes(_CHUNK)
+        self.bytes_used = 0
+
+    def words(self, n: int, *, pin: bool = False) -> torch.Tensor:
+        """The next ``8 * n`` keystream bytes as ``n`` int64 words (CPU; pinned if asked)."""
+        out = torch.empty(n * _WORD, dtype=torch.uint8, pin_memory=pin)
+        view = memoryview(out.numpy())
+        for start in range(0, n * _WORD, _CHUNK):
+            stop = min(start + _CHUNK, n * _WORD)
+            self._enc.update_into(self._zeros[: stop - start], view[start:stop])
+        self.bytes_used += n * _WORD
+        return out.view(torch.int64)
+
+
+def uniforms(words: torch.Tensor) -> torch.Tensor:
+    """Keystream words -> float64 uniforms on the open interval (0, 1): the top 53 bits
+    plus one half, times 2^-53 (exact in float64; never 0, so log is finite)."""
+    top = (words >> 11) & ((1 << 53) - 1)  # arithmetic shift: the mask drops the sign bits
+    return (top.to(torch.float64) + 0.5) * (2.0**-53)
+
+
+def box_muller(u: torch.Tensor) -> torch.Tensor:
+    """``2m`` uniforms in (0, 1) -> ``2m`` independent N(0, 1) draws (float64).
+
+    First half radii, second half angles: z = sqrt(-2 ln u1) * (cos, sin)(2 pi u2).
+    """
+    half = u.numel() // 2
+    radius = torch.sqrt(-2.0 * torch.log(u[:half]))
+    angle = (2.0 * torch.pi) * u[half : 2 * half]
+    return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])
+
+
+def mitigated(z: torch.Tensor, numel: int, *, std: float) -> torch.Tensor:
+    """Opacus' secure-mode combine for one tensor of ``numel`` coordinates.
+
+    ``z`` holds ``1 + 4 * numel`` standard normals: the first is thrown away (as
+    Opacus throws away its first (1, 1) draw), the next four blocks of ``numel``
+    are four N(0, std^2) draws whose sum halved is again N(0, std^2).
+    """
+    draws = z[1 : 1 + 4 * numel].view(4, numel) * std
+    return draws.sum(0) / 2
+
+
+# --- noise --------------------------------------------------------------------------------
+
+
+class GaussianNoise:
+    """Per-round DP noise for a fixed list of tensors: ``N(0, std^2)`` per coordinate.
+
+    ``shapes`` (and ``dtypes``) are the parameters' in the order noise is added;
+    ``std`` is ``noise_multiplier * max_grad_norm`` (in gradient units, the same
+    scaling as Opacus' ``add_noise``); ``steps`` the number of noisy steps this
+    round -- one :meth:`draw` per step, one more is a :class:`TrainingError`.
+    ``secure`` picks the source (module docstring). Use as a context manager or
+    call :meth:`close` so the prefetch thread stops.
+    """
+
+    def __init__(
+        self,
+        shapes: Sequence[torch.Size | tuple[int, ...]],
+        *,
+        std: float,
+        steps: int,
+        device: torch.device | str,
+        dtypes: Sequence[torch.dtype] | None = None,
+        secure: bool = True,
+    ) -> None:
+        self.shapes = [torch.Size(s) for s in shapes]
+        self.dtypes = list(dtypes) if dtypes is not None else [torch.float32] * len(self.shapes)
+        self.std, self.steps, self.device = float(std), int(steps), torch.device(device)
+        self.secure = bool(secure)
+        self.name = noise_source_name(secure=self.secure)
+        self.drawn = 0
+        self._numels = [s.numel() for s in self.shapes]
+        self._words = sum(1 + 4 * n for n in self._numels)
+        self._words += self._words % 2  # Box-Muller makes normals in pairs
+        self._stop = threading.Event()
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=1)
+        self._thread: threading.Thread | None = None
+        self._stream: _KeyStream | None = None
+        self._generator: torch.Generator | None = None
+        if not self.secure:
+            self._generator = _torch_generator(self.device)
+        elif self.std > 0 and self.steps > 0:
+            self._stream = _KeyStream()  # key drawn here, in the caller's thread
+            self._thread = threading.Thread(target=self._prefetch, name="dp-noise", daemon=True)
+            self._thread.start()
+
+    def _prefetch(self) -> None:
+        pin = self.device.type == "cuda"
+        try:
+            for _ in range(self.steps):
+                words = self._stream.words(self._words, pin=pin)
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(words, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as exc:  # surfaced by draw(), never swallowed
+            self._queue.put(exc)
+
+    def draw(self) -> list[torch.Tensor]:
+        """This step's noise: one tensor per shape, on ``device``, in ``dtypes``."""
+        if self.drawn >= self.steps:
+            raise TrainingError(f"noise for more than the {self.steps} reserved steps was drawn")
+        self.drawn += 1
+        if self.std == 0:
+            return [torch.zeros(s, device=self.device, dtype=d) for s, d in zip(self.shapes, self.dtypes, strict=True)]
+        if not self.secure:
+            return [
+                _generate_noise(
+                    std=self.std,
+                    reference=torch.empty(s, device=self.device, dtype=d),
+                    generator=self._generator,
+                    secure_mode=False,
+                )
+                for s, d in zip(self.shapes, self.dtypes, strict=True)
+            ]
+        words = self._queue.get()
+        if isinstance(words, BaseException):
+            raise TrainingError(f"secure noise generation failed: {words!r}") from words
+        z = box_muller(uniforms(words.to(self.device, non_blocking=True)))
+        out, start = [], 0
+        for shape, dtype, numel in zip(self.shapes, self.dtypes, self._numels, strict=True):
+            block = z[start : start + 1 + 4 * numel]
+            out.append(mitigated(block, numel, std=self.std).view(shape).to(dtype))
+            start += 1 + 4 * numel
+        return out
+
+    def close(self) -> None:
+        """Stop the prefetch thread (safe to call twice)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> GaussianNoise:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def use_noise(optimizer: Any, noise: GaussianNoise) -> None:
+    """Make this Opacus ``DPOptimizer`` (flat or ghost) add ``noise`` instead of its own draw.
+
+    Mirrors ``DPOptimizer.add_noise`` (``p.grad = summed_grad + noise``, the
+    processed-flag checks) with the noise taken from ``noise``, whose shapes
+    must be the optimizer's ``params`` in order; scaling by the expected batch
+    size stays Opacus' (``scale_grad``). Opacus' own generator is never used.
+    """
+    params = list(optimizer.params)
+    if [p.shape for p in params] != noise.shapes:
+        raise TrainingError("noise source shapes differ from the DP optimizer's parameters")
+
+    def add_noise() -> None:
+        for p, z in zip(params, noise.draw(), strict=True):
+            _check_processed_flag(p.summed_grad)
+            p.grad = (p.summed_grad + z).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    optimizer.add_noise = add_noise  # instance attribute: shadows the class method
+
+
+# --- sampling -----------------------------------------------------------------------------
+
+
+class SecretPoissonSampler(UniformWithReplacementSampler):
+    """Poisson sampling of patients: each of ``num_samples`` independently with
+    probability ``sample_rate`` per batch, ``batches`` batches per pass (empty
+    ones included) -- Opacus' ``UniformWithReplacementSampler`` with secret randomness.
+
+    ``secure``: uniforms from a fresh ChaCha20 stream; otherwise ``torch.rand``
+    with an ``os.urandom``-seeded generator (exactly Opacus' draw).
+    """
+
+    def __init__(self, *, num_samples: int, sample_rate: float, batches: int, secure: bool) -> None:
+        super().__init__(num_samples=num_samples, sample_rate=sample_rate, steps=batches)
+        self.secure = bool(secure)
+        self._stream = _KeyStream() if self.secure else None
+        self.generator = None if self.secure else _torch_generator("cpu")
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            if self._stream is not None:
+                u = uniforms(self._stream.words(self.num_samples))
+            else:
+                u = torch.rand(self.num_samples, generator=self.generator)
+            yield (u < self.sample_rate).nonzero(as_tuple=False).reshape(-1).tolist()
+
+
+class _EmptyAsList:
+    """Collate non-empty batches with ``collate_fn``; an empty Poisson batch becomes ``[]``.
+
+    (Opacus' ``wrap_collate_with_empty`` cannot build an empty batch of dicts
+    when the very first batch is empty; the step loops treat any non-dict batch
+    as zero rows: an all-noise step.)
+    """
+
+    def __init__(self, collate_fn: Any) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, batch: list[Any]) -> Any:
+        return self.collate_fn(batch) if batch else []
+
+
+def poisson_loader(
+    dataset: Dataset, *, batches: int, collate_fn: Any, secure: bool
+) -> DataLoader:
+    """A Poisson loader like Opacus' ``DPDataLoader.from_data_loader`` (q = 1/``batches``,
+    ``batches`` batches per pass, empty batches allowed) over a :class:`SecretPoissonSampler`.
+    An empty batch is collated to ``[]``."""
+    sampler = SecretPoissonSampler(
+        num_samples=len(dataset), sample_rate=1 / batches, batches=batches, secure=secure
+    )
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=_EmptyAsList(collate_fn))
