@@ -15,7 +15,7 @@ Two noise sources (named in the ledger entry, the privacy report and
 
 - ``"chacha20-gaussian"`` (``secure=True``, the default): a ChaCha20 keystream
   (``cryptography``; 256-bit key and 96-bit nonce fresh from ``os.urandom`` per
-  round) read as 53-bit uniforms and turned into N(0, 1) by Box-Muller in float64,
+  round) read as 53-bit uniforms on (0, 1] and turned into N(0, 1) by Box-Muller in float64,
   with the floating-point attack mitigation of Opacus' secure mode
   (``opacus.optimizers.optimizer._generate_noise``, ``secure_mode=True``): per
   tensor one draw is thrown away, then four N(0, std^2) draws are summed and
@@ -148,14 +148,14 @@ class _KeyStream:
 
 
 def uniforms(words: torch.Tensor) -> torch.Tensor:
-    """Keystream words -> float64 uniforms on the open interval (0, 1): the top 53 bits
-    plus one half, times 2^-53 (exact in float64; never 0, so log is finite)."""
+    """Keystream words -> float64 uniforms on (0, 1]: (the top 53 bits + 1) * 2^-53,
+    exact in float64 (all 2^53 values equally likely; never 0, so log is finite)."""
     top = (words >> 11) & ((1 << 53) - 1)  # arithmetic shift: the mask drops the sign bits
-    return (top.to(torch.float64) + 0.5) * (2.0**-53)
+    return (top.to(torch.float64) + 1.0) * (2.0**-53)
 
 
 def box_muller(u: torch.Tensor) -> torch.Tensor:
-    """``2m`` uniforms in (0, 1) -> ``2m`` independent N(0, 1) draws (float64).
+    """``2m`` uniforms in (0, 1] -> ``2m`` independent N(0, 1) draws (float64).
 
     First half radii, second half angles: z = sqrt(-2 ln u1) * (cos, sin)(2 pi u2).
     """
@@ -254,7 +254,7 @@ class GaussianNoise:
                 )
                 for s, d in zip(self.shapes, self.dtypes, strict=True)
             ]
-        words = self._queue.get()
+        words = self._next_words()
         if isinstance(words, BaseException):
             raise TrainingError(f"secure noise generation failed: {words!r}") from words
         z = box_muller(uniforms(words.to(self.device, non_blocking=True)))
@@ -264,6 +264,15 @@ class GaussianNoise:
             out.append(mitigated(block, numel, std=self.std).view(shape).to(dtype))
             start += 1 + 4 * numel
         return out
+
+    def _next_words(self) -> Any:
+        while True:
+            try:
+                return self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if self._thread is None or not self._thread.is_alive():
+                    if self._queue.empty():
+                        raise TrainingError("the noise source was closed before this draw") from None
 
     def close(self) -> None:
         """Stop the prefetch thread (safe to call twice)."""
