@@ -14,16 +14,17 @@ Two noise sources (named in the ledger entry, the privacy report and
 ``docs/privacy-model.md``):
 
 - ``"chacha20-gaussian"`` (``secure=True``, the default): a ChaCha20 keystream
-  (``cryptography``; 256-bit key and 96-bit nonce fresh from ``os.urandom`` per
-  round) read as 53-bit uniforms on (0, 1] and turned into N(0, 1) by Box-Muller in float64,
-  with the floating-point attack mitigation of Opacus' secure mode
+  (RFC 8439; 256-bit key and 96-bit nonce fresh from ``os.urandom`` per round)
+  read as 53-bit uniforms on (0, 1] and turned into N(0, 1) by Box-Muller in
+  float64, with the floating-point attack mitigation of Opacus' secure mode
   (``opacus.optimizers.optimizer._generate_noise``, ``secure_mode=True``): per
   tensor one draw is thrown away, then four N(0, std^2) draws are summed and
-  halved (Mironov's attack on the float representation of a single Gaussian
+  halved (against attacks on the float representation of a single Gaussian
   sample; https://arxiv.org/abs/2107.10138 section 5.1 with n = 2). The keystream
-  for step t+1 is generated in a background thread while step t computes
-  (``cryptography`` holds the GIL, so it is produced in 1 MiB chunks to let the
-  training thread run between them); the cheap Box-Muller transform runs on the
+  for step t+1 is generated in a background thread while step t computes, by
+  the system OpenSSL through ctypes (which releases the GIL during each call;
+  ``cryptography``, the fallback, holds it, so it is fed 1 MiB chunks to let the
+  training thread in between); the cheap Box-Muller transform runs on the
   parameters' device.
 - ``"torch-urandom-seeded"`` (``secure=False``): torch's own generator on the
   parameters' device (Philox on CUDA, MT19937 on CPU), seeded per round with 64
@@ -43,6 +44,9 @@ a run can reach it: no config key, setting, environment variable or file).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import hashlib
 import os
 import queue
@@ -126,23 +130,94 @@ def _torch_generator(device: torch.device | str) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+@functools.cache
+def _libcrypto() -> ctypes.CDLL | None:
+    """The system OpenSSL (>= 1.1, which has ChaCha20), or None.
+
+    Called through ``ctypes.CDLL``, which releases the GIL for the duration of
+    each call: the prefetch thread then generates keystream while the training
+    thread runs Python. (``cryptography`` holds the GIL while it encrypts.)
+    """
+    name = ctypes.util.find_library("crypto")
+    if name is None:
+        return None
+    try:
+        lib = ctypes.CDLL(name)
+        lib.EVP_chacha20.restype = ctypes.c_void_p
+        lib.EVP_chacha20.argtypes = []
+        lib.EVP_CIPHER_CTX_new.restype = ctypes.c_void_p
+        lib.EVP_CIPHER_CTX_new.argtypes = []
+        lib.EVP_CIPHER_CTX_free.restype = None
+        lib.EVP_CIPHER_CTX_free.argtypes = [ctypes.c_void_p]
+        lib.EVP_EncryptInit_ex.restype = ctypes.c_int
+        lib.EVP_EncryptInit_ex.argtypes = [
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p,
+        ]
+        lib.EVP_EncryptUpdate.restype = ctypes.c_int
+        lib.EVP_EncryptUpdate.argtypes = [
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int), ctypes.c_void_p,
+            ctypes.c_int,
+        ]
+    except (OSError, AttributeError):
+        return None
+    return lib if lib.EVP_chacha20() else None
+
+
+class _OpenSSLChaCha:
+    """ChaCha20 encryption of zeros through the system OpenSSL (GIL released per call)."""
+
+    def __init__(self, lib: ctypes.CDLL, key: bytes, iv: bytes) -> None:
+        self._lib, self._ctx = lib, lib.EVP_CIPHER_CTX_new()
+        if not self._ctx or lib.EVP_EncryptInit_ex(self._ctx, lib.EVP_chacha20(), None, key, iv) != 1:
+            raise TrainingError("OpenSSL could not set up ChaCha20")
+        self._zeros = ctypes.create_string_buffer(_CHUNK)
+        self._written = ctypes.c_int(0)
+
+    def fill(self, address: int, n: int) -> None:
+        if self._lib.EVP_EncryptUpdate(
+            self._ctx, address, ctypes.byref(self._written), self._zeros, n
+        ) != 1 or self._written.value != n:
+            raise TrainingError("OpenSSL ChaCha20 failed")
+
+    def __del__(self) -> None:
+        if getattr(self, "_ctx", None):
+            self._lib.EVP_CIPHER_CTX_free(self._ctx)
+            self._ctx = None
+
+
 class _KeyStream:
     """A ChaCha20 keystream under a fresh 256-bit key and 96-bit nonce (RFC 8439 layout:
-    32-bit block counter starting at 0, so 256 GiB before it would wrap)."""
+    32-bit block counter starting at 0, so 256 GiB before it would wrap).
 
-    def __init__(self) -> None:
-        key, nonce = _entropy(32), _entropy(12)
-        self._enc = Cipher(algorithms.ChaCha20(key, bytes(4) + nonce), mode=None).encryptor()
-        self._zeros = bytes(_CHUNK)
+    Generated by the system OpenSSL through ctypes when there is one (GIL released),
+    else by ``cryptography`` (same cipher, same keystream; holds the GIL, so chunks
+    of 1 MiB let the training thread in between). ``backend`` forces one (tests).
+    """
+
+    def __init__(self, *, backend: str | None = None) -> None:
+        key, iv = _entropy(32), bytes(4) + _entropy(12)
+        lib = _libcrypto() if backend in (None, "openssl") else None
+        if backend == "openssl" and lib is None:
+            raise TrainingError("no system OpenSSL with ChaCha20")
+        self.backend = "openssl" if lib is not None else "cryptography"
+        self._openssl = _OpenSSLChaCha(lib, key, iv) if lib is not None else None
+        self._enc = (
+            None if lib is not None
+            else Cipher(algorithms.ChaCha20(key, iv), mode=None).encryptor()
+        )
+        self._zeros = bytes(_CHUNK) if lib is None else b""
         self.bytes_used = 0
 
     def words(self, n: int, *, pin: bool = False) -> torch.Tensor:
         """The next ``8 * n`` keystream bytes as ``n`` int64 words (CPU; pinned if asked)."""
         out = torch.empty(n * _WORD, dtype=torch.uint8, pin_memory=pin)
-        view = memoryview(out.numpy())
+        view = memoryview(out.numpy()) if self._enc is not None else None
         for start in range(0, n * _WORD, _CHUNK):
             stop = min(start + _CHUNK, n * _WORD)
-            self._enc.update_into(self._zeros[: stop - start], view[start:stop])
+            if self._openssl is not None:
+                self._openssl.fill(out.data_ptr() + start, stop - start)
+            else:
+                self._enc.update_into(self._zeros[: stop - start], view[start:stop])
         self.bytes_used += n * _WORD
         return out.view(torch.int64)
 
