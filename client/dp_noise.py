@@ -297,13 +297,17 @@ class GaussianNoise:
             self._thread.start()
 
     def _prefetch(self) -> None:
-        pin = self.device.type == "cuda"
+        # On a GPU the thread makes the keystream (pinned, for an async copy) and the
+        # device transforms it; on the CPU the thread does both (torch releases the GIL).
+        on_cpu = self.device.type == "cpu"
         try:
             for _ in range(self.steps):
-                words = self._stream.words(self._words, pin=pin)
+                item = self._stream.words(self._words, pin=self.device.type == "cuda")
+                if on_cpu:
+                    item = self._transform(item)
                 while not self._stop.is_set():
                     try:
-                        self._queue.put(words, timeout=0.1)
+                        self._queue.put(item, timeout=0.1)
                         break
                     except queue.Full:
                         continue
@@ -329,9 +333,13 @@ class GaussianNoise:
                 )
                 for s, d in zip(self.shapes, self.dtypes, strict=True)
             ]
-        words = self._next_words()
-        if isinstance(words, BaseException):
-            raise TrainingError(f"secure noise generation failed: {words!r}") from words
+        item = self._next_words()
+        if isinstance(item, BaseException):
+            raise TrainingError(f"secure noise generation failed: {item!r}") from item
+        return item if isinstance(item, list) else self._transform(item)
+
+    def _transform(self, words: torch.Tensor) -> list[torch.Tensor]:
+        """One step's keystream -> the mitigated N(0, std^2) noise of every tensor."""
         z = box_muller(uniforms(words.to(self.device, non_blocking=True)))
         out, start = [], 0
         for shape, dtype, numel in zip(self.shapes, self.dtypes, self._numels, strict=True):
