@@ -44,7 +44,7 @@ def train_nonprivate(
     """The NON-PRIVATE baseline: the DP recipe minus clipping, noise, accountant and ledger.
 
     Same Poisson sampling of patients (``poisson``: the secret Poisson loader a
-    private run uses, :func:`client.dp_noise.poisson_loader`), same
+    private run uses, :func:`client.dp_sampling.poisson_loader`), same
     per-patient loss (mean over report tokens), same AdamW; the gradient is the
     sum of per-patient gradients over ``expected_batch_size``, exactly the
     scaling Opacus applies before noise. An empty batch is a step with no update.

@@ -31,11 +31,9 @@ Two noise sources (named in the ledger entry, the privacy report and
   bits from ``os.urandom``, through Opacus' plain ``_generate_noise``. Fresh and
   unpredictable from the source, but not a CSPRNG and without the mitigation.
 
-Poisson sampling (:class:`SecretPoissonSampler`) is what Opacus' accountant
-assumes and ``UniformWithReplacementSampler`` does: each step every patient is
-drawn independently with probability q (variable batch size, empty batches
-included), from a ChaCha20 stream of its own (secure) or an ``os.urandom``-seeded
-torch generator.
+Poisson sampling (:mod:`client.dp_sampling`) draws from the same kind of
+stream (a ChaCha20 keystream of its own, or an ``os.urandom``-seeded torch
+generator); :func:`note_window_rng` picks a sampled patient's note and window.
 
 :func:`deterministic_for_tests` is the only way to make any of it repeatable. It
 is a context manager for tests (like the non-private baseline switch, nothing in
@@ -48,6 +46,7 @@ import ctypes
 import ctypes.util
 import functools
 import hashlib
+import math
 import os
 import queue
 import random
@@ -59,10 +58,8 @@ from typing import Any
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-from torch.utils.data import DataLoader, Dataset
 
-from shared.errors import TrainingError
+from shared.errors import ConfigError, Problem, TrainingError
 
 SECURE_SOURCE = "chacha20-gaussian"
 FRESH_SOURCE = "torch-urandom-seeded"
@@ -275,6 +272,15 @@ class GaussianNoise:
         dtypes: Sequence[torch.dtype] | None = None,
         secure: bool = True,
     ) -> None:
+        problems = []
+        if isinstance(std, bool) or not isinstance(std, (int, float)) or not math.isfinite(std) or std < 0:
+            problems.append(Problem("std", f"must be a finite number >= 0, got {std!r}"))
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            problems.append(Problem("steps", f"must be an integer >= 0, got {steps!r}"))
+        if dtypes is not None and len(dtypes) != len(shapes):
+            problems.append(Problem("dtypes", f"{len(dtypes)} dtypes for {len(shapes)} shapes"))
+        if problems:
+            raise ConfigError("invalid DP noise source", problems)
         self.shapes = [torch.Size(s) for s in shapes]
         self.dtypes = list(dtypes) if dtypes is not None else [torch.float32] * len(self.shapes)
         self.std, self.steps, self.device = float(std), int(steps), torch.device(device)
@@ -390,57 +396,3 @@ def use_noise(optimizer: Any, noise: GaussianNoise) -> None:
             _mark_as_processed(p.summed_grad)
 
     optimizer.add_noise = add_noise  # instance attribute: shadows the class method
-
-
-# --- sampling -----------------------------------------------------------------------------
-
-
-class SecretPoissonSampler(UniformWithReplacementSampler):
-    """Poisson sampling of patients: each of ``num_samples`` independently with
-    probability ``sample_rate`` per batch, ``batches`` batches per pass (empty
-    ones included) -- Opacus' ``UniformWithReplacementSampler`` with secret randomness.
-
-    ``secure``: uniforms from a fresh ChaCha20 stream; otherwise ``torch.rand``
-    with an ``os.urandom``-seeded generator (exactly Opacus' draw).
-    """
-
-    def __init__(self, *, num_samples: int, sample_rate: float, batches: int, secure: bool) -> None:
-        super().__init__(num_samples=num_samples, sample_rate=sample_rate, steps=batches)
-        self.secure = bool(secure)
-        self._stream = _KeyStream() if self.secure else None
-        self.generator = None if self.secure else _torch_generator("cpu")
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for _ in range(self.steps):
-            if self._stream is not None:
-                u = uniforms(self._stream.words(self.num_samples))
-            else:
-                u = torch.rand(self.num_samples, generator=self.generator)
-            yield (u < self.sample_rate).nonzero(as_tuple=False).reshape(-1).tolist()
-
-
-class _EmptyAsList:
-    """Collate non-empty batches with ``collate_fn``; an empty Poisson batch becomes ``[]``.
-
-    (Opacus' ``wrap_collate_with_empty`` cannot build an empty batch of dicts
-    when the very first batch is empty; the step loops treat any non-dict batch
-    as zero rows: an all-noise step.)
-    """
-
-    def __init__(self, collate_fn: Any) -> None:
-        self.collate_fn = collate_fn
-
-    def __call__(self, batch: list[Any]) -> Any:
-        return self.collate_fn(batch) if batch else []
-
-
-def poisson_loader(
-    dataset: Dataset, *, batches: int, collate_fn: Any, secure: bool
-) -> DataLoader:
-    """A Poisson loader like Opacus' ``DPDataLoader.from_data_loader`` (q = 1/``batches``,
-    ``batches`` batches per pass, empty batches allowed) over a :class:`SecretPoissonSampler`.
-    An empty batch is collated to ``[]``."""
-    sampler = SecretPoissonSampler(
-        num_samples=len(dataset), sample_rate=1 / batches, batches=batches, secure=secure
-    )
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=_EmptyAsList(collate_fn))

@@ -54,13 +54,8 @@ from torch.utils.data import DataLoader
 
 from client.baseline import train_nonprivate
 from client.dp_config import DPConfig, PrivacyScalars, TrainResult, config_problems
-from client.dp_noise import (
-    GaussianNoise,
-    noise_source_name,
-    note_window_rng,
-    poisson_loader,
-    use_noise,
-)
+from client.dp_noise import GaussianNoise, noise_source_name, note_window_rng, use_noise
+from client.dp_sampling import poisson_loader
 from client.dp_steps import bookkeeping_steps, opacus_steps
 from client.examples import IGNORE_INDEX, PatientExamples, collate
 from client.model import adapter_state
@@ -156,8 +151,8 @@ def train_dp(
     if privacy_problems:
         raise PrivacyError("privacy preconditions do not hold", privacy_problems)
 
-    # 2. Sampling rate and noise. Opacus' DPDataLoader samples each patient with
-    # q = 1/len(loader) = 1/ceil(n/B); the accountant is charged with that same q.
+    # 2. Sampling rate and noise. Each patient is sampled with q = 1/ceil(n/B), the
+    # q Opacus' DPDataLoader would use; the accountant is charged with that same q.
     # It equals B/n when B divides n and is slightly smaller otherwise (expected
     # batch never above B).
     dataset = PatientExamples(
@@ -320,7 +315,7 @@ def _opacus_round(
 ) -> tuple[Any, float]:
     """``steps`` noisy steps through Opacus' ``make_private`` (flat or ghost clipping).
 
-    ``loader`` is already the secret Poisson loader (:func:`client.dp_noise.poisson_loader`),
+    ``loader`` is already the secret Poisson loader (:func:`client.dp_sampling.poisson_loader`),
     so Opacus is told not to re-sample; its noise draw is replaced by the
     round's secret :class:`~client.dp_noise.GaussianNoise`. Opacus' own
     ``secure_mode`` (torchcsprng, unmaintained) is never used.
@@ -347,12 +342,13 @@ def _opacus_round(
         dp_model, dp_optimizer, criterion, dp_loader = private
     else:
         (dp_model, dp_optimizer, dp_loader), criterion = private, None
-    noise = GaussianNoise(
-        [p.shape for p in dp_optimizer.params], dtypes=[p.dtype for p in dp_optimizer.params],
-        std=sigma * config.max_grad_norm, steps=config.steps, device=params[0].device,
-        secure=config.secure_mode,
-    )
+    noise = None
     try:
+        noise = GaussianNoise(
+            [p.shape for p in dp_optimizer.params], dtypes=[p.dtype for p in dp_optimizer.params],
+            std=sigma * config.max_grad_norm, steps=config.steps, device=params[0].device,
+            secure=config.secure_mode,
+        )
         dp_model.forbid_grad_accumulation()  # what make_private does under poisson_sampling=True
         use_noise(dp_optimizer, noise)
         with warnings.catch_warnings():
@@ -369,6 +365,7 @@ def _opacus_round(
                 progress=progress,
             )
     finally:
-        noise.close()
+        if noise is not None:
+            noise.close()
         dp_model.to_standard_module()  # removes Opacus hooks and per-sample attributes
     return engine.accountant, mean_loss

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from scipy import stats
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -25,7 +24,6 @@ import client.train as train_mod
 from client.dp_config import DPConfig
 from client.dp_noise import (
     GaussianNoise,
-    SecretPoissonSampler,
     box_muller,
     deterministic_for_tests,
     mitigated,
@@ -179,25 +177,6 @@ def test_uniforms_and_box_muller():
     assert float(u[2]) == 0.25 + 2.0**-53 and float(u[3]) == 0.75 + 2.0**-53  # bits 63..11, unsigned
     z = box_muller(torch.tensor([math.exp(-0.5), math.exp(-2.0), 0.0, 0.25], dtype=torch.float64))
     torch.testing.assert_close(z, torch.tensor([1.0, 0.0, 0.0, 2.0], dtype=torch.float64))
-
-
-@pytest.mark.parametrize("secure", [True, False])
-def test_poisson_sampler_is_what_the_accountant_assumes(secure):
-    """Each patient independently with probability q per batch; batch size varies
-    and may be 0; two samplers built alike draw different batches."""
-    n, q, batches = 40, 0.1, 2000
-    sampler = SecretPoissonSampler(num_samples=n, sample_rate=q, batches=batches, secure=secure)
-    assert isinstance(sampler, UniformWithReplacementSampler) and len(sampler) == batches
-    drawn = list(sampler)
-    assert len(drawn) == batches
-    sizes = np.array([len(b) for b in drawn])
-    assert (sizes == 0).any() and len(set(sizes)) > 5
-    assert abs(sizes.mean() - n * q) < 5 * math.sqrt(n * q * (1 - q) / batches)
-    per_patient = np.bincount(np.concatenate([b for b in drawn if b]), minlength=n) / batches
-    assert np.all(np.abs(per_patient - q) < 6 * math.sqrt(q * (1 - q) / batches))
-    assert all(len(set(b)) == len(b) for b in drawn)
-    again = list(SecretPoissonSampler(num_samples=n, sample_rate=q, batches=50, secure=secure))
-    assert again != drawn[:50]
 
 
 def test_nothing_in_a_run_can_seed_noise_or_sampling():
