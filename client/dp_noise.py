@@ -311,16 +311,20 @@ class GaussianNoise:
                 item = self._stream.words(self._words, pin=self.device.type == "cuda")
                 if on_cpu:
                     item = self._transform(item)
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
+                if not self._offer(item):
                     return
         except BaseException as exc:  # surfaced by draw(), never swallowed
-            self._queue.put(exc)
+            self._offer(exc)
+
+    def _offer(self, item: Any) -> bool:
+        """Queue ``item`` for :meth:`draw`; False once :meth:`close` was called."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def draw(self) -> list[torch.Tensor]:
         """This step's noise: one tensor per shape, on ``device``, in ``dtypes``."""

@@ -227,3 +227,25 @@ def test_both_keystream_backends_are_rfc8439_chacha20_and_agree():
         assert stream.backend == backend
         streams.append(torch.cat([stream.words(3 * 2**17 + 5), stream.words(1000)]))
     assert torch.equal(*streams)
+
+
+def test_a_failing_keystream_is_an_error_not_a_hang_and_close_stops_the_thread(monkeypatch):
+    import time
+
+    from shared.errors import ConfigError, TrainingError
+
+    source = GaussianNoise([(1000,)], std=1.0, steps=50, device="cpu")  # never drawn from
+    start = time.perf_counter()
+    source.close()
+    assert time.perf_counter() - start < 2 and source._thread is None
+
+    def broken(self, n, *, pin=False):
+        raise OSError("keystream unavailable")
+
+    monkeypatch.setattr(dp_noise._KeyStream, "words", broken)
+    with GaussianNoise([(10,)], std=1.0, steps=2, device="cpu") as source:
+        with pytest.raises(TrainingError, match="keystream unavailable"):
+            source.draw()
+    with pytest.raises(ConfigError) as bad:
+        GaussianNoise([(10,)], std=float("nan"), steps=-1, device="cpu", dtypes=[])
+    assert {p.where for p in bad.value.problems} == {"std", "steps", "dtypes"}
