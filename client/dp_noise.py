@@ -303,13 +303,21 @@ class GaussianNoise:
             self._thread.start()
 
     def _prefetch(self) -> None:
-        # On a GPU the thread makes the keystream (pinned, for an async copy) and the
-        # device transforms it; on the CPU the thread does both (torch releases the GIL).
-        on_cpu = self.device.type == "cpu"
+        # On a GPU the thread makes the keystream in pinned memory and copies it on a
+        # side stream (so the copy overlaps compute too); the device transforms it at
+        # draw(). On the CPU the thread does both (torch releases the GIL).
+        cuda = self.device.type == "cuda"
         try:
+            copy_stream = torch.cuda.Stream(device=self.device) if cuda else None
             for _ in range(self.steps):
-                item = self._stream.words(self._words, pin=self.device.type == "cuda")
-                if on_cpu:
+                item = self._stream.words(self._words, pin=cuda)
+                if cuda:
+                    with torch.cuda.device(self.device), torch.cuda.stream(copy_stream):
+                        on_device = item.to(self.device, non_blocking=True)
+                        copied = torch.cuda.Event()
+                        copied.record(copy_stream)
+                    item = (on_device, copied)
+                else:
                     item = self._transform(item)
                 if not self._offer(item):
                     return
@@ -346,7 +354,13 @@ class GaussianNoise:
         item = self._next_words()
         if isinstance(item, BaseException):
             raise TrainingError(f"secure noise generation failed: {item!r}") from item
-        return item if isinstance(item, list) else self._transform(item)
+        if isinstance(item, tuple):  # keystream copied to the GPU on the side stream
+            words, copied = item
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(copied)
+            words.record_stream(stream)  # allocated on the side stream, used on this one
+            return self._transform(words)
+        return item
 
     def _transform(self, words: torch.Tensor) -> list[torch.Tensor]:
         """One step's keystream -> the mitigated N(0, std^2) noise of every tensor."""

@@ -276,3 +276,22 @@ def test_ledger_lines_without_a_noise_source_still_count(tmp_path):
     bad.write_text(line(1, noise_source="") + line(2))
     with pytest.raises(LedgerError, match="noise_source"):
         Ledger(bad, site_id="site-a")
+
+
+@pytest.mark.gpu
+def test_gpu_noise_equals_cpu_noise_from_the_same_keys():
+    """On a GPU the keystream is copied on a side stream and transformed on the device:
+    same keys (test hook), same noise as on the CPU, and the same distribution."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    shapes, out = [(300_000,), (64, 33)], {}
+    for device in ("cpu", "cuda"):
+        with deterministic_for_tests(9), GaussianNoise(
+            shapes, std=1.7, steps=3, device=device, dtypes=[torch.float32, torch.bfloat16]
+        ) as source:
+            out[device] = [t for _ in range(3) for t in source.draw()]
+    for cpu, gpu in zip(out["cpu"], out["cuda"], strict=True):
+        assert gpu.device.type == "cuda" and gpu.dtype == cpu.dtype
+        torch.testing.assert_close(gpu.cpu().float(), cpu.float(), rtol=1e-2, atol=1e-5)
+    x = torch.cat([t.reshape(-1) for t in out["cuda"][::2]]).cpu().double().numpy()  # float32 ones
+    assert stats.kstest(x, "norm", args=(0, 1.7)).pvalue > 1e-3
