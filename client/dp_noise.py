@@ -24,8 +24,9 @@ Two noise sources (named in the ledger entry, the privacy report and
   for step t+1 is generated in a background thread while step t computes, by
   the system OpenSSL through ctypes (which releases the GIL during each call;
   ``cryptography``, the fallback, holds it, so it is fed 1 MiB chunks to let the
-  training thread in between); the cheap Box-Muller transform runs on the
-  parameters' device.
+  training thread in between). On a GPU the same thread copies it to the device
+  on a side stream and the cheap Box-Muller transform runs on the device at the
+  step; on the CPU the thread does the transform too.
 - ``"torch-urandom-seeded"`` (``secure=False``): torch's own generator on the
   parameters' device (Philox on CUDA, MT19937 on CPU), seeded per round with 64
   bits from ``os.urandom``, through Opacus' plain ``_generate_noise``. Fresh and
