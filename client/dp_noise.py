@@ -43,9 +43,6 @@ a run can reach it: no config key, setting, environment variable or file).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import hashlib
 import math
 import os
@@ -60,12 +57,13 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
 
+from client.chacha20 import CHUNK, OpenSSLChaCha20, libcrypto
 from shared.errors import ConfigError, Problem, TrainingError
 
 SECURE_SOURCE = "chacha20-gaussian"
 FRESH_SOURCE = "torch-urandom-seeded"
 NOISE_SOURCES = (SECURE_SOURCE, FRESH_SOURCE)
-_CHUNK = 1 << 20  # keystream bytes per cryptography call (the GIL is held during one)
+_CHUNK = CHUNK
 _WORD = 8  # keystream bytes per uniform (53 of its 64 bits are used)
 
 
@@ -128,61 +126,6 @@ def _torch_generator(device: torch.device | str) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-@functools.cache
-def _libcrypto() -> ctypes.CDLL | None:
-    """The system OpenSSL (>= 1.1, which has ChaCha20), or None.
-
-    Called through ``ctypes.CDLL``, which releases the GIL for the duration of
-    each call: the prefetch thread then generates keystream while the training
-    thread runs Python. (``cryptography`` holds the GIL while it encrypts.)
-    """
-    name = ctypes.util.find_library("crypto")
-    if name is None:
-        return None
-    try:
-        lib = ctypes.CDLL(name)
-        lib.EVP_chacha20.restype = ctypes.c_void_p
-        lib.EVP_chacha20.argtypes = []
-        lib.EVP_CIPHER_CTX_new.restype = ctypes.c_void_p
-        lib.EVP_CIPHER_CTX_new.argtypes = []
-        lib.EVP_CIPHER_CTX_free.restype = None
-        lib.EVP_CIPHER_CTX_free.argtypes = [ctypes.c_void_p]
-        lib.EVP_EncryptInit_ex.restype = ctypes.c_int
-        lib.EVP_EncryptInit_ex.argtypes = [
-            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p,
-        ]
-        lib.EVP_EncryptUpdate.restype = ctypes.c_int
-        lib.EVP_EncryptUpdate.argtypes = [
-            ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int), ctypes.c_void_p,
-            ctypes.c_int,
-        ]
-    except (OSError, AttributeError):
-        return None
-    return lib if lib.EVP_chacha20() else None
-
-
-class _OpenSSLChaCha:
-    """ChaCha20 encryption of zeros through the system OpenSSL (GIL released per call)."""
-
-    def __init__(self, lib: ctypes.CDLL, key: bytes, iv: bytes) -> None:
-        self._lib, self._ctx = lib, lib.EVP_CIPHER_CTX_new()
-        if not self._ctx or lib.EVP_EncryptInit_ex(self._ctx, lib.EVP_chacha20(), None, key, iv) != 1:
-            raise TrainingError("OpenSSL could not set up ChaCha20")
-        self._zeros = ctypes.create_string_buffer(_CHUNK)
-        self._written = ctypes.c_int(0)
-
-    def fill(self, address: int, n: int) -> None:
-        if self._lib.EVP_EncryptUpdate(
-            self._ctx, address, ctypes.byref(self._written), self._zeros, n
-        ) != 1 or self._written.value != n:
-            raise TrainingError("OpenSSL ChaCha20 failed")
-
-    def __del__(self) -> None:
-        if getattr(self, "_ctx", None):
-            self._lib.EVP_CIPHER_CTX_free(self._ctx)
-            self._ctx = None
-
-
 class _KeyStream:
     """A ChaCha20 keystream under a fresh 256-bit key and 96-bit nonce (RFC 8439 layout:
     32-bit block counter starting at 0, so 256 GiB before it would wrap).
@@ -194,11 +137,11 @@ class _KeyStream:
 
     def __init__(self, *, backend: str | None = None) -> None:
         key, iv = _entropy(32), bytes(4) + _entropy(12)
-        lib = _libcrypto() if backend in (None, "openssl") else None
+        lib = libcrypto() if backend in (None, "openssl") else None
         if backend == "openssl" and lib is None:
             raise TrainingError("no system OpenSSL with ChaCha20")
         self.backend = "openssl" if lib is not None else "cryptography"
-        self._openssl = _OpenSSLChaCha(lib, key, iv) if lib is not None else None
+        self._openssl = OpenSSLChaCha20(lib, key, iv) if lib is not None else None
         self._enc = (
             None if lib is not None
             else Cipher(algorithms.ChaCha20(key, iv), mode=None).encryptor()

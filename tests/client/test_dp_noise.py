@@ -210,25 +210,6 @@ def test_the_ledger_and_the_privacy_report_name_the_noise_source(tmp_path):
     assert p.model_dump()["noise_source"] == "chacha20-gaussian"
 
 
-def test_both_keystream_backends_are_rfc8439_chacha20_and_agree():
-    """The ctypes/OpenSSL backend (GIL released) and ``cryptography`` give the same
-    keystream, and it is RFC 8439's (section 2.3.2 test vector)."""
-    key, iv = bytes(range(32)), (1).to_bytes(4, "little") + bytes.fromhex("000000090000004a00000000")
-    lib = dp_noise._libcrypto()
-    if lib is None:
-        pytest.skip("no system OpenSSL: the cryptography backend is used")
-    block = torch.empty(64, dtype=torch.uint8)
-    dp_noise._OpenSSLChaCha(lib, key, iv).fill(block.data_ptr(), 64)
-    assert bytes(block.numpy())[:16].hex() == "10f1e7e4d13b5915500fdd1fa32071c4"
-    streams = []
-    for backend in ("openssl", "cryptography"):
-        with deterministic_for_tests(1):
-            stream = dp_noise._KeyStream(backend=backend)
-        assert stream.backend == backend
-        streams.append(torch.cat([stream.words(3 * 2**17 + 5), stream.words(1000)]))
-    assert torch.equal(*streams)
-
-
 def test_a_failing_keystream_is_an_error_not_a_hang_and_close_stops_the_thread(monkeypatch):
     import time
 
