@@ -174,11 +174,16 @@ def box_muller(u: torch.Tensor) -> torch.Tensor:
     """``2m`` uniforms in (0, 1] -> ``2m`` independent N(0, 1) draws (float64).
 
     First half radii, second half angles: z = sqrt(-2 ln u1) * (cos, sin)(2 pi u2).
+    Works in place on ``u`` (overwritten) so that a step's noise needs two
+    float64 buffers, not five.
     """
     half = u.numel() // 2
-    radius = torch.sqrt(-2.0 * torch.log(u[:half]))
-    angle = (2.0 * torch.pi) * u[half : 2 * half]
-    return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])
+    radius = u[:half].log_().mul_(-2.0).sqrt_()
+    angle = u[half : 2 * half].mul_(2.0 * torch.pi)
+    z = torch.empty(2 * half, dtype=u.dtype, device=u.device)
+    torch.cos(angle, out=z[:half]).mul_(radius)
+    torch.mul(angle.sin_(), radius, out=z[half:])
+    return z
 
 
 def mitigated(z: torch.Tensor, numel: int, *, std: float) -> torch.Tensor:
