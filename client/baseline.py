@@ -2,7 +2,7 @@
 
 ``DPConfig(private=False)`` lands here (from :func:`client.train.train_dp`,
 after the same validation). It is NOT private: same patients, same
-Poisson-sampled batches and the same optimizer as a private run, but no
+Poisson sampling and the same optimizer as a private run, but no
 clipping, no noise, no accountant and no ledger entry. Its privacy scalars say
 epsilon = +inf and sigma = 0, which the wire contract refuses, so such an
 adapter can never leave a site through the ClientApp; no run config can ask
@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
-from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader
 
 from client.dp_config import DPConfig, PrivacyScalars, TrainResult
@@ -34,7 +33,7 @@ log = logging.getLogger("fedsynth.train")
 
 def train_nonprivate(
     model: PeftModel,
-    loader: DataLoader,
+    poisson: DataLoader,
     *,
     config: DPConfig,
     trainable: dict[str, torch.nn.Parameter],
@@ -44,8 +43,8 @@ def train_nonprivate(
 ) -> TrainResult:
     """The NON-PRIVATE baseline: the DP recipe minus clipping, noise, accountant and ledger.
 
-    Same Poisson sampling of patients (Opacus' ``DPDataLoader`` over the same
-    loader and seed, so the same batches a private run would draw), same
+    Same Poisson sampling of patients (``poisson``: the secret Poisson loader a
+    private run uses, :func:`client.dp_sampling.poisson_loader`), same
     per-patient loss (mean over report tokens), same AdamW; the gradient is the
     sum of per-patient gradients over ``expected_batch_size``, exactly the
     scaling Opacus applies before noise. An empty batch is a step with no update.
@@ -55,14 +54,13 @@ def train_nonprivate(
         "NON-PRIVATE training (privacy-utility baseline): no clipping, no noise, no ledger entry; "
         "this adapter has NO differential-privacy guarantee and the wire refuses it"
     )
-    sample_rate = 1.0 / len(loader)
+    sample_rate = 1.0 / len(poisson)
     device = next(iter(trainable.values())).device
     params = list(trainable.values())
     before = {n: p.detach().clone() for n, p in trainable.items()}
     was_training = model.training
     model.train()
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
-    poisson = DPDataLoader.from_data_loader(loader)
     taken, total_loss, total_examples = 0, 0.0, 0
     try:
         while taken < config.steps:

@@ -30,7 +30,8 @@ Clipping matches Opacus 1.6 ``DPOptimizer.clip_and_accumulate`` (flat): the
 per-patient norm is the L2 norm over all LoRA tensors together and the clip
 factor is ``min(1, C / (norm + 1e-6))``. Noise matches ``add_noise`` +
 ``scale_grad`` (``loss_reduction="mean"``): ``N(0, (sigma*C)^2)`` per coordinate
-on the clipped sum, drawn with Opacus' own generator routine in the same
+on the clipped sum, drawn from the round's secret source
+(:class:`client.dp_noise.GaussianNoise`, the same one the Opacus paths use) in
 parameter order, then a division by the expected (not the realised) logical
 batch size.
 
@@ -47,8 +48,8 @@ from functools import partial
 from typing import Any, Literal
 
 import torch
-from opacus.optimizers.optimizer import _generate_noise
 
+from client.dp_noise import GaussianNoise
 from shared.errors import ConfigError, Problem, TrainingError
 
 Strategy = Literal["auto", "materialize", "ghost"]
@@ -283,31 +284,32 @@ def add_noise(
     noise_multiplier: float,
     max_grad_norm: float,
     expected_batch_size: int,
-    generator: torch.Generator | None,
-    secure_mode: bool = False,
+    noise: GaussianNoise,
 ) -> None:
     """Turn each ``p.grad`` (the clipped sum; ``None`` = empty batch = zeros) into the DP gradient.
 
     ``p.grad <- (clipped_sum + N(0, (noise_multiplier * max_grad_norm)^2)) / expected_batch_size``,
-    noise drawn per coordinate in ``params`` order with ``generator`` (Opacus'
-    ``_generate_noise``, so ``secure_mode`` means the same as in Opacus). The
-    divisor is the expected logical batch in patients, never the realised one
-    (which would leak the batch size).
+    the noise being this step's draw from ``noise`` (the round's secret source,
+    built for ``params`` in this order with std ``noise_multiplier * max_grad_norm``).
+    The divisor is the expected logical batch in patients, never the realised
+    one (which would leak the batch size).
     """
     problems = _check_positive("noise_multiplier", noise_multiplier, zero_ok=True)
     problems += _check_positive("max_grad_norm", max_grad_norm)
     problems += _check_positive("expected_batch_size", expected_batch_size, integer=True)
     if not params:
         problems.append(Problem("params", "no parameters to step"))
+    if not problems:
+        std = float(noise_multiplier) * float(max_grad_norm)
+        if not math.isclose(noise.std, std, rel_tol=1e-12, abs_tol=0.0):
+            problems.append(Problem("noise", f"draws std {noise.std!r}, not sigma * C = {std!r}"))
+        if [p.shape for p in params] != noise.shapes:
+            problems.append(Problem("noise", "was built for other parameter shapes"))
     if problems:
         raise ConfigError("invalid DP noise settings", problems)
-    std = float(noise_multiplier) * float(max_grad_norm)
-    for p in params:
+    for p, z in zip(params, noise.draw(), strict=True):
         summed = p.grad if p.grad is not None else torch.zeros_like(p)
-        noise = _generate_noise(
-            std=std, reference=summed, generator=generator, secure_mode=secure_mode
-        )
-        p.grad = (summed + noise).view_as(p) / expected_batch_size
+        p.grad = (summed + z.to(summed.dtype)).view_as(p) / expected_batch_size
 
 
 def noisy_step(
@@ -317,8 +319,7 @@ def noisy_step(
     noise_multiplier: float,
     max_grad_norm: float,
     expected_batch_size: int,
-    generator: torch.Generator | None,
-    secure_mode: bool = False,
+    noise: GaussianNoise,
 ) -> None:
     """End one logical batch: :func:`add_noise`, ``optimizer.step()``, then clear ``p.grad``.
 
@@ -330,8 +331,7 @@ def noisy_step(
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         expected_batch_size=expected_batch_size,
-        generator=generator,
-        secure_mode=secure_mode,
+        noise=noise,
     )
     optimizer.step()
     for p in params:

@@ -7,7 +7,6 @@ each other. ``config_problems`` validates every knob and lists all problems.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -40,6 +39,13 @@ class DPConfig:
     LoRA weights only, Opacus' Poisson loader and accountant); all three clip
     the whole per-patient gradient to ``max_grad_norm`` and add the same noise.
 
+    ``secure_mode`` picks the DP noise source (:mod:`client.dp_noise`): True
+    (the default) draws it from a ChaCha20 keystream keyed from ``os.urandom``
+    each round, with Opacus' floating-point attack mitigation; False from a
+    torch generator seeded from ``os.urandom`` each round (fresh, not a CSPRNG).
+    There is deliberately no seed: nothing in a config can make noise or
+    sampling predictable.
+
     ``private=False`` switches DP off entirely (the study's non-private
     baseline, see the module docstring): then neither ``noise_multiplier`` nor
     ``target_epsilon`` may be given, and nothing is charged to any ledger.
@@ -54,9 +60,8 @@ class DPConfig:
     learning_rate: float = 5e-3
     max_length: int = 256
     accountant: Literal["prv", "rdp"] = "prv"
-    secure_mode: bool = False
+    secure_mode: bool = True
     clipping: Literal["flat", "ghost", "bk"] = "flat"
-    seed: int = 0
     private: bool = True
 
 
@@ -119,7 +124,8 @@ class TrainResult:
     """An adapter update and what it cost.
 
     ``adapter`` holds the LoRA tensors only (PEFT names, CPU copies).
-    ``mean_loss`` is the mean training loss over all examples seen; it is
+    ``noise_source`` names where the DP noise came from (``client.dp_noise``;
+    "none" for the non-private baseline). ``mean_loss`` is the mean training loss over all examples seen; it is
     computed from private notes without noise, so it is for the local progress
     display only and must not leave the site. ``ledger_entry`` is the
     reservation made before training; the ClientApp marks it released once the
@@ -131,6 +137,7 @@ class TrainResult:
     privacy: PrivacyScalars
     mean_loss: float
     ledger_entry: LedgerEntry | None
+    noise_source: str = "none"
 
 
 def config_problems(
@@ -191,14 +198,8 @@ def config_problems(
         problems.append(
             Problem("clipping", f"must be 'flat', 'ghost' or 'bk', got {config.clipping!r}")
         )
-    elif config.clipping == "bk" and config.secure_mode:
-        problems.append(
-            Problem("clipping", "'bk' does not support secure_mode yet; use 'flat' or 'ghost'")
-        )
-    if config.secure_mode and importlib.util.find_spec("torchcsprng") is None:
-        problems.append(
-            Problem("secure_mode", "needs the torchcsprng package, which is not installed")
-        )
+    if not isinstance(config.secure_mode, bool):
+        problems.append(Problem("secure_mode", f"must be a boolean, got {config.secure_mode!r}"))
     if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
         problems.append(Problem("delta", f"must be in (0, 1), got {delta!r}"))
     positive("epsilon_ceiling", epsilon_ceiling)

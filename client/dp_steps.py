@@ -24,6 +24,7 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader
 
 from client.dp_bookkeeping import LoraBookkeeping, noisy_step
+from client.dp_noise import GaussianNoise
 from client.examples import per_patient_loss, token_losses
 
 Progress = Callable[[int, int, float], None]
@@ -131,7 +132,7 @@ def bookkeeping_steps(
     expected_batch_size: int,
     max_physical_batch_size: int,
     steps: int,
-    noise_generator: torch.Generator | None,
+    secure_noise: bool,
     progress: Progress | None,
 ) -> float:
     """Run exactly ``steps`` noisy steps with book-keeping clipping (one backward pass).
@@ -141,11 +142,18 @@ def bookkeeping_steps(
     most ``max_physical_batch_size`` rows, whose clipped per-patient gradients
     are summed; then Gaussian noise (std ``noise_multiplier * max_grad_norm``)
     is added once, the sum divided by ``expected_batch_size``, the optimizer
-    steps and ``accountant`` is charged once -- for an empty batch too.
+    steps and ``accountant`` is charged once -- for an empty batch too. The
+    noise comes from a fresh secret :class:`~client.dp_noise.GaussianNoise`
+    (``secure_noise``: ChaCha20, else an ``os.urandom``-seeded torch generator).
     """
     device = next(p for p in model.parameters()).device
     taken, total_loss, total_examples = 0, 0.0, 0
-    with LoraBookkeeping(model) as bk:  # hooks removed and flags restored on exit, errors included
+    bk = LoraBookkeeping(model)
+    noise = GaussianNoise(
+        [p.shape for p in bk.params], dtypes=[p.dtype for p in bk.params],
+        std=noise_multiplier * max_grad_norm, steps=steps, device=device, secure=secure_noise,
+    )
+    with noise, bk:  # hooks removed, flags restored and the noise thread stopped, errors included
         while taken < steps:
             for logical in poisson_loader:
                 rows = logical["input_ids"].shape[0] if isinstance(logical, dict) else 0
@@ -164,7 +172,7 @@ def bookkeeping_steps(
                     noise_multiplier=noise_multiplier,
                     max_grad_norm=max_grad_norm,
                     expected_batch_size=expected_batch_size,
-                    generator=noise_generator,
+                    noise=noise,
                 )
                 accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
                 taken += 1

@@ -84,7 +84,8 @@ def ledger_privacy(
     this round's (steps summed over its reservations); when the site did not
     train this round, steps is 0 and σ, q are those of its last reservation.
     The ledger does not record C or secure mode: they come from the run config
-    the site trained with. ``ledger_seq``/``ledger_head`` name the ledger's last
+    the site trained with; the noise source is the ledger's (this round's
+    reservation, else the last one). ``ledger_seq``/``ledger_head`` name the ledger's last
     record, so the signed report anchors the ledger: a later ledger that lacks
     that record is refused at start-up (:mod:`client.ledger_anchor`).
     PrivacyError when the ledger holds no reservation (nothing was trained, so
@@ -116,6 +117,7 @@ def ledger_privacy(
         max_grad_norm=max_grad_norm,
         accountant=accountant,
         secure_mode=secure_mode,
+        noise_source=shown.noise_source,
         ledger_seq=head.seq,
         ledger_head=head.hash or None,
     )

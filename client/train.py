@@ -20,15 +20,18 @@ Order of operations (each step only runs if the one before succeeded):
 4. DP-SGD: Poisson sampling, per-patient clipping, Gaussian noise -- through
    Opacus' ``make_private`` (``clipping`` "flat" or "ghost", physical batches
    through ``BatchMemoryManager``) or through book-keeping clipping of the LoRA
-   weights (``clipping="bk"``, :mod:`client.dp_bookkeeping`, Opacus' Poisson
-   loader, noise routine and accountant) -- exactly ``steps`` noisy steps,
-   each one seen by the accountant;
+   weights (``clipping="bk"``, :mod:`client.dp_bookkeeping`, Opacus'
+   accountant) -- exactly ``steps`` noisy steps, each one seen by the
+   accountant. Sampling, the note picked for a sampled patient and the noise
+   all come from fresh ``os.urandom`` keys each round (:mod:`client.dp_noise`;
+   ChaCha20 by default): nothing in any config seeds them, and torch's global
+   RNG (seeded by the site with the run's LoRA init seed) is never used;
 5. check the accountant saw exactly what was reserved and that every LoRA
    tensor moved; return the adapter and the privacy scalars.
 
 ``DPConfig(private=False)`` is the one exception, and it is NOT private: the
 non-private baseline of the privacy-utility study (``docs/results.md``). The
-same patients, the same Poisson-sampled batches and the same optimizer, but no
+same patients, the same Poisson sampling and the same optimizer, but no
 clipping, no noise, no accountant and no ledger entry; its privacy scalars say
 epsilon = +inf and sigma = 0, which the wire contract refuses, so such an
 adapter can never leave a site through the ClientApp. No run config can ask
@@ -38,7 +41,6 @@ for it (:func:`client.site.dp_config` always builds a private config).
 from __future__ import annotations
 
 import logging
-import random
 import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -48,11 +50,12 @@ import torch
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
-from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader
 
 from client.baseline import train_nonprivate
 from client.dp_config import DPConfig, PrivacyScalars, TrainResult, config_problems
+from client.dp_noise import GaussianNoise, noise_source_name, note_window_rng, use_noise
+from client.dp_sampling import poisson_loader
 from client.dp_steps import bookkeeping_steps, opacus_steps
 from client.examples import IGNORE_INDEX, PatientExamples, collate
 from client.model import adapter_state
@@ -148,32 +151,29 @@ def train_dp(
     if privacy_problems:
         raise PrivacyError("privacy preconditions do not hold", privacy_problems)
 
-    # 2. Sampling rate and noise. Opacus' DPDataLoader samples each patient with
-    # q = 1/len(loader) = 1/ceil(n/B); the accountant is charged with that same q.
+    # 2. Sampling rate and noise. Each patient is sampled with q = 1/ceil(n/B), the
+    # q Opacus' DPDataLoader would use; the accountant is charged with that same q.
     # It equals B/n when B divides n and is slightly smaller otherwise (expected
     # batch never above B).
-    device = next(iter(trainable.values())).device
-    rng = random.SystemRandom() if config.secure_mode else random.Random(config.seed)
     dataset = PatientExamples(
-        [by_patient[pid] for pid in patient_ids], tokenizer, max_length=config.max_length, rng=rng
+        [by_patient[pid] for pid in patient_ids], tokenizer, max_length=config.max_length,
+        rng=note_window_rng(),
     )
     pad_id = (
         tokenizer.pad_token_id
         if tokenizer.pad_token_id is not None
         else (tokenizer.eos_token_id or 0)
     )
-    sampler_rng = None if config.secure_mode else torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=config.expected_batch_size,
-        collate_fn=partial(collate, pad_id=pad_id),
-        generator=sampler_rng,
+    batches = len(DataLoader(dataset, batch_size=config.expected_batch_size))  # ceil(n/B)
+    sample_rate = 1.0 / batches
+    poisson = poisson_loader(
+        dataset, batches=batches, collate_fn=partial(collate, pad_id=pad_id),
+        secure=config.secure_mode,
     )
-    sample_rate = 1.0 / len(loader)
     steps = config.steps
     if not config.private:
         return train_nonprivate(
-            model, loader, config=config, trainable=trainable, delta=delta, n_patients=n_patients,
+            model, poisson, config=config, trainable=trainable, delta=delta, n_patients=n_patients,
             progress=progress,
         )
     if config.noise_multiplier is not None:
@@ -197,6 +197,7 @@ def train_dp(
         delta=delta,
         accountant=config.accountant,
         epsilon_ceiling=epsilon_ceiling,
+        noise_source=noise_source_name(secure=config.secure_mode),
     )
 
     # 4. DP-SGD.
@@ -204,15 +205,12 @@ def train_dp(
     was_training = model.training
     model.train()  # Opacus only records activations in training mode
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=config.learning_rate)
-    noise_rng = (
-        None if config.secure_mode else torch.Generator(device=device).manual_seed(config.seed + 1)
-    )
     if config.clipping == "bk":
         accountant = create_accountant(mechanism=config.accountant)
         try:
             mean_loss = bookkeeping_steps(
                 model,
-                DPDataLoader.from_data_loader(loader),
+                poisson,
                 optimizer,
                 accountant,
                 noise_multiplier=sigma,
@@ -221,14 +219,14 @@ def train_dp(
                 expected_batch_size=config.expected_batch_size,
                 max_physical_batch_size=config.max_physical_batch_size,
                 steps=steps,
-                noise_generator=noise_rng,
+                secure_noise=config.secure_mode,
                 progress=progress,
             )
         finally:
             model.train(was_training)
     else:
         accountant, mean_loss = _opacus_round(
-            model, optimizer, loader, config=config, sigma=sigma, noise_rng=noise_rng,
+            model, optimizer, poisson, config=config, sigma=sigma,
             params=list(trainable.values()), progress=progress,
         )
         model.train(was_training)
@@ -267,7 +265,8 @@ def train_dp(
         ledger_head=entry.hash,
     )
     return TrainResult(
-        adapter=adapter_state(model), privacy=privacy, mean_loss=mean_loss, ledger_entry=entry
+        adapter=adapter_state(model), privacy=privacy, mean_loss=mean_loss, ledger_entry=entry,
+        noise_source=noise_source_name(secure=config.secure_mode),
     )
 
 
@@ -313,21 +312,24 @@ def _opacus_round(
     *,
     config: DPConfig,
     sigma: float,
-    noise_rng: torch.Generator | None,
     params: list[torch.nn.Parameter],
     progress: Callable[[int, int, float], None] | None,
 ) -> tuple[Any, float]:
     """``steps`` noisy steps through Opacus' ``make_private`` (flat or ghost clipping).
 
+    ``loader`` is already the secret Poisson loader (:func:`client.dp_sampling.poisson_loader`),
+    so Opacus is told not to re-sample; its noise draw is replaced by the
+    round's secret :class:`~client.dp_noise.GaussianNoise`. Opacus' own
+    ``secure_mode`` (torchcsprng, unmaintained) is never used.
     Returns Opacus' accountant (what it was charged) and the mean local loss.
     The model is unwrapped again before returning, errors included, so it can be
     trained next round.
     """
     ghost = config.clipping == "ghost"
     with warnings.catch_warnings():
-        # secure_mode is reported with every update; Opacus' reminder adds nothing.
+        # Opacus' secure_mode (torchcsprng) stays off: the noise is replaced below.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        engine = PrivacyEngine(accountant=config.accountant, secure_mode=config.secure_mode)
+        engine = PrivacyEngine(accountant=config.accountant, secure_mode=False)
     private = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -335,15 +337,22 @@ def _opacus_round(
         data_loader=loader,
         noise_multiplier=sigma,
         max_grad_norm=config.max_grad_norm,
-        poisson_sampling=True,
+        poisson_sampling=False,  # loader already samples each patient with q, secretly
         grad_sample_mode="ghost" if ghost else "hooks",
-        noise_generator=noise_rng,
     )
     if ghost:
         dp_model, dp_optimizer, criterion, dp_loader = private
     else:
         (dp_model, dp_optimizer, dp_loader), criterion = private, None
+    noise = None
     try:
+        noise = GaussianNoise(
+            [p.shape for p in dp_optimizer.params], dtypes=[p.dtype for p in dp_optimizer.params],
+            std=sigma * config.max_grad_norm, steps=config.steps, device=params[0].device,
+            secure=config.secure_mode,
+        )
+        dp_model.forbid_grad_accumulation()  # what make_private does under poisson_sampling=True
+        use_noise(dp_optimizer, noise)
         with warnings.catch_warnings():
             # Opacus hooks frozen modules whose inputs need no gradient; torch warns on each.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -358,5 +367,7 @@ def _opacus_round(
                 progress=progress,
             )
     finally:
+        if noise is not None:
+            noise.close()
         dp_model.to_standard_module()  # removes Opacus hooks and per-sample attributes
     return engine.accountant, mean_loss

@@ -87,7 +87,12 @@ class Privacy(BaseModel):
     steps: int = Field(ge=0, description="DP-SGD steps this round")
     max_grad_norm: float = Field(gt=0, description="per-patient gradient clipping norm C")
     accountant: str = Field(description="privacy accountant: prv or rdp")
-    secure_mode: bool = Field(description="Opacus secure_mode (cryptographically safe noise)")
+    secure_mode: bool = Field(description="noise from a CSPRNG keyed from os.urandom (ChaCha20)")
+    noise_source: str = Field(
+        default="unspecified", min_length=1, max_length=64,
+        description="the DP noise generator of this round's training (docs/privacy-model.md); "
+        "'unspecified' in reports from before it was recorded",
+    )
     ledger_seq: int | None = Field(None, ge=0, description="records in the site's privacy ledger that "
                                    "epsilon was computed from (absent in older reports)")
     ledger_head: Hex64 | None = Field(None, description="hash of the ledger's last record: an anchor a "

@@ -199,6 +199,7 @@ def _site_html(r: SiteRoundReport) -> str:
             ("clipping norm C", _num(p.max_grad_norm)),
             ("accountant", _e(p.accountant)),
             ("secure mode", _e(p.secure_mode)),
+            ("noise source", _e(p.noise_source)),
         ]),
     ]
     rounds = [h.round for h in r.history] + [r.round]

@@ -63,7 +63,7 @@ class TrainConfig:
     epsilon_per_round: float = 0.0
     max_grad_norm: float = 1.0
     accountant: str = "prv"
-    secure_mode: bool = False
+    secure_mode: bool = True  # ChaCha20 DP noise (client.dp_noise); False: urandom-seeded torch
     clipping: str = "flat"
 
 

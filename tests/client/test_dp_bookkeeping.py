@@ -16,11 +16,20 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from client.dp_bookkeeping import LoraBookkeeping, _use_ghost, add_noise, noisy_step
+from client.dp_noise import GaussianNoise, deterministic_for_tests, use_noise
 from client.model import add_lora, tiny_random_model
 from shared.errors import ConfigError, TrainingError
 
 IGNORE = -100
 LENGTHS = (14, 9, 5, 11)  # real tokens per row; the batch is padded to 14
+
+
+def noise_for(params, *, std: float, steps: int = 1) -> GaussianNoise:
+    """The round's secret noise source for ``params`` (ChaCha20, the default)."""
+    return GaussianNoise(
+        [p.shape for p in params], dtypes=[p.dtype for p in params], std=std, steps=steps,
+        device=params[0].device,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -160,33 +169,47 @@ def test_one_patient_moves_the_clipped_sum_by_at_most_c(base, model):
     assert 0 < dist(full, swapped) <= 2 * c * (1 + 1e-5)
 
 
-def test_noise_std_is_sigma_c_over_expected_batch_and_seeded(model):
+def test_noise_std_is_sigma_c_over_expected_batch_and_fresh(model):
     params = lora_params(model)
     n = sum(p.numel() for p in params)
     assert n > 3000
 
-    def noise(seed: int) -> torch.Tensor:
+    def noise() -> torch.Tensor:
         for p in params:
             p.grad = None  # an empty batch: the clipped sum is zero
-        gen = torch.Generator().manual_seed(seed)
-        add_noise(
-            params, noise_multiplier=2.0, max_grad_norm=0.5, expected_batch_size=4, generator=gen
-        )
+        with noise_for(params, std=2.0 * 0.5) as source:
+            add_noise(
+                params, noise_multiplier=2.0, max_grad_norm=0.5, expected_batch_size=4, noise=source
+            )
         out = torch.cat([p.grad.reshape(-1) for p in params])
         for p in params:
             p.grad = None
         return out
 
-    x = noise(3)
+    x = noise()
     want = 2.0 * 0.5 / 4
     assert abs(float(x.std()) / want - 1) < 0.1
     assert abs(float(x.mean())) < 5 * want / n**0.5
-    assert torch.equal(x, noise(3))
-    assert not torch.equal(x, noise(4))
+    y = noise()  # a second source: fresh keys, independent noise
+    assert abs(float(torch.corrcoef(torch.stack([x, y]))[0, 1])) < 0.1
+    with deterministic_for_tests(3):
+        a = noise()
+    with deterministic_for_tests(3):
+        assert torch.equal(a, noise())  # only the test hook repeats it
+
+
+def test_noise_source_must_match_sigma_c_and_the_parameters(model):
+    params = lora_params(model)
+    knobs = dict(noise_multiplier=2.0, max_grad_norm=0.5, expected_batch_size=4)
+    with noise_for(params, std=1.5) as wrong_std, pytest.raises(ConfigError, match="noise"):
+        add_noise(params, **knobs, noise=wrong_std)
+    with noise_for(params[:-1], std=1.0) as wrong_shapes, pytest.raises(ConfigError, match="noise"):
+        add_noise(params, **knobs, noise=wrong_shapes)
 
 
 def test_matches_opacus_flat_clipping_with_noise(base, model):
-    """Same batch, same seed: BK's noisy gradient equals Opacus hooks + DPOptimizer's."""
+    """Same batch, same keys (test hook): BK's noisy gradient equals Opacus hooks +
+    DPOptimizer's with the secret noise plugged in (:func:`client.dp_noise.use_noise`)."""
     batch, sigma, c, expected = make_batch(base[1]), 0.7, 0.3, 6
     opacus_model = copy.deepcopy(model)
     gsm = GradSampleModule(opacus_model, batch_first=True, loss_reduction="mean")
@@ -196,23 +219,26 @@ def test_matches_opacus_flat_clipping_with_noise(base, model):
         max_grad_norm=c,
         expected_batch_size=expected,
         loss_reduction="mean",
-        generator=torch.Generator().manual_seed(11),
     )
-    per_patient_loss(gsm, batch).mean().backward()
-    dp_opt.step()
+    with deterministic_for_tests(11), noise_for(dp_opt.params, std=sigma * c) as source:
+        use_noise(dp_opt, source)
+        per_patient_loss(gsm, batch).mean().backward()
+        dp_opt.step()
+    assert source.drawn == 1
     want = [p.grad.clone() for p in lora_params(opacus_model)]
     gsm.to_standard_module()
 
     with LoraBookkeeping(model) as bk:
         per_patient_loss(model, batch).sum().backward()
         bk.accumulate_clipped(max_grad_norm=c)
-        add_noise(
-            bk.params,
-            noise_multiplier=sigma,
-            max_grad_norm=c,
-            expected_batch_size=expected,
-            generator=torch.Generator().manual_seed(11),
-        )
+        with deterministic_for_tests(11), noise_for(bk.params, std=sigma * c) as source:
+            add_noise(
+                bk.params,
+                noise_multiplier=sigma,
+                max_grad_norm=c,
+                expected_batch_size=expected,
+                noise=source,
+            )
         got = [p.grad.clone() for p in bk.params]
     assert close(got, want)
 
@@ -239,9 +265,9 @@ def test_noisy_step_moves_every_adapter_tensor(base, model):
     params = lora_params(model)
     before = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
-    gen = torch.Generator().manual_seed(0)
-    knobs = dict(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4, generator=gen)
-    with LoraBookkeeping(model) as bk:
+    source = noise_for(params, std=1.0, steps=2)
+    knobs = dict(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4, noise=source)
+    with source, LoraBookkeeping(model) as bk:
         per_patient_loss(model, make_batch(base[1])).sum().backward()
         bk.accumulate_clipped(max_grad_norm=1.0)
         noisy_step(optimizer, bk.params, **knobs)
@@ -263,7 +289,7 @@ def test_refuses_other_trainable_parameters_and_bad_knobs(model):
             noise_multiplier=-1.0,
             max_grad_norm=float("nan"),
             expected_batch_size=0,
-            generator=None,
+            noise=noise_for(lora_params(model), std=1.0, steps=0),
         )
     assert {p.where for p in err.value.problems} == {
         "noise_multiplier",

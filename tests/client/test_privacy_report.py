@@ -201,3 +201,15 @@ def test_config_hash_changes_with_any_knob():
                                                       "train.max-grad-norm": 0.5}))
     assert a != pr.config_hash(RunConfig.from_flower({"run-name": "audit-run", "train.accountant": "rdp",
                                                       "train.max-grad-norm": 0.6}))
+
+
+def test_signed_report_names_the_noise_source(site):
+    """The ledger's noise source (client.dp_noise) is in the signed report and its HTML."""
+    settings, ledger, _ = site
+    ledger.reserve(round_id="1", noise_multiplier=1.0, sample_rate=0.1, steps=20, delta=DELTA,
+                   accountant="rdp", epsilon_ceiling=100.0, noise_source="chacha20-gaussian")
+    issued = _issue(settings, ledger, 1)
+    report = read_report(issued.json_path, SiteRoundReport)
+    assert report.privacy.noise_source == "chacha20-gaussian"
+    assert json.loads(issued.json_path.read_text())["privacy"]["noise_source"] == "chacha20-gaussian"
+    assert "chacha20-gaussian" in issued.html_path.read_text()

@@ -15,6 +15,7 @@ import torch
 from opacus.accountants import create_accountant
 
 import client.train as train_mod
+from client.dp_noise import deterministic_for_tests
 from client.ledger import Ledger
 from client.model import FAMILIES, adapter_state, add_lora, tiny_random_model
 from client.notes import Note
@@ -139,7 +140,9 @@ def test_only_lora_moves_and_epsilon_accumulates_over_rounds(ledger):
             0.25,
             cfg.steps,
         )
-        assert (p.delta, p.accountant, p.secure_mode, p.patients_bucket) == (delta, "rdp", False, 0)
+        assert (p.delta, p.accountant, p.secure_mode, p.patients_bucket) == (delta, "rdp", True, 0)
+        # every clipping path draws ChaCha20 noise by default, and says so in the ledger
+        assert result.noise_source == "chacha20-gaussian" == result.ledger_entry.noise_source
         this_round = (cfg.noise_multiplier, 0.25, cfg.steps)
         history.append(this_round)
         assert p.epsilon_round == pytest.approx(
@@ -170,17 +173,18 @@ def test_one_sample_per_patient_per_step(ledger, monkeypatch):
 
     model, tok = lora_model()
     steps = 8
-    result = train_dp(
-        model,
-        tok,
-        make_notes(10, heavy_notes=50),
-        config=config(expected_batch_size=4, steps=steps, accountant="prv"),
-        ledger=ledger,
-        round_id="r1",
-        delta=0.05,
-        epsilon_ceiling=100.0,
-        progress=close_step,
-    )
+    with deterministic_for_tests(0):  # fixed draws: p0 is sampled more than once
+        result = train_dp(
+            model,
+            tok,
+            make_notes(10, heavy_notes=50),
+            config=config(expected_batch_size=4, steps=steps, accountant="prv"),
+            ledger=ledger,
+            round_id="r1",
+            delta=0.05,
+            epsilon_ceiling=100.0,
+            progress=close_step,
+        )
     assert len(per_step) == steps
     heavy_examples = set()
     for physical_batches in per_step:
@@ -222,17 +226,18 @@ def test_empty_poisson_batches_are_still_noisy_charged_steps(ledger, monkeypatch
 
     model, tok = lora_model()
     steps = 10
-    result = train_dp(
-        model,
-        tok,
-        make_notes(4),
-        config=config(expected_batch_size=1, max_physical_batch_size=1, steps=steps, clipping=clipping),
-        ledger=ledger,
-        round_id="r1",
-        delta=0.1,
-        epsilon_ceiling=1000.0,
-        progress=close_step,
-    )
+    with deterministic_for_tests(0):  # fixed draws with both empty and non-empty steps
+        result = train_dp(
+            model,
+            tok,
+            make_notes(4),
+            config=config(expected_batch_size=1, max_physical_batch_size=1, steps=steps, clipping=clipping),
+            ledger=ledger,
+            round_id="r1",
+            delta=0.1,
+            epsilon_ceiling=1000.0,
+            progress=close_step,
+        )
     assert len(examples_per_step) == steps
     assert 0 in examples_per_step and any(examples_per_step)  # both kinds of step happened
     assert result.privacy.steps == steps
@@ -243,26 +248,28 @@ def test_empty_poisson_batches_are_still_noisy_charged_steps(ledger, monkeypatch
 
 @pytest.mark.parametrize("sigma,clip", [(0.7, 1.0), (1.3, 0.05)])
 def test_bookkeeping_trains_exactly_like_opacus_flat_clipping(ledger, tmp_path, sigma, clip):
-    """Same seeds, same Poisson batches, same noise stream: book-keeping clipping
-    (one backward pass, our hooks) must give the adapter Opacus' flat clipping
-    gives -- with a bound nothing reaches and with one that clips every patient."""
+    """Same keys (the test-only hook), same Poisson batches, same noise stream:
+    book-keeping clipping (one backward pass, our hooks) must give the adapter
+    Opacus' flat clipping gives -- with a bound nothing reaches and with one that
+    clips every patient."""
     adapters = {}
     for clipping in ("flat", "bk"):
         torch.manual_seed(0)  # PEFT draws lora_A from the global RNG
         model, tok = lora_model()
-        result = train_dp(
-            model,
-            tok,
-            make_notes(8),
-            config=config(
-                clipping=clipping, noise_multiplier=sigma, max_grad_norm=clip, steps=3,
-                expected_batch_size=4, max_physical_batch_size=2, seed=3,
-            ),
-            ledger=Ledger(tmp_path / f"{clipping}.jsonl", site_id="site-a"),
-            round_id="r1",
-            delta=1e-3,
-            epsilon_ceiling=100.0,
-        )
+        with deterministic_for_tests(3):
+            result = train_dp(
+                model,
+                tok,
+                make_notes(8),
+                config=config(
+                    clipping=clipping, noise_multiplier=sigma, max_grad_norm=clip, steps=3,
+                    expected_batch_size=4, max_physical_batch_size=2,
+                ),
+                ledger=Ledger(tmp_path / f"{clipping}.jsonl", site_id="site-a"),
+                round_id="r1",
+                delta=1e-3,
+                epsilon_ceiling=100.0,
+            )
         adapters[clipping] = result.adapter
         assert result.privacy.noise_multiplier == sigma and result.privacy.steps == 3
         assert_opacus_gone(model)
@@ -270,18 +277,22 @@ def test_bookkeeping_trains_exactly_like_opacus_flat_clipping(ledger, tmp_path, 
         torch.testing.assert_close(adapters["bk"][name], flat, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_bookkeeping_refuses_secure_mode(ledger):
-    with pytest.raises(ConfigError) as err:
-        train_dp(
-            *lora_model(),
-            make_notes(8),
-            config=config(clipping="bk", secure_mode=True),
-            ledger=ledger,
-            round_id="r1",
-            delta=1e-3,
-            epsilon_ceiling=100.0,
+@pytest.mark.parametrize("clipping", ["flat", "ghost", "bk"])
+def test_secure_mode_off_still_draws_fresh_noise_and_says_so(ledger, clipping):
+    """secure_mode=False (every path, bk included): an os.urandom-seeded torch
+    generator -- not a CSPRNG, but still different every run -- named as such."""
+    adapters = []
+    for round_id in ("r1", "r2"):
+        torch.manual_seed(0)
+        model, tok = lora_model()
+        result = train_dp(
+            model, tok, make_notes(8), config=config(clipping=clipping, secure_mode=False),
+            ledger=ledger, round_id=round_id, delta=1e-3, epsilon_ceiling=100.0,
         )
-    assert "clipping" in str(err.value)
+        assert result.noise_source == "torch-urandom-seeded" == result.ledger_entry.noise_source
+        assert result.privacy.secure_mode is False
+        adapters.append(result.adapter)
+    assert all(not torch.equal(adapters[0][n], adapters[1][n]) for n in adapters[0])
 
 
 def test_ceiling_refused_before_training(ledger, monkeypatch):

@@ -184,7 +184,7 @@ def test_robust_aggregation_refused_with_secagg():
 # ---- the site-side pieces ---------------------------------------------------
 
 PRIVACY = dict(epsilon=1.0, epsilon_round=1.0, delta=1e-5, noise_multiplier=1.0, sample_rate=0.1,
-               steps=1, max_grad_norm=1.0, accountant="prv", secure_mode=False, patients_bucket=30,
+               steps=1, max_grad_norm=1.0, accountant="prv", secure_mode=True, patients_bucket=30,
                ledger_seq=1, ledger_head="0f" * 32)
 SPEC = {A: ((2, 4), "float32"), B: ((4, 2), "float32")}
 

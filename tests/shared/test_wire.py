@@ -23,7 +23,7 @@ def adapter():
 
 def privacy(**over):
     p = dict(epsilon=1.5, epsilon_round=0.5, delta=1e-5, noise_multiplier=1.1, sample_rate=0.01,
-             steps=50, max_grad_norm=1.0, accountant="prv", secure_mode=False, patients_bucket=120,
+             steps=50, max_grad_norm=1.0, accountant="prv", secure_mode=True, patients_bucket=120,
              ledger_seq=3, ledger_head="ab" * 32)
     p.update(over)
     return p
