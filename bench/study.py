@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import shutil
 import sys
@@ -149,14 +148,17 @@ def per_round_epsilon(
     So: σ* = the σ whose ``rounds·steps`` steps cost ``total_epsilon`` (the same
     bisection over the whole run), e = the cost of one round at σ*. The site's
     σ for e is then ≥ σ*, so its ledger total is ≤ ``total_epsilon``; the
-    returned total is that ledger total, recomputed here. δ = 1/(10·n_train)
-    (the site default), q = 1/⌈n_train/batch⌉ (Opacus' Poisson rate).
+    returned total is that ledger total, recomputed here. δ and q are the site's
+    (``default_delta`` of the patients bucket, ``sample_rate_for``).
     """
     from opacus.accountants import create_accountant
     from opacus.accountants.utils import get_noise_multiplier
 
-    delta = 1.0 / (10 * n_train)
-    q = 1.0 / math.ceil(n_train / batch)
+    from client.dp_sampling import patients_bucket, sample_rate_for
+    from client.site import default_delta
+
+    delta = default_delta(patients_bucket(n_train))  # the site default
+    q = sample_rate_for(n_train, batch)  # what train_dp charges
 
     def cost(sigma: float, n_steps: int) -> float:
         acc = create_accountant(mechanism=accountant)

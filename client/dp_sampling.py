@@ -10,6 +10,7 @@ from a configured seed or torch's global RNG (:mod:`client.dp_noise`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -59,13 +60,35 @@ class _EmptyAsList:
         return self.collate_fn(batch) if batch else []
 
 
+PATIENTS_BUCKET = 10
+"""Patient counts leave a site only rounded down to a multiple of this."""
+
+
+def patients_bucket(n_patients: int) -> int:
+    """``n_patients`` rounded down to a multiple of :data:`PATIENTS_BUCKET` (what may leave)."""
+    return (n_patients // PATIENTS_BUCKET) * PATIENTS_BUCKET
+
+
+def sample_rate_for(n_patients: int, expected_batch_size: int) -> float:
+    """Poisson sampling rate q per patient per step, from the BUCKETED patient count only.
+
+    q = B / max(b, 10) with b = ``patients_bucket(n_patients)``, capped at 1. q goes
+    out with every update and the coordinator recomputes ε from it, so it must not
+    depend on the exact count (Opacus' ``1/ceil(n/B)`` pins n to within B). Since
+    b ≤ n, the expected batch q·n is B or slightly more; the accountant is charged
+    with exactly this q, which is what the sampler uses.
+    """
+    return min(1.0, expected_batch_size / max(patients_bucket(n_patients), PATIENTS_BUCKET))
+
+
 def poisson_loader(
-    dataset: Dataset, *, batches: int, collate_fn: Any, secure: bool
+    dataset: Dataset, *, sample_rate: float, collate_fn: Any, secure: bool
 ) -> DataLoader:
-    """A Poisson loader like Opacus' ``DPDataLoader.from_data_loader`` (q = 1/``batches``,
-    ``batches`` batches per pass, empty batches allowed) over a :class:`SecretPoissonSampler`.
-    An empty batch is collated to ``[]``."""
+    """A Poisson loader like Opacus' ``DPDataLoader.from_data_loader`` (each patient drawn
+    with probability ``sample_rate``, ceil(1/q) batches per pass, empty batches allowed)
+    over a :class:`SecretPoissonSampler`. An empty batch is collated to ``[]``."""
+    batches = max(1, math.ceil(1 / sample_rate))
     sampler = SecretPoissonSampler(
-        num_samples=len(dataset), sample_rate=1 / batches, batches=batches, secure=secure
+        num_samples=len(dataset), sample_rate=sample_rate, batches=batches, secure=secure
     )
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=_EmptyAsList(collate_fn))

@@ -134,8 +134,8 @@ def floor_dp(
     * epsilon given: if the solved sigma would be below ``min_noise_multiplier``, the
       round is run at that sigma instead (a smaller epsilon).
 
-    The sampling rate is Opacus' ``1/ceil(n/B)``, as :func:`client.train.train_dp`
-    charges it. A round whose epsilon target is unreachable is left for
+    The sampling rate is :func:`client.dp_sampling.sample_rate_for`, as
+    :func:`client.train.train_dp` charges it. A round whose epsilon target is unreachable is left for
     ``train_dp`` to refuse. The non-private study baseline (``private=False``) is
     never sent and is returned unchanged.
     """
@@ -156,7 +156,9 @@ def floor_dp(
         tightened.append(f"target_epsilon {dp.target_epsilon:g} -> {target:g} "
                          "(FEDSYNTH_SITE_MAX_EPSILON_PER_ROUND)")
     if n_patients >= 1 and dp.expected_batch_size >= 1:
-        q = 1.0 / math.ceil(n_patients / dp.expected_batch_size)
+        from client.dp_sampling import sample_rate_for  # torch/opacus: only when training
+
+        q = sample_rate_for(n_patients, dp.expected_batch_size)
         if sigma is not None:
             eps = _epsilon_of(sigma, q, dp.steps, delta=delta, accountant=dp.accountant)
             if eps > settings.max_epsilon_per_round:

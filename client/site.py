@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from client.dp_sampling import patients_bucket
 from client.ledger import Ledger
 from client.model import (
     adapter_hash,
@@ -80,12 +81,6 @@ def load_site_data(settings: SiteSettings) -> SiteData:
         loaded.notes, heldout_fraction=settings.heldout_fraction, seed=settings.split_seed
     )
     return SiteData(load=loaded, train=split.train, heldout=split.heldout)
-
-
-def patients_bucket(n_patients: int) -> int:
-    """``n_patients`` rounded down to a multiple of 10: the only patient count that leaves the site
-    (the same bucketing as :attr:`client.dp_config.PrivacyScalars.patients_bucket`)."""
-    return (int(n_patients) // 10) * 10
 
 
 DEFAULT_DELTA_CAP = 1e-5  # the default δ is never above this, whatever the site's size

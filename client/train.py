@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader
 from client.baseline import train_nonprivate
 from client.dp_config import DPConfig, PrivacyScalars, TrainResult, config_problems
 from client.dp_noise import GaussianNoise, noise_source_name, note_window_rng, use_noise
-from client.dp_sampling import poisson_loader
+from client.dp_sampling import patients_bucket, poisson_loader, sample_rate_for
 from client.dp_steps import bookkeeping_steps, opacus_steps
 from client.examples import IGNORE_INDEX, PatientExamples, collate
 from client.model import adapter_state
@@ -151,10 +151,9 @@ def train_dp(
     if privacy_problems:
         raise PrivacyError("privacy preconditions do not hold", privacy_problems)
 
-    # 2. Sampling rate and noise. Each patient is sampled with q = 1/ceil(n/B), the
-    # q Opacus' DPDataLoader would use; the accountant is charged with that same q.
-    # It equals B/n when B divides n and is slightly smaller otherwise (expected
-    # batch never above B).
+    # 2. Sampling rate and noise. Each patient is sampled with q = B / bucket(n)
+    # (client.dp_sampling.sample_rate_for): q leaves the site with every update, so it
+    # depends on the bucketed count only; the accountant is charged with that same q.
     dataset = PatientExamples(
         [by_patient[pid] for pid in patient_ids], tokenizer, max_length=config.max_length,
         rng=note_window_rng(),
@@ -164,10 +163,9 @@ def train_dp(
         if tokenizer.pad_token_id is not None
         else (tokenizer.eos_token_id or 0)
     )
-    batches = len(DataLoader(dataset, batch_size=config.expected_batch_size))  # ceil(n/B)
-    sample_rate = 1.0 / batches
+    sample_rate = sample_rate_for(n_patients, config.expected_batch_size)
     poisson = poisson_loader(
-        dataset, batches=batches, collate_fn=partial(collate, pad_id=pad_id),
+        dataset, sample_rate=sample_rate, collate_fn=partial(collate, pad_id=pad_id),
         secure=config.secure_mode,
     )
     steps = config.steps
@@ -260,7 +258,7 @@ def train_dp(
         max_grad_norm=float(config.max_grad_norm),
         accountant=config.accountant,
         secure_mode=bool(config.secure_mode),
-        patients_bucket=(n_patients // 10) * 10,
+        patients_bucket=patients_bucket(n_patients),
         ledger_seq=entry.seq,  # the reservation's ledger position: the coordinator's anchor
         ledger_head=entry.hash,
     )

@@ -54,3 +54,16 @@ def test_poisson_loader_collates_empty_batches_to_zero_rows_even_first():
         first_empty += batches[0] == []
     assert first_empty > 0
     assert 0 not in calls  # collate never sees an empty batch
+
+
+def test_sample_rate_depends_on_the_bucketed_patient_count_only():
+    """#12 §4: q goes out with every update; 1/ceil(n/B) pinned n to within B."""
+    from client.dp_sampling import patients_bucket, sample_rate_for
+
+    for batch in (4, 8, 16, 64):
+        for bucket in (10, 90, 640, 1500):
+            rates = {sample_rate_for(n, batch) for n in range(bucket, bucket + 10)}
+            assert rates == {min(1.0, batch / bucket)}
+            assert all(patients_bucket(n) == bucket for n in range(bucket, bucket + 10))
+    assert sample_rate_for(7, 4) == 0.4  # below one bucket: q = B / 10, never from n itself
+    assert sample_rate_for(15, 64) == 1.0

@@ -198,10 +198,11 @@ def test_one_sample_per_patient_per_step(ledger, monkeypatch):
         assert all(c <= 1 for c in counts.values()), counts
     assert len(heavy_examples) >= 2  # p0 drawn as different notes (one random note per draw)
 
-    # n=10, B=4: Opacus samples at q = 1/ceil(10/4) = 1/3 and is charged for that q (PRV)
+    # n=10, B=4: each patient is sampled at q = B/bucket(n) = 4/10 (a function of the
+    # bucketed count only, #12 §4) and the accountant is charged for that q (PRV)
     p = result.privacy
-    assert p.sample_rate == pytest.approx(1 / 3) and p.patients_bucket == 10
-    expected = independent_epsilon([(1.0, 1 / 3, steps)], delta=0.05, accountant="prv")
+    assert p.sample_rate == pytest.approx(0.4) and p.patients_bucket == 10
+    expected = independent_epsilon([(1.0, 0.4, steps)], delta=0.05, accountant="prv")
     assert p.epsilon_round == pytest.approx(expected)
     assert p.epsilon == pytest.approx(expected, rel=1e-3)
 
