@@ -232,33 +232,6 @@ def test_a_failing_keystream_is_an_error_not_a_hang_and_close_stops_the_thread(m
     assert {p.where for p in bad.value.problems} == {"std", "steps", "dtypes"}
 
 
-def test_ledger_lines_without_a_noise_source_still_count(tmp_path):
-    """Ledgers written before noise_source was recorded verify and read as
-    'unspecified'; a noise_source that is not a non-empty string is corruption."""
-    import json
-
-    from client.ledger import _checksum
-    from shared.errors import LedgerError
-
-    def line(seq: int, **extra) -> str:
-        rec = dict(seq=seq, kind="reserve", round_id=str(seq), noise_multiplier=1.0, sample_rate=0.1,
-                   steps=5, delta=1e-4, accountant="rdp", time="2026-01-01T00:00:00+00:00",
-                   site_id="site-a", ref=None, **extra)
-        rec["sha256"] = _checksum(rec)
-        return json.dumps(rec, sort_keys=True, separators=(",", ":")) + "\n"
-
-    path = tmp_path / "old.jsonl"
-    path.write_text(line(1))
-    ledger = Ledger(path, site_id="site-a")
-    ledger.reserve(round_id="2", noise_multiplier=1.0, sample_rate=0.1, steps=5, delta=1e-4,
-                   accountant="rdp", epsilon_ceiling=100.0, noise_source="chacha20-gaussian")
-    assert [e.noise_source for e in ledger.entries()] == ["unspecified", "chacha20-gaussian"]
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(line(1, noise_source="") + line(2))
-    with pytest.raises(LedgerError, match="noise_source"):
-        Ledger(bad, site_id="site-a")
-
-
 @pytest.mark.gpu
 def test_gpu_noise_equals_cpu_noise_from_the_same_keys():
     """On a GPU the keystream is copied on a side stream and transformed on the device:

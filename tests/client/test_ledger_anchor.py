@@ -268,6 +268,7 @@ def test_format_1_ledger_migrates_without_changing_epsilon(tmp_path):
     path.write_bytes(old)
     ledger = _open(settings)
     assert ledger.history() == RUNS
+    assert {e.noise_source for e in ledger.entries()} == {"unspecified"}  # not recorded before
     assert ledger.epsilon(delta=DELTA, accountant="rdp") == pytest.approx(_eps(RUNS), rel=1e-12)
     assert path.with_name(path.name + ".pre-mac").read_bytes() == old
     assert all("mac" in json.loads(raw) for raw in _lines(path))

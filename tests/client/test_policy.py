@@ -50,8 +50,8 @@ LOOSE = {  # what a coordinator that wants the data in the clear would send
 def test_secure_mode_off_is_forced_on():
     run, tightened = policy.apply_site_floors(RunConfig.from_flower({"train.secure-mode": False}), _settings())
     assert run.train.secure_mode is True and any("secure-mode" in t for t in tightened)
-    # the site may opt out (the CPU demo without torchcsprng); then the run's value stands
-    run, tightened = policy.apply_site_floors(RunConfig.from_flower({}),
+    # the site may opt out (to compare noise sources); then the run's value stands
+    run, tightened = policy.apply_site_floors(RunConfig.from_flower({"train.secure-mode": False}),
                                               _settings(require_secure_noise=False))
     assert run.train.secure_mode is False and tightened == []
 
@@ -142,7 +142,8 @@ def test_epsilon_target_that_needs_too_little_noise_becomes_the_sigma_floor():
 
 
 def test_floor_dp_forces_secure_noise_and_caps_epsilon():
-    dp = DPConfig(target_epsilon=1000.0, steps=20, expected_batch_size=10, accountant="rdp")
+    dp = DPConfig(target_epsilon=1000.0, steps=20, expected_batch_size=10, accountant="rdp",
+                  secure_mode=False)
     out, tightened = policy.floor_dp(dp, _settings(), n_patients=100, delta=1e-5)
     assert out.secure_mode is True and (out.target_epsilon or 0) <= 2.0
     assert any("secure_mode" in t for t in tightened)
