@@ -214,7 +214,8 @@ def train_dp(
                 noise_multiplier=sigma,
                 sample_rate=sample_rate,
                 max_grad_norm=config.max_grad_norm,
-                expected_batch_size=config.expected_batch_size,
+                # the mean over the batch q·n expects (as Opacus' flat/ghost paths divide)
+                expected_batch_size=max(1, int(n_patients * sample_rate)),
                 max_physical_batch_size=config.max_physical_batch_size,
                 steps=steps,
                 secure_noise=config.secure_mode,
@@ -224,7 +225,7 @@ def train_dp(
             model.train(was_training)
     else:
         accountant, mean_loss = _opacus_round(
-            model, optimizer, poisson, config=config, sigma=sigma,
+            model, optimizer, poisson, config=config, sigma=sigma, sample_rate=sample_rate,
             params=list(trainable.values()), progress=progress,
         )
         model.train(was_training)
@@ -310,6 +311,7 @@ def _opacus_round(
     *,
     config: DPConfig,
     sigma: float,
+    sample_rate: float,
     params: list[torch.nn.Parameter],
     progress: Callable[[int, int, float], None] | None,
 ) -> tuple[Any, float]:
@@ -350,6 +352,10 @@ def _opacus_round(
             secure=config.secure_mode,
         )
         dp_model.forbid_grad_accumulation()  # what make_private does under poisson_sampling=True
+        # make_private derived q = 1/len(loader); the loader samples with the bucket-based q
+        # (client.dp_sampling.sample_rate_for), so the accountant and the mean are told that q.
+        dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+        dp_optimizer.expected_batch_size = max(1, int(len(loader.dataset) * sample_rate))  # as bk
         use_noise(dp_optimizer, noise)
         with warnings.catch_warnings():
             # Opacus hooks frozen modules whose inputs need no gradient; torch warns on each.

@@ -42,12 +42,12 @@ def test_poisson_loader_collates_empty_batches_to_zero_rows_even_first():
         calls.append(len(batch))
         return {"x": torch.tensor([e["x"] for e in batch])}
 
-    loader = poisson_loader(data, batches=3, collate_fn=collate, secure=True)
+    loader = poisson_loader(data, sample_rate=1 / 3, collate_fn=collate, secure=True)
     assert loader.batch_sampler.sample_rate == 1 / 3 and len(loader) == 3
     first_empty = 0
     for seed in range(40):  # fixed keys; about 30% of them draw an empty first batch
         with deterministic_for_tests(seed):
-            loader = poisson_loader(data, batches=3, collate_fn=collate, secure=True)
+            loader = poisson_loader(data, sample_rate=1 / 3, collate_fn=collate, secure=True)
             batches = list(loader)
         assert len(batches) == 3
         assert all(b == [] or isinstance(b, dict) and len(b["x"]) for b in batches)

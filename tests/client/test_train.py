@@ -97,7 +97,7 @@ def assert_opacus_gone(model) -> None:
 def test_only_lora_moves_and_epsilon_accumulates_over_rounds(ledger):
     """Round 1 flat clipping, round 2 ghost, round 3 book-keeping: same model, same ledger."""
     model, tok = lora_model()
-    notes = make_notes(8)  # B=2 divides n=8: q = 2/8 exactly
+    notes = make_notes(8)  # B=2, n=8 (bucket 0 -> 10): q = 2/10 (client.dp_sampling.sample_rate_for)
     delta = 1e-3
     rounds = [
         ("r1", config(clipping="flat")),
@@ -137,13 +137,13 @@ def test_only_lora_moves_and_epsilon_accumulates_over_rounds(ledger):
         assert set(p.as_dict()) == PRIVACY_KEYS
         assert (p.noise_multiplier, p.sample_rate, p.steps) == (
             cfg.noise_multiplier,
-            0.25,
+            0.2,
             cfg.steps,
         )
         assert (p.delta, p.accountant, p.secure_mode, p.patients_bucket) == (delta, "rdp", True, 0)
         # every clipping path draws ChaCha20 noise by default, and says so in the ledger
         assert result.noise_source == "chacha20-gaussian" == result.ledger_entry.noise_source
-        this_round = (cfg.noise_multiplier, 0.25, cfg.steps)
+        this_round = (cfg.noise_multiplier, 0.2, cfg.steps)
         history.append(this_round)
         assert p.epsilon_round == pytest.approx(
             independent_epsilon([this_round], delta=delta, accountant="rdp")
@@ -209,7 +209,7 @@ def test_one_sample_per_patient_per_step(ledger, monkeypatch):
 
 @pytest.mark.parametrize("clipping", ["flat", "bk"])
 def test_empty_poisson_batches_are_still_noisy_charged_steps(ledger, monkeypatch, clipping):
-    # 4 patients at q = 1/4: about a third of the steps draw nobody. Those steps
+    # 4 patients at q = 1/10 (B=1 over the bucket floor 10): most steps draw nobody. Those steps
     # still add noise and are charged; the recipe must not skip or miscount them.
     collated = [0]
     real_collate = train_mod.collate
@@ -243,7 +243,7 @@ def test_empty_poisson_batches_are_still_noisy_charged_steps(ledger, monkeypatch
     assert 0 in examples_per_step and any(examples_per_step)  # both kinds of step happened
     assert result.privacy.steps == steps
     assert result.privacy.epsilon_round == pytest.approx(
-        independent_epsilon([(1.0, 0.25, steps)], delta=0.1, accountant="rdp")
+        independent_epsilon([(1.0, 0.1, steps)], delta=0.1, accountant="rdp")
     )
 
 
@@ -458,7 +458,7 @@ def test_nonprivate_baseline_trains_without_ledger_and_is_refused_on_the_wire(le
     assert result.ledger_entry is None and ledger.history() == []
     p = result.privacy
     assert not p.private and math.isinf(p.epsilon) and p.noise_multiplier == 0.0
-    assert (p.accountant, p.sample_rate, p.steps) == ("none", 0.25, 3)
+    assert (p.accountant, p.sample_rate, p.steps) == ("none", 0.2, 3)
 
     adapter = {k: v.numpy().astype(np.float32) for k, v in result.adapter.items()}
     run = RunConfig.from_flower({"lora.r": 4, "train.accountant": "rdp"})

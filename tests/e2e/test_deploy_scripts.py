@@ -173,8 +173,12 @@ def test_deploy_scripts_real_site_secagg_round(tmp_path):
                 "FEDSYNTH_SITE_REQUIRE_SECAGG": "true",
                 "FEDSYNTH_SITE_HELDOUT_FRACTION": "0.2", "FEDSYNTH_SITE_SPLIT_SEED": "0",
                 "FEDSYNTH_SITE_SIGNING_KEY": srv / "keys" / "signing", "FEDSYNTH_SITE_K_MIN": "2",
-                # site floors: a two-site test consortium; secure noise needs torchcsprng (not here)
-                "FEDSYNTH_SITE_REQUIRE_SECURE_NOISE": "false", "FEDSYNTH_SITE_MIN_NOISE_MULTIPLIER": "0.5",
+                "FEDSYNTH_SITE_LEDGER_KEY": srv / "keys" / "ledger.key",
+                # evaluation is a DP release charged to the ledger
+                "FEDSYNTH_SITE_EVAL_NOISE_MULTIPLIER": "5.0", "FEDSYNTH_SITE_MAX_EVALUATIONS_PER_RUN": "10",
+                # site floors: a two-site test consortium (a SecAgg+ group of 2)
+                "FEDSYNTH_SITE_REQUIRE_SECURE_NOISE": "true", "FEDSYNTH_SITE_MIN_NOISE_MULTIPLIER": "0.5",
+                "FEDSYNTH_SITE_MIN_EVAL_TOP_P": "0.9", "FEDSYNTH_SITE_MIN_EVAL_TOP_K": "50",
                 "FEDSYNTH_SITE_MAX_EPSILON_PER_ROUND": "2.0", "FEDSYNTH_SITE_MIN_EVAL_TEMPERATURE": "0.7",
                 "FEDSYNTH_SITE_MIN_SECAGG_THRESHOLD": "0.6", "FEDSYNTH_SITE_MIN_SECAGG_GROUP_SIZE": "2",
                 "FEDSYNTH_SITE_MIN_SITES": "2"})
