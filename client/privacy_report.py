@@ -204,6 +204,7 @@ def build_site_report(
     history: Sequence[HistoryPoint] = (),
     created: datetime | None = None,
     metrics_epsilon: float | None = None,
+    audit_position: tuple[int, str] | None = None,
 ) -> SiteRoundReport:
     """Assemble and validate a SiteRoundReport (InputError-free: pydantic raises on bad numbers)."""
     return SiteRoundReport(
@@ -223,6 +224,8 @@ def build_site_report(
         model=model,
         config_hash=config_hash,
         history=list(history),
+        audit_seq=audit_position[0] if audit_position else None,
+        audit_head=audit_position[1] if audit_position else None,
     )
 
 
@@ -284,6 +287,8 @@ def issue_round_report(
         canaries=canary_results(evaluation.canaries, [str(c.get("secret", "")) for c in canaries if not c.get("reference")], texts),
         history=read_history(out / REPORT_DIR, run_id=run.run_name, before_round=int(round_id)),
         metrics_epsilon=metrics_epsilon,
+        # the log's position before report_issued goes in: a log later cut below it cannot match
+        audit_position=audit.head(),
     )
     issued = write_site_report(report, out, key=audit.key)
     audit.append("report_issued", {
