@@ -53,6 +53,7 @@ from shared.report import (
 from shared.report_html import render_html
 from shared.run_config import RunConfig, config_hash
 from shared.signing import sha256_file
+from shared.verdict import consortium_verdict
 
 log = logging.getLogger("fedsynth.coordinator")
 
@@ -263,7 +264,7 @@ def build_consortium_report(
         if (rec.get("evaluate") or {}).get("mean")
     ]
     bound = float(summary.get("update_norm_bound", run.update_norm_bound) or 0.0)
-    return ConsortiumReport(
+    report = ConsortiumReport(
         run_id=str(summary.get("run_name", run.run_name)),
         rounds=int(summary.get("last_round", 0)),
         created=created or datetime.now(UTC),
@@ -282,6 +283,7 @@ def build_consortium_report(
         audit_head=audit_position[1] if audit_position else None,
         participation=participation(summary),
     )
+    return report.model_copy(update={"verdict": consortium_verdict(report)})
 
 
 def write_consortium_report(

@@ -121,6 +121,9 @@ class ReleaseGate(BaseModel):
     checked: int = Field(ge=0)
     kept: int = Field(ge=0)
     removed: dict[Annotated[str, Field(pattern=r"^[a-z0-9_.-]{1,64}$")], Annotated[int, Field(ge=0)]]
+    thresholds: dict[Annotated[str, Field(pattern=r"^[a-z0-9_.-]{1,64}$")], float] | None = Field(
+        None, description="the gate's thresholds (max_ngram tokens, max_rouge_l F1, min_dcr cosine "
+        "distance): a report at or past any of them was removed")
 
     @model_validator(mode="after")
     def _counts(self) -> ReleaseGate:
