@@ -34,6 +34,7 @@ from shared.audit import last_hash, verify_log
 from shared.errors import FedsynthError, InputError, VerificationError
 from shared.report import SiteRoundReport, parse_report
 from shared.signing import key_id, key_names, load_public_key, signature_path, verify_file
+from shared.verdict import consortium_verdict, site_verdict
 from shared.verify_trail import check_trail
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREADABLE = 0, 1, 2, 3
@@ -102,6 +103,12 @@ def _check_report(path: Path, keys: Mapping[str, Ed25519PublicKey], names: dict[
         expected, what = coordinator, f"consortium report run {report.run_id}"
     if signer != expected:
         return Result(path, "FAIL", f"{what} signed by {signer!r}, not by {expected!r}")
+    if report.verdict is not None:
+        # the verdict is a claim about the report's own numbers: it must follow from them
+        recomputed = site_verdict(report) if isinstance(report, SiteRoundReport) else consortium_verdict(report)
+        if recomputed != report.verdict:
+            return Result(path, "FAIL", f"{what}: verdict {report.verdict.outcome!r} does not follow from "
+                          f"its numbers and the stated thresholds (recomputed: {recomputed.outcome!r})")
     return Result(path, "OK", f"{what}: schema valid, signed by {signer}")
 
 

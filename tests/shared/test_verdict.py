@@ -90,3 +90,18 @@ def test_consortium_html_has_a_participation_table():
     page = render_html(r.model_copy(update={"verdict": consortium_verdict(r)}))
     assert "<h2>Participation</h2>" in page and "declined / evaluated" in page
     assert "Rounds count from 1" in page and page.index('id="verdict"') < page.index("Participation")
+
+
+def test_verify_fails_a_verdict_that_does_not_follow_from_the_numbers(tmp_path, capsys):
+    from shared.report import write_report
+    from shared.signing import generate_key, load_private_key
+    from shared.verify import main
+
+    generate_key(tmp_path / "site-a.key")
+    report = _site({**SAFE, "dp.train.verbatim_13_rate": 0.2})  # hold
+    forged = report.model_copy(update={"verdict": report.verdict.model_copy(update={"outcome": "release"})})
+    path = write_report(forged, tmp_path / "report-round-2.json", key=load_private_key(tmp_path / "site-a.key"))
+    assert main([str(path), "--key", f"site-a={tmp_path / 'site-a.key.pub'}"]) == 1
+    assert "verdict 'release' does not follow from its numbers" in capsys.readouterr().out
+    write_report(report, path, key=load_private_key(tmp_path / "site-a.key"))
+    assert main([str(path), "--key", f"site-a={tmp_path / 'site-a.key.pub'}"]) == 0
