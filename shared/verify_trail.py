@@ -83,6 +83,16 @@ def _reports(files: Sequence[Path]) -> dict[Path, SiteRoundReport | ConsortiumRe
     return out
 
 
+def _up_to(start: Path, root: Path) -> list[Path]:
+    """``start`` and its parents, up to and including ``root`` (never above what was given)."""
+    out = []
+    for d in (start, *start.parents):
+        out.append(d)
+        if d == root:
+            break
+    return out
+
+
 def _owner(report: SiteRoundReport | ConsortiumReport, coordinator: str) -> str:
     return report.site_id if isinstance(report, SiteRoundReport) else coordinator
 
@@ -102,13 +112,7 @@ def check_trail(root: Path, files: Sequence[Path], failed: set[Path],
     # Each report's log: the nearest directory at or above it (within root) holding one.
     groups: dict[Path, list[Path]] = {}
     for rpath in sorted(reports):
-        home = None
-        for d in (rpath.parent, *rpath.parent.parents):
-            if d in main_logs:
-                home = d
-                break
-            if d == root:
-                break
+        home = next((d for d in _up_to(rpath.parent, root) if d in main_logs), None)
         if home is None:
             out.append(result(rpath, "FAIL", "no audit log for this report (deleted?): expected "
                               f"audit.jsonl at or above {rpath.parent}"))
@@ -127,7 +131,7 @@ def check_trail(root: Path, files: Sequence[Path], failed: set[Path],
             continue
         actor = next(iter(owners), None)
         if actor is None:  # no report: bind to the directory's name when it names a key
-            actor = next((d.name for d in (log_path.parent, *log_path.parent.parents)
+            actor = next((d.name for d in _up_to(log_path.parent, root)
                           if d.name in keys and d.name != coordinator), None)
             if actor is None and log_path.name.removesuffix(".audit.jsonl") in keys:
                 actor = log_path.name.removesuffix(".audit.jsonl")
