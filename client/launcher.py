@@ -26,7 +26,8 @@ ClientApp itself) and this launcher takes its place:
     from the bundle's ``pyproject.toml`` (parsed as TOML from the in-memory zip:
     nothing is extracted, installed or imported), and compares them with the
     site's pin. On any difference the task is REFUSED: the refusal is logged
-    locally (and to the site's audit log with ``--audit-log``) and the
+    locally (and, with ``--audit-log``, to ``launcher.audit.jsonl`` beside it: its own
+    chain, actor ``<site>-launcher``, signed with ``--signing-key``) and the
     coordinator gets an error reply with the fixed reason
     ``bundle_not_trusted``; the round goes on without this site. On a match it
     imports ``client.app`` from the site's own installation (the package this
@@ -188,13 +189,36 @@ def local_client_app() -> Any:
     return module.app
 
 
-def _audit(audit_log: Path | None, site: str, data: dict[str, Any]) -> None:
+LAUNCHER_LOG = "launcher.audit.jsonl"  # shared.verify_trail.LAUNCHER_LOG: its own chain
+
+
+def launcher_log_path(audit_log: Path) -> Path:
+    """The launcher's refusal log: ``launcher.audit.jsonl`` (beside ``audit_log`` unless so named).
+
+    Never the site's own ``audit.jsonl``: a second writer there (another actor) would
+    make the site's log fail verification; the launcher keeps its own chain instead.
+    """
+    audit_log = Path(audit_log)
+    if audit_log.name == LAUNCHER_LOG:
+        return audit_log
+    return (audit_log if audit_log.is_dir() else audit_log.parent) / LAUNCHER_LOG
+
+
+def _audit(audit_log: Path | None, site: str, data: dict[str, Any],
+           signing_key: Path | None = None) -> None:
+    """Append a refusal to the launcher log, signed with the site key, actor ``<site>-launcher``."""
     if audit_log is None:
         return
     try:
         from shared.audit import AuditLog
+        from shared.signing import load_private_key
 
-        AuditLog(audit_log, key=None, actor=site).append("update_rejected", data)
+        if signing_key is None:
+            log.warning("no --signing-key: the refusal goes into %s unsigned; fedsynth-verify will "
+                        "refuse that log", launcher_log_path(audit_log))
+        key = load_private_key(signing_key) if signing_key is not None else None
+        AuditLog(launcher_log_path(audit_log), key=key, actor=f"{site}-launcher").append(
+            "update_rejected", data)
     except Exception:  # the local log line above is the record of last resort
         log.exception("could not write the refusal to the audit log %s", audit_log)
 
@@ -257,7 +281,7 @@ def _runtime_client(address: str, token: str | None, insecure: bool, root_certif
 
 def run_task(address: str, token: str, pin: BundleId, *, insecure: bool,
              root_certificates: str | None = None, audit_log: Path | None = None,
-             site: str = "site") -> bool:
+             site: str = "site", signing_key: Path | None = None) -> bool:
     """Handle one ClientApp task; True when the local ClientApp ran, False when refused or failed."""
     from flwr.app import Message
     from flwr.app.error import Error
@@ -278,7 +302,8 @@ def run_task(address: str, token: str, pin: BundleId, *, insecure: bool,
         except VerificationError as exc:
             log.error("REFUSED run %s: %s", run.run_id, exc)  # the message lists every problem
             _audit(audit_log, site, {"reason": REFUSAL_REASON, "run_id": str(run.run_id),
-                                     "bundle_sha256": hashlib.sha256(fab.content).hexdigest()})
+                                     "bundle_sha256": hashlib.sha256(fab.content).hexdigest()},
+                   signing_key)
             reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=REFUSAL_REASON), reply_to=message)
             details = REFUSAL_REASON
         else:
@@ -310,7 +335,7 @@ def run_task(address: str, token: str, pin: BundleId, *, insecure: bool,
 
 def serve(address: str, pin_path: Path, *, insecure: bool, root_certificates: str | None = None,
           audit_log: Path | None = None, site: str = "site", poll_s: float = 1.0,
-          superexec_secret_file: Path | None = None) -> None:
+          superexec_secret_file: Path | None = None, signing_key: Path | None = None) -> None:
     """Poll the SuperNode's Runtime API forever; one ``task`` process per acquired ClientApp task.
 
     ``superexec_secret_file``: sign the polls (see the module docstring); every deploy
@@ -335,6 +360,8 @@ def serve(address: str, pin_path: Path, *, insecure: bool, root_certificates: st
             cmd += ["--insecure"] if insecure else ["--root-certificates", str(root_certificates)]
             if audit_log is not None:
                 cmd += ["--audit-log", str(audit_log)]
+            if signing_key is not None:
+                cmd += ["--signing-key", str(signing_key)]
             # cwd = the installation root, so `-m client.launcher` and `client.app`
             # resolve to this site's code whatever directory serve was started in.
             child = subprocess.Popen(cmd, stdin=subprocess.PIPE, cwd=_PACKAGE_ROOT, text=True)
@@ -360,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
         tls.add_argument("--root-certificates")
         p.add_argument("--audit-log", type=Path)
         p.add_argument("--site", default=os.environ.get("FEDSYNTH_SITE_SITE_ID", "site"))
+        p.add_argument("--signing-key", type=Path,
+                       default=os.environ.get("FEDSYNTH_SITE_SIGNING_KEY") or None,
+                       help="the site's Ed25519 key: signs the refusal log (launcher.audit.jsonl)")
     sub.choices["serve"].add_argument("--poll", type=float, default=1.0, help="seconds between polls")
     sub.choices["serve"].add_argument(
         "--superexec-auth-secret-file", type=Path, default=None,
@@ -373,13 +403,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "serve":
         serve(args.address, args.pin, insecure=args.insecure, root_certificates=args.root_certificates,
               audit_log=args.audit_log, site=args.site, poll_s=args.poll,
-              superexec_secret_file=args.superexec_auth_secret_file)
+              superexec_secret_file=args.superexec_auth_secret_file, signing_key=args.signing_key)
         return 0
     token = sys.stdin.readline().strip()
     if not token:
         parser.error("task expects the task token on stdin")
     ran = run_task(args.address, token, load_pin(args.pin), insecure=args.insecure,
-                   root_certificates=args.root_certificates, audit_log=args.audit_log, site=args.site)
+                   root_certificates=args.root_certificates, audit_log=args.audit_log, site=args.site,
+                   signing_key=args.signing_key)
     return 0 if ran else 3
 
 

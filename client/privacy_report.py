@@ -49,6 +49,7 @@ from shared.report_html import render_html
 from shared.run_config import RunConfig, config_hash
 from shared.settings import SiteSettings
 from shared.signing import sha256_file
+from shared.verdict import site_verdict
 
 log = logging.getLogger("fedsynth.site")
 
@@ -127,8 +128,12 @@ def release_gate_counts(gate: Any) -> ReleaseGate | None:
     """The gate's counts (``client.release.GateResult``: kept, removed, total), or None."""
     if gate is None:
         return None
+    config = getattr(gate, "config", None)
+    thresholds = None if config is None else {
+        k: float(v) for k, v in (("max_ngram", config.max_ngram), ("max_rouge_l", config.max_rouge_l),
+                                 ("min_dcr", config.min_dcr)) if v is not None}
     return ReleaseGate(checked=int(gate.total), kept=len(gate.kept),
-                       removed={str(k): int(v) for k, v in gate.removed.items()})
+                       removed={str(k): int(v) for k, v in gate.removed.items()}, thresholds=thresholds)
 
 
 def membership_result(mia: Mapping[str, float] | None) -> Membership | None:
@@ -204,9 +209,12 @@ def build_site_report(
     history: Sequence[HistoryPoint] = (),
     created: datetime | None = None,
     metrics_epsilon: float | None = None,
+    audit_position: tuple[int, str] | None = None,
 ) -> SiteRoundReport:
-    """Assemble and validate a SiteRoundReport (InputError-free: pydantic raises on bad numbers)."""
-    return SiteRoundReport(
+    """Assemble and validate a SiteRoundReport (InputError-free: pydantic raises on bad numbers).
+
+    Its ``verdict`` (shared.verdict) is computed from the report's own numbers."""
+    report = SiteRoundReport(
         site_id=site_id,
         run_id=run_id,
         round=int(round_id),
@@ -223,7 +231,10 @@ def build_site_report(
         model=model,
         config_hash=config_hash,
         history=list(history),
+        audit_seq=audit_position[0] if audit_position else None,
+        audit_head=audit_position[1] if audit_position else None,
     )
+    return report.model_copy(update={"verdict": site_verdict(report)})
 
 
 def write_site_report(
@@ -284,6 +295,8 @@ def issue_round_report(
         canaries=canary_results(evaluation.canaries, [str(c.get("secret", "")) for c in canaries if not c.get("reference")], texts),
         history=read_history(out / REPORT_DIR, run_id=run.run_name, before_round=int(round_id)),
         metrics_epsilon=metrics_epsilon,
+        # the log's position before report_issued goes in: a log later cut below it cannot match
+        audit_position=audit.head(),
     )
     issued = write_site_report(report, out, key=audit.key)
     audit.append("report_issued", {

@@ -85,6 +85,7 @@ class GateResult:
     kept: list[int]
     removed: dict[str, int]
     total: int = 0
+    config: GateConfig | None = None  # the thresholds applied (stated in the privacy report)
 
     def cells(self) -> dict[str, Cell]:
         """``release.kept_share`` for ``build_summary``; n = reports the gate saw."""
@@ -152,4 +153,5 @@ def release_gate(
         kept=np.nonzero(~bad)[0].tolist(),
         removed={k: int(v.sum()) for k, v in fails.items()},
         total=n,
+        config=config,
     )

@@ -43,6 +43,7 @@ from shared.report import (
     Aggregation,
     Checkpoint,
     ConsortiumReport,
+    Participation,
     RoundMetrics,
     SitePrivacySummary,
     SiteRoundPrivacy,
@@ -52,6 +53,7 @@ from shared.report import (
 from shared.report_html import render_html
 from shared.run_config import RunConfig, config_hash
 from shared.signing import sha256_file
+from shared.verdict import consortium_verdict
 
 log = logging.getLogger("fedsynth.coordinator")
 
@@ -208,8 +210,47 @@ def _checkpoints(summary: Mapping[str, Any], run_dir: Path) -> list[Checkpoint]:
     return out
 
 
+_TRAIN_STATUS = {"accepted": "trained", "declined": "declined", "refused": "refused",
+                 "failed": "failed", "missing": "missing"}
+
+
+def _phase_status(phase: Mapping[str, Any] | None, node: str, done: str) -> str:
+    if not phase:
+        return "not sampled"
+    for key, status in _TRAIN_STATUS.items():
+        if node in {str(n) for n in (phase.get(key) or [])}:
+            return done if key == "accepted" else status
+    return "not sampled"
+
+
+def participation(summary: Mapping[str, Any]) -> list[Participation]:
+    """Site x round: trained / declined / refused / failed / missing / not sampled, per phase.
+
+    Read from the summary's per-round ``train``/``evaluate`` records (server.app): a site
+    counts as trained in a round only when its update was accepted.
+    """
+    rounds = [r for r in summary.get("rounds", []) if isinstance(r, Mapping) and "round" in r]
+    nodes: set[str] = set()
+    for rec in rounds:
+        for phase in ("train", "evaluate"):
+            p = rec.get(phase) or {}
+            for key in _TRAIN_STATUS:
+                nodes |= {str(n) for n in (p.get(key) or [])}
+            nodes |= {str(n) for n in (p.get("sent") or [])}
+    out = []
+    for rec in rounds:
+        for node in sorted(nodes, key=lambda n: (len(n), n)):
+            out.append(Participation(
+                round=int(rec["round"]), site_id=f"node-{node}",
+                train=_phase_status(rec.get("train"), node, "trained"),  # type: ignore[arg-type]
+                evaluate=_phase_status(rec.get("evaluate"), node, "evaluated"),  # type: ignore[arg-type]
+            ))
+    return out
+
+
 def build_consortium_report(
-    summary: Mapping[str, Any], *, run: RunConfig, run_dir: Path, created: datetime | None = None
+    summary: Mapping[str, Any], *, run: RunConfig, run_dir: Path, created: datetime | None = None,
+    audit_position: tuple[int, str] | None = None,
 ) -> ConsortiumReport:
     """The ConsortiumReport for ``summary`` (the consortium-summary.json content).
 
@@ -223,7 +264,7 @@ def build_consortium_report(
         if (rec.get("evaluate") or {}).get("mean")
     ]
     bound = float(summary.get("update_norm_bound", run.update_norm_bound) or 0.0)
-    return ConsortiumReport(
+    report = ConsortiumReport(
         run_id=str(summary.get("run_name", run.run_name)),
         rounds=int(summary.get("last_round", 0)),
         created=created or datetime.now(UTC),
@@ -238,7 +279,11 @@ def build_consortium_report(
         checkpoints=_checkpoints(summary, run_dir),
         software=software_versions(),
         config_hash=config_hash(run),
+        audit_seq=audit_position[0] if audit_position else None,
+        audit_head=audit_position[1] if audit_position else None,
+        participation=participation(summary),
     )
+    return report.model_copy(update={"verdict": consortium_verdict(report)})
 
 
 def write_consortium_report(
@@ -261,7 +306,7 @@ def issue_consortium_report(
     summary: Mapping[str, Any], *, run: RunConfig, run_dir: Path, audit: AuditLog
 ) -> IssuedReport:
     """Build, sign (with the audit log's key), write and audit the consortium report."""
-    report = build_consortium_report(summary, run=run, run_dir=run_dir)
+    report = build_consortium_report(summary, run=run, run_dir=run_dir, audit_position=audit.head())
     issued = write_consortium_report(report, run_dir, key=audit.key)
     audit.append("report_issued", {
         "report": REPORT_NAME,

@@ -205,6 +205,15 @@ class AuditLog:
             )
         return seq + 1, prev
 
+    def head(self) -> tuple[int, str]:
+        """(entries so far, hash of the last one; GENESIS when empty): the anchor a report carries.
+
+        A signed report names the log position it was issued at (``audit_seq``/``audit_head``);
+        a log cut short below it, or swapped for another log, cannot match it.
+        """
+        with self._locked() as fd:
+            return self._repair_tail(fd)
+
     def append(self, kind: str, data: Mapping[str, Any]) -> dict[str, Any]:
         """Append one entry (validated, chained, signed, fsynced) and return it."""
         problems = validate_data(kind, data)

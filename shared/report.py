@@ -121,6 +121,9 @@ class ReleaseGate(BaseModel):
     checked: int = Field(ge=0)
     kept: int = Field(ge=0)
     removed: dict[Annotated[str, Field(pattern=r"^[a-z0-9_.-]{1,64}$")], Annotated[int, Field(ge=0)]]
+    thresholds: dict[Annotated[str, Field(pattern=r"^[a-z0-9_.-]{1,64}$")], float] | None = Field(
+        None, description="the gate's thresholds (max_ngram tokens, max_rouge_l F1, min_dcr cosine "
+        "distance): a report at or past any of them was removed")
 
     @model_validator(mode="after")
     def _counts(self) -> ReleaseGate:
@@ -181,6 +184,38 @@ class HistoryPoint(BaseModel):
         return _check_metric_names(v)
 
 
+class VerdictCheck(BaseModel):
+    """One release criterion: a value beside its stated threshold (and held-out baseline, if any)."""
+
+    model_config = _STRICT
+    name: ShortText
+    value: float | None = Field(description="the measured value; None when not measured")
+    threshold: float = Field(description="the stated limit the value is compared with")
+    direction: Literal["at most", "at least"] = Field(description="value must be at most / at least threshold")
+    baseline: float | None = Field(None, description="the same statistic on held-out patients (never trained on)")
+    baseline_margin: float | None = Field(None, ge=0, description="value may exceed the baseline by at most this")
+    passed: bool | None = Field(description="None when not measured")
+    meaning: ShortText
+
+
+class Verdict(BaseModel):
+    """Is this output safe to release? ``release`` only when every check passed."""
+
+    model_config = _STRICT
+    outcome: Literal["release", "hold", "incomplete"]
+    checks: list[VerdictCheck]
+
+
+class Participation(BaseModel):
+    """What one site did in one round, as the coordinator saw it (rounds count from 1)."""
+
+    model_config = _STRICT
+    round: int = Field(ge=0)
+    site_id: str = Field(pattern=SITE_ID_PATTERN)
+    train: Literal["trained", "declined", "refused", "failed", "missing", "not sampled"]
+    evaluate: Literal["evaluated", "declined", "refused", "failed", "missing", "not sampled"]
+
+
 class SiteRoundReport(BaseModel):
     """One site's privacy report for one round."""
 
@@ -204,6 +239,11 @@ class SiteRoundReport(BaseModel):
     model: ModelInfo
     config_hash: Hex64
     history: list[HistoryPoint] = Field(default_factory=list, description="earlier rounds, oldest first")
+    audit_seq: int | None = Field(None, ge=0, description="entries in the site's audit log when this "
+                                  "report was written; its report_issued entry comes after them")
+    audit_head: Hex64 | None = Field(None, description="hash of the audit log's entry audit_seq - 1 "
+                                     "(64 zeros when the log was empty): a cut or swapped log cannot match it")
+    verdict: Verdict | None = Field(None, description="the release gate's outcome against its thresholds")
 
     @field_validator("created")
     @classmethod
@@ -325,6 +365,12 @@ class ConsortiumReport(BaseModel):
     checkpoints: list[Checkpoint]
     software: Software
     config_hash: Hex64
+    audit_seq: int | None = Field(None, ge=0, description="entries in the coordinator's audit log when "
+                                  "this report was written; its report_issued entry comes after them")
+    audit_head: Hex64 | None = Field(None, description="hash of the coordinator log's entry audit_seq - 1")
+    verdict: Verdict | None = Field(None, description="release outcome of the run against its thresholds")
+    participation: list[Participation] = Field(
+        default_factory=list, description="which site did what in which round (rounds count from 1)")
     what_epsilon_covers: str = (
         "The global adapter is, for each site, (epsilon, delta)-DP with respect to one patient's "
         "notes at that site, with that site's epsilon; generating from it is post-processing."

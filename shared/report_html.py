@@ -17,7 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from shared.report import ConsortiumReport, SiteRoundReport
+from shared.report import ConsortiumReport, SiteRoundReport, Verdict
 
 # Metrics plotted over rounds (all present metrics are listed in the table).
 HEADLINE_METRICS: tuple[str, ...] = (
@@ -31,14 +31,33 @@ HEADLINE_METRICS: tuple[str, ...] = (
     "diversity.self_bleu_4",
 )
 GROUP_MEANING = {
-    "count": "how many reports/notes the other numbers were computed over (bucketed)",
+    "count": "how many synthetic reports the other numbers were computed over, rounded down to a "
+    "multiple of 10 (the release gate's counts are exact, so they may be higher)",
     "dp": "per-patient statistics over private notes, Gaussian noise charged to the ε ledger; "
     "compare train with held-out patients (train well above held-out = memorisation)",
-    "fidelity": "how much synthetic reports resemble real notes of their ICD-10 code (higher = closer)",
     "diversity": "how varied the synthetic reports are (collapse and duplicates are bad)",
-    "privacy": "signs of memorisation of private notes (lower is better; DCR share ideal ≈ 0.5, MIA AUC ideal ≈ 0.5)",
     "release": "what share of synthetic reports passed the release gate",
 }
+# Direction of every metric name (shared.whitelist.METRIC_NAMES), by the part after the group.
+_DIRECTIONS = {
+    "reports": "a count: no better direction",
+    "patients": "a noisy count: no better direction",
+    "verbatim_13_rate": "lower is safer (train should not exceed held-out)",
+    "verbatim_26_rate": "lower is safer (train should not exceed held-out)",
+    "phi_echo_rate": "lower is safer (train should not exceed held-out)",
+    "centroid_cosine_mean": "higher = closer to the patients' notes; train well above held-out = memorisation",
+    "loss_drop_mean": "train well above held-out = memorisation; lower gap is safer",
+    "distinct_1": "higher = more varied", "distinct_2": "higher = more varied",
+    "distinct_3": "higher = more varied", "mtld": "higher = more varied", "vendi": "higher = more varied",
+    "self_bleu_4": "lower = more varied",
+    "exact_duplicate_rate": "lower is better (copies of each other)",
+    "near_duplicate_rate": "lower is better (near-copies of each other)",
+}
+
+
+def metric_direction(name: str) -> str:
+    """Which way is better for metric ``name`` ("" when unknown)."""
+    return _DIRECTIONS.get(name.rsplit(".", 1)[-1], "")
 CSS = """
 body{font:15px/1.45 system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#1b1b1b}
 h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
@@ -136,10 +155,57 @@ def _gate_plot(kept: int, removed: dict[str, int]) -> str:
 
 def _metrics_table(metrics: dict[str, float]) -> str:
     rows = [
-        [_td(_e(k)), _td(_num(v), True), _td(_e(GROUP_MEANING.get(k.split(".")[0], "")))]
+        [_td(_e(k)), _td(_num(v), True), _td(_e(metric_direction(k))),
+         _td(_e(GROUP_MEANING.get(k.split(".")[0], "")))]
         for k, v in sorted(metrics.items())
     ]
-    return _table(["metric", "value", "what it shows"], rows) if rows else "<p>No metrics reported.</p>"
+    return (_table(["metric", "value", "direction", "what it shows"], rows) if rows
+            else "<p>No metrics reported.</p>")
+
+
+_OUTCOME_TEXT = {
+    "release": "RELEASE: every check passed its stated threshold",
+    "hold": "HOLD: at least one check failed; do not release this output",
+    "incomplete": "INCOMPLETE: the release gate or the train/held-out comparison was not measured; "
+    "this output cannot be called safe to release",
+}
+
+
+def _verdict_html(verdict: Verdict | None) -> str:
+    """The verdict box: outcome, then each number beside its threshold and held-out baseline."""
+    if verdict is None:
+        return '<div class="box warn"><h2 style="margin-top:0">Verdict</h2><p>This report carries ' \
+            "no verdict (written before verdicts existed).</p></div>"
+    rows = [[
+        _td(_e(c.name)), _td(_num(c.value), True), _td(_e(f"{c.direction} {c.threshold:.4g}")),
+        _td(_num(c.baseline), True),
+        _td("—" if c.passed is None else ("pass" if c.passed else "<b>FAIL</b>")), _td(_e(c.meaning)),
+    ] for c in verdict.checks]
+    cls = "box" if verdict.outcome == "release" else "box warn"
+    return (
+        f'<div class="{cls}" id="verdict"><h2 style="margin-top:0">Verdict: {_e(verdict.outcome)}</h2>'
+        f"<p><b>{_e(_OUTCOME_TEXT[verdict.outcome])}</b>.</p>"
+        + _table(["check", "value", "threshold", "held-out baseline", "result", "meaning"], rows)
+        + "<p>Thresholds are screening limits (defence in depth); the privacy guarantee is ε.</p></div>"
+    )
+
+
+def _participation_html(r: ConsortiumReport) -> str:
+    if not r.participation:
+        return "<p>No participation recorded.</p>"
+    sites = sorted({p.site_id for p in r.participation})
+    rounds = sorted({p.round for p in r.participation})
+    cell = {(p.round, p.site_id): p for p in r.participation}
+    rows = []
+    for rnd in rounds:
+        row = [_td(_num(rnd), True)]
+        for site in sites:
+            p = cell.get((rnd, site))
+            row.append(_td(_e(f"{p.train} / {p.evaluate}" if p else "—")))
+        rows.append(row)
+    return (_table(["round", *sites], rows)
+            + "<p>Each cell: training / evaluation. Rounds count from 1. Only <i>trained</i> "
+            "updates went into the global adapter.</p>")
 
 
 def _plain_box(unit: str, covers: str, not_covered: Sequence[str], metrics_mode: str | None) -> str:
@@ -183,6 +249,7 @@ def _site_html(r: SiteRoundReport) -> str:
     p = r.privacy
     parts = [
         f"<h1>Privacy report — site {_e(r.site_id)}, run {_e(r.run_id)}, round {_num(r.round)}</h1>",
+        _verdict_html(r.verdict),
         f"<p>Created {_e(r.created.isoformat())}. Verify this report's signature with "
         "<code>fedsynth-verify</code> before relying on it.</p>",
         _plain_box(p.unit_of_privacy, p.what_epsilon_covers, p.what_epsilon_does_not_cover, r.metrics_mode),
@@ -217,6 +284,10 @@ def _site_html(r: SiteRoundReport) -> str:
             ["checked", "kept", *[f"removed: {k}" for k in g.removed]],
             [[_td(_num(g.checked), True), _td(_num(g.kept), True), *[_td(_num(v), True) for v in g.removed.values()]]],
         ))
+        if g.thresholds:
+            parts.append("<p>Thresholds: " + ", ".join(
+                f"{_e(k)} {_num(v)}" for k, v in sorted(g.thresholds.items())) + ". A report at or past "
+                "any of them was removed; only kept reports are released.</p>")
         parts.append(_gate_plot(g.kept, g.removed))
     if r.membership is not None:
         parts += ["<h2>Membership inference on the adapter</h2>",
@@ -241,7 +312,10 @@ def _site_html(r: SiteRoundReport) -> str:
 def _consortium_html(r: ConsortiumReport) -> str:
     parts = [
         f"<h1>Consortium report — run {_e(r.run_id)}, {_num(r.rounds)} rounds</h1>",
+        _verdict_html(r.verdict),
         f"<p>Created {_e(r.created.isoformat())}.</p>",
+        "<h2>Participation</h2>",
+        _participation_html(r),
         _plain_box("patient", r.what_epsilon_covers, r.what_epsilon_does_not_cover, None),
         "<h2>ε spent per site</h2>",
     ]

@@ -7,7 +7,12 @@ Walks files and directories and checks
 - every audit log (``audit.jsonl`` or ``*.audit.jsonl``): chain, hashes, signatures;
 - every JSON report (a ``report_type`` field): signed, signed by the right party
   (a site report by the key named after its ``site_id``, a consortium report by
-  the key named ``coordinator``), and valid against its schema.
+  the key named ``coordinator``), and valid against its schema;
+- for each directory given, that its logs, reports and checkpoints agree
+  (:mod:`shared.verify_trail`): a log cut short, emptied, deleted or swapped for
+  another party's, a report deleted or replaced by another round's, a checkpoint
+  altered all fail. Point it at whole site output / coordinator run directories:
+  a single file given on its own is checked alone.
 
 Exit codes: 0 every check passed; 1 at least one verification failure;
 2 usage error or missing/bad keys; 3 an input could not be read (or nothing
@@ -29,6 +34,8 @@ from shared.audit import last_hash, verify_log
 from shared.errors import FedsynthError, InputError, VerificationError
 from shared.report import SiteRoundReport, parse_report
 from shared.signing import key_id, key_names, load_public_key, signature_path, verify_file
+from shared.verdict import consortium_verdict, site_verdict
+from shared.verify_trail import check_trail
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREADABLE = 0, 1, 2, 3
 COORDINATOR = "coordinator"
@@ -96,6 +103,12 @@ def _check_report(path: Path, keys: Mapping[str, Ed25519PublicKey], names: dict[
         expected, what = coordinator, f"consortium report run {report.run_id}"
     if signer != expected:
         return Result(path, "FAIL", f"{what} signed by {signer!r}, not by {expected!r}")
+    if report.verdict is not None:
+        # the verdict is a claim about the report's own numbers: it must follow from them
+        recomputed = site_verdict(report) if isinstance(report, SiteRoundReport) else consortium_verdict(report)
+        if recomputed != report.verdict:
+            return Result(path, "FAIL", f"{what}: verdict {report.verdict.outcome!r} does not follow from "
+                          f"its numbers and the stated thresholds (recomputed: {recomputed.outcome!r})")
     return Result(path, "OK", f"{what}: schema valid, signed by {signer}")
 
 
@@ -167,7 +180,10 @@ def verify_paths(paths: Sequence[Path], keys: Mapping[str, Ed25519PublicKey], *,
             except OSError as exc:
                 results.append(Result(root, "UNREADABLE", f"cannot list: {exc.strerror or exc}"))
                 continue
-            results += [r for f in files if (r := check_file(f, keys, coordinator=coordinator))]
+            found = [r for f in files if (r := check_file(f, keys, coordinator=coordinator))]
+            failed = {r.path for r in found if r.status != "OK"}
+            results += found
+            results += check_trail(root, files, failed, keys, coordinator, Result)
         else:
             r = check_file(root, keys, explicit=True, coordinator=coordinator)
             if r is None and root.name.endswith(".sig"):

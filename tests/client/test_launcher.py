@@ -9,7 +9,9 @@ from flwr.cli.build import build_fab_from_disk
 
 import client.launcher as launcher
 from client.launcher import BundleId, bundle_id, load_pin, verify_bundle, write_pin
+from shared.audit import AuditLog, verify_log
 from shared.errors import InputError, VerificationError
+from shared.signing import generate_key, load_private_key, load_public_key
 
 PYPROJECT = """[project]
 name = "fedsynth"
@@ -158,15 +160,23 @@ def test_task_refused_replies_error_and_audits(agreed, monkeypatch, tmp_path):
     called = []
     runtime = run_task_with(monkeypatch, fab, agreed.pin,
                             local_app=lambda message, context: called.append(1))
-    audit = tmp_path / "audit.jsonl"
-    ran = launcher.run_task("127.0.0.1:1", "tok", agreed.pin, insecure=True, audit_log=audit,
-                            site="site-a")
+    generate_key(tmp_path / "keys" / "site-a.key")
+    site_log = tmp_path / "audit.jsonl"  # the deploy default points at the site's own log
+    site_audit = AuditLog(site_log, key=load_private_key(tmp_path / "keys" / "site-a.key"), actor="site-a")
+    site_audit.append("run_start", {"run_id": "r"})
+    ran = launcher.run_task("127.0.0.1:1", "tok", agreed.pin, insecure=True, audit_log=site_log,
+                            site="site-a", signing_key=tmp_path / "keys" / "site-a.key")
     assert ran is False and called == []
     (reply,) = runtime.pushed
     assert reply.has_error() and reply.error.reason == "bundle_not_trusted"
     assert runtime.outputs == [("failed", "bundle_not_trusted")]
+    assert len(site_log.read_text().splitlines()) == 1  # the site's chain is left alone
+    audit = tmp_path / "launcher.audit.jsonl"  # its own chain, signed with the site key
     entry = json.loads(audit.read_text().splitlines()[0])
+    assert entry["actor"] == "site-a-launcher" and entry["sig"]
     assert entry["kind"] == "update_rejected" and entry["data"]["reason"] == "bundle_not_trusted"
+    pub = {"site-a": load_public_key(tmp_path / "keys" / "site-a.key.pub")}
+    assert verify_log(audit, pub) == 1 and verify_log(site_log, pub) == 1
     assert entry["data"]["bundle_sha256"] == hashlib.sha256(fab).hexdigest()
     assert not agreed.marker.exists()
 

@@ -138,6 +138,8 @@ def test_report_is_signed_valid_and_audited(site):
     assert verify_log(settings.output_dir / "audit.jsonl", keys) == 1
     assert entries[-1]["kind"] == "report_issued"
     assert entries[-1]["data"]["report_sha256"] == sha256_file(issued.json_path)
+    # the report names the log position before its own report_issued entry (issue #13 §3)
+    assert (report.audit_seq, report.audit_head) == (entries[-1]["seq"], entries[-1]["prev"])
 
 
 def test_flipping_one_byte_fails_verification(site):

@@ -123,6 +123,17 @@ def test_federation_run_dir_verifies_end_to_end(tmp_path, key, calls):  # noqa: 
     assert kinds.count("round") == 2 and kinds.count("update_accepted") == 4
     rejected = [e["data"]["reason"] for e in entries if e["kind"] == "update_rejected"]
     assert rejected == ["declined: budget_exceeded"] * 2  # site2 of the fake is out of budget
+    # the participation table: which site trained in which round (issue #13 §6), from 1
+    report = read_report(run_dir / "consortium-report.json", ConsortiumReport)
+    table = {(p.round, p.site_id): p.train for p in report.participation}
+    assert sorted({r for r, _ in table}) == [1, 2] and len(table) == 6
+    for rnd in (1, 2):
+        row = sorted(t for (r, _), t in table.items() if r == rnd)
+        assert row == ["declined", "trained", "trained"]
+    assert all(p.evaluate == "evaluated" for p in report.participation)
+    # the report names the coordinator log's position before its report_issued entry
+    issued = next(e for e in entries if e["kind"] == "report_issued")
+    assert (report.audit_seq, report.audit_head) == (issued["seq"], issued["prev"])
     report = read_report(run_dir / "consortium-report.json", ConsortiumReport)
     assert entries[-1]["data"]["report_sha256"] == sha256_file(run_dir / "consortium-report.json")
     assert report.rounds == 2 and [len(s.rounds) for s in report.sites] == [2, 2]

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import subprocess
 import sys
@@ -15,6 +16,18 @@ ROOT = Path(__file__).resolve().parents[2]
 NAMES = ("site-a", "site-b", "coordinator")
 
 
+def _issue(log: AuditLog, report, path: Path, key) -> None:
+    """What client/privacy_report.py and server/report.py do: position, write+sign, report_issued."""
+    seq, head = log.head()
+    report = report.model_copy(update={"audit_seq": seq, "audit_head": head})
+    write_report(report, path, key=key)
+    data = {"report": path.relative_to(log.path.parent).as_posix(),
+            "report_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    if hasattr(report, "site_id"):
+        data["round"] = report.round
+    log.append("report_issued", data)
+
+
 @pytest.fixture
 def bundle(tmp_path):
     """What an auditor receives: public keys, signed reports, signed audit logs, a signed checkpoint."""
@@ -26,19 +39,22 @@ def bundle(tmp_path):
         (keys_dir / f"{name}.key.pub").write_bytes((tmp_path / "private" / f"{name}.key.pub").read_bytes())
     out = tmp_path / "bundle"
     for site in ("site-a", "site-b"):
-        for rnd in (0, 1):
-            report = site_report(site_id=site, round_=rnd, history=[])
-            write_report(report, out / site / f"report-round-{rnd}.json", key=private[site])
         log = AuditLog(out / site / "audit.jsonl", key=private[site], actor=site)
         log.append("run_start", {"run_id": "run-1"})
-        log.append("round", {"round": 0, "epsilon": 1.0})
-        log.append("report_issued", {"round": 0, "sha256": "ab" * 32})
-    write_report(consortium_report(), out / "coordinator" / "consortium.json", key=private["coordinator"])
+        for rnd in (1, 2):
+            log.append("round", {"round": rnd, "epsilon": 1.0})
+            _issue(log, site_report(site_id=site, round_=rnd, history=[]),
+                   out / site / f"report-round-{rnd}.json", private[site])
     clog = AuditLog(out / "coordinator" / "coordinator.audit.jsonl", key=private["coordinator"], actor="coordinator")
-    clog.append("update_accepted", {"round": 0, "site": "site-a"})
-    clog.append("update_rejected", {"round": 0, "site": "site-b", "reason": "norm bound"})
-    (out / "coordinator" / "adapter.safetensors").write_bytes(b"\x00\x01weights" * 100)
-    sign_file(out / "coordinator" / "adapter.safetensors", private["coordinator"])
+    clog.append("update_accepted", {"round": 1, "site": "site-a"})
+    clog.append("update_rejected", {"round": 1, "site": "site-b", "reason": "norm bound"})
+    ckpt = out / "coordinator" / "adapter.safetensors"
+    ckpt.write_bytes(b"\x00\x01weights" * 100)
+    sign_file(ckpt, private["coordinator"])
+    checkpoints = [{"round": 2, "path": "adapter.safetensors",
+                    "sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest()}]
+    _issue(clog, consortium_report(checkpoints=checkpoints), out / "coordinator" / "consortium.json",
+           private["coordinator"])
     (out / "README.txt").write_text("not signed, ignored")
     return {"dir": out, "keys": keys_dir, "private": private}
 
@@ -59,10 +75,13 @@ def run(capsys, *args):
 def test_everything_verifies(bundle, capsys):
     code, out, _ = run(capsys, bundle["dir"], *key_args(bundle))
     assert code == 0, out
-    # 4 site reports + 2 site logs + consortium report + coordinator log + adapter
-    assert sum(line.startswith("OK ") for line in out.splitlines()) == 9
-    assert "summary: 9 ok, 0 failed, 0 unreadable" in out
-    assert "audit log valid: 3 entries" in out
+    # 4 site reports + 2 site logs + consortium report + coordinator log + adapter, then
+    # 3 audit trails matched + 1 checkpoint list matched
+    assert sum(line.startswith("OK ") for line in out.splitlines()) == 13
+    assert "summary: 13 ok, 0 failed, 0 unreadable" in out
+    assert "audit log valid: 5 entries" in out
+    assert "audit trail matches: 2 report(s) issued by site-a" in out
+    assert "1 checkpoint(s) match their sha256" in out
     assert "site report site-b round 1: schema valid, signed by site-b" in out
     assert "README" not in out
     code, out, _ = run(capsys, bundle["dir"], "--keys-dir", bundle["keys"])
@@ -76,14 +95,14 @@ def _flip(path: Path, pos: int) -> None:
 
 
 @pytest.mark.parametrize("rel,pos,reason", [
-    ("site-a/report-round-1.json", 10, "hash mismatch"),
-    ("site-a/report-round-1.json", -3, "hash mismatch"),
-    ("site-a/report-round-1.json.sig", 60, ""),
-    ("site-a/report-round-1.json.sig", -5, ""),
+    ("site-a/report-round-2.json", 10, "hash mismatch"),
+    ("site-a/report-round-2.json", -3, "hash mismatch"),
+    ("site-a/report-round-2.json.sig", 60, ""),
+    ("site-a/report-round-2.json.sig", -5, ""),
     ("coordinator/consortium.json", 200, "hash mismatch"),
     ("coordinator/adapter.safetensors", 7, "hash mismatch"),
     ("site-b/audit.jsonl", 30, "line 1"),
-    ("coordinator/coordinator.audit.jsonl", -20, "line 2"),
+    ("coordinator/coordinator.audit.jsonl", -20, "line 3"),
 ])
 def test_a_flipped_byte_fails_naming_file_and_place(bundle, capsys, rel, pos, reason):
     target = bundle["dir"] / rel
@@ -106,7 +125,7 @@ def test_deleted_audit_entry_names_first_bad_entry(bundle, capsys):
 
 
 def test_report_signed_by_another_site_fails(bundle, capsys):
-    path = bundle["dir"] / "site-a" / "report-round-0.json"
+    path = bundle["dir"] / "site-a" / "report-round-1.json"
     sign_file(path, bundle["private"]["site-b"])
     code, out, _ = run(capsys, path, *key_args(bundle))
     assert code == 1 and "signed by 'site-b', not by 'site-a'" in out
@@ -119,8 +138,8 @@ def test_report_signed_by_another_site_fails(bundle, capsys):
 
 
 def test_unsigned_or_schema_invalid_reports_fail(bundle, capsys):
-    path = bundle["dir"] / "site-a" / "report-round-0.json"
-    (bundle["dir"] / "site-a" / "report-round-0.json.sig").unlink()
+    path = bundle["dir"] / "site-a" / "report-round-1.json"
+    (bundle["dir"] / "site-a" / "report-round-1.json.sig").unlink()
     code, out, _ = run(capsys, bundle["dir"], *key_args(bundle))
     assert code == 1 and "report is not signed" in out
     data = json.loads(path.read_text())
