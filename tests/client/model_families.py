@@ -168,7 +168,21 @@ def write_release(name: str, out: Path, *, seed: int = 0) -> Path:
     config.eos_token_id = gen_eos if len(gen_eos) > 1 else gen_eos[0]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
+        if release.arch == "qwen3_5":
+            # Qwen3.5 ships as the multimodal wrapper (model_type "qwen3_5", weights under
+            # model.language_model.* and model.visual.*); the site loads its text model.
+            from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+            wrapper = Qwen3_5Config(
+                text_config=config.to_dict(),
+                vision_config={"depth": 1, "hidden_size": 32, "intermediate_size": 64,
+                               "num_heads": 2, "out_hidden_size": config.hidden_size},
+                tie_word_embeddings=False,
+            )
+            wrapper.eos_token_id = config.eos_token_id
+            model = Qwen3_5ForConditionalGeneration(wrapper)
+        else:
+            model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=gen_eos if len(gen_eos) > 1 else gen_eos[0],
@@ -188,6 +202,8 @@ def write_release(name: str, out: Path, *, seed: int = 0) -> Path:
     if release.name == "mistral":
         cfg.update({"add_bos_token": True, "add_eos_token": False})
     cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+    if release.arch == "qwen3_5":
+        assert json.loads((out / "config.json").read_text())["model_type"] == "qwen3_5"
     gen = json.loads((out / "generation_config.json").read_text(encoding="utf-8"))
     assert gen["eos_token_id"] == config.eos_token_id  # the file carries the release's list
     return out

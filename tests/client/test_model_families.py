@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from client.generate import SamplingConfig, generate_reports
 from client.model import add_lora, default_lora_targets, eos_token_ids, family_of, load_model
@@ -38,6 +39,10 @@ def test_release_loads_offline_trains_and_generates(name, release_dirs):
     release = RELEASES[name]
     model, tok = load_model(release_dirs[name])
     assert family_of(model) == EXPECTED_FAMILY[name]
+    # the staged weights were loaded (Qwen3.5: out of the multimodal wrapper), not re-initialised
+    with safe_open(str(release_dirs[name] / "model.safetensors"), "pt") as f:
+        (key,) = [k for k in f.keys() if k.endswith("embed_tokens.weight")]
+        assert torch.equal(f.get_tensor(key), model.get_input_embeddings().weight)
     # generation_config.json's eos list is honoured, the tokenizer's eos included.
     gen_eos = [tok.convert_tokens_to_ids(t) for t in release.gen_eos]
     assert eos_token_ids(model, tok)[: len(gen_eos)] == gen_eos
