@@ -169,6 +169,33 @@ def dp_options(
     )
 
 
+LoraTargetsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--lora-targets",
+        help="Comma-separated module names LoRA wraps, e.g. q_proj,k_proj,v_proj,o_proj "
+        "(default: the model family's; required for families without one).",
+    ),
+]
+
+
+def parse_lora_targets(value: str | None) -> tuple[str, ...] | None:
+    """``--lora-targets`` as a tuple of module-name suffixes (``None``: family default)."""
+    if value is None:
+        return None
+    from shared.errors import ConfigError, Problem
+
+    names = tuple(dict.fromkeys(t.strip() for t in value.split(",") if t.strip()))
+    bad = [n for n in names if not n.replace("_", "").replace(".", "").isalnum()]
+    if not names or bad:
+        raise ConfigError(
+            "invalid --lora-targets",
+            [Problem("--lora-targets", f"not a module name: {n!r}") for n in bad]
+            or [Problem("--lora-targets", "no module names given")],
+        )
+    return names
+
+
 @app.command()
 @expected_errors
 def train(
@@ -180,11 +207,13 @@ def train(
     batch: Annotated[int, typer.Option(help="Expected patients per logical batch.")] = 16,
     noise_multiplier: float | None = None,
     epsilon_per_round: float | None = None,
+    lora_targets: LoraTargetsOpt = None,
 ) -> None:
     """Train one local DP-LoRA round without a coordinator; print ε spent."""
     from client.site import LoraParams, train_local_round
 
     settings = _settings(notes_path=notes, output_dir=output_dir, model_dir=model_dir)
+    lora = LoraParams(targets=parse_lora_targets(lora_targets))
     dp = dp_options(steps, noise_multiplier, epsilon_per_round, batch)
     with progress_bar() as bar:
         task = bar.add_task("DP-LoRA steps", total=dp.steps, info="")
@@ -192,7 +221,7 @@ def train(
         def report(step: int, total: int, loss: float) -> None:
             bar.update(task, completed=step, total=total, info=f"loss {loss:.3f}")
 
-        result = train_local_round(settings, dp=dp, lora=LoraParams(), round_id=round_id, progress=report)
+        result = train_local_round(settings, dp=dp, lora=lora, round_id=round_id, progress=report)
     p = result.privacy
     console.print(
         f"round {round_id}: ε this round {p.epsilon_round:.3f}, total ε {p.epsilon:.3f} "
@@ -244,7 +273,13 @@ def budget(
 def generate(
     out: Annotated[Path, typer.Argument(help="JSONL file to write the reports to (stays at the site).")],
     model_dir: ModelOpt = None,
-    adapter: Annotated[Path | None, typer.Option(help="LoRA adapter (.safetensors); none = zero-shot.")] = None,
+    adapter: Annotated[
+        Path | None,
+        typer.Option(
+            help="LoRA adapter: a PEFT adapter folder, the coordinator's checkpoint folder "
+            "(its latest round) or a .safetensors file; none = zero-shot."
+        ),
+    ] = None,
     codes: Annotated[str, typer.Option(help="Comma-separated ICD-10 codes.")] = "F20,F31,F32,F41.1,F43.1",
     n_per_code: int = 5,
     max_new_tokens: int = 200,
@@ -253,19 +288,20 @@ def generate(
     seed: int = 0,
 ) -> None:
     """Generate ICD-10-conditioned reports, zero-shot or with an adapter, with provenance per report."""
-    from safetensors.torch import load_file
-
+    from client.adapter_files import read_adapter
     from client.generate import SamplingConfig, generate_reports, write_reports
     from client.model import adapter_hash, add_lora, load_adapter_state, load_model
     from shared import icd10
 
     code_list = icd10.normalize_all([c for c in codes.split(",") if c.strip()], where="--codes")
-    model, tokenizer = load_model(model_dir, device=_settings().resolved_device())
+    settings = _settings(model_dir=model_dir)  # --model-dir, else FEDSYNTH_SITE_MODEL_DIR
+    model_dir = settings.model_dir
+    loaded = read_adapter(adapter) if adapter is not None else None  # before the slow model load
+    model, tokenizer = load_model(model_dir, device=settings.resolved_device())
     tensors = None
-    if adapter is not None:
-        tensors = load_file(str(adapter))
-        r = next(v.shape[0] for k, v in tensors.items() if "lora_A" in k)
-        model = add_lora(model, r=r, alpha=2 * r)
+    if loaded is not None:
+        tensors = loaded.tensors
+        model = add_lora(model, r=loaded.r, alpha=loaded.alpha, targets=list(loaded.targets))
         load_adapter_state(model, tensors)
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
     with progress_bar() as bar:
@@ -278,7 +314,9 @@ def generate(
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     write_reports(reports, out)
-    console.print(f"{len(reports)} reports -> {out}")
+    requested = len(code_list) * n_per_code
+    failed = f" ({requested - len(reports)} of {requested} failed, see the warning above)"
+    console.print(f"{len(reports)} reports -> {out}" + (failed if len(reports) < requested else ""))
 
 
 @app.command()

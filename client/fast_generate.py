@@ -61,6 +61,7 @@ from client.decode_engine import (
     release_engines,
     round_up,
 )
+from client.model import eos_token_ids
 from client.ring_decoder import parts_problem
 from client.sampling import DEFAULT_CANDIDATES, redraw_rows
 
@@ -290,7 +291,7 @@ def generate_texts(
                     repetition_penalty=float(sampling.repetition_penalty),
                     seed=sampling.seed,
                     batch_size=batch_size,
-                    eos_token_id=tokenizer.eos_token_id,
+                    eos_token_id=eos_token_ids(model, tokenizer),  # generation_config's list too
                     pad_token_id=tokenizer.pad_token_id,
                     on_done=None if progress is None else (lambda done: progress(done, total)),
                 )

@@ -26,7 +26,8 @@ from typing import Any, Literal
 
 import torch
 
-from client.prompt import build_prompt
+from client.model import eos_token_ids
+from client.prompt import build_prompt, opens_reasoning
 from shared import icd10
 from shared.errors import ConfigError, InputError, Problem
 
@@ -121,6 +122,19 @@ def strip_reasoning(text: str) -> str:
     return text.strip()
 
 
+def report_after_reasoning(text: str) -> str | None:
+    """The report in the output of a prompt that opened a ``<think>`` block.
+
+    Only what follows the closing ``</think>`` is report; ``None`` when the
+    trace never closed (cut off at ``max_new_tokens``): a half-finished trace
+    is reasoning, never a report.
+    """
+    close = text.find("</think>")
+    if close == -1:
+        return None
+    return strip_reasoning(text[close + len("</think>") :])
+
+
 def _report_id(model_id: str, adapter_hash: str | None, setting: str, seed: int, code: str, k: int) -> str:
     digest = hashlib.sha256(
         json.dumps([model_id, adapter_hash, setting, seed, code, k]).encode()
@@ -211,6 +225,14 @@ def generate_reports(
     a warning, and so does any exception the fast path raises (logged with its
     traceback): a fast-path bug or an incompatible library version never
     takes site generation down.
+
+    Generation stops at any end id of the release (``generation_config.json``'s
+    list as well as the tokenizer's eos). When the prompt opens a ``<think>``
+    block (DeepSeek-R1-Distill), a report is only what follows ``</think>``; a
+    trace still open at ``max_new_tokens`` is regenerated once with twice the
+    room, and if it still does not close the report counts as failed: it is
+    left out of the returned list (so fewer than ``n_per_code`` reports come
+    back for that code) and a warning says how many.
     """
     batch_size = generation_batch_size(batch_size, _model_device(model).type)
     canon = _validate_request(codes, n_per_code, batch_size, setting, model_id, adapter_hash)
@@ -218,6 +240,82 @@ def generate_reports(
         raise ConfigError("tokenizer has no pad token", [Problem("tokenizer", "set pad_token (e.g. to eos)")])
     jobs = [(code, k) for code in canon for k in range(n_per_code)]
     prompts = {code: build_prompt(code, tokenizer) for code in dict.fromkeys(canon)}
+    sampling_dict = dataclasses.asdict(sampling)
+    texts = _generate_texts(
+        model, tokenizer, [prompts[code] for code, _ in jobs],
+        sampling=sampling, batch_size=batch_size, progress=progress, fast=fast,
+    )
+    # R1-Distill templates open a <think> block in the prompt: the report is what follows
+    # its close. A trace cut off at max_new_tokens gets one more try with twice the room;
+    # still open, the report counts as failed (dropped, with a warning), never kept.
+    reasoning = [i for i, (code, _) in enumerate(jobs) if opens_reasoning(prompts[code])]
+    bodies: dict[int, str | None] = {i: report_after_reasoning(texts[i]) for i in reasoning}
+    retry = [i for i in reasoning if bodies[i] is None]
+    if retry and sampling.max_new_tokens < MAX_NEW_TOKENS_LIMIT:
+        roomier = dataclasses.replace(
+            sampling, max_new_tokens=min(2 * sampling.max_new_tokens, MAX_NEW_TOKENS_LIMIT)
+        )
+        again = _generate_texts(
+            model, tokenizer, [prompts[jobs[i][0]] for i in retry],
+            sampling=roomier, batch_size=batch_size, progress=None, fast=fast,
+        )
+        for i, text in zip(retry, again, strict=True):
+            bodies[i] = report_after_reasoning(text)
+    failed = [i for i in reasoning if bodies[i] is None]
+    if failed:
+        message = (
+            f"{len(failed)} of {len(jobs)} reports failed: the model's reasoning trace did not "
+            f"close (</think>) within max_new_tokens={sampling.max_new_tokens} nor on a retry "
+            "with twice the room; they are left out (raise --max-new-tokens)"
+        )
+        _log.warning(message)
+        warnings.warn(message, stacklevel=2)
+    reports: list[SyntheticReport] = []
+    for i, (code, k) in enumerate(jobs):
+        text = bodies[i] if i in bodies else strip_reasoning(texts[i])
+        if text is None:
+            continue
+        reports.append(
+            SyntheticReport(
+                report_id=_report_id(model_id, adapter_hash, setting, sampling.seed, code, k),
+                code=code,
+                text=text,
+                setting=setting,
+                model_id=model_id,
+                adapter_hash=adapter_hash,
+                sampling=dict(sampling_dict),
+                seed=sampling.seed,
+            )
+        )
+    return reports
+
+
+def _generate_texts(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    *,
+    sampling: SamplingConfig,
+    batch_size: int,
+    progress: Callable[[int, int], None] | None,
+    fast: bool,
+) -> list[str]:
+    """Raw decoded continuations of ``prompts`` (special tokens skipped), in order."""
+    if fast:
+        from client import fast_generate
+
+        reason = fast_generate.unsupported_reason(model)
+        if reason is None:
+            try:
+                return fast_generate.generate_texts(
+                    model, tokenizer, prompts, sampling=sampling, batch_size=batch_size, progress=progress
+                )
+            except Exception as exc:  # noqa: BLE001  never let the fast path take generation down
+                # The message names the exception type and torch/transformers' own text; the
+                # prompts are ICD-10 codes, never note text.
+                reason = f"failed with {type(exc).__name__}: {exc}"
+                _log.warning("fast generation %s; using plain generate", reason, exc_info=True)
+        warnings.warn(f"fast generation unavailable ({reason}); using plain generate", stacklevel=3)
     device = _model_device(model)
     greedy = sampling.temperature == 0
     gen_kwargs: dict[str, Any] = {
@@ -225,52 +323,22 @@ def generate_reports(
         "do_sample": not greedy,
         "repetition_penalty": float(sampling.repetition_penalty),
         "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
+        # every end id of the release (generation_config.json), not only the tokenizer's one
+        "eos_token_id": eos_token_ids(model, tokenizer) or None,
         "use_cache": True,
     }
     if not greedy:
         gen_kwargs.update(
             temperature=float(sampling.temperature), top_p=float(sampling.top_p), top_k=sampling.top_k
         )
-    sampling_dict = dataclasses.asdict(sampling)
-
-    def report(code: str, k: int, text: str) -> SyntheticReport:
-        return SyntheticReport(
-            report_id=_report_id(model_id, adapter_hash, setting, sampling.seed, code, k),
-            code=code,
-            text=strip_reasoning(text),
-            setting=setting,
-            model_id=model_id,
-            adapter_hash=adapter_hash,
-            sampling=dict(sampling_dict),
-            seed=sampling.seed,
-        )
-
-    if fast:
-        from client import fast_generate
-
-        reason = fast_generate.unsupported_reason(model)
-        if reason is None:
-            try:
-                texts = fast_generate.generate_texts(
-                    model, tokenizer, [prompts[code] for code, _ in jobs],
-                    sampling=sampling, batch_size=batch_size, progress=progress,
-                )
-                return [report(code, k, text) for (code, k), text in zip(jobs, texts, strict=True)]
-            except Exception as exc:  # noqa: BLE001  never let the fast path take generation down
-                # The message names the exception type and torch/transformers' own text; the
-                # prompts are ICD-10 codes, never note text.
-                reason = f"failed with {type(exc).__name__}: {exc}"
-                _log.warning("fast generation %s; using plain generate", reason, exc_info=True)
-        warnings.warn(f"fast generation unavailable ({reason}); using plain generate", stacklevel=2)
     was_training = model.training
     model.eval()
-    reports: list[SyntheticReport] = []
+    texts: list[str] = []
     try:
-        for b, start in enumerate(range(0, len(jobs), batch_size)):
-            batch = jobs[start : start + batch_size]
+        for b, start in enumerate(range(0, len(prompts), batch_size)):
+            batch = prompts[start : start + batch_size]
             enc = tokenizer(
-                [prompts[code] for code, _ in batch],
+                batch,
                 return_tensors="pt",
                 padding=True,
                 padding_side="left",
@@ -283,14 +351,13 @@ def generate_reports(
                     input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **gen_kwargs
                 )
             new_tokens = out[:, enc["input_ids"].shape[1] :].cpu()
-            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            reports += [report(code, k, text) for (code, k), text in zip(batch, texts, strict=True)]
+            texts += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             if progress is not None:
-                progress(len(reports), len(jobs))
+                progress(len(texts), len(prompts))
     finally:
         if was_training:
             model.train()
-    return reports
+    return texts
 
 
 def write_reports(reports: Sequence[SyntheticReport], path: Path) -> None:

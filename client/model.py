@@ -27,7 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from shared.errors import ConfigError, ModelError, Problem
 
-FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_5")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_5", "qwen3_next")
 
 # config.model_type -> family. Qwen3.5 checkpoints are multimodal wrappers
 # ("qwen3_5") whose text part is "qwen3_5_text"; both load as Qwen3_5ForCausalLM.
@@ -37,14 +37,17 @@ _MODEL_TYPE_FAMILY = {
     "qwen3": "qwen3",
     "qwen3_5": "qwen3_5",
     "qwen3_5_text": "qwen3_5",
+    "qwen3_next": "qwen3_next",
+    "mistral": "mistral",
 }
 
 # Default LoRA targets: the attention projections only. Attention-only LoRA is
 # the usual recipe for style/content adaptation and keeps the adapter small,
 # which matters twice here: DP-SGD noise is added per trainable coordinate (fewer
 # coordinates, better signal-to-noise at the same epsilon) and the adapter is
-# what crosses the wire every round. Pass ``targets=`` to add the MLP
-# (gate_proj/up_proj/down_proj) when a site has data to spare.
+# what crosses the wire every round. Pass ``targets=`` (CLI: ``--lora-targets``,
+# run config: ``lora.targets``) to add the MLP (gate_proj/up_proj/down_proj)
+# when a site has data to spare.
 _ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # Qwen3.5 is hybrid: Gated-DeltaNet linear-attention layers (in_proj_qkv,
 # in_proj_z, out_proj; in_proj_a/in_proj_b are per-head gates, too small to
@@ -54,6 +57,12 @@ _DEFAULT_TARGETS = {
     "qwen2": _ATTENTION,
     "qwen3": _ATTENTION,
     "qwen3_5": _ATTENTION + ["in_proj_qkv", "in_proj_z", "out_proj"],
+    # Mistral: Llama-style attention projections.
+    "mistral": _ATTENTION,
+    # Qwen3-Next is hybrid too: Gated-DeltaNet layers project q/k/v/z together
+    # (in_proj_qkvz; in_proj_ba are per-head gates) and back (out_proj); its MLPs
+    # are mixture-of-experts, left frozen like every other family's MLP.
+    "qwen3_next": _ATTENTION + ["in_proj_qkvz", "out_proj"],
 }
 
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
@@ -86,9 +95,28 @@ def default_lora_targets(model_or_config: Any) -> list[str]:
         model_type = getattr(config, "model_type", type(model_or_config).__name__)
         raise ModelError(
             f"no default LoRA targets for model family {model_type!r} (known: {', '.join(FAMILIES)}); "
-            "pass the target module names explicitly (targets=...)"
+            "name the target modules explicitly (`fedsynth-site train --lora-targets q_proj,v_proj`, "
+            "or `lora.targets` in the run config)"
         )
     return list(_DEFAULT_TARGETS[family])
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every token id that ends a generated report, in a stable order.
+
+    Releases such as Llama 3 Instruct (and fine-tunes like OpenBioLLM) list
+    several end ids in ``generation_config.json`` (``<|end_of_text|>``,
+    ``<|eot_id|>``, ...) while the tokenizer names only one; the chat turn ends
+    with one the tokenizer does not name. Both sources are honoured: the
+    generation config's ids first, then the tokenizer's eos if it is not among them.
+    """
+    ids: list[int] = []
+    gen = getattr(model, "generation_config", None)
+    for source in (getattr(gen, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        for v in [source] if isinstance(source, int) else list(source or []):
+            if isinstance(v, int) and not isinstance(v, bool) and v not in ids:
+                ids.append(v)
+    return ids
 
 
 def _missing_files(model_dir: Path) -> list[Problem]:
@@ -331,7 +359,14 @@ def family_config(family: str, tokenizer: PreTrainedTokenizerBase, **sizes: Any)
     """A random-init config of ``family`` sized by ``sizes`` (hidden_size,
     intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
     max_position_embeddings), with the tokenizer's special token ids."""
-    from transformers import LlamaConfig, Qwen2Config, Qwen3_5TextConfig, Qwen3Config
+    from transformers import (
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+        Qwen3_5TextConfig,
+        Qwen3Config,
+        Qwen3NextConfig,
+    )
 
     common = {
         "vocab_size": len(tokenizer),
@@ -344,6 +379,8 @@ def family_config(family: str, tokenizer: PreTrainedTokenizerBase, **sizes: Any)
     head_dim = common["hidden_size"] // common["num_attention_heads"]
     if family == "llama":
         return LlamaConfig(**common)
+    if family == "mistral":
+        return MistralConfig(head_dim=head_dim, **common)
     if family == "qwen2":
         return Qwen2Config(**common)
     if family == "qwen3":
@@ -359,6 +396,22 @@ def family_config(family: str, tokenizer: PreTrainedTokenizerBase, **sizes: Any)
             linear_num_key_heads=max(1, common["num_key_value_heads"]),
             linear_num_value_heads=common["num_attention_heads"],
             layer_types=layer_types,
+            **common,
+        )
+    if family == "qwen3_next":
+        n = common["num_hidden_layers"]
+        layer_types = ["linear_attention" if i % 2 == 0 and i < n - 1 else "full_attention" for i in range(n)]
+        return Qwen3NextConfig(
+            head_dim=head_dim,
+            linear_key_head_dim=head_dim,
+            linear_value_head_dim=head_dim,
+            linear_num_key_heads=max(1, common["num_key_value_heads"]),
+            linear_num_value_heads=common["num_attention_heads"],
+            layer_types=layer_types,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=common["intermediate_size"] // 2,
+            shared_expert_intermediate_size=common["intermediate_size"] // 2,
             **common,
         )
     raise ModelError(f"unknown model family {family!r} (known: {', '.join(FAMILIES)})")

@@ -34,9 +34,42 @@ def instruction(code: str, *, outline: bool = True) -> str:
     return text
 
 
+def _release_bos(tokenizer: Any) -> str | None:
+    """The BOS token string when the tokenizer's release adds one to every encoding.
+
+    Prompts are tokenized with ``add_special_tokens=False`` (a chat template
+    already carries its own specials), so a release that expects BOS at the
+    start (Llama 3 base has no chat template, only a post-processor adding
+    ``<|begin_of_text|>``) must get it written into the prompt text.
+    """
+    bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
+    if not bos or bos_id is None:
+        return None
+    try:
+        ids = tokenizer("x", add_special_tokens=True)["input_ids"]
+    except (TypeError, ValueError, KeyError):
+        return None
+    return bos if ids and ids[0] == bos_id else None
+
+
+def opens_reasoning(prompt: str) -> bool:
+    """Whether the prompt ends inside an open ``<think>`` block (DeepSeek-R1-Distill
+    templates end the generation prompt with ``<think>``): the model's output is
+    then a reasoning trace, and the report is only what follows ``</think>``."""
+    return prompt.rfind("<think>") > prompt.rfind("</think>")
+
+
 def build_prompt(code: str, tokenizer: Any, *, outline: bool = True) -> str:
-    """The full prompt string (chat-templated when the tokenizer has a template)."""
-    user = instruction(code, outline=outline)
+    """The full prompt string (chat-templated when the tokenizer has a template),
+    starting with the BOS token when the tokenizer's release adds one."""
+    prompt = _templated(instruction(code, outline=outline), tokenizer)
+    bos = _release_bos(tokenizer)
+    if bos is not None and not prompt.startswith(bos):
+        prompt = bos + prompt
+    return prompt
+
+
+def _templated(user: str, tokenizer: Any) -> str:
     if getattr(tokenizer, "chat_template", None):
         kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
         try:

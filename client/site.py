@@ -11,6 +11,8 @@ Site output layout (all of it stays at the site)::
     <output_dir>/privacy-ledger.jsonl        the ε ledger (unless ledger_path is set)
     <output_dir>/ledger.key                  the ledger's HMAC secret (unless ledger_key is set)
     <output_dir>/adapters/round-<n>.safetensors   the adapter this site trained in round n
+    <output_dir>/adapters/round-<n>/              the same adapter as a PEFT folder
+                                                  (adapter_config.json, adapter_model.safetensors)
     <output_dir>/reports/round-<n>/synthetic.jsonl  generated reports (never sent)
     <output_dir>/evaluation/round-<n>/         per-report results, summary, HTML
     <output_dir>/privacy-reports/report-round-<n>.{json,json.sig,html}  signed privacy report
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from client.adapter_files import write_peft_adapter
 from client.dp_sampling import patients_bucket
 from client.ledger import Ledger
 from client.model import (
@@ -158,6 +161,11 @@ def adapter_path(settings: SiteSettings, round_id: int | str) -> Path:
     return settings.output_dir / "adapters" / f"round-{round_id}.safetensors"
 
 
+def adapter_folder(settings: SiteSettings, round_id: int | str) -> Path:
+    """The PEFT folder form of round ``round_id``'s adapter (``PeftModel.from_pretrained``-loadable)."""
+    return settings.output_dir / "adapters" / f"round-{round_id}"
+
+
 def train_local_round(
     settings: SiteSettings,
     *,
@@ -196,6 +204,10 @@ def train_local_round(
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in result.adapter.items()}, str(tmp))
     tmp.replace(path)
+    write_peft_adapter(
+        adapter_folder(settings, round_id), result.adapter, r=lora.r, alpha=lora.alpha,
+        dropout=lora.dropout, base_model=str(settings.model_dir) if settings.model_dir else "embedded",
+    )
     return result
 
 

@@ -75,7 +75,7 @@ def test_qwen3_5_wraps_both_layer_kinds():
 def test_unknown_family_needs_explicit_targets():
     from transformers import GPT2Config
 
-    with pytest.raises(ModelError, match="pass the target module names explicitly"):
+    with pytest.raises(ModelError, match="--lora-targets"):
         default_lora_targets(GPT2Config())
     with pytest.raises(ModelError):
         tiny_random_model("gpt2")

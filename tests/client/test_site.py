@@ -76,6 +76,13 @@ def test_train_then_evaluate_round(world):
     assert (privacy["ledger_seq"], privacy["ledger_head"]) == (entries[0].seq, entries[0].hash)
     site.release_update(settings, privacy)
     assert [e.kind for e in site.open_ledger(settings).entries()] == ["reserve", "released"]
+    # the round's adapter is also a PEFT folder naming the base model
+    from client.adapter_files import read_adapter
+
+    folder = site.adapter_folder(settings, 1)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(root / "model")
+    assert read_adapter(folder).tensors.keys() == adapter.keys()
 
     summary = site.site_evaluate(settings, RUN, global_adapter=adapter, round_id=1)
     assert summary and set(summary) <= METRIC_NAMES
