@@ -98,3 +98,27 @@ def test_model_dir_without_adapter_is_refused(site):
     path = write_plain_reports([("I10", "BP well controlled.")], tmp_path / "r.jsonl")
     result = _run(tmp_path, path, "--model-dir", str(tmp_path))
     assert result.exit_code != 0 and "--adapter" in result.output
+
+
+def test_adapter_adds_membership_inference_and_canaries(site):
+    """With --adapter the command scores membership inference and canary exposure (embedded model)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from client.model import adapter_state, add_lora, load_model
+
+    tmp_path, _ = site
+    torch.manual_seed(0)
+    model, _ = load_model(None)
+    state = {k: v.detach().contiguous() for k, v in adapter_state(add_lora(model, r=2, alpha=4)).items()}
+    save_file(state, str(tmp_path / "adapter.safetensors"))
+    (tmp_path / "canaries.json").write_text(json.dumps({"canaries": [
+        {"text": "code 1 2 3 4.", "prefix": "code ", "secret": "1 2 3 4", "suffix": ".", "repetitions": 3}]}))
+    unseen = make_notes(2, seed=14, prefix="u", notes_per_patient=1)
+    path = write_plain_reports([(n.primary_code, n.text) for n in unseen], tmp_path / "r.jsonl")
+    result = _run(tmp_path, path, "--adapter", str(tmp_path / "adapter.safetensors"))
+    assert result.exit_code == 0, result.output
+    detail = json.loads((tmp_path / "out" / "evaluation" / "r" / "evaluation.json").read_text())
+    assert 0.0 <= detail["membership"]["auc"] <= 1.0 and "auc_calibrated" in detail["membership"]
+    assert "privacy.mia_auc" in detail["cells"] and "privacy.canary_exposure_max" in detail["cells"]
+    assert len(detail["canaries"]) == 1 and detail["canaries"][0]["repetitions"] == 3

@@ -89,3 +89,23 @@ def test_unique_verbatim_uses_patient_ids(tmp_path):
     held_hits = held_table.scores[:, held_table.stats.index("verbatim_13_rate")]
     assert [held_table.patients[i] for i in np.nonzero(held_hits)[0]] == ["h0"]
     assert ev.per_code["F32.1"]["verbatim_unique_rate_13"] == 1 / 7
+
+
+def test_long_reports_against_short_notes_do_not_crash(tmp_path):
+    """#14 §1 end to end: reports hold more tokens than the matched real notes; Self-BLEU on 100."""
+    from client.evaluate.diversity import SELF_BLEU_SUBSET
+
+    rng = np.random.default_rng(5)
+    codes = ["I10", "E11.9"]
+    words = [f"v{j}" for j in range(800)]
+    # short notes first in file order, long ones later: the old head-of-file budget overran
+    train = [Note(note_id=f"n{i}", patient_id=f"p{i}", icd10=(codes[i % 2],),
+                  text=" ".join(rng.choice(words, 5 if i < 150 else 120))) for i in range(200)]
+    held = [Note(note_id=f"h{i}", patient_id=f"h{i}", icd10=(codes[i % 2],),
+                 text=" ".join(rng.choice(words, 40))) for i in range(20)]
+    reports = [SyntheticReport(f"r{i}", codes[i % 2], " ".join(rng.choice(words, 150)), "adapter", "m", None, {}, 0)
+               for i in range(120)]
+    ev = evaluate_site(reports, train, held, embedder=_BagOfWordsEmbedder(), cache_dir=tmp_path, k_min=5)
+    assert ev.cells["diversity.self_bleu_4"].n == SELF_BLEU_SUBSET
+    assert {"diversity.distinct_1", "diversity.distinct_2"} <= set(ev.cells)
+    assert {"diversity.distinct_1", "diversity.self_bleu_4"} <= set(ev.real_reference)
