@@ -30,6 +30,7 @@ Which notes play which role:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections.abc import Sequence
@@ -178,13 +179,17 @@ def evaluate_site(
         problems.append(Problem("reports", "no synthetic reports to evaluate"))
     if not train or not heldout:
         problems.append(Problem("notes", "need both training and held-out notes"))
-    report_tokens = [len(word_tokens(r.text)) for r in reports]
-    problems += [
-        Problem(f"report {r.report_id}", "text has no words (an empty report is never evaluated or released)")
-        for r, k in zip(reports, report_tokens, strict=True) if k == 0
-    ]
+    # A report without words (a generation that came back empty) is never evaluated or
+    # released: it is set aside, counted, and reported as removed by the gate ("empty").
+    all_reports = list(reports)
+    all_tokens = [len(word_tokens(r.text)) for r in all_reports]
+    if reports and not any(all_tokens):
+        problems.append(Problem("reports", f"all {len(all_reports)} reports are empty (no words)"))
     if problems:
         raise InputError("cannot evaluate", problems)
+    evaluated = [i for i, k in enumerate(all_tokens) if k > 0]
+    reports = [all_reports[i] for i in evaluated]
+    report_tokens = [all_tokens[i] for i in evaluated]
 
     synth_texts = [r.text for r in reports]
     synth_codes = [r.code for r in reports]
@@ -201,6 +206,9 @@ def evaluate_site(
     n_rep = len(reports)
     cells["count.reports"] = Cell(float(n_rep), n_rep)
     cells["count.notes"] = Cell(float(len(private)), len(private))
+    n_empty = len(all_reports) - n_rep
+    if n_empty:
+        cells["count.empty_reports"] = Cell(float(n_empty), len(all_reports))
 
     # Fidelity
     centroid = fidelity.centroid_similarity(train_emb, train_codes, synth_emb, synth_codes)
@@ -291,6 +299,11 @@ def evaluate_site(
     if gate is not None:
         gate_result = release_gate(synth_texts, private, identifiers, config=gate, index=index,
                                    heldout=baseline, synthetic_emb=synth_emb)
+        if n_empty:  # indices back to the caller's order; empty reports count as removed
+            gate_result = dataclasses.replace(
+                gate_result, kept=[evaluated[i] for i in gate_result.kept],
+                removed={**gate_result.removed, "empty": n_empty}, total=len(all_reports),
+            )
         cells.update(gate_result.cells())
 
     # Centroid arrays cover only reports whose code has real notes (scored_index).
@@ -312,7 +325,7 @@ def evaluate_site(
             "verbatim_unique_rate_13": float(np.mean(lex.verbatim_unique_13[idx])),
             "rouge_l_max": float(np.max(lex.rouge_l_max[idx])),
         }
-    kept = set(gate_result.kept) if gate_result is not None else None
+    kept = {evaluated[i] for i in range(n_rep)} if gate_result is None else set(gate_result.kept)
     per_report = [
         {
             "report_id": r.report_id,
@@ -329,10 +342,14 @@ def evaluate_site(
             "dcr_train": float(dcr.d_train[i]),
             "lcs_tokens_train": int(lex_train.lcs_tokens[i]),
             "rouge_l_max_train": float(lex_train.rouge_l_max[i]),
-            "released": kept is None or i in kept,
+            "released": evaluated[i] in kept,
         }
         for i, r in enumerate(reports)
     ]
+    if n_empty:  # rows in the caller's order, the empty reports marked as such
+        rows = dict(zip(evaluated, per_report, strict=True))
+        per_report = [rows.get(i) or {"report_id": r.report_id, "code": r.code, "empty": True, "released": False}
+                      for i, r in enumerate(all_reports)]
     return SiteEvaluation(
         summary=build_summary(wire_cells, k_min=k_min),
         suppressed=suppressed_names(wire_cells, k_min=k_min),

@@ -84,7 +84,7 @@ def _distribution_plot(ev: SiteEvaluation) -> str:
         ("share of 8-grams found in private notes", "max ROUGE-L to private notes", "cosine to code centroid"),
         strict=True,
     ):
-        values = [r[key] for r in ev.per_report if r[key] is not None and math.isfinite(r[key])]
+        values = [r[key] for r in ev.per_report if r.get(key) is not None and math.isfinite(r[key])]
         ax.hist(values, bins=20, color="#aa3377")
         ax.set_xlabel(label, fontsize=8)
     fig.suptitle("Overlap and distance distributions (per report, site-only)")
