@@ -41,12 +41,12 @@ from typing import Any
 import numpy as np
 
 from client.evaluate import diversity, dp_metrics, fidelity, membership
+from client.evaluate.dcr import dcr_contrast
 from client.evaluate.embeddings import Embedder, embed_cached
 from client.evaluate.heldout import contrast_cells, heldout_reference
 from client.evaluate.ngram_index import PrivateIndex
 from client.evaluate.privacy import (
     canary_exposure,
-    dcr_contrast,
     lexical_privacy,
     phi_echo,
     privacy_cells,
