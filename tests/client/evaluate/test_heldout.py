@@ -103,3 +103,18 @@ def test_bad_quantile_and_unbalanced_embeddings_are_refused(site):
         _gate(["x y z"], site, heldout_quantile=0.2)
     with pytest.raises(InputError):
         heldout_reference(["a b"], ["p"], ["c d"], train_emb=np.ones((1, 4)))
+
+
+def test_docs_say_how_each_metric_is_read_against_heldout(site):
+    """docs/metrics.md names the held-out baseline of every contrasted metric."""
+    from pathlib import Path
+
+    _, _, unseen, ref, _ = site
+    doc = (Path(__file__).parents[3] / "docs" / "metrics.md").read_text(encoding="utf-8")
+    names = contrast_cells(lexical_privacy([unseen[0].text], [], index=ref.train_index), ref)
+    for name in names:
+        if name.startswith("privacy.heldout."):
+            metric = name.removeprefix("privacy.heldout.")
+            wildcard = "privacy.heldout." + metric.rsplit("_", 1)[0] + "_*"
+            assert name in doc or wildcard in doc, name
+    assert "privacy.heldout.dcr_train_q05" in doc and "heldout_quantile" in doc
