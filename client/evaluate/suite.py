@@ -246,7 +246,8 @@ def evaluate_site(
     # The held-out baseline: every memorization metric of the reports against the training
     # notes, next to the same metric of held-out patients' notes (never trained on).
     baseline = heldout_reference(
-        train_texts, [n.patient_id for n in train], held_texts, train_emb=train_emb, heldout_emb=held_emb
+        train_texts, [n.patient_id for n in train], held_texts, train_emb=train_emb, heldout_emb=held_emb,
+        seed=seed,
     )
     lex_train = lexical_privacy(synth_texts, [], index=baseline.train_index)
     cells.update(contrast_cells(lex_train, baseline))

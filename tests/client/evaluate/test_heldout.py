@@ -118,3 +118,14 @@ def test_docs_say_how_each_metric_is_read_against_heldout(site):
             wildcard = "privacy.heldout." + metric.rsplit("_", 1)[0] + "_*"
             assert name in doc or wildcard in doc, name
     assert "privacy.heldout.dcr_train_q05" in doc and "heldout_quantile" in doc
+
+
+def test_lexical_baseline_is_capped_by_a_sample(monkeypatch):
+    import client.evaluate.heldout as heldout
+
+    monkeypatch.setattr(heldout, "MAX_LEXICAL_BASELINE", 5)
+    train, held = make_notes(10, seed=1, prefix="t"), make_notes(6, seed=2, prefix="h")
+    ht = [n.text for n in held]
+    ref = heldout.heldout_reference([n.text for n in train], [n.patient_id for n in train], ht,
+                                    train_emb=EMB.embed([n.text for n in train]), heldout_emb=EMB.embed(ht))
+    assert ref.n_heldout == 5 and len(ref.heldout_dcr) == 12
