@@ -161,7 +161,7 @@ def release_gate(
     if problems:
         raise ConfigError("invalid release gate configuration", problems)
     echoes = phi_echo(synthetic, identifiers)  # also validates the texts
-    if index is None:
+    if index is None and heldout is None:  # with a baseline, the training-note index is used
         if isinstance(private, str) or not all(isinstance(t, str) for t in private):
             raise InputError(
                 "cannot run the release gate", [Problem("private", "must be a sequence of strings")]
