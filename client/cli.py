@@ -322,11 +322,17 @@ def generate(
 @app.command()
 @expected_errors
 def evaluate(
-    reports: Annotated[Path, typer.Argument(help="Synthetic reports (JSONL from `generate`), or a notes file with --as-notes.")],
+    reports: Annotated[Path, typer.Argument(help=(
+        'Synthetic reports: JSONL from `generate`, or plain JSONL lines {"icd10": "F32.1", "text": "..."} '
+        "from any generator; or a notes file with --as-notes."))],
     notes: NotesOpt = None,
     output_dir: OutOpt = None,
     as_notes: Annotated[bool, typer.Option(help="Treat REPORTS as a notes file (e.g. the public split).")] = False,
     k_min: Annotated[int | None, typer.Option(help="Smallest cell that may be summarised.")] = None,
+    model_dir: ModelOpt = None,
+    adapter: Annotated[Path | None, typer.Option(help=(
+        "LoRA adapter (.safetensors) that wrote the reports: adds membership inference and canary "
+        "exposure (on --model-dir, default the embedded model)."))] = None,
 ) -> None:
     """Evaluate reports against this site's private notes: JSON + self-contained HTML report (stays at the site)."""
     from client.evaluate.embeddings import Embedder
@@ -336,8 +342,13 @@ def evaluate(
     from client.notes import load_notes
     from client.release import GateConfig
     from client.site import load_site_data
+    from shared.errors import ConfigError, InputError, Problem
 
+    if model_dir is not None and adapter is None:
+        raise ConfigError("cannot evaluate", [Problem("--model-dir", "needs --adapter: membership inference "
+                                                      "and canary exposure are measured on the adapter")])
     settings = _settings(notes_path=notes, output_dir=output_dir, k_min=k_min)
+    # The reports are read and checked before any model or note is loaded.
     if as_notes:
         batch = [
             SyntheticReport(report_id=n.note_id, code=n.primary_code, text=n.text, setting="zero-shot",
@@ -346,6 +357,25 @@ def evaluate(
         ]
     else:
         batch = read_reports(reports)
+    if not batch:
+        raise InputError(f"nothing to evaluate in {reports}", [Problem(
+            str(reports), 'no reports (the file is empty); expected one JSON object per line, e.g. '
+            '{"icd10": "F32.1", "text": "..."}')])
+    if len(batch) == 1:
+        console.print("1 report: Self-BLEU and the mode-collapse ratio compare reports with each other "
+                      "and are not computed; every other metric is.")
+    model = tokenizer = None
+    if adapter is not None:
+        from safetensors.torch import load_file
+
+        from client.model import add_lora, load_adapter_state, load_model
+
+        model, tokenizer = load_model(model_dir, device=settings.resolved_device())
+        tensors = load_file(str(adapter))
+        r = next(v.shape[0] for k, v in tensors.items() if "lora_A" in k)
+        model = add_lora(model, r=r, alpha=2 * r)
+        load_adapter_state(model, tensors)
+        model.eval()
     data = load_site_data(settings)
     with progress_bar() as bar:
         task = bar.add_task("evaluating (embeddings, metrics)", total=None, info="")
@@ -353,7 +383,8 @@ def evaluate(
             batch, data.train, data.heldout,
             embedder=Embedder(device=settings.resolved_device()),
             cache_dir=settings.output_dir / "cache", k_min=settings.k_min,
-            canaries=load_canaries(settings.notes_path.parent / "canaries.json"),
+            model=model, tokenizer=tokenizer,
+            canaries=load_canaries(settings.notes_path.parent / "canaries.json") if model is not None else (),
             gate=GateConfig(),
         )
         bar.update(task, total=1, completed=1)
@@ -364,6 +395,9 @@ def evaluate(
     for name, cell in sorted(ev.cells.items()):  # site-only values: this command sends nothing
         table.add_row(name, f"{cell.value:.4g}")
     console.print(table)
+    if ev.gate is not None:
+        console.print(f"release gate: {len(ev.gate.kept)} of {ev.gate.total} kept; removed {ev.gate.removed}; "
+                      f"thresholds {ev.gate.thresholds}")
     console.print(f"site-only values (a federated evaluate round sends only the DP-noised summary); "
                   f"report: {paths['html']}")
 

@@ -12,10 +12,11 @@ report so an auditor sees how much it removed.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from client.evaluate.heldout import HeldoutReference
 from client.evaluate.ngram_index import PrivateIndex
 from client.evaluate.privacy import (
     distance_to_closest_record,
@@ -34,12 +35,17 @@ class GateConfig:
     max_rouge_l: a report whose max ROUGE-L F1 to retrieved private notes is >= this is removed.
     min_dcr: when set, a report whose cosine distance to the closest private note is <= this is removed.
     rouge_candidates: private notes retrieved per report for the ROUGE-L check.
+    heldout_quantile: with a held-out baseline (``release_gate(heldout=...)``), a report is
+        removed for copying only when it is closer to the training notes than this quantile
+        of held-out patients' notes is (longest copied span, ROUGE-L, embedding distance);
+        max_ngram and max_rouge_l then stay as floors below which nothing is removed.
     """
 
     max_ngram: int = 13
     max_rouge_l: float = 0.7
     min_dcr: float | None = None
     rouge_candidates: int = 20
+    heldout_quantile: float = 0.99
 
     def problems(self) -> list[Problem]:
         out = []
@@ -69,6 +75,14 @@ class GateConfig:
                     "rouge_candidates", f"must be an integer >= 1, got {self.rouge_candidates!r}"
                 )
             )
+        if (
+            isinstance(self.heldout_quantile, bool)
+            or not isinstance(self.heldout_quantile, (int, float))
+            or not 0.5 <= self.heldout_quantile <= 1.0
+        ):
+            out.append(
+                Problem("heldout_quantile", f"must be in [0.5, 1], got {self.heldout_quantile!r}")
+            )
         return out
 
 
@@ -80,12 +94,21 @@ class GateResult:
     is f"verbatim_{max_ngram}" —, "rouge_l", "phi_echo", "dcr"). A report failing
     several checks counts under each, so the counts may add up to more than the
     number removed (= total - len(kept)).
+
+    calibrated: the thresholds came from held-out patients' notes (``heldout_notes`` of
+    them); thresholds: the effective values applied — "verbatim_min_tokens" (a copied span
+    this long or longer is removed), "rouge_l_above" (ROUGE-L F1 above this is removed,
+    with max_rouge_l as floor), "dcr_below" (cosine distance to the closest training note
+    below this is removed; with a held-out baseline and embeddings), "heldout_quantile".
     """
 
     kept: list[int]
     removed: dict[str, int]
     total: int = 0
     config: GateConfig | None = None  # the thresholds applied (stated in the privacy report)
+    calibrated: bool = False
+    heldout_notes: int = 0
+    thresholds: dict[str, float] = field(default_factory=dict)
 
     def cells(self) -> dict[str, Cell]:
         """``release.kept_share`` for ``build_summary``; n = reports the gate saw."""
@@ -105,6 +128,7 @@ def release_gate(
     synthetic_emb: np.ndarray | None = None,
     private_emb: np.ndarray | None = None,
     index: PrivateIndex | None = None,
+    heldout: HeldoutReference | None = None,
 ) -> GateResult:
     """Keep a report only if it has no ``max_ngram``-token verbatim overlap with any
     private note, echoes no known identifier, has max ROUGE-L below ``max_rouge_l``
@@ -112,6 +136,13 @@ def release_gate(
 
     Defence in depth, not differential privacy (see module docstring). ``index``: a
     PrivateIndex already built over ``private``, to reuse.
+
+    ``heldout``: the held-out baseline (:func:`client.evaluate.heldout.heldout_reference`).
+    Then the copy checks compare each report with the TRAINING notes and remove it only
+    when it is closer to them than ``config.heldout_quantile`` of held-out patients' notes
+    are (those patients were never trained on, so their closeness is shared phrasing, not
+    memorization); with ``synthetic_emb`` also by embedding distance ("dcr_heldout").
+    Identifier echo is always removed.
     """
     if not isinstance(config, GateConfig):
         raise ConfigError(
@@ -131,19 +162,48 @@ def release_gate(
     if problems:
         raise ConfigError("invalid release gate configuration", problems)
     echoes = phi_echo(synthetic, identifiers)  # also validates the texts
-    if index is None:
+    if index is None and heldout is None:  # with a baseline, the training-note index is used
         if isinstance(private, str) or not all(isinstance(t, str) for t in private):
             raise InputError(
                 "cannot run the release gate", [Problem("private", "must be a sequence of strings")]
             )
         index = PrivateIndex(private)
-    lex = lexical_privacy(synthetic, private, candidates=config.rouge_candidates, index=index)
     n = len(synthetic)
+    verbatim_min = float(config.max_ngram)
+    if heldout is None:
+        lex = lexical_privacy(synthetic, private, candidates=config.rouge_candidates, index=index)
+        verbatim, rouge = lex.lcs_tokens >= config.max_ngram, lex.rouge_l_max >= config.max_rouge_l
+        thresholds = {"verbatim_min_tokens": verbatim_min, "rouge_l_min": float(config.max_rouge_l)}
+    else:
+        lex = lexical_privacy(
+            synthetic, [], candidates=config.rouge_candidates, index=heldout.train_index
+        )
+        base = heldout.thresholds(config.heldout_quantile)
+        verbatim_min = max(verbatim_min, float(np.floor(base["lcs_tokens"])) + 1.0)
+        rouge_above = base["rouge_l"]
+        verbatim = lex.lcs_tokens >= verbatim_min
+        rouge = (lex.rouge_l_max >= config.max_rouge_l) & (lex.rouge_l_max > rouge_above)
+        thresholds = {
+            "verbatim_min_tokens": verbatim_min,
+            "rouge_l_min": float(config.max_rouge_l),
+            "rouge_l_above": rouge_above,
+            "heldout_quantile": float(config.heldout_quantile),
+        }
     fails = {
-        f"verbatim_{config.max_ngram}": lex.lcs_tokens >= config.max_ngram,
-        "rouge_l": lex.rouge_l_max >= config.max_rouge_l,
+        f"verbatim_{config.max_ngram}": verbatim,
+        "rouge_l": rouge,
         "phi_echo": np.array([len(e) > 0 for e in echoes], dtype=bool).reshape(n),
     }
+    if heldout is not None and heldout.heldout_dcr is not None and synthetic_emb is not None:
+        if len(np.asarray(synthetic_emb)) != n:
+            raise ConfigError(
+                "invalid release gate input",
+                [Problem("synthetic_emb", f"{len(np.asarray(synthetic_emb))} rows for {n} reports")],
+            )
+        thresholds["dcr_below"] = base["dcr"]
+        fails["dcr_heldout"] = (
+            distance_to_closest_record(synthetic_emb, heldout.train_emb) < base["dcr"]
+        )
     if config.min_dcr is not None:
         fails["dcr"] = distance_to_closest_record(synthetic_emb, private_emb) <= config.min_dcr
     bad = np.zeros(n, dtype=bool)
@@ -154,4 +214,7 @@ def release_gate(
         removed={k: int(v.sum()) for k, v in fails.items()},
         total=n,
         config=config,
+        calibrated=heldout is not None,
+        heldout_notes=0 if heldout is None else heldout.n_heldout,
+        thresholds=thresholds,
     )

@@ -38,6 +38,48 @@ def total_tokens(texts: Sequence[str]) -> int:
     return sum(len(word_tokens(t)) for t in texts)
 
 
+# Reports per Self-BLEU subset (docs/metrics.md): each is scored against the other 99.
+SELF_BLEU_SUBSET = 100
+
+
+@dataclass(frozen=True)
+class MatchedReference:
+    """Which real notes the diversity reference uses, and the shared distinct-n token budget.
+
+    ``indices``: a uniform sample without replacement of min(reports, notes) real notes
+    (sorted). ``token_budget``: min(tokens of all reports, tokens of the sampled notes),
+    so distinct-n of both corpora is measured on equally many tokens; None when
+    either side has no tokens (distinct-n is then not computed).
+    """
+
+    indices: np.ndarray
+    token_budget: int | None
+
+
+def matched_reference(
+    report_tokens: Sequence[int], note_tokens: Sequence[int], *, seed: int
+) -> MatchedReference:
+    """Sample the real-note reference for the diversity metrics and the matched budget.
+
+    ``report_tokens``/``note_tokens``: :func:`word_tokens` counts per report / per note.
+    The budget is computed over the SAME notes the reference then uses, so it never
+    exceeds either corpus (it is at most each side's total).
+    """
+    problems = [
+        Problem(name, "must be a non-empty sequence of non-negative integer token counts")
+        for name, counts in (("report_tokens", report_tokens), ("note_tokens", note_tokens))
+        if isinstance(counts, str) or not isinstance(counts, Sequence) or not len(counts)
+        or any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 0 for c in counts)
+    ]
+    if problems:
+        raise InputError("invalid diversity reference input", problems)
+    m = min(len(report_tokens), len(note_tokens))
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(len(note_tokens), size=m, replace=False))
+    budget = min(int(sum(report_tokens)), int(sum(int(note_tokens[i]) for i in idx)))
+    return MatchedReference(idx, budget if budget >= 1 else None)
+
+
 @dataclass(frozen=True)
 class DistinctResult:
     """distinct-n = unique n-grams / n-grams, over a sample of ``tokens_used`` tokens."""
@@ -107,7 +149,7 @@ class SelfBleuResult:
         return {"diversity.self_bleu_4": Cell(self.self_bleu, self.subset_size)} if math.isfinite(self.self_bleu) else {}
 
 
-def self_bleu(texts: Sequence[str], *, subset_size: int = 100, seed: int = 0) -> SelfBleuResult:
+def self_bleu(texts: Sequence[str], *, subset_size: int = SELF_BLEU_SUBSET, seed: int = 0) -> SelfBleuResult:
     """Self-BLEU-4 on a seeded subset of ``subset_size`` reports (all when fewer).
 
     Each report is the hypothesis, the other subset reports its references

@@ -250,34 +250,6 @@ def _unit(x: np.ndarray, name: str) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def dcr_train_closer_share(
-    synthetic_emb: np.ndarray, train_emb: np.ndarray, heldout_emb: np.ndarray, *, seed: int = 0
-) -> float:
-    """Share of synthetic reports whose closest record (cosine) is a TRAIN note, not a HELD-OUT one.
-
-    Ties count 0.5. The larger of train/held-out is first subsampled (seeded, without
-    replacement) to the size of the smaller, so a generator that learned the
-    distribution but not the training notes scores ~0.5; values well above 0.5 mean
-    reports sit closer to training notes than to unseen notes of the same
-    population — a memorization signal.
-    """
-    tr, ho = np.asarray(train_emb), np.asarray(heldout_emb)
-    if tr.ndim != 2 or ho.ndim != 2 or len(tr) == 0 or len(ho) == 0:
-        raise InputError(
-            "DCR needs non-empty 2-D train and held-out embeddings",
-            [Problem("train_emb/heldout_emb", f"shapes {tr.shape} and {ho.shape}")],
-        )
-    rng = np.random.default_rng(seed)
-    n = min(len(tr), len(ho))
-    tr = tr[np.sort(rng.choice(len(tr), n, replace=False))] if len(tr) > n else tr
-    ho = ho[np.sort(rng.choice(len(ho), n, replace=False))] if len(ho) > n else ho
-    d_tr = distance_to_closest_record(synthetic_emb, tr)
-    d_ho = distance_to_closest_record(synthetic_emb, ho)
-    if len(d_tr) == 0:
-        raise InputError("DCR needs synthetic embeddings", [Problem("synthetic_emb", "is empty")])
-    return float(np.mean(np.where(d_tr < d_ho, 1.0, np.where(d_tr == d_ho, 0.5, 0.0))))
-
-
 _SPACE = re.compile(r"\s+")
 _PIECE = re.compile(r"\w+|[^\w\s]")
 _WORD = re.compile(r"\w")

@@ -20,13 +20,17 @@ Which notes play which role:
   (both are private);
 - real reference for fidelity and diversity: training notes; TSTR/TRTR test set:
   held-out notes;
-- distance to closest record: training vs held-out notes (ideal share ≈ 0.5);
+- distance to closest record: every report against every training note, read against
+  held-out notes' own distance to the training notes (ideal train-closer share ≈ 0.5);
+- memorization contrast and release gate: reports vs training notes, read against held-out
+  patients' notes vs training notes (:mod:`client.evaluate.heldout`);
 - membership inference (when a model is given): the model's loss on training
   patients' notes vs held-out patients' notes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections.abc import Sequence
@@ -37,16 +41,18 @@ from typing import Any
 import numpy as np
 
 from client.evaluate import diversity, dp_metrics, fidelity, membership
+from client.evaluate.dcr import dcr_contrast
 from client.evaluate.embeddings import Embedder, embed_cached
+from client.evaluate.heldout import contrast_cells, heldout_reference
 from client.evaluate.ngram_index import PrivateIndex
 from client.evaluate.privacy import (
     canary_exposure,
-    dcr_train_closer_share,
     lexical_privacy,
     phi_echo,
     privacy_cells,
 )
 from client.evaluate.summary import Cell, build_summary, suppressed_names
+from client.evaluate.tokens import word_tokens
 from client.generate import SyntheticReport
 from client.notes import Note
 from client.release import GateConfig, GateResult, release_gate
@@ -92,10 +98,13 @@ def _codes_texts(notes: Sequence[Note]) -> tuple[list[str], list[str]]:
     return [n.primary_code for n in notes], [n.text for n in notes]
 
 
-def _diversity_cells(texts: Sequence[str], emb: np.ndarray, *, budget: int, seed: int) -> dict[str, Cell]:
+def _diversity_cells(texts: Sequence[str], emb: np.ndarray, *, budget: int | None, seed: int) -> dict[str, Cell]:
+    """Diversity of one corpus; distinct-n only with a token budget, Self-BLEU only for ≥ 2 texts."""
     cells: dict[str, Cell] = {}
-    cells.update(diversity.distinct_n(texts, token_budget=budget, seed=seed).cells())
-    cells.update(diversity.self_bleu(texts, subset_size=min(50, len(texts)), seed=seed).cells())
+    if budget is not None:
+        cells.update(diversity.distinct_n(texts, token_budget=budget, seed=seed).cells())
+    if len(texts) >= 2:
+        cells.update(diversity.self_bleu(texts, subset_size=diversity.SELF_BLEU_SUBSET, seed=seed).cells())
     cells.update(diversity.mtld(texts).cells())
     cells["diversity.vendi"] = Cell(float(diversity.vendi_score(emb)), len(texts))
     cells.update(diversity.duplicate_rates(texts).cells())
@@ -170,8 +179,17 @@ def evaluate_site(
         problems.append(Problem("reports", "no synthetic reports to evaluate"))
     if not train or not heldout:
         problems.append(Problem("notes", "need both training and held-out notes"))
+    # A report without words (a generation that came back empty) is never evaluated or
+    # released: it is set aside, counted, and reported as removed by the gate ("empty").
+    all_reports = list(reports)
+    all_tokens = [len(word_tokens(r.text)) for r in all_reports]
+    if reports and not any(all_tokens):
+        problems.append(Problem("reports", f"all {len(all_reports)} reports are empty (no words)"))
     if problems:
         raise InputError("cannot evaluate", problems)
+    evaluated = [i for i, k in enumerate(all_tokens) if k > 0]
+    reports = [all_reports[i] for i in evaluated]
+    report_tokens = [all_tokens[i] for i in evaluated]
 
     synth_texts = [r.text for r in reports]
     synth_codes = [r.code for r in reports]
@@ -185,9 +203,12 @@ def evaluate_site(
     held_emb = embed_cached(embedder, held_texts, cache_dir=cache_dir, name="heldout-notes")
 
     cells: dict[str, Cell] = {}
-    n_rep, n_train = len(reports), len(train)
+    n_rep = len(reports)
     cells["count.reports"] = Cell(float(n_rep), n_rep)
     cells["count.notes"] = Cell(float(len(private)), len(private))
+    n_empty = len(all_reports) - n_rep
+    if n_empty:
+        cells["count.empty_reports"] = Cell(float(n_empty), len(all_reports))
 
     # Fidelity
     centroid = fidelity.centroid_similarity(train_emb, train_codes, synth_emb, synth_codes)
@@ -199,13 +220,17 @@ def evaluate_site(
     cells.update(fidelity.frechet_per_code(train_emb, train_codes, synth_emb, synth_codes).cells())
     cells.update(fidelity.length_distribution(train_texts, synth_texts).cells())
 
-    # Diversity, on token-count-matched samples of synthetic and real
-    budget = min(diversity.total_tokens(synth_texts), diversity.total_tokens(train_texts))
-    cells.update(_diversity_cells(synth_texts, synth_emb, budget=budget, seed=seed))
-    m = min(len(synth_texts), n_train)  # same number of real notes as reports
+    # Diversity, on token-count-matched samples of synthetic and real: as many real notes as
+    # reports, sampled; the budget is computed over those same notes (never exceeds either side).
+    ref = diversity.matched_reference(
+        report_tokens, [len(word_tokens(t)) for t in train_texts], seed=seed
+    )
+    cells.update(_diversity_cells(synth_texts, synth_emb, budget=ref.token_budget, seed=seed))
     real_div = {
         k: c.value
-        for k, c in _diversity_cells(train_texts[:m], train_emb[:m], budget=budget, seed=seed).items()
+        for k, c in _diversity_cells(
+            [train_texts[i] for i in ref.indices], train_emb[ref.indices], budget=ref.token_budget, seed=seed
+        ).items()
     }
     cells.update(diversity.mode_collapse_ratio(train_emb, train_codes, synth_emb, synth_codes).cells())
 
@@ -215,8 +240,17 @@ def evaluate_site(
     lex = lexical_privacy(synth_texts, private, index=index)
     cells.update(lex.cells())
     echoes = phi_echo(synth_texts, identifiers)
-    dcr = dcr_train_closer_share(synth_emb, train_emb, held_emb, seed=seed)
-    cells.update(privacy_cells(echoes=echoes, dcr_share=dcr, n_dcr=n_rep))
+    cells.update(privacy_cells(echoes=echoes))
+    dcr = dcr_contrast(synth_emb, train_emb, held_emb, synthetic_texts=synth_texts, train_texts=train_texts)
+    cells.update(dcr.cells())
+    # The held-out baseline: every memorization metric of the reports against the training
+    # notes, next to the same metric of held-out patients' notes (never trained on).
+    baseline = heldout_reference(
+        train_texts, [n.patient_id for n in train], held_texts, train_emb=train_emb, heldout_emb=held_emb,
+        seed=seed,
+    )
+    lex_train = lexical_privacy(synth_texts, [], index=baseline.train_index)
+    cells.update(contrast_cells(lex_train, baseline))
 
     mia = None
     canary_results: list[dict[str, Any]] = []
@@ -258,13 +292,19 @@ def evaluate_site(
     release = dp_metrics.gaussian_release(tables, noise_multiplier=noise_multiplier)
     wire_cells = release.cells()
     if public_codes:
-        own = _diversity_cells(synth_texts, synth_emb, budget=diversity.total_tokens(synth_texts), seed=seed)
+        own = _diversity_cells(synth_texts, synth_emb, budget=sum(report_tokens), seed=seed)
         own["count.reports"] = cells["count.reports"]
         wire_cells.update({k: c for k, c in own.items() if k in SYNTHETIC_ONLY_NAMES})
 
     gate_result = None
     if gate is not None:
-        gate_result = release_gate(synth_texts, private, identifiers, config=gate, index=index)
+        gate_result = release_gate(synth_texts, private, identifiers, config=gate, index=index,
+                                   heldout=baseline, synthetic_emb=synth_emb)
+        if n_empty:  # indices back to the caller's order; empty reports count as removed
+            gate_result = dataclasses.replace(
+                gate_result, kept=[evaluated[i] for i in gate_result.kept],
+                removed={**gate_result.removed, "empty": n_empty}, total=len(all_reports),
+            )
         cells.update(gate_result.cells())
 
     # Centroid arrays cover only reports whose code has real notes (scored_index).
@@ -286,7 +326,7 @@ def evaluate_site(
             "verbatim_unique_rate_13": float(np.mean(lex.verbatim_unique_13[idx])),
             "rouge_l_max": float(np.max(lex.rouge_l_max[idx])),
         }
-    kept = set(gate_result.kept) if gate_result is not None else None
+    kept = {evaluated[i] for i in range(n_rep)} if gate_result is None else set(gate_result.kept)
     per_report = [
         {
             "report_id": r.report_id,
@@ -300,10 +340,17 @@ def evaluate_site(
             "lcs_tokens": int(lex.lcs_tokens[i]),
             "rouge_l_max": float(lex.rouge_l_max[i]),
             "phi_echo": len(echoes[i]),
-            "released": kept is None or i in kept,
+            "dcr_train": float(dcr.d_train[i]),
+            "lcs_tokens_train": int(lex_train.lcs_tokens[i]),
+            "rouge_l_max_train": float(lex_train.rouge_l_max[i]),
+            "released": evaluated[i] in kept,
         }
         for i, r in enumerate(reports)
     ]
+    if n_empty:  # rows in the caller's order, the empty reports marked as such
+        rows = dict(zip(evaluated, per_report, strict=True))
+        per_report = [rows.get(i) or {"report_id": r.report_id, "code": r.code, "empty": True, "released": False}
+                      for i, r in enumerate(all_reports)]
     return SiteEvaluation(
         summary=build_summary(wire_cells, k_min=k_min),
         suppressed=suppressed_names(wire_cells, k_min=k_min),

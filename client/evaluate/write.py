@@ -84,7 +84,7 @@ def _distribution_plot(ev: SiteEvaluation) -> str:
         ("share of 8-grams found in private notes", "max ROUGE-L to private notes", "cosine to code centroid"),
         strict=True,
     ):
-        values = [r[key] for r in ev.per_report if r[key] is not None and math.isfinite(r[key])]
+        values = [r[key] for r in ev.per_report if r.get(key) is not None and math.isfinite(r[key])]
         ax.hist(values, bins=20, color="#aa3377")
         ax.set_xlabel(label, fontsize=8)
     fig.suptitle("Overlap and distance distributions (per report, site-only)")
@@ -111,6 +111,11 @@ def render_evaluation_html(ev: SiteEvaluation, *, title: str) -> str:
         gate = (f"<h2>Release gate</h2><p>{len(ev.gate.kept)} of {ev.gate.total} reports pass; "
                 f"removed by check: {removed}. Filtering with private data is defence in depth, "
                 "not differential privacy.</p>")
+        if ev.gate.calibrated:
+            applied = ", ".join(f"{e(k)} {v:.4g}" for k, v in sorted(ev.gate.thresholds.items()))
+            gate += (f"<p>Thresholds calibrated on {ev.gate.heldout_notes} notes of held-out patients "
+                     f"(never trained on): a report is removed only when it is closer to the training "
+                     f"notes than they are. Applied: {applied}.</p>")
     mia = ""
     if ev.mia is not None:
         mia = (f"<h2>Membership inference (loss threshold)</h2><p>AUC {ev.mia['auc']:.3f} "
@@ -155,7 +160,9 @@ def write_evaluation(ev: SiteEvaluation, out_dir: Path, *, title: str) -> dict[s
         "real_reference": ev.real_reference,
         "per_code": ev.per_code,
         "release_gate": None if ev.gate is None else {
-            "checked": ev.gate.total, "kept": len(ev.gate.kept), "removed": ev.gate.removed},
+            "checked": ev.gate.total, "kept": len(ev.gate.kept), "removed": ev.gate.removed,
+            "calibrated": ev.gate.calibrated, "heldout_notes": ev.gate.heldout_notes,
+            "thresholds": ev.gate.thresholds},
         "membership": ev.mia,
         "canaries": ev.canaries,
         "dp_release": None if ev.dp_release is None else {

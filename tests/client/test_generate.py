@@ -204,3 +204,26 @@ def test_generation_batch_size_setting_and_device_default(tiny, monkeypatch):
     assert "GENERATION_BATCH_SIZE" in str(err.value.problems)
     # None reaches generate_reports as "the device's default": same reports as batch 16 on CPU.
     assert _run(tiny, batch_size=None) == _run(tiny, batch_size=16)
+
+
+def test_read_reports_plain_format(tmp_path):
+    """#14 §4: plain {"icd10", "text"} lines (any generator) are read; empty text is refused."""
+    import json as _json
+
+    from client.generate import read_reports as _read
+    from shared.errors import InputError as _InputError
+
+    path = tmp_path / "plain.jsonl"
+    path.write_text("\n".join(_json.dumps(o) for o in (
+        {"icd10": "f321", "text": "Low mood for weeks."},
+        {"icd10": ["I10", "E11.9"], "text": "BP high.", "report_id": "mine-7"},
+    )) + "\n")
+    got = _read(path)
+    assert [(r.code, r.report_id) for r in got] == [("F32.1", "plain.jsonl:1"), ("I10", "mine-7")]
+    path.write_text("\n".join(_json.dumps(o) for o in (
+        {"icd10": "I10", "text": "  "}, {"icd10": "Q99.99x", "text": "x"}, {"icd10": "I10", "text": 3},
+    )) + "\n")
+    with pytest.raises(_InputError) as exc:
+        _read(path)
+    msg = str(exc.value) + " ".join(str(p) for p in exc.value.problems)
+    assert "empty" in msg and "unknown ICD-10 code" in msg and "'text' must be a string" in msg

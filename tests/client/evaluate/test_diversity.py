@@ -146,3 +146,17 @@ def test_near_duplicates_found_by_index_match_brute_force():
                 brute[i] = True
     assert brute.any() and not brute.all()
     assert (flags == brute).all()
+
+
+def test_self_bleu_matches_sacrebleu_sentence_bleu_and_docs():
+    """Cross-check: the mean of sacrebleu's sentence_bleu of each report against all the others."""
+    from sacrebleu import sentence_bleu
+
+    from client.evaluate.diversity import SELF_BLEU_SUBSET
+
+    assert SELF_BLEU_SUBSET == 100  # docs/metrics.md: "default 100"
+    rng = np.random.default_rng(3)
+    words = [f"w{i}" for i in range(40)]
+    texts = [" ".join(rng.choice(words, int(rng.integers(8, 30)))) for _ in range(25)]
+    want = np.mean([sentence_bleu(t, texts[:i] + texts[i + 1:]).score / 100 for i, t in enumerate(texts)])
+    assert self_bleu(texts, subset_size=len(texts)).self_bleu == pytest.approx(want, abs=1e-9)

@@ -8,7 +8,6 @@ import pytest
 from client.evaluate.ngram_index import PrivateIndex, encode
 from client.evaluate.privacy import (
     canary_exposure,
-    dcr_train_closer_share,
     distance_to_closest_record,
     lexical_privacy,
     lexical_summary,
@@ -92,23 +91,8 @@ def test_bit_parallel_rouge_matches_dp_across_word_boundaries() -> None:
     assert got == pytest.approx(want)
 
 
-def test_dcr_train_copies_and_heldout_like() -> None:
-    rng = np.random.default_rng(4)
-    train, heldout = rng.normal(size=(400, 16)), rng.normal(size=(400, 16))
-    assert dcr_train_closer_share(train[:200] + 1e-6, train, heldout) == 1.0
-    assert dcr_train_closer_share(rng.normal(size=(4000, 16)), train, heldout) == pytest.approx(
-        0.5, abs=0.04
-    )
-    # the larger set is subsampled to the smaller: heldout-like synthetic data stays ~0.5
-    big_train = rng.normal(size=(4000, 16))
-    assert dcr_train_closer_share(
-        rng.normal(size=(4000, 16)), big_train, heldout, seed=1
-    ) == pytest.approx(0.5, abs=0.04)
-
-
 def test_dcr_ties_count_half_and_distance() -> None:
     x = np.eye(3)
-    assert dcr_train_closer_share(x[:1], x[1:2], x[2:3]) == 0.5
     assert distance_to_closest_record(x, x[:1]).tolist() == pytest.approx([0.0, 1.0, 1.0])
     with pytest.raises(InputError):
         distance_to_closest_record(np.zeros((1, 3)), x)

@@ -4,10 +4,12 @@ import hashlib
 import json
 
 import numpy as np
+import pytest
 
 from client.evaluate.suite import REFERENCE_CANARIES_SCORED, evaluate_site, load_canaries
 from client.generate import SyntheticReport
 from client.notes import Note
+from shared.errors import InputError
 
 
 def entry(secret: str) -> dict:
@@ -89,3 +91,47 @@ def test_unique_verbatim_uses_patient_ids(tmp_path):
     held_hits = held_table.scores[:, held_table.stats.index("verbatim_13_rate")]
     assert [held_table.patients[i] for i in np.nonzero(held_hits)[0]] == ["h0"]
     assert ev.per_code["F32.1"]["verbatim_unique_rate_13"] == 1 / 7
+
+
+def test_long_reports_against_short_notes_do_not_crash(tmp_path):
+    """#14 §1 end to end: reports hold more tokens than the matched real notes; Self-BLEU on 100."""
+    from client.evaluate.diversity import SELF_BLEU_SUBSET
+
+    rng = np.random.default_rng(5)
+    codes = ["I10", "E11.9"]
+    words = [f"v{j}" for j in range(800)]
+    # short notes first in file order, long ones later: the old head-of-file budget overran
+    train = [Note(note_id=f"n{i}", patient_id=f"p{i}", icd10=(codes[i % 2],),
+                  text=" ".join(rng.choice(words, 5 if i < 150 else 120))) for i in range(200)]
+    held = [Note(note_id=f"h{i}", patient_id=f"h{i}", icd10=(codes[i % 2],),
+                 text=" ".join(rng.choice(words, 40))) for i in range(20)]
+    reports = [SyntheticReport(f"r{i}", codes[i % 2], " ".join(rng.choice(words, 150)), "adapter", "m", None, {}, 0)
+               for i in range(120)]
+    ev = evaluate_site(reports, train, held, embedder=_BagOfWordsEmbedder(), cache_dir=tmp_path, k_min=5)
+    assert ev.cells["diversity.self_bleu_4"].n == SELF_BLEU_SUBSET
+    assert {"diversity.distinct_1", "diversity.distinct_2"} <= set(ev.cells)
+    assert {"diversity.distinct_1", "diversity.self_bleu_4"} <= set(ev.real_reference)
+
+
+def test_empty_reports_are_never_evaluated_or_released(tmp_path):
+    """A generation that came back empty is set aside and counted as removed, in the caller's order."""
+    from client.evaluate.write import write_evaluation
+    from client.release import GateConfig
+    from tests.client.evaluate.second_generator import make_notes
+
+    train, held = make_notes(30, seed=1, prefix="t"), make_notes(8, seed=2, prefix="h")
+    fresh = make_notes(3, seed=3, prefix="u", notes_per_patient=1)
+    texts = [fresh[0].text, "", fresh[1].text, "  \n", fresh[2].text]
+    reports = [SyntheticReport(f"r{i}", "I10", t, "adapter", "m", None, {}, 0) for i, t in enumerate(texts)]
+    ev = evaluate_site(reports, train, held, embedder=_BagOfWordsEmbedder(), cache_dir=tmp_path, k_min=2,
+                       gate=GateConfig())
+    assert ev.gate.total == 5 and ev.gate.removed["empty"] == 2
+    assert 1 not in ev.gate.kept and 3 not in ev.gate.kept and set(ev.gate.kept) <= {0, 2, 4}
+    assert [r["report_id"] for r in ev.per_report] == [f"r{i}" for i in range(5)]
+    assert [r.get("empty", False) for r in ev.per_report] == [False, True, False, True, False]
+    assert not ev.per_report[1]["released"] and ev.cells["count.reports"].value == 3
+    assert ev.cells["count.empty_reports"].value == 2
+    assert ev.cells["release.kept_share"].value == len(ev.gate.kept) / 5
+    write_evaluation(ev, tmp_path / "out", title="t")  # the local report copes with the empty rows
+    with pytest.raises(InputError, match="cannot evaluate"):
+        evaluate_site(reports[1:2], train, held, embedder=_BagOfWordsEmbedder(), cache_dir=tmp_path, k_min=2)
