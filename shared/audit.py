@@ -40,6 +40,7 @@ KINDS: frozenset[str] = frozenset(
     {
         "run_start",
         "run_end",
+        "site_registered",  # the coordinator saw a node: its node id, site name, public key sha256
         "round",
         "update_accepted",
         "update_rejected",  # data must carry a short "reason"
