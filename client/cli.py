@@ -35,6 +35,24 @@ err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from shared.about import version_line
+
+        console.print(version_line("fedsynth-site"), highlight=False)
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """fedsynth site client. Exit codes: 0 ok; 1 other error; 2 settings/usage; 3 bad input
+    (notes); 4 model; 5 privacy refusal; 6 budget exceeded; 7 privacy ledger; 8 training;
+    9 wire contract; 10 verification."""
+
+
 def expected_errors(fn: F) -> F:
     """Print a FedsynthError without a traceback and exit with its code."""
 
