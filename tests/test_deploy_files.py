@@ -231,3 +231,26 @@ def test_site_script_runs_the_role_each_unit_asks_for(role, tmp_path):
     else:
         assert calls[0].startswith("python -m client.launcher serve --runtime-api-address 127.0.0.1:9094")
         assert "--pin /srv/site/pin.json" in calls[0]
+
+
+def _patterns(path: Path) -> set[str]:
+    return {line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")}
+
+
+def test_ignore_files_keep_notes_outputs_and_secrets_out():
+    git = ROOT / ".gitignore"
+    docker = ROOT / ".dockerignore"
+    for must in (".env", "*.key", "notes.jsonl", "notes.csv", "/site-output/", "/coordinator-output/"):
+        assert must in _patterns(git), f".gitignore lacks {must}"
+    for must in (".git", ".venv", ".env", "**/*.key", "**/*.secret", "**/notes.jsonl", "**/notes.csv",
+                 "site-output", "coordinator-output", "wheelhouse", "runs"):
+        assert must in _patterns(docker), f".dockerignore lacks {must}"
+    # .gitignore must reach the image: Flower filters the FAB (and so the pin) with it
+    assert ".gitignore" not in _patterns(docker)
+    for path in ("site-a/notes.jsonl", "pki/site-a.key", ".env", "site-output/x"):
+        out = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "--no-index", "-q", path],
+                             capture_output=True)
+        assert out.returncode == 0, f"{path} is not ignored by git"
+    kept = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "--no-index", "-q",
+                           "deploy/site.env.example"], capture_output=True)
+    assert kept.returncode == 1, "the env examples must stay tracked"
