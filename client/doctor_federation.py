@@ -34,7 +34,7 @@ def check_root_cert(root_cert: Path | None, *, now: datetime | None = None) -> C
     from cryptography import x509
 
     name = "root CA"
-    ask = "get the consortium's current ca.crt from the coordinator (made by `python -m server.pki`)"
+    ask = "get the consortium's current ca.crt from the coordinator (made by `fedsynth-coordinator pki`)"
     if root_cert is None:
         return warn_check(name, "not given (needed to reach the coordinator)",
                           "pass --root-cert or set FEDSYNTH_CA_CERT")
@@ -183,7 +183,7 @@ def check_coordinator(coordinator: str | None, root_cert: Path | None, *, timeou
     except ssl.SSLCertVerificationError as exc:
         return fail_check(name, f"{coordinator}: certificate not trusted: {exc.verify_message}",
                           "use the consortium's current ca.crt and dial a host name listed in the "
-                          "SuperLink certificate (python -m server.pki ... --host NAME)")
+                          "SuperLink certificate (fedsynth-coordinator pki ... --host NAME)")
     except ssl.SSLError as exc:
         return fail_check(name, f"{coordinator}: TLS handshake failed: {exc.reason or exc}",
                           "check that HOST:PORT is the Fleet API (not the Control API) and no proxy "

@@ -254,3 +254,28 @@ def test_ignore_files_keep_notes_outputs_and_secrets_out():
     kept = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "--no-index", "-q",
                            "deploy/site.env.example"], capture_output=True)
     assert kept.returncode == 1, "the env examples must stay tracked"
+
+
+def test_supernode_runs_as_its_own_user_without_the_notes():
+    supernode = DEPLOY / "systemd" / "fedsynth-supernode@.service"
+    launcher = DEPLOY / "systemd" / "fedsynth-launcher@.service"
+    assert _unit_values(supernode, "User") == ["fedsynth-net"]
+    assert _unit_values(launcher, "User") == ["fedsynth"]
+    hidden = " ".join(_unit_values(supernode, "InaccessiblePaths")).split()
+    for path in ("/srv/site/data", "/srv/site/keys", "/srv/site/models"):
+        assert f"-{path}" in hidden or path in hidden
+    writable = " ".join(_unit_values(supernode, "ReadWritePaths")).split()
+    assert writable == ["/srv/site/flwr"]  # not /srv/site: nothing of the site's data
+
+
+def test_docs_and_images_agree_on_the_service_uids():
+    doc = (ROOT / "docs" / "hospital-it.md").read_text()
+    for dockerfile in ("site.Dockerfile", "coordinator.Dockerfile"):
+        text = (DEPLOY / dockerfile).read_text()
+        assert "--uid 10001" in text and "--gid 10001" in text
+    assert re.search(r"groupadd --system --gid 10001 fedsynth\b", doc)
+    assert re.search(r"useradd --system --uid 10001 --gid fedsynth\b", doc)
+    assert re.search(r"useradd --system --uid 10002 --gid fedsynth-net\b", doc)
+    assert "huggingface-cli download" not in doc and "hf download" in doc
+    assert "install -d" in doc and "/etc/fedsynth" in doc
+    assert "v0.1.0 >" not in doc  # there is no such tag: archive the agreed commit

@@ -253,7 +253,7 @@ def test_expired_absent_or_non_ca_root_cert_fails(pki, tmp_path):
     expired = doctor_federation.check_root_cert(pki["expired-ca.crt"])
     assert not expired.ok and "expired" in expired.detail and "ca.crt" in expired.fix
     absent = doctor_federation.check_root_cert(tmp_path / "ca.crt")
-    assert not absent.ok and "server.pki" in absent.fix
+    assert not absent.ok and "fedsynth-coordinator pki" in absent.fix
     not_ca = doctor_federation.check_root_cert(pki["server.pem"])
     assert not not_ca.ok and "not a CA" in not_ca.detail
     soon = doctor_federation.check_root_cert(pki["ca.crt"], now=datetime.now(UTC) + timedelta(days=350))
