@@ -279,3 +279,14 @@ def test_docs_and_images_agree_on_the_service_uids():
     assert "huggingface-cli download" not in doc and "hf download" in doc
     assert "install -d" in doc and "/etc/fedsynth" in doc
     assert "v0.1.0 >" not in doc  # there is no such tag: archive the agreed commit
+
+
+def test_installs_are_hash_checked_against_the_lock():
+    for name in ("site.Dockerfile", "coordinator.Dockerfile"):
+        text = (DEPLOY / name).read_text()
+        assert "--require-hashes -r /wheelhouse/requirements.lock" in text, name
+        assert "--no-deps" in text  # the release itself adds no unchecked dependency
+    for doc in ("hospital-it.md", "coordinator.md"):
+        text = (ROOT / "docs" / doc).read_text()
+        assert "--require-hashes -r /path/to/wheelhouse/requirements.lock" in text, doc
+    assert "wheelhouse.py sbom" in (ROOT / "docs" / "hospital-it.md").read_text()
