@@ -112,7 +112,7 @@ def check_signing_key(settings: SiteSettings) -> Check:
     name = "signing key"
     if settings.signing_key is None:
         return warn_check(name, "FEDSYNTH_SITE_SIGNING_KEY unset: privacy reports are not signed",
-                          "ssh-keygen -t ed25519 -N '' -f /srv/site/keys/signing; "
+                          "fedsynth-site keygen /srv/site/keys/<site-id>.key; "
                           "set FEDSYNTH_SITE_SIGNING_KEY to it; give auditors the .pub")
     try:
         load_private_key(Path(settings.signing_key))
