@@ -30,7 +30,9 @@ from shared.signing import generate_key, key_id, load_public_key, public_key_pat
 
 app = typer.Typer(
     name="fedsynth-coordinator",
-    help="fedsynth coordinator: run the demo consortium, inspect runs.",
+    help="fedsynth coordinator: run the demo consortium, start and follow runs, certificates, keys.",
+    epilog="Exit codes: 0 ok; 1 other error; 2 settings/usage; 3 bad input; 10 verification failed; "
+    "11 the run failed (no site's update was aggregated, or too few sites).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -50,8 +52,7 @@ def _root(
     version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
-    """fedsynth coordinator. Exit codes: 0 ok; 1 other error; 2 settings/usage; 3 bad input;
-    10 verification failed; 11 the run failed (no site's update was aggregated)."""
+    """fedsynth coordinator (exit codes: see the epilog and docs/hospital-it.md)."""
 
 # The demo's run config: small enough for 2 CPU cores in a few minutes.
 DEMO_RUN_CONFIG = {

@@ -67,3 +67,12 @@ def test_run_exits_zero_when_completed_and_refuses_a_stale_summary(tmp_path, mon
     os.utime(old, (1, 1))
     got = CliRunner().invoke(cli.app, args)
     assert got.exit_code == 1 and "wrote no consortium summary" in got.output
+
+
+def test_help_documents_exit_codes():
+    from client.cli import app as site_app
+
+    for app in (cli.app, site_app):
+        out = CliRunner().invoke(app, ["--help"], terminal_width=200).output
+        assert "Exit codes:" in out and "2 settings/usage" in out
+    assert "11 the run failed" in CliRunner().invoke(cli.app, ["--help"], terminal_width=200).output
