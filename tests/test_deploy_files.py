@@ -266,6 +266,9 @@ def test_supernode_runs_as_its_own_user_without_the_notes():
         assert f"-{path}" in hidden or path in hidden
     writable = " ".join(_unit_values(supernode, "ReadWritePaths")).split()
     assert writable == ["/srv/site/flwr"]  # not /srv/site: nothing of the site's data
+    compose = yaml.safe_load((DEPLOY / "compose.site.yml").read_text())["services"]
+    assert compose["supernode"]["user"] == "10002:10002"  # same uid as fedsynth-net
+    assert "user" not in compose["launcher"]  # the image's fedsynth, uid 10001
 
 
 def test_docs_and_images_agree_on_the_service_uids():

@@ -452,3 +452,24 @@ def test_site_identity_names_every_mismatch(site, tmp_path):
         "run_start", {"run": "r"})
     foreign = check_site_identity(settings, "site-a", "site-a")
     assert not foreign.ok and "was written by key" in foreign.detail
+
+
+def test_supernode_key_of_another_account_is_a_warning_not_a_failure(pki, monkeypatch):
+    # the SuperNode runs as fedsynth-net; doctor runs as fedsynth and cannot read its key
+    key = pki["site-a"]
+    real = Path.read_bytes
+
+    def denied(self):
+        if self == key:
+            raise PermissionError(13, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    monkeypatch.setattr(doctor_federation.os, "geteuid", lambda: os.stat(key).st_uid + 4242)
+    check = doctor_federation.check_auth_key(key)
+    assert check.ok and check.warning and "sudo -u" in check.fix
+    key.chmod(0o640)  # readable by a group but not by us: that is a finding, not intended
+    try:
+        assert not doctor_federation.check_auth_key(key).ok
+    finally:
+        key.chmod(0o600)
