@@ -26,6 +26,9 @@ from shared.settings import SiteSettings, load_settings
 app = typer.Typer(
     name="fedsynth-site",
     help="fedsynth site client: notes, demo data, the embedded model, DP-LoRA rounds, budget.",
+    epilog="Exit codes: 0 ok; 1 other error (doctor: a check failed); 2 settings/usage; 3 bad input "
+    "(notes); 4 model; 5 privacy refusal; 6 budget exceeded; 7 privacy ledger; 8 training; "
+    "9 wire contract; 10 verification.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -33,6 +36,22 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from shared.about import version_line
+
+        console.print(version_line("fedsynth-site"), highlight=False)
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """fedsynth site client (exit codes: see the epilog and docs/hospital-it.md)."""
 
 
 def expected_errors(fn: F) -> F:

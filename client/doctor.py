@@ -2,9 +2,10 @@
 
 Each check returns a :class:`Check` saying what was found and, when something
 is wrong, the one thing to do about it. The checks themselves live by what they
-look at: :mod:`client.doctor_site` (GPU, model, notes, privacy ledger, disk) and
+look at: :mod:`client.doctor_site` (GPU, model, notes, privacy ledger, disk),
 :mod:`client.doctor_federation` (root CA, SuperNode key, signing key, SecAgg
-policy, coordinator TLS). This module runs them in order and prints the report.
+policy, coordinator TLS) and :mod:`client.doctor_deploy` (the launcher's pin, the
+site id against the signing key). This module runs them in order and prints the report.
 Nothing here trains, loads weights or sends site data.
 
 A check is ``ok`` or failed; an ``ok`` check may carry ``warning=True`` when
@@ -14,6 +15,7 @@ reports, notes readable by other accounts, plain train rounds allowed).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -60,9 +62,14 @@ def run_doctor(
     auth_key: Path | None,
     min_free_gb: float = 5.0,
     timeout: float = 5.0,
+    pin: Path | None = None,
+    install_dir: Path | None = None,
+    deploy_site_id: str | None = None,
+    configured_site_id: str | None = None,
 ) -> list[Check]:
     """Every check, in the order an operator fixes them. ``timeout`` (s) bounds the TLS check."""
     # Imported here, not at the top: both check modules import Check from this module.
+    from client.doctor_deploy import check_pin, check_site_identity
     from client.doctor_federation import (
         check_auth_key,
         check_coordinator,
@@ -79,6 +86,8 @@ def run_doctor(
         check_root_cert(root_cert),
         check_auth_key(auth_key),
         check_signing_key(settings),
+        check_site_identity(settings, deploy_site_id, configured_site_id),
+        check_pin(pin, install_dir),
         check_secagg(settings),
         check_coordinator(coordinator, root_cert, timeout=timeout),
         check_ledger(settings),
@@ -99,6 +108,9 @@ def doctor_command(
                                         "The SuperNode's site-id.")] = None,
     min_free_gb: Annotated[float, _opt("--min-free-gb", None, "Free disk needed (GB).")] = 5.0,
     timeout: Annotated[float, _opt("--timeout", None, "Seconds for the TLS check.")] = 5.0,
+    pin: Annotated[Path | None, _opt("--pin", "FEDSYNTH_PIN", "The launcher's pin file.")] = None,
+    install_dir: Annotated[Path | None, _opt("--install-dir", "FEDSYNTH_INSTALL_DIR",
+                                             "The installed, pinned release.")] = None,
 ) -> None:
     """Check this site's prerequisites (GPU, model, notes, keys, SecAgg policy, coordinator, ledger, disk).
 
@@ -119,8 +131,11 @@ def doctor_command(
         checks = [fail_check("settings", str(exc), "fix the listed FEDSYNTH_SITE_* values")]
     else:
         checks = [Check("settings", True, f"site {settings.site_id}, device {settings.device}")]
+        configured = os.environ.get("FEDSYNTH_SITE_SITE_ID")
         checks += run_doctor(settings, coordinator=coordinator, root_cert=root_cert,
-                             auth_key=auth_key, min_free_gb=min_free_gb, timeout=timeout)
+                             auth_key=auth_key, min_free_gb=min_free_gb, timeout=timeout,
+                             pin=pin, install_dir=install_dir, deploy_site_id=site_id,
+                             configured_site_id=configured)
     table = Table(title="fedsynth site doctor", show_lines=True)
     for column in ("check", "status", "detail", "fix"):
         table.add_column(column, overflow="fold")

@@ -34,7 +34,7 @@ def check_root_cert(root_cert: Path | None, *, now: datetime | None = None) -> C
     from cryptography import x509
 
     name = "root CA"
-    ask = "get the consortium's current ca.crt from the coordinator (made by `python -m server.pki`)"
+    ask = "get the consortium's current ca.crt from the coordinator (made by `fedsynth-coordinator pki`)"
     if root_cert is None:
         return warn_check(name, "not given (needed to reach the coordinator)",
                           "pass --root-cert or set FEDSYNTH_CA_CERT")
@@ -64,6 +64,22 @@ def check_root_cert(root_cert: Path | None, *, now: datetime | None = None) -> C
     return Check(name, True, detail)
 
 
+def _owned_by_another_account(path: Path) -> str | None:
+    """The owner's name when ``path`` is another account's owner-only file, else None."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    if os.name != "posix" or st.st_uid == os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
+        return None
+    try:
+        import pwd
+
+        return pwd.getpwuid(st.st_uid).pw_name
+    except (KeyError, ImportError):
+        return f"uid {st.st_uid}"
+
+
 def check_auth_key(auth_key: Path | None) -> Check:
     """SuperNode authentication key: OpenSSH ECDSA on a NIST curve, unencrypted, mode 0600."""
     from cryptography.hazmat.primitives import serialization
@@ -79,6 +95,15 @@ def check_auth_key(auth_key: Path | None) -> Check:
     try:
         data = path.read_bytes()
         mode = _mode(path)
+    except PermissionError as exc:
+        other = _owned_by_another_account(path)
+        if other is None:
+            return fail_check(name, f"{path}: {exc.strerror or exc}", make)
+        # hospital-it.md: the SuperNode runs as its own user (fedsynth-net), so the
+        # launcher's account, which runs doctor, cannot and should not read its key
+        return warn_check(name, f"{path}: owned by {other}, mode 0600: not readable by this account "
+                          "(as intended when the SuperNode runs as its own user); format not checked",
+                          f"check it as that user: sudo -u {other} fedsynth-site doctor --auth-key {path}")
     except OSError as exc:
         return fail_check(name, f"{path}: {exc.strerror or exc}", make)
     if os.name == "posix" and mode & 0o077:
@@ -112,7 +137,7 @@ def check_signing_key(settings: SiteSettings) -> Check:
     name = "signing key"
     if settings.signing_key is None:
         return warn_check(name, "FEDSYNTH_SITE_SIGNING_KEY unset: privacy reports are not signed",
-                          "ssh-keygen -t ed25519 -N '' -f /srv/site/keys/signing; "
+                          "fedsynth-site keygen /srv/site/keys/<site-id>.key; "
                           "set FEDSYNTH_SITE_SIGNING_KEY to it; give auditors the .pub")
     try:
         load_private_key(Path(settings.signing_key))
@@ -183,7 +208,7 @@ def check_coordinator(coordinator: str | None, root_cert: Path | None, *, timeou
     except ssl.SSLCertVerificationError as exc:
         return fail_check(name, f"{coordinator}: certificate not trusted: {exc.verify_message}",
                           "use the consortium's current ca.crt and dial a host name listed in the "
-                          "SuperLink certificate (python -m server.pki ... --host NAME)")
+                          "SuperLink certificate (fedsynth-coordinator pki ... --host NAME)")
     except ssl.SSLError as exc:
         return fail_check(name, f"{coordinator}: TLS handshake failed: {exc.reason or exc}",
                           "check that HOST:PORT is the Fleet API (not the Control API) and no proxy "

@@ -66,6 +66,7 @@ from typing import Any
 from shared.errors import InputError, Problem, VerificationError
 
 log = logging.getLogger("fedsynth.launcher")
+QUIET_LOGGERS = ("httpx", "httpcore", "urllib3", "requests")
 
 PIN_FIELDS = ("publisher", "name", "version", "sha256")
 REFUSAL_REASON = "bundle_not_trusted"
@@ -309,7 +310,11 @@ def run_task(address: str, token: str, pin: BundleId, *, insecure: bool,
         else:
             log.info("run %s: bundle %s/%s %s sha256 %s matches the pin", run.run_id,
                      ident.publisher, ident.name, ident.version, ident.sha256[:16])
+            t0 = time.monotonic()
+            log.info("run %s round %s: %s started", run.run_id, *task_phase(message))
             reply = local_client_app()(message=message, context=context)
+            log.info("run %s round %s: %s done in %.0f s: %s", run.run_id, *task_phase(message),
+                     time.monotonic() - t0, reply_outcome(reply))
             status, details, ran = SubStatus.COMPLETED, "", True
     except Exception:
         # client.app already turns site failures into typed declines; reaching
@@ -331,6 +336,42 @@ def run_task(address: str, token: str, pin: BundleId, *, insecure: bool,
         heartbeat.stop()
         client.close()
     return ran
+
+
+def task_phase(message: Any) -> tuple[str, str]:
+    """(round, phase) of a ClientApp task for the log: phase ``train``, ``train (SecAgg+ stage)``,
+    ``evaluate`` or the message type; round from the message's group id ("?" when absent)."""
+    meta = message.metadata
+    kind = str(getattr(meta, "message_type", "") or "?")
+    rnd = str(getattr(meta, "group_id", "") or "?")
+    try:
+        configs = message.content.config_records
+        if kind == "train" and "instruction" not in configs:
+            kind = "train (SecAgg+ stage)"
+    except Exception:  # noqa: BLE001 - a log line only
+        pass
+    return (rnd if rnd.isdigit() else "?"), kind
+
+
+def reply_outcome(reply: Any) -> str:
+    """What the site answered, for its own log: a decline reason, or the cumulative ε it reported.
+
+    Reads only the site's own reply (whitelisted scalars: ``reason``, ``epsilon``,
+    ``epsilon_round``); never metrics values or anything from the notes.
+    """
+    try:
+        if reply.has_error():
+            return f"error ({reply.error.reason})"
+        for name, record in reply.content.config_records.items():
+            if "reason" in record and name.endswith("decline"):
+                return f"declined ({record['reason']})"
+            if "epsilon" in record:
+                eps, per_round = float(record["epsilon"]), record.get("epsilon_round")
+                more = f", this round {float(per_round):.3g}" if per_round is not None else ""
+                return f"update sent, ε spent {eps:.3g}{more}"
+        return "reply sent"
+    except Exception:  # noqa: BLE001 - a log line only
+        return "reply sent"
 
 
 def serve(address: str, pin_path: Path, *, insecure: bool, root_certificates: str | None = None,
@@ -396,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         help="the SuperNode's --superexec-auth-secret-file: sign AcquireTask/PullPendingTasks/ClaimTask")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in QUIET_LOGGERS:  # one line per poll request (every --poll seconds): drop below WARNING
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.cmd == "pin":
         ident = write_pin(args.source, args.out)
         print(json.dumps(asdict(ident)))

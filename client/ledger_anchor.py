@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +34,10 @@ from typing import Any
 
 from client.ledger import Ledger
 from shared.audit import AuditLog, verify_log
-from shared.errors import FedsynthError, LedgerError, Problem
+from shared.errors import ConfigError, FedsynthError, LedgerError, Problem
 from shared.settings import SiteSettings
+
+SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # as SiteSettings.site_id
 
 log = logging.getLogger("fedsynth.site")
 
@@ -63,12 +66,35 @@ def ledger_files(settings: SiteSettings) -> tuple[Path, Path]:
             Path(settings.ledger_key or out / "ledger.key"))
 
 
+def _check_actor(path: Path, actor: str) -> None:
+    """A ConfigError (not "corrupt, restore from backup") when the log was written by another site id.
+
+    The usual cause is a command run without the site's ``FEDSYNTH_SITE_SITE_ID``
+    (default ``site``): the log is fine, the settings are not. Only the first
+    entry is read; its actor is a site id the site itself wrote.
+    """
+    try:
+        with path.open("rb") as fh:
+            first = json.loads(fh.readline(64 * 1024) or b"{}")
+    except (OSError, ValueError):
+        return  # unreadable: verify_log reports it
+    written_by = first.get("actor") if isinstance(first, dict) else None
+    if isinstance(written_by, str) and written_by != actor and SITE_ID.fullmatch(written_by):
+        raise ConfigError(
+            f"the site's audit log {path} was written by site id {written_by!r}, but this command "
+            f"runs as {actor!r}: set FEDSYNTH_SITE_SITE_ID={written_by} (the site's .env or unit file); "
+            "the ledger and audit log are not damaged",
+            [Problem(str(path), "site id differs from the settings", 1)],
+        )
+
+
 def audit_anchors(audit: AuditLog) -> list[Anchor]:
     """Every ledger position in the site's audit log, oldest first, after verifying its chain
     (and, with a signing key, the site's signatures). LedgerError when it does not verify."""
     path = audit.path
     if not path.exists() or path.stat().st_size == 0:
         return []
+    _check_actor(path, audit.actor)
     keys = {audit.actor: audit.key.public_key()} if audit.key is not None else {}
     try:
         verify_log(path, keys, allow_unsigned=True)

@@ -5,8 +5,11 @@ WHO ICD-10 code or a list, dotted or not; in CSV a list is ``;``-separated),
 ``text``, optional ``date`` and optional ``identifiers`` (PHI strings known for
 the patient, used only by PHI-echo checks; in CSV ``;``-separated).
 
-The file is streamed: bytes are read line by line and decoded per line, so one
-non-UTF-8 byte costs one record, not the file. Every bad record is reported as a
+The file is streamed: bytes are read line by line, each line with a bound
+(:func:`max_line_bytes`), and decoded per line, so one non-UTF-8 byte or one
+huge line costs one record, not the file (nor the memory). Problems name the
+field, line and reason but never a field's value: notes are PHI and problems go
+to logs. Every bad record is reported as a
 :class:`~shared.errors.Problem` with its 1-based line number and reason; nothing
 is dropped silently. The unit of privacy is the patient, so the train/held-out
 split is by patient and never puts one patient on both sides.
@@ -22,7 +25,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 from shared import icd10
 from shared.errors import ConfigError, InputError, Problem
@@ -103,10 +106,40 @@ class NotesSummary:
 # --------------------------------------------------------------------------- reading
 
 
-def _decoded_lines(path: Path, bad_lines: dict[int, str]) -> Iterator[str]:
-    """Physical lines of ``path`` decoded one at a time; undecodable lines noted in ``bad_lines``."""
+def max_line_bytes(max_chars: int) -> int:
+    """The longest physical line read into memory, in bytes, for notes of ``max_chars`` characters.
+
+    A character is at most 4 UTF-8 bytes, or 12 as a JSON ``\\uXXXX`` surrogate pair;
+    64 KiB covers the other fields. A longer line is skipped unread (and reported),
+    so one huge line costs this much memory, not its own size.
+    """
+    return 12 * max_chars + 64 * 1024
+
+
+def _bounded_lines(fh: IO[bytes], limit: int) -> Iterator[bytes | None]:
+    """Physical lines of ``fh``, each read with at most ``limit`` bytes; None for a longer one."""
+    while True:
+        raw = fh.readline(limit + 1)
+        if not raw:
+            return
+        if len(raw) <= limit or raw.endswith(b"\n"):
+            yield raw
+            continue
+        while raw and not raw.endswith(b"\n"):  # drain the rest of the line in bounded chunks
+            raw = fh.readline(limit + 1)
+        yield None
+
+
+def _decoded_lines(path: Path, bad_lines: dict[int, str], max_bytes: int) -> Iterator[str]:
+    """Physical lines of ``path`` decoded one at a time; undecodable or overlong lines noted in
+    ``bad_lines`` (and yielded empty)."""
     with path.open("rb") as fh:
-        for number, raw in enumerate(fh, start=1):
+        for number, raw in enumerate(_bounded_lines(fh, max_bytes), start=1):
+            if raw is None:
+                bad_lines[number] = f"line longer than {max_bytes} bytes (not read; the longest note is " \
+                                    "max_chars characters)"
+                yield "\n"
+                continue
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # spreadsheet exports often start with a UTF-8 byte-order mark
             try:
@@ -147,9 +180,9 @@ def _validate(
     missing = [f for f in REQUIRED_FIELDS if f not in rec or rec[f] is None]
     if missing:
         reasons.append("missing field" + ("s " if len(missing) > 1 else " ") + ", ".join(map(repr, missing)))
-    unknown = sorted(k for k in rec if k not in ALL_FIELDS)
-    if unknown:
-        reasons.append(f"unknown field(s) {', '.join(map(repr, unknown))} (allowed: {', '.join(ALL_FIELDS)})")
+    unknown = [k for k in rec if k not in ALL_FIELDS]
+    if unknown:  # names are not echoed: a malformed export can put note text in a key
+        reasons.append(f"{len(unknown)} unknown field(s) (allowed: {', '.join(ALL_FIELDS)})")
 
     note_id = _str_field(rec, "note_id", reasons) if "note_id" not in missing else None
     patient_id = _str_field(rec, "patient_id", reasons) if "patient_id" not in missing else None
@@ -161,9 +194,10 @@ def _validate(
         listed = _str_list(raw_codes, "icd10", reasons, split_csv=csv_mode)
         if listed is not None and not listed:
             reasons.append("empty icd10")
-        for code in listed or []:
-            if not icd10.is_code(code):
-                reasons.append(f"unknown ICD-10 code {code!r}")
+        for k, code in enumerate(listed or [], start=1):
+            if not icd10.is_code(code):  # the value is never echoed (it may be note text)
+                reasons.append(f"icd10 item {k} is not a known ICD-10 code ({len(code)} characters"
+                               + (", looks like note text: icd10 and text swapped?)" if len(code) > 16 else ")"))
             elif (canon := icd10.normalize(code)) not in codes:
                 codes.append(canon)
 
@@ -203,9 +237,11 @@ def _validate(
     )
 
 
-def _jsonl_records(path: Path, bad_lines: dict[int, str]) -> Iterator[tuple[int, dict[str, Any] | str]]:
+def _jsonl_records(
+    path: Path, bad_lines: dict[int, str], max_bytes: int
+) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """(line, record or reason) for every non-blank line of a JSONL file."""
-    for number, text in enumerate(_decoded_lines(path, bad_lines), start=1):
+    for number, text in enumerate(_decoded_lines(path, bad_lines, max_bytes), start=1):
         if number in bad_lines:
             yield number, bad_lines[number]
             continue
@@ -223,10 +259,10 @@ def _jsonl_records(path: Path, bad_lines: dict[int, str]) -> Iterator[tuple[int,
 
 
 def _csv_records(
-    path: Path, bad_lines: dict[int, str], where: str
+    path: Path, bad_lines: dict[int, str], where: str, max_bytes: int
 ) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """(first line, record or reason) for every row of a CSV file with a header row."""
-    reader = csv.reader(_decoded_lines(path, bad_lines), strict=True)
+    reader = csv.reader(_decoded_lines(path, bad_lines, max_bytes), strict=True)
     header: list[str] | None = None
     last = 0
     while True:
@@ -248,8 +284,9 @@ def _csv_records(
             header = [h.strip().lstrip("\ufeff") for h in row]
             problems = [Problem(where, f"CSV header lacks column {f!r}", start)
                         for f in REQUIRED_FIELDS if f not in header]
-            problems += [Problem(where, f"unknown CSV column {h!r} (allowed: {', '.join(ALL_FIELDS)})", start)
-                         for h in header if h not in ALL_FIELDS]
+            # column names are not echoed: a file without a header row has note text there
+            problems += [Problem(where, f"unknown CSV column {k} (allowed: {', '.join(ALL_FIELDS)})", start)
+                         for k, h in enumerate(header, start=1) if h not in ALL_FIELDS]
             if len(set(header)) != len(header):
                 problems.append(Problem(where, "CSV header repeats a column", start))
             if problems:
@@ -298,7 +335,9 @@ def _iter(path: Path, *, max_chars: int, csv_mode: bool) -> Iterator[Note | Prob
     where = str(path)
     bad_lines: dict[int, str] = {}
     first_line: dict[str, int] = {}  # note_id -> line of first occurrence
-    records = _csv_records(path, bad_lines, where) if csv_mode else _jsonl_records(path, bad_lines)
+    limit = max_line_bytes(max_chars)
+    records = (_csv_records(path, bad_lines, where, limit) if csv_mode
+               else _jsonl_records(path, bad_lines, limit))
     seen_any = False
     for line, rec in records:
         seen_any = True
@@ -311,7 +350,7 @@ def _iter(path: Path, *, max_chars: int, csv_mode: bool) -> Iterator[Note | Prob
         if isinstance(note_id, str) and note_id.strip():
             key = note_id.strip()
             if key in first_line:
-                reasons = reasons + [f"duplicate note_id {key!r} (first on line {first_line[key]})"]
+                reasons = reasons + [f"duplicate note_id (first on line {first_line[key]})"]
             else:
                 first_line[key] = line
         if reasons:

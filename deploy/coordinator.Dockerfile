@@ -24,7 +24,10 @@ RUN groupadd --system --gid 10001 fedsynth \
 COPY --chown=root:root . /opt/fedsynth
 RUN --mount=type=bind,from=wheelhouse,target=/wheelhouse \
     python -m venv /opt/fedsynth/.venv \
-    && /opt/fedsynth/.venv/bin/pip install --no-index --find-links /wheelhouse /opt/fedsynth \
+    && /opt/fedsynth/.venv/bin/pip install --no-index --find-links /wheelhouse \
+        --require-hashes -r /wheelhouse/requirements.lock \
+    && /opt/fedsynth/.venv/bin/pip install --no-index --find-links /wheelhouse --no-deps \
+        --no-build-isolation /opt/fedsynth \
     && /opt/fedsynth/.venv/bin/pip check \
     && chmod 0755 /opt/fedsynth/deploy/coordinator.sh
 

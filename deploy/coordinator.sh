@@ -4,7 +4,7 @@
 # authentication in open-source Flower), SuperNode authentication on, SQLite state.
 # Usage: deploy/coordinator.sh            (settings from the environment, see coordinator.env.example)
 set -euo pipefail
-: "${FEDSYNTH_PKI:?directory written by python -m server.pki}"
+: "${FEDSYNTH_PKI:?directory written by fedsynth-coordinator pki}"
 : "${FEDSYNTH_STATE_DB:?path of the SuperLink SQLite database}"
 : "${FEDSYNTH_COORD_RUN_DIR:?where checkpoints and the consortium summary go}"
 FLEET_ADDRESS="${FEDSYNTH_FLEET_ADDRESS:-0.0.0.0:9092}"   # what the sites dial

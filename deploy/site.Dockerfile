@@ -2,7 +2,8 @@
 #
 # Build context: the agreed release tree (the directory the coordinator submits with
 # `flwr run`, e.g. unpacked from `git archive`; no .venv, no wheelhouse inside it).
-# The wheelhouse (pip download, docs/hospital-it.md) comes in as a second context:
+# The wheelhouse (pip download, docs/hospital-it.md) comes in as a second context, with
+# its requirements.lock (deploy/wheelhouse.py lock): every dependency is hash-checked.
 #   docker build -f deploy/site.Dockerfile --build-context wheelhouse=/srv/wheelhouse \
 #     -t fedsynth-site:0.1.0 /srv/release/fedsynth-0.1.0
 # Nothing is fetched from the internet during the build (pip --no-index) or at run time.
@@ -30,7 +31,10 @@ COPY --chown=root:root . /opt/fedsynth
 # needs only the NVIDIA driver and the NVIDIA container toolkit).
 RUN --mount=type=bind,from=wheelhouse,target=/wheelhouse \
     python -m venv /opt/fedsynth/.venv \
-    && /opt/fedsynth/.venv/bin/pip install --no-index --find-links /wheelhouse /opt/fedsynth \
+    && /opt/fedsynth/.venv/bin/pip install --no-index --find-links /wheelhouse \
+        --require-hashes -r /wheelhouse/requirements.lock \
+    && /opt/fedsynth/.venv/bin/pip install --no-index --find-links /wheelhouse --no-deps \
+        --no-build-isolation /opt/fedsynth \
     && /opt/fedsynth/.venv/bin/pip check \
     && chmod 0755 /opt/fedsynth/deploy/site.sh
 

@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
-from server import checkpoint, report, secagg, site_budget, strategy
+from server import checkpoint, report, secagg, site_budget, site_names, strategy
 from shared import wire
 from shared.audit import AuditLog
 from shared.errors import WireError
@@ -94,34 +94,47 @@ def run_federation(
     if start:
         log.info("resuming after round %d", start)
     for rnd in range(start + 1, run.num_rounds + 1):
+        _progress("round %d/%d: waiting for %d sites (up to %.0f s)", rnd, run.num_rounds, run.min_sites,
+                  run.timeout_wait_sites)
         nodes = _wait_for_sites(grid, run.min_sites, run.timeout_wait_sites, sleep)
+        names = _register_sites(grid, nodes, summary, audit)
         if len(nodes) < run.min_sites:
-            summary["status"] = f"stopped: {len(nodes)} sites connected, min-sites is {run.min_sites}"
+            summary["status"] = (f"failed: {len(nodes)} sites connected within {run.timeout_wait_sites:g} s "
+                                 f"in round {rnd}, min-sites is {run.min_sites}")
+            _progress("%s", summary["status"])
             return _finish(run_dir, summary, run, audit)
         record: dict[str, Any] = {"round": rnd}
-        flwr_log(INFO, "fedsynth round %d/%d: %d sites connected", rnd, run.num_rounds, len(nodes))
+        t_round = time.monotonic()
+        _progress("round %d/%d: %d sites connected: %s", rnd, run.num_rounds, len(nodes),
+                  site_names.labels(nodes, names))
         train_nodes = _sample(nodes, run.fraction_train, run.min_sites, seed=rnd)
         anchor = _Anchor(budget, site_budget.site_keys(grid), run.run_name, rnd)
         if run.secagg:
+            _progress("round %d: train (SecAgg+) on %d sites: %s", rnd, len(train_nodes),
+                      site_names.labels(train_nodes, names))
             new = secagg.train_round(grid, run, nodes=train_nodes, round_id=rnd,
                                      global_adapter=global_adapter, record=record, anchor=anchor.admit)
             record["site_budget"] = anchor.admitted
+            _progress_train(rnd, record, names, t_round)
             if new is not None:
                 global_adapter = new
                 checkpoint.save_round(ckpt_root, rnd, global_adapter, lora=run.lora)
                 record["checkpoint"] = checkpoint.round_dir_name(rnd)
-            _evaluate(grid, nodes, rnd, global_adapter, run, record)
-            report.audit_round(audit, record, registry_sha256=budget.digest())
+            _evaluate(grid, nodes, rnd, global_adapter, run, record, names)
+            report.audit_round(audit, record, registry_sha256=budget.digest(), names=names)
             summary["rounds"].append(record)
             summary["last_round"] = rnd
             _write_summary(run_dir, summary)
+            _progress("round %d/%d done in %.0f s", rnd, run.num_rounds, time.monotonic() - t_round)
             continue
+        _progress("round %d: train on %d sites: %s", rnd, len(train_nodes), site_names.labels(train_nodes, names))
         replies = _send(grid, train_nodes, MessageType.TRAIN, rnd, global_adapter, run.timeout_train)
         spec = wire.spec_of(global_adapter) if global_adapter is not None else None
         outcome = _classify(replies, train_nodes, kind="train", spec=spec, run=run, anchor=anchor.admit)
         accepted = _majority_layout(outcome, spec)
         record["train"] = outcome["record"]
         record["site_budget"] = anchor.admitted
+        _progress_train(rnd, record, names, t_round)
         if len(accepted) >= run.min_sites:
             global_adapter = _aggregate(accepted, global_adapter, run, record)
             checkpoint.save_round(ckpt_root, rnd, global_adapter, lora=run.lora)
@@ -129,15 +142,75 @@ def run_federation(
         else:
             record["aggregated"] = False
             log.warning("round %d: %d accepted updates < min-sites; global unchanged", rnd, len(accepted))
-        _evaluate(grid, nodes, rnd, global_adapter, run, record)
-        report.audit_round(audit, record, registry_sha256=budget.digest())
+        _evaluate(grid, nodes, rnd, global_adapter, run, record, names)
+        report.audit_round(audit, record, registry_sha256=budget.digest(), names=names)
         summary["rounds"].append(record)
         summary["last_round"] = rnd
         _write_summary(run_dir, summary)
-        flwr_log(INFO, "fedsynth round %d/%d done: %d updates aggregated", rnd, run.num_rounds,
-                 len(record.get("train", {}).get("accepted", [])))
-    summary["status"] = "completed"
+        _progress("round %d/%d done in %.0f s: %d updates aggregated", rnd, run.num_rounds,
+                  time.monotonic() - t_round, len(record.get("train", {}).get("accepted", [])))
+    summary["status"] = run_status(summary)
+    _progress("run %s: %s", run.run_name, summary["status"])
     return _finish(run_dir, summary, run, audit)
+
+
+def run_status(summary: dict[str, Any]) -> str:
+    """``completed`` when at least one round aggregated site updates, else ``failed: <why>``.
+
+    A run in which no site's update reached the global adapter produced nothing:
+    it is a failed run, whatever the reason (every site declined, was refused,
+    failed or timed out), and the status says which, counted over all rounds.
+    """
+    rounds = summary.get("rounds", [])
+    if any(r.get("aggregated") for r in rounds):
+        return "completed"
+    counts: dict[str, int] = {}
+    for r in rounds:
+        train = r.get("train") or {}
+        for reason in (train.get("declined") or {}).values():
+            counts[f"declined ({reason})"] = counts.get(f"declined ({reason})", 0) + 1
+        for key in ("refused", "failed", "missing"):
+            n = len(train.get(key) or [])
+            if n:
+                counts[key] = counts.get(key, 0) + n
+        if not train and r.get("secagg") is not None:
+            counts["secure aggregate not produced"] = counts.get("secure aggregate not produced", 0) + 1
+    why = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "no replies"
+    return f"failed: no site's update was aggregated in {len(rounds)} rounds ({why})"[:200]
+
+
+def _progress(fmt: str, *args: Any) -> None:
+    """One progress line, streamed to ``flwr run --stream`` (and the coordinator's own log)."""
+    flwr_log(INFO, "fedsynth " + fmt, *args)
+
+
+def _progress_train(rnd: int, record: dict[str, Any], names: dict[str, str], t0: float) -> None:
+    """The train phase's outcome by site name, with each accepted site's reported cumulative ε."""
+    train = record.get("train") or {}
+    eps = {n: a.get("epsilon") for n, a in (record.get("site_budget") or {}).items()}
+    accepted = [f"{site_names.label(n, names)} (ε={eps[str(n)]:.3g})" if eps.get(str(n)) is not None
+                else site_names.label(n, names) for n in train.get("accepted", [])]
+    declined = [f"{site_names.label(n, names)} ({r})" for n, r in (train.get("declined") or {}).items()]
+    _progress("round %d: train done after %.0f s: accepted %s; declined %s; refused %s; failed %s; "
+              "missing %s", rnd, time.monotonic() - t0, ", ".join(accepted) or "-",
+              ", ".join(declined) or "-", site_names.labels(train.get("refused") or {}, names),
+              site_names.labels(train.get("failed") or [], names),
+              site_names.labels(train.get("missing") or [], names))
+
+
+def _register_sites(grid: Grid, nodes: list[int], summary: dict[str, Any], audit: AuditLog) -> dict[str, str]:
+    """Name the connected nodes; audit each node seen for the first time (name, public key hash).
+
+    Returns (and keeps in ``summary["site_names"]``) the ``{str(node_id): name}`` map.
+    """
+    known: dict[str, str] = summary.setdefault("site_names", {})
+    for node, site in site_names.site_directory(grid, nodes).items():
+        if str(node) in known:
+            continue
+        known[str(node)] = site.name
+        audit.append("site_registered", {"node": str(node), "site": site.name, "named": site.registered,
+                                         "public_key_sha256": site.public_key_sha256})
+    return known
 
 
 def _finish(run_dir: Path, summary: dict[str, Any], run: RunConfig, audit: AuditLog) -> dict[str, Any]:
@@ -174,15 +247,21 @@ class _Anchor:
 
 
 def _evaluate(
-    grid: Grid, nodes: list[int], rnd: int, global_adapter: dict | None, run: RunConfig, record: dict
+    grid: Grid, nodes: list[int], rnd: int, global_adapter: dict | None, run: RunConfig, record: dict,
+    names: dict[str, str] | None = None,
 ) -> None:
     if global_adapter is None:
+        _progress("round %d: no global adapter yet; evaluation skipped", rnd)
         return
     eval_nodes = _sample(nodes, run.fraction_evaluate, run.min_sites, seed=10_000 + rnd)
+    t0 = time.monotonic()
+    _progress("round %d: evaluate on %d sites: %s", rnd, len(eval_nodes), site_names.labels(eval_nodes, names or {}))
     ev = _send(grid, eval_nodes, MessageType.EVALUATE, rnd, global_adapter, run.timeout_evaluate)
     ev_out = _classify(ev, eval_nodes, kind="evaluate", spec=None, run=run)
     record["evaluate"] = ev_out["record"]
     record["evaluate"]["mean"] = _mean_metrics([r.metrics for r in ev_out["accepted"].values()])
+    _progress("round %d: evaluate done after %.0f s: %d of %d sites reported", rnd, time.monotonic() - t0,
+              len(ev_out["record"]["accepted"]), len(eval_nodes))
 
 
 def _wait_for_sites(grid: Grid, need: int, timeout: float, sleep: Callable[[float], None]) -> list[int]:
@@ -316,6 +395,7 @@ def _load_summary(path: Path, run: RunConfig, start: int) -> dict[str, Any]:
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
             summary["rounds"] = [r for r in old.get("rounds", []) if int(r["round"]) <= start]
+            summary["site_names"] = {str(k): str(v) for k, v in (old.get("site_names") or {}).items()}
         except (ValueError, KeyError, TypeError):
             log.warning("unreadable %s; starting a fresh summary", path)
     summary.update(

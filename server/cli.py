@@ -23,13 +23,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from server.simulation import BIN, run_command, run_simulation
-from shared.errors import ConfigError, FedsynthError
+from server.simulation import BIN, config_arg, run_command, run_simulation
+from shared.about import version_line
+from shared.errors import ConfigError, FedsynthError, RunFailedError
 from shared.signing import generate_key, key_id, load_public_key, public_key_path
 
 app = typer.Typer(
     name="fedsynth-coordinator",
-    help="fedsynth coordinator: run the demo consortium, inspect runs.",
+    help="fedsynth coordinator: run the demo consortium, start and follow runs, certificates, keys.",
+    epilog="Exit codes: 0 ok; 1 other error; 2 settings/usage; 3 bad input; 10 verification failed; "
+    "11 the run failed (no site's update was aggregated, or too few sites).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -38,9 +41,18 @@ console = Console()
 err = Console(stderr=True)
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        console.print(version_line("fedsynth-coordinator"), highlight=False)
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root() -> None:
-    """fedsynth coordinator."""
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """fedsynth coordinator (exit codes: see the epilog and docs/hospital-it.md)."""
 
 # The demo's run config: small enough for 2 CPU cores in a few minutes.
 DEMO_RUN_CONFIG = {
@@ -169,9 +181,80 @@ def _demo(out: Path | None, rounds: int, seed: int) -> None:
         console.print(f"  {site}: {sites_dir / site / 'output'} (ledger, reports, evaluations, "
                       "signed privacy reports, audit log)")
     console.print(f"  public keys: {keys_dir}")
-    if summary.get("status") != "completed":
-        raise FedsynthError(f"the run did not complete: status {summary.get('status')!r}")
+    check_status(summary, summary_path)
     _verifyrun_command(run_dir, keys_dir, env=env)
+
+
+def check_status(summary: dict, path: Path) -> None:
+    """Raise RunFailedError (exit 11) unless the run's status is ``completed``."""
+    status = str(summary.get("status", "missing"))
+    if status != "completed":
+        raise RunFailedError(f"the run did not complete: {status} (summary: {path})")
+
+
+@app.command("run")
+def run_cmd(
+    app_dir: Annotated[Path, typer.Argument(help="The pinned fedsynth tree to submit (as `flwr run`).")],
+    federation: Annotated[str, typer.Argument(help="Federation name in the app's pyproject.toml.")],
+    run_name: Annotated[str, typer.Option(help="run-name (results in FEDSYNTH_COORD_RUN_DIR/<run-name>/).")],
+    run_config: Annotated[str, typer.Option(help='More run config, e.g. "num-rounds=3 secagg=true".')] = "",
+    run_dir: Annotated[Path | None, typer.Option(
+        envvar="FEDSYNTH_COORD_RUN_DIR", help="The ServerApp's FEDSYNTH_COORD_RUN_DIR.")] = None,
+) -> None:
+    """Start a run with `flwr run --stream`, follow it, and exit by its outcome.
+
+    `flwr run` only reports that the run was submitted; this command then reads
+    the run's consortium summary and exits 11 when the run failed (no site's
+    update was aggregated, or too few sites connected), 0 when it completed.
+    Run it on the coordinator host, where FEDSYNTH_COORD_RUN_DIR is.
+    """
+    try:
+        _run(app_dir, federation, run_name, run_config, run_dir)
+    except FedsynthError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+
+
+def _run(app_dir: Path, federation: str, run_name: str, extra: str, run_dir: Path | None) -> None:
+    if run_dir is None:
+        raise ConfigError("set FEDSYNTH_COORD_RUN_DIR (or --run-dir) to the ServerApp's run directory")
+    if "run-name" in extra:
+        raise ConfigError("give the run name with --run-name, not in --run-config")
+    summary_path = run_dir / run_name / "consortium-summary.json"
+    started = datetime.now(UTC).timestamp()
+    config = " ".join(x for x in (extra.strip(), config_arg({"run-name": run_name})) if x)
+    cmd = [str(BIN / "flwr"), "run", str(app_dir), federation, "--stream", "--run-config", config]
+    console.print(" ".join(cmd), highlight=False, markup=False)
+    run_command(cmd, env=dict(os.environ), what="flwr run")
+    if not summary_path.is_file() or summary_path.stat().st_mtime < started:
+        raise FedsynthError(f"the run wrote no consortium summary at {summary_path} (is this the "
+                            "coordinator host, with the ServerApp's FEDSYNTH_COORD_RUN_DIR?)")
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    _print_summary(summary)
+    check_status(summary, summary_path)
+    console.print(f"run {run_name}: completed; results in {summary_path.parent}", highlight=False)
+
+
+@app.command()
+def pki(
+    out_dir: Annotated[Path, typer.Argument(help="Directory for ca.crt/ca.key, server.pem/key, site keys.")],
+    sites: Annotated[list[str], typer.Argument(help="Site names (one SuperNode key pair each).")],
+    host: Annotated[list[str] | None, typer.Option(
+        help="SuperLink host name or IP for the certificate (repeatable; default 127.0.0.1).")] = None,
+    days: Annotated[int, typer.Option(help="Server certificate validity in days.")] = 365,
+) -> None:
+    """Write the consortium CA, the SuperLink TLS certificate and SuperNode key pairs (server.pki)."""
+    from server.pki import make_consortium_pki
+
+    try:
+        paths = make_consortium_pki(out_dir, sites=sites, hosts=host or ["127.0.0.1"], days=days)
+    except FedsynthError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+    for name, path in paths.items():
+        console.print(f"{name}: {path}", highlight=False)
+    console.print("ca.key stays offline with the coordinator; each site gets ca.crt and its own key",
+                  highlight=False)
 
 
 def _demo_keys(run_dir: Path, sites_dir: Path, coord_dir: Path, *, env: dict[str, str]) -> Path:

@@ -11,8 +11,8 @@ Both are signed with the coordinator's Ed25519 key (``FEDSYNTH_COORD_SIGNING_KEY
 when one is configured; without a key they are written unsigned and
 ``fedsynth-verify`` will refuse them.
 
-The coordinator knows sites by their Flower node id, so the report names sites
-``node-<id>``; ``site_key`` is the identity the budget anchor uses (the SuperNode
+Sites are named by the name their SuperNode was registered under when it is a
+valid site name (:mod:`server.site_names`), else ``node-<id>``; ``site_key`` is the identity the budget anchor uses (the SuperNode
 public key's sha256 when Flower exposes it). The per-round privacy numbers are
 exactly what each site sent with its update (the site's own ledger-recomputed
 cumulative ε); beside them, per site, the report shows the ledger position the
@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,6 +41,7 @@ from pydantic import ValidationError
 
 from shared.audit import MAX_STRING, AuditLog
 from shared.report import (
+    SITE_ID_PATTERN,
     Aggregation,
     Checkpoint,
     ConsortiumReport,
@@ -61,6 +63,7 @@ ACTOR = "coordinator"
 AUDIT_NAME = "audit.jsonl"
 REPORT_NAME = "consortium-report.json"
 CHECKPOINT_WEIGHTS = "adapter_model.safetensors"  # as server.checkpoint.WEIGHTS_NAME
+SITE_NAME = re.compile(SITE_ID_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -112,12 +115,15 @@ def _refusal_reason(refusal: Any) -> str:
     return f"refused (wire) sha256 {digest}"
 
 
-def audit_round(audit: AuditLog, record: Mapping[str, Any], *, registry_sha256: str | None = None) -> None:
+def audit_round(audit: AuditLog, record: Mapping[str, Any], *, registry_sha256: str | None = None,
+                names: Mapping[str, str] | None = None) -> None:
     """One entry per site asked to train (accepted or rejected, with a short reason), then ``round``.
 
     An accepted update carries the site's reported cumulative ε and the ledger
     position and recomputed ε the coordinator anchored; a rejected one its kind,
-    typed codes and a hash of the refused content. ``registry_sha256`` (the
+    typed codes and a hash of the refused content. Each entry names the site
+    (``site``: its registered name, :mod:`server.site_names`, or ``node-<id>``)
+    beside its node id. ``registry_sha256`` (the
     site-budget registry after this round) goes into the ``round`` entry, so the
     signed audit log pins the anchor's state.
     """
@@ -128,7 +134,7 @@ def audit_round(audit: AuditLog, record: Mapping[str, Any], *, registry_sha256: 
     anchored = record.get("site_budget") or {}
     for node in train.get("accepted", []):
         p = privacy.get(str(node), {})
-        data: dict[str, Any] = {"round": rnd, "node": str(node)}
+        data: dict[str, Any] = {"round": rnd, "node": str(node), "site": _site_label(node, names)}
         if "epsilon" in p:
             data["epsilon"] = float(p["epsilon"])
         if str(node) in weights:
@@ -144,7 +150,8 @@ def audit_round(audit: AuditLog, record: Mapping[str, Any], *, registry_sha256: 
     rejected += [(n, "failed: error reply") for n in train.get("failed", [])]
     rejected += [(n, "missing: no reply before the timeout") for n in train.get("missing", [])]
     for node, reason in rejected:
-        audit.append("update_rejected", {"round": rnd, "node": str(node), "reason": _short(reason)})
+        audit.append("update_rejected", {"round": rnd, "node": str(node), "site": _site_label(node, names),
+                                         "reason": _short(reason)})
     ev = record.get("evaluate") or {}
     entry: dict[str, Any] = {
         "round": rnd,
@@ -159,7 +166,14 @@ def audit_round(audit: AuditLog, record: Mapping[str, Any], *, registry_sha256: 
     audit.append("round", entry)
 
 
+def _site_label(node: Any, names: Mapping[str, str] | None) -> str:
+    """The site's name (registered, validated by server.site_names) or ``node-<id>``."""
+    name = (names or {}).get(str(node))
+    return name if isinstance(name, str) and SITE_NAME.fullmatch(name) else f"node-{node}"
+
+
 def _site_rounds(summary: Mapping[str, Any]) -> list[SitePrivacySummary]:
+    names = summary.get("site_names") or {}
     by_node: dict[str, list[SiteRoundPrivacy]] = {}
     anchors: dict[str, dict[str, Any]] = {}  # node -> the latest anchored position (last round wins)
     for rec in summary.get("rounds", []):
@@ -184,14 +198,14 @@ def _site_rounds(summary: Mapping[str, Any]) -> list[SitePrivacySummary]:
         a = anchors.get(node) or {}
         try:
             out.append(SitePrivacySummary(
-                site_id=f"node-{node}", rounds=by_node.get(node, []),
+                site_id=_site_label(node, names), rounds=by_node.get(node, []),
                 site_key=a.get("site_key"), epsilon=a.get("epsilon"),
                 epsilon_recomputed=a.get("epsilon_recomputed"),
                 ledger_seq=a.get("ledger_seq"), ledger_head=a.get("ledger_head"),
             ))
         except ValidationError as exc:
             log.warning("node %s: anchored budget left out of the report: %s", node, exc)
-            out.append(SitePrivacySummary(site_id=f"node-{node}", rounds=by_node.get(node, [])))
+            out.append(SitePrivacySummary(site_id=_site_label(node, names), rounds=by_node.get(node, [])))
     return out
 
 
@@ -241,7 +255,7 @@ def participation(summary: Mapping[str, Any]) -> list[Participation]:
     for rec in rounds:
         for node in sorted(nodes, key=lambda n: (len(n), n)):
             out.append(Participation(
-                round=int(rec["round"]), site_id=f"node-{node}",
+                round=int(rec["round"]), site_id=_site_label(node, summary.get("site_names")),
                 train=_phase_status(rec.get("train"), node, "trained"),  # type: ignore[arg-type]
                 evaluate=_phase_status(rec.get("evaluate"), node, "evaluated"),  # type: ignore[arg-type]
             ))
@@ -264,9 +278,13 @@ def build_consortium_report(
         if (rec.get("evaluate") or {}).get("mean")
     ]
     bound = float(summary.get("update_norm_bound", run.update_norm_bound) or 0.0)
+    status = str(summary.get("status", "completed"))
+    failed = status.startswith("failed")
     report = ConsortiumReport(
         run_id=str(summary.get("run_name", run.run_name)),
         rounds=int(summary.get("last_round", 0)),
+        status="failed" if failed else "completed",
+        status_reason=_short(status.removeprefix("failed:").strip())[:200] or None if failed else None,
         created=created or datetime.now(UTC),
         sites=_site_rounds(summary),
         metrics=metrics,

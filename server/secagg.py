@@ -41,7 +41,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable
+from logging import INFO
 from typing import Any
 
 import numpy as np
@@ -75,6 +77,7 @@ from shared.errors import Problem, WireError
 from shared.run_config import RunConfig
 
 log = logging.getLogger("fedsynth.coordinator")
+from flwr.common.logger import log as flwr_log  # noqa: E402  (streamed by `flwr run --stream`)
 
 Adapter = dict[str, np.ndarray]
 
@@ -104,7 +107,7 @@ def train_round(
     params = ndarrays_to_parameters([global_adapter[n] for n in names]) if global_adapter is not None \
         else Parameters(tensors=[], tensor_type="numpy.ndarray")
     strategy = _RoundStrategy(grid, nodes, params, round_id)
-    checked = _CheckedGrid(grid, run, spec, nodes, anchor)
+    checked = _CheckedGrid(grid, run, spec, nodes, anchor, round_id)
     context = LegacyContext(
         Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
         config=ServerConfig(num_rounds=1), strategy=strategy, client_manager=SimpleClientManager(),
@@ -168,7 +171,8 @@ class _CheckedGrid:
     """
 
     def __init__(self, grid: Grid, run: RunConfig, spec: wire.AdapterSpec | None, sent: list[int],
-                 anchor: Callable[[int, dict[str, Any]], BudgetRefusal | None] | None = None):
+                 anchor: Callable[[int, dict[str, Any]], BudgetRefusal | None] | None = None,
+                 round_id: int | None = None):
         self._grid, self._run, self._spec, self._sent = grid, run, spec, sent
         self._anchor = anchor
         self.accepted: dict[int, wire_secagg.SecAggReply] = {}
@@ -177,12 +181,21 @@ class _CheckedGrid:
         self.failed: set[int] = set()
         self.replied: set[int] = set()
         self.layout: tuple[tuple[str, ...], tuple[tuple[int, ...], ...]] | None = None
+        self.stage = 0  # SecAgg+ stages so far (progress lines only)
+        self._round = round_id
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        self.stage += 1
+        t0 = time.monotonic()
+        flwr_log(INFO, "fedsynth round %s: SecAgg+ stage %d: %d messages sent", self._round,
+                 self.stage, len(messages))
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        flwr_log(INFO, "fedsynth round %s: SecAgg+ stage %d: %d replies after %.0f s", self._round,
+                 self.stage, len(replies), time.monotonic() - t0)
         if not any(_is_masked_reply(m) for m in replies):
             return replies
         return self._check_masked(replies)

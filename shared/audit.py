@@ -40,6 +40,7 @@ KINDS: frozenset[str] = frozenset(
     {
         "run_start",
         "run_end",
+        "site_registered",  # the coordinator saw a node: its node id, site name, public key sha256
         "round",
         "update_accepted",
         "update_rejected",  # data must carry a short "reason"
@@ -55,6 +56,7 @@ KINDS: frozenset[str] = frozenset(
 )
 ENTRY_FIELDS = frozenset({"seq", "time", "actor", "kind", "data", "prev", "key_id", "hash", "sig"})
 MAX_STRING = 200  # short reasons and ids only: the log must never carry note text
+MODE = 0o600  # audit logs: owner read/write only (site ids, node ids, ledger positions)
 _KEY_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -181,7 +183,7 @@ class AuditLog:
         if entry is None:
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
             aside = self.path.with_name(f"{self.path.name}.torn-{stamp}")
-            with open(aside, "wb") as f:
+            with os.fdopen(os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, MODE), "wb") as f:
                 f.write(line)
                 f.flush()
                 os.fsync(f.fileno())
@@ -268,7 +270,9 @@ class _Locked:
         self.fd = -1
 
     def __enter__(self) -> int:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, MODE)
+        if os.fstat(self.fd).st_mode & 0o077:  # an older log (0644): readable by its owner only
+            os.fchmod(self.fd, MODE)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self.fd
 

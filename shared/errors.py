@@ -116,3 +116,9 @@ class VerificationError(FedsynthError):
     """A signature, hash chain or report failed offline verification."""
 
     exit_code = 10
+
+
+class RunFailedError(FedsynthError):
+    """A federated run ended without any site's update reaching the global adapter."""
+
+    exit_code = 11

@@ -358,6 +358,9 @@ class ConsortiumReport(BaseModel):
     schema_version: Literal[1] = SCHEMA_VERSION
     run_id: ShortText
     rounds: int = Field(ge=0, description="number of completed rounds")
+    status: Literal["completed", "failed"] = Field(
+        "completed", description="failed: no site's update reached the global adapter (see status_reason)")
+    status_reason: ShortText | None = None
     created: datetime
     sites: list[SitePrivacySummary]
     metrics: list[RoundMetrics] = Field(description="aggregated site metric summaries per round")

@@ -314,13 +314,16 @@ def _consortium_html(r: ConsortiumReport) -> str:
         f"<h1>Consortium report — run {_e(r.run_id)}, {_num(r.rounds)} rounds</h1>",
         _verdict_html(r.verdict),
         f"<p>Created {_e(r.created.isoformat())}.</p>",
+        *([f"<p><strong>This run failed: {_e(r.status_reason or 'no site trained')}.</strong></p>"]
+          if r.status == "failed" else []),
         "<h2>Participation</h2>",
         _participation_html(r),
         _plain_box("patient", r.what_epsilon_covers, r.what_epsilon_does_not_cover, None),
         "<h2>ε spent per site</h2>",
     ]
     series = {s.site_id: ([x.round for x in s.rounds], [x.epsilon for x in s.rounds]) for s in r.sites}
-    parts.append(_epsilon_plot(series, {s.site_id: s.epsilon_ceiling for s in r.sites}) if series else "<p>No sites.</p>")
+    parts.append(_epsilon_plot(series, {s.site_id: s.epsilon_ceiling for s in r.sites}) if series else
+                 "<p>No site's update was aggregated in this run.</p>")
     rows = []
     for s in r.sites:
         last = s.rounds[-1] if s.rounds else None

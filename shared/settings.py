@@ -9,14 +9,19 @@ node config, never from the run config).
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from dotenv import dotenv_values
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import ConfigError, Problem
+
+log = logging.getLogger("fedsynth.settings")
 
 
 def cache_dir() -> Path:
@@ -43,7 +48,7 @@ class SiteSettings(BaseSettings):
         env_prefix="FEDSYNTH_SITE_",
         env_file=".env",
         env_file_encoding="utf-8",
-        extra="forbid",
+        extra="ignore",  # a shared .env holds other programs' keys; see unknown_settings
         frozen=True,
         secrets_dir=os.environ.get("FEDSYNTH_SECRETS_DIR") or None,
     )
@@ -108,7 +113,7 @@ class CoordinatorSettings(BaseSettings):
         env_prefix="FEDSYNTH_COORD_",
         env_file=".env",
         env_file_encoding="utf-8",
-        extra="forbid",
+        extra="ignore",  # a shared .env holds other programs' keys; see unknown_settings
         frozen=True,
         secrets_dir=os.environ.get("FEDSYNTH_SECRETS_DIR") or None,
     )
@@ -117,8 +122,32 @@ class CoordinatorSettings(BaseSettings):
     signing_key: Path | None = None
 
 
+def unknown_settings(cls: type[BaseSettings], environ: Mapping[str, str] | None = None,
+                     env_file: Path | None = None) -> list[str]:
+    """Variables with ``cls``'s prefix (environment or ``.env``) that name no setting: typos.
+
+    A ``.env`` file may hold other keys (deploy/site.env.example wires the launcher
+    and the SuperNode too); only a key with this prefix that matches no field is
+    reported, since a misspelled ``FEDSYNTH_SITE_EPSILON_CIELING`` would otherwise
+    leave the default in force without a word.
+    """
+    prefix = str(cls.model_config.get("env_prefix", "")).upper()
+    known = {prefix + name.upper() for name in cls.model_fields}
+    keys = set(os.environ if environ is None else environ)
+    path = Path(env_file if env_file is not None else str(cls.model_config.get("env_file") or ""))
+    if path.name and path.is_file():
+        keys |= {k for k in dotenv_values(path) if k}
+    return sorted(k for k in keys if k.upper().startswith(prefix) and k.upper() not in known)
+
+
 def load_settings(cls: type[BaseSettings], **overrides: Any) -> Any:
-    """Build ``cls`` from env/.env/secrets plus ``overrides``; every problem listed at once."""
+    """Build ``cls`` from env/.env/secrets plus ``overrides``; every problem listed at once.
+
+    Unknown ``<prefix>*`` variables are logged as warnings (:func:`unknown_settings`).
+    """
+    for name in unknown_settings(cls):
+        log.warning("%s is not a %s setting and is ignored (misspelled? see docs/hospital-it.md)",
+                    name, cls.__name__)
     try:
         return cls(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from shared.about import version_line
 from shared.audit import last_hash, verify_log
 from shared.errors import FedsynthError, InputError, VerificationError
 from shared.report import SiteRoundReport, parse_report
@@ -267,6 +268,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="load every DIR/*.pub; the name is the file name without .pub/.key.pub")
     p.add_argument("--coordinator-name", default=COORDINATOR, metavar="NAME",
                    help="key name that must sign consortium reports (default: coordinator)")
+    p.add_argument("--version", action="version", version=version_line("fedsynth-verify"))
     return p
 
 

@@ -231,3 +231,65 @@ def test_site_script_runs_the_role_each_unit_asks_for(role, tmp_path):
     else:
         assert calls[0].startswith("python -m client.launcher serve --runtime-api-address 127.0.0.1:9094")
         assert "--pin /srv/site/pin.json" in calls[0]
+
+
+def _patterns(path: Path) -> set[str]:
+    return {line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")}
+
+
+def test_ignore_files_keep_notes_outputs_and_secrets_out():
+    git = ROOT / ".gitignore"
+    docker = ROOT / ".dockerignore"
+    for must in (".env", "*.key", "notes.jsonl", "notes.csv", "/site-output/", "/coordinator-output/"):
+        assert must in _patterns(git), f".gitignore lacks {must}"
+    for must in (".git", ".venv", ".env", "**/*.key", "**/*.secret", "**/notes.jsonl", "**/notes.csv",
+                 "site-output", "coordinator-output", "wheelhouse", "runs"):
+        assert must in _patterns(docker), f".dockerignore lacks {must}"
+    # .gitignore must reach the image: Flower filters the FAB (and so the pin) with it
+    assert ".gitignore" not in _patterns(docker)
+    for path in ("site-a/notes.jsonl", "pki/site-a.key", ".env", "site-output/x"):
+        out = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "--no-index", "-q", path],
+                             capture_output=True)
+        assert out.returncode == 0, f"{path} is not ignored by git"
+    kept = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "--no-index", "-q",
+                           "deploy/site.env.example"], capture_output=True)
+    assert kept.returncode == 1, "the env examples must stay tracked"
+
+
+def test_supernode_runs_as_its_own_user_without_the_notes():
+    supernode = DEPLOY / "systemd" / "fedsynth-supernode@.service"
+    launcher = DEPLOY / "systemd" / "fedsynth-launcher@.service"
+    assert _unit_values(supernode, "User") == ["fedsynth-net"]
+    assert _unit_values(launcher, "User") == ["fedsynth"]
+    hidden = " ".join(_unit_values(supernode, "InaccessiblePaths")).split()
+    for path in ("/srv/site/data", "/srv/site/keys", "/srv/site/models"):
+        assert f"-{path}" in hidden or path in hidden
+    writable = " ".join(_unit_values(supernode, "ReadWritePaths")).split()
+    assert writable == ["/srv/site/flwr"]  # not /srv/site: nothing of the site's data
+    compose = yaml.safe_load((DEPLOY / "compose.site.yml").read_text())["services"]
+    assert compose["supernode"]["user"] == "10002:10002"  # same uid as fedsynth-net
+    assert "user" not in compose["launcher"]  # the image's fedsynth, uid 10001
+
+
+def test_docs_and_images_agree_on_the_service_uids():
+    doc = (ROOT / "docs" / "hospital-it.md").read_text()
+    for dockerfile in ("site.Dockerfile", "coordinator.Dockerfile"):
+        text = (DEPLOY / dockerfile).read_text()
+        assert "--uid 10001" in text and "--gid 10001" in text
+    assert re.search(r"groupadd --system --gid 10001 fedsynth\b", doc)
+    assert re.search(r"useradd --system --uid 10001 --gid fedsynth\b", doc)
+    assert re.search(r"useradd --system --uid 10002 --gid fedsynth-net\b", doc)
+    assert "huggingface-cli download" not in doc and "hf download" in doc
+    assert "install -d" in doc and "/etc/fedsynth" in doc
+    assert "v0.1.0 >" not in doc  # there is no such tag: archive the agreed commit
+
+
+def test_installs_are_hash_checked_against_the_lock():
+    for name in ("site.Dockerfile", "coordinator.Dockerfile"):
+        text = (DEPLOY / name).read_text()
+        assert "--require-hashes -r /wheelhouse/requirements.lock" in text, name
+        assert "--no-deps" in text  # the release itself adds no unchecked dependency
+    for doc in ("hospital-it.md", "coordinator.md"):
+        text = (ROOT / "docs" / doc).read_text()
+        assert "--require-hashes -r /path/to/wheelhouse/requirements.lock" in text, doc
+    assert "wheelhouse.py sbom" in (ROOT / "docs" / "hospital-it.md").read_text()

@@ -127,8 +127,8 @@ def site(tmp_path_factory) -> dict[str, Path]:
     write_demo(d / "demo", patients_per_site=20, public_reports=100)
     notes = d / "demo" / "site-a" / "notes.jsonl"
     notes.chmod(0o640)
-    generate_key(d / "keys" / "signing")
-    return {"dir": d, "model": d / "model", "notes": notes, "signing": d / "keys" / "signing"}
+    generate_key(d / "keys" / "site-a.key")  # named after the site: auditors name keys by file
+    return {"dir": d, "model": d / "model", "notes": notes, "signing": d / "keys" / "site-a.key"}
 
 
 def _settings(site, tmp_path: Path, **overrides) -> SiteSettings:
@@ -149,12 +149,32 @@ def _failed(checks: list[doctor.Check]) -> dict[str, doctor.Check]:
 # --------------------------------------------------------------------------- healthy
 
 
+def pinned_release(tmp_path: Path) -> tuple[Path, Path]:
+    """A minimal app tree and the launcher's pin of it."""
+    from client.launcher import write_pin
+
+    app = tmp_path / "release"
+    (app / "client").mkdir(parents=True)
+    (app / "client" / "app.py").write_text("app = None\n")
+    (app / "pyproject.toml").write_text('[project]\nname = "fedsynth"\nversion = "0.1.0"\n\n'
+                                        '[tool.flwr.app]\npublisher = "fedsynth"\n\n'
+                                        '[tool.flwr.app.components]\nserverapp = "server.app:app"\n'
+                                        'clientapp = "client.app:app"\n\n[tool.flwr.app.config]\n'
+                                        'num-rounds = 1\n')
+    write_pin(app, tmp_path / "pin.json")
+    return app, tmp_path / "pin.json"
+
+
 def test_healthy_site_passes_every_check(site, pki, tls_server, tmp_path):
+    app, pin = pinned_release(tmp_path)
     checks = doctor.run_doctor(_settings(site, tmp_path), coordinator=tls_server,
-                               root_cert=pki["ca.crt"], auth_key=pki["site-a"], min_free_gb=0.001)
+                               root_cert=pki["ca.crt"], auth_key=pki["site-a"], min_free_gb=0.001,
+                               pin=pin, install_dir=app, deploy_site_id="site-a",
+                               configured_site_id="site-a")
     assert _failed(checks) == {}
     named = _by_name(checks)
     assert set(named) == {"GPU / CUDA", "model", "notes", "root CA", "SuperNode key", "signing key",
+                          "site identity", "release pin",
                           "secure aggregation", "coordinator", "privacy ledger", "disk space"}
     assert "llama" in named["model"].detail
     assert "patients" in named["notes"].detail
@@ -253,7 +273,7 @@ def test_expired_absent_or_non_ca_root_cert_fails(pki, tmp_path):
     expired = doctor_federation.check_root_cert(pki["expired-ca.crt"])
     assert not expired.ok and "expired" in expired.detail and "ca.crt" in expired.fix
     absent = doctor_federation.check_root_cert(tmp_path / "ca.crt")
-    assert not absent.ok and "server.pki" in absent.fix
+    assert not absent.ok and "fedsynth-coordinator pki" in absent.fix
     not_ca = doctor_federation.check_root_cert(pki["server.pem"])
     assert not not_ca.ok and "not a CA" in not_ca.detail
     soon = doctor_federation.check_root_cert(pki["ca.crt"], now=datetime.now(UTC) + timedelta(days=350))
@@ -381,6 +401,9 @@ def test_doctor_command_exit_codes(site, pki, tls_server, tmp_path, monkeypatch)
     for key, value in {"MODEL_DIR": site["model"], "SIGNING_KEY": site["signing"],
                        "REQUIRE_SECAGG": "true"}.items():
         monkeypatch.setenv(f"FEDSYNTH_SITE_{key}", str(value))
+    app, pin = pinned_release(tmp_path)
+    monkeypatch.setenv("FEDSYNTH_PIN", str(pin))
+    monkeypatch.setenv("FEDSYNTH_INSTALL_DIR", str(app))
     args = ["doctor", "--data-dir", str(data), "--site-id", "site-a", "--min-free-gb", "0.001",
             "--coordinator", tls_server, "--root-cert", str(pki["ca.crt"]), "--auth-key", str(pki["site-a"])]
     runner = CliRunner()
@@ -393,3 +416,60 @@ def test_doctor_command_exit_codes(site, pki, tls_server, tmp_path, monkeypatch)
     monkeypatch.setenv("FEDSYNTH_SITE_DEVICE", "tpu")
     bad_settings = runner.invoke(_app(), args, terminal_width=200)
     assert bad_settings.exit_code == 1 and "FEDSYNTH_SITE_DEVICE" in bad_settings.output
+
+
+def test_pin_must_match_the_installed_tree(tmp_path):
+    from client.doctor_deploy import check_pin
+
+    app, pin = pinned_release(tmp_path)
+    assert check_pin(pin, app).ok
+    (app / "client" / "app.py").write_text("app = 'edited'\n")  # an operator edits the release
+    edited = check_pin(pin, app)
+    assert not edited.ok and "pins fedsynth 0.1.0" in edited.detail
+    assert not check_pin(None, app).ok
+    (tmp_path / "bad.json").write_text("{}")
+    assert not check_pin(tmp_path / "bad.json", app).ok
+
+
+def test_site_identity_names_every_mismatch(site, tmp_path):
+    from client.doctor_deploy import check_site_identity
+    from shared.audit import AuditLog
+    from shared.signing import load_private_key
+
+    settings = _settings(site, tmp_path)
+    assert check_site_identity(settings, "site-a", "site-a").ok
+    wrong_id = check_site_identity(settings, "site-a", "site-b")
+    assert not wrong_id.ok and "FEDSYNTH_SITE_SITE_ID=site-b" in wrong_id.detail
+    generic = tmp_path / "signing"
+    generate_key(generic)
+    misnamed = check_site_identity(_settings(site, tmp_path, signing_key=generic), "site-a", None)
+    assert not misnamed.ok and "site-a.key" in misnamed.fix
+    # the audit log was signed by another key (e.g. a regenerated one)
+    other = tmp_path / "other" / "site-a.key"
+    generate_key(other)
+    (tmp_path / "output").mkdir(exist_ok=True)
+    AuditLog(tmp_path / "output" / "audit.jsonl", key=load_private_key(other), actor="site-a").append(
+        "run_start", {"run": "r"})
+    foreign = check_site_identity(settings, "site-a", "site-a")
+    assert not foreign.ok and "was written by key" in foreign.detail
+
+
+def test_supernode_key_of_another_account_is_a_warning_not_a_failure(pki, monkeypatch):
+    # the SuperNode runs as fedsynth-net; doctor runs as fedsynth and cannot read its key
+    key = pki["site-a"]
+    real = Path.read_bytes
+
+    def denied(self):
+        if self == key:
+            raise PermissionError(13, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    monkeypatch.setattr(doctor_federation.os, "geteuid", lambda: os.stat(key).st_uid + 4242)
+    check = doctor_federation.check_auth_key(key)
+    assert check.ok and check.warning and "sudo -u" in check.fix
+    key.chmod(0o640)  # readable by a group but not by us: that is a finding, not intended
+    try:
+        assert not doctor_federation.check_auth_key(key).ok
+    finally:
+        key.chmod(0o600)

@@ -440,3 +440,16 @@ def test_recovery_keeps_authentic_records_the_audit_log_missed(three_rounds):
     got = recover_ledger(settings)
     assert (got.records, got.from_anchors) == (7, 6) and got.epsilon == pytest.approx(eps4)
     assert _open(settings).epsilon(delta=DELTA, accountant="rdp") == pytest.approx(eps4)
+
+
+def test_wrong_site_id_is_a_settings_error_not_corruption(three_rounds, tmp_path):
+    # `fedsynth-site budget` without FEDSYNTH_SITE_SITE_ID used to say "restore it from backup"
+    settings, _, _ = three_rounds
+    default_id = load_settings(SiteSettings, output_dir=settings.output_dir, signing_key=settings.signing_key)
+    from shared.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        _open(default_id)
+    msg = str(err.value)
+    assert "FEDSYNTH_SITE_SITE_ID=site-a" in msg and "backup" not in msg
+    assert _open(settings).epsilon(delta=DELTA, accountant="rdp") == pytest.approx(_eps(RUNS))

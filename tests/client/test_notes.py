@@ -51,11 +51,11 @@ BAD_CASES = [
     (json.dumps({"note_id": "x", "patient_id": "p", "icd10": "F32"}), "missing field 'text'"),
     (json.dumps({"note_id": "x", "icd10": "F32"}), "missing fields 'patient_id', 'text'"),
     (json.dumps(_rec(9) | {"note_id": 7}), "field 'note_id' must be a string, got int"),
-    (json.dumps(_rec(9, code="Z99.99")), "unknown ICD-10 code 'Z99.99'"),
+    (json.dumps(_rec(9, code="Z99.99")), "icd10 item 1 is not a known ICD-10 code (6 characters)"),
     (json.dumps(_rec(9, code=["F32", 3])), "field 'icd10' must be a string or a list of strings, got a list with non-string items"),
     (json.dumps(_rec(9, text="   ")), "empty text"),
     (json.dumps(_rec(9, text="x" * 51)), "text too long: 51 characters (max 50)"),
-    (json.dumps(_rec(9) | {"identifers": ["typo"]}), "unknown field(s) 'identifers' (allowed: note_id, patient_id, icd10, text, date, identifiers)"),
+    (json.dumps(_rec(9) | {"identifers": ["typo"]}), "1 unknown field(s) (allowed: note_id, patient_id, icd10, text, date, identifiers)"),
     (json.dumps(_rec(9, date=20240101)), "field 'date' must be a string, got int"),
 ]
 
@@ -79,7 +79,7 @@ def test_non_utf8_bytes_cost_only_their_line(tmp_path):
 def test_duplicate_note_id_names_the_first_line(tmp_path):
     path = _jsonl(tmp_path / "notes.jsonl", [GOOD[0], GOOD[1], json.dumps(_rec(1, "p7"))])
     load = load_notes(path, mode="skip")
-    assert load.problems == [Problem(str(path), "duplicate note_id 'n1' (first on line 1)", 3)]
+    assert load.problems == [Problem(str(path), "duplicate note_id (first on line 1)", 3)]
     assert load.skipped == 1
 
 
@@ -90,7 +90,7 @@ def test_strict_raises_once_listing_every_problem(tmp_path):
         load_notes(path, mode="strict")
     assert [p.line for p in err.value.problems] == [2, 4, 6]
     msg = str(err.value)
-    assert f"{path}:2: invalid JSON" in msg and "unknown ICD-10 code 'XX'" in msg and f"{path}:6: empty text" in msg
+    assert f"{path}:2: invalid JSON" in msg and "icd10 item 1 is not a known ICD-10 code (2 characters)" in msg and f"{path}:6: empty text" in msg
 
 
 def test_skip_returns_good_notes_and_counts_the_rest(tmp_path):
@@ -105,7 +105,7 @@ def test_several_reasons_on_one_line_are_all_named(tmp_path):
     with pytest.raises(InputError) as err:
         load_notes(path)
     (problem,) = err.value.problems
-    assert problem.reason == "empty note_id; unknown ICD-10 code 'F99.9'; empty text"
+    assert problem.reason == "empty note_id; icd10 item 1 is not a known ICD-10 code (5 characters); empty text"
 
 
 def test_empty_file_missing_file_unknown_extension(tmp_path):
@@ -150,7 +150,7 @@ def test_csv_same_columns_lists_and_multiline_text(tmp_path):
     assert c1.date == "2024-01-01" and c1.line == 2
     assert c2.icd10 == ("F41.1", "F32.1") and c2.date is None and c2.identifiers == () and c2.line == 4
     assert load.problems == [
-        Problem(str(path), "unknown ICD-10 code 'Q'", 5),
+        Problem(str(path), "icd10 item 1 is not a known ICD-10 code (1 characters)", 5),
         Problem(str(path), "empty text", 6),
         Problem(str(path), "expected 6 CSV fields, found 7", 7),
     ]
@@ -168,7 +168,7 @@ def test_csv_non_utf8_and_bad_header(tmp_path):
     bad.write_text("note_id,patient,icd10,text\nc1,p1,F32,x\n")
     with pytest.raises(InputError) as err:
         load_notes(bad, mode="skip")
-    assert "CSV header lacks column 'patient_id'" in str(err.value) and "unknown CSV column 'patient'" in str(err.value)
+    assert "CSV header lacks column 'patient_id'" in str(err.value) and "unknown CSV column 2" in str(err.value)
 
 
 def test_same_patient_with_different_identifiers_is_fine(tmp_path):
@@ -225,3 +225,58 @@ def test_group_and_summary_on_a_known_file(tmp_path):
     assert s.length_words_mean == pytest.approx((3 + 5 + 2 + 10) / 4)
     assert s.length_words_p50 == 4.0 and s.length_words_max == 10 and s.notes_per_patient_max == 2
     assert summarize([]).notes == 0
+
+
+SWAPPED_TEXT = "Patient Jane Roe (MRN 4417) reports low mood since her divorce in March"
+
+
+def test_problems_never_carry_field_values(tmp_path):
+    # icd10 and text swapped, an unknown key holding text, a duplicate id: none may be echoed
+    lines = [json.dumps({"note_id": "n1", "patient_id": "Jane Roe", "icd10": SWAPPED_TEXT, "text": "F32.1"}),
+             json.dumps(_rec(2) | {SWAPPED_TEXT: "x"}),
+             json.dumps(_rec(2, "Jane Roe"))]
+    path = _jsonl(tmp_path / "notes.jsonl", lines)
+    with pytest.raises(InputError) as err:
+        load_notes(path)
+    shown = str(err.value) + repr(err.value.problems)
+    assert "swapped" in shown and len(err.value.problems) == 3
+    for secret in ("Jane", "4417", "divorce", "n2", "Roe"):
+        assert secret not in shown
+    headerless = tmp_path / "notes.csv"
+    headerless.write_text(f"n1,p1,F32.1,{SWAPPED_TEXT}\n", encoding="utf-8")
+    with pytest.raises(InputError) as err:
+        load_notes(headerless)
+    assert "Jane" not in str(err.value) + repr(err.value.problems)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_overlong_line_is_skipped_without_reading_it_whole(tmp_path, suffix, monkeypatch):
+    import client.notes as notes_mod
+
+    head = "note_id,patient_id,icd10,text\n" if suffix == ".csv" else ""
+    good = "n1,p1,F32.1,fine\n" if suffix == ".csv" else json.dumps(_rec(1)) + "\n"
+    good3 = "n3,p3,F32.1,also fine\n" if suffix == ".csv" else json.dumps(_rec(3, "p3")) + "\n"
+    path = tmp_path / f"notes{suffix}"
+    limit = notes_mod.max_line_bytes(50)
+    path.write_text(head + good + "x" * (limit * 5) + "\n" + good3, encoding="utf-8")
+    sizes = []
+    real = notes_mod._bounded_lines
+
+    def spy(fh, lim):
+        orig = fh.readline
+
+        def readline(n=-1):
+            assert 0 < n <= lim + 1, "unbounded read"
+            got = orig(n)
+            sizes.append(len(got))
+            return got
+
+        fh.readline = readline
+        return real(fh, lim)
+
+    monkeypatch.setattr(notes_mod, "_bounded_lines", spy)
+    load = load_notes(path, mode="skip", max_chars=50)
+    assert [n.note_id for n in load.notes] == ["n1", "n3"]
+    (problem,) = load.problems
+    assert "line longer than" in problem.reason and problem.line == (3 if suffix == ".csv" else 2)
+    assert max(sizes) <= limit + 1

@@ -246,6 +246,8 @@ def test_deployment(tmp_path):
         assert summary_path.exists(), out.stdout[-3000:] + out.stderr[-3000:]
         summary = json.loads(summary_path.read_text())
         assert summary["status"] == "completed", summary
+        # sites are named as registered (`--name`), not by node id
+        assert {summary["site_names"][str(registered[site])] for site in sites} == set(sites), summary
         rnd = summary["rounds"][0]
         assert sorted(rnd["train"]["accepted"]) == node_ids, (rnd, procs.log("launcher-site-0")[-3000:])
         assert rnd["aggregated"] is True
@@ -264,6 +266,7 @@ def test_deployment(tmp_path):
         rnd = summary["rounds"][0]
         assert rnd["train"]["accepted"] == [] and rnd["aggregated"] is False, rnd
         assert sorted(rnd["train"]["failed"]) == node_ids, rnd
+        assert summary["status"].startswith("failed: no site's update was aggregated"), summary
         assert not marker.exists()
         for site, data in sites.items():
             assert "REFUSED run" in procs.log(f"launcher-{site}")

@@ -66,9 +66,10 @@ def make_fake_site(calls):
 class InProcessGrid(Grid):
     """Delivers each message to a handler per node (the real ClientApp unless overridden)."""
 
-    def __init__(self, contexts, handlers=None, dropped=()):
+    def __init__(self, contexts, handlers=None, dropped=(), nodes=None):
         self.contexts, self.handlers, self.dropped = contexts, handlers or {}, set(dropped)
         self.sent: list[Message] = []
+        self.nodes = nodes  # NodeInfo-like records for get_nodes() (None: no registry, as old grids)
 
     def set_run(self, run):  # pragma: no cover - not used in-process
         self._run = run
@@ -82,6 +83,11 @@ class InProcessGrid(Grid):
 
     def get_node_ids(self):
         return list(self.contexts)
+
+    def get_nodes(self):
+        if self.nodes is None:
+            raise NotImplementedError
+        return list(self.nodes)
 
     def push_messages(self, messages):  # pragma: no cover
         raise NotImplementedError
@@ -196,7 +202,7 @@ def test_too_few_sites_leaves_global_unchanged(tmp_path, calls):
     assert checkpoint.load_latest(tmp_path / "run" / "checkpoints") is None
     stopped = run_federation(InProcessGrid(contexts(tmp_path, rc, n=2)), RunConfig.from_flower(rc),
                              run_dir=tmp_path / "run2", sleep=lambda s: None)
-    assert stopped["status"].startswith("stopped")
+    assert stopped["status"].startswith("failed: 2 sites connected")
 
 
 def test_client_refuses_bad_instruction_and_run_config(tmp_path, calls):
@@ -283,3 +289,63 @@ def test_malformed_reply_is_a_typed_refusal_and_the_run_goes_on(tmp_path, calls,
     rnd = summary["rounds"][0]
     assert rnd["train"]["accepted"] == [100] and rnd["train"]["refused"]["101"]["kind"] == "wire"
     assert SECRET not in json.dumps(summary)
+
+
+def node_info(node_id, name, public_key=b""):
+    """What Flower 1.39's grid.get_nodes() returns per node (the fields we read)."""
+    return types.SimpleNamespace(node_id=node_id, name=name, public_key=public_key)
+
+
+def test_sites_are_named_in_summary_audit_and_report(tmp_path, calls):
+    ctx = contexts(tmp_path, RC, n=3)
+    infos = [node_info(100, "st-mary", b"pk-a"), node_info(101, "../../etc <b>x</b>", b"pk-b"),
+             node_info(102, "st-mary", b"pk-c")]  # 101: not a valid name; 102: name taken by 100
+    summary = run_federation(InProcessGrid(ctx, nodes=infos), RunConfig.from_flower(RC),
+                             run_dir=tmp_path / "run", sleep=lambda s: None)
+    assert summary["site_names"] == {"100": "st-mary", "101": "node-101", "102": "node-102"}
+    entries = [json.loads(line) for line in (tmp_path / "run" / "audit.jsonl").read_text().splitlines()]
+    reg = [e["data"] for e in entries if e["kind"] == "site_registered"]
+    assert {d["site"] for d in reg} == {"st-mary", "node-101", "node-102"}
+    first = next(d for d in reg if d["node"] == "100")
+    assert first["named"] is True and len(first["public_key_sha256"]) == 64
+    acc = [e["data"] for e in entries if e["kind"] == "update_accepted"]
+    assert {d["site"] for d in acc} == {"st-mary", "node-101"}
+    report = json.loads((tmp_path / "run" / "consortium-report.json").read_text())
+    assert {s["site_id"] for s in report["sites"]} == {"st-mary", "node-101"}
+    html = (tmp_path / "run" / "consortium-report.html").read_text()
+    assert "st-mary" in html and "etc" not in html
+
+
+def test_no_site_trained_is_a_failed_run(tmp_path, calls):
+    # site2 declines (budget), site3 fails: no update is ever aggregated
+    ctx = {k: v for k, v in contexts(tmp_path, RC, n=4).items() if k in (102, 103)}
+    summary = run_federation(InProcessGrid(ctx), RunConfig.from_flower(RC), run_dir=tmp_path / "run",
+                             sleep=lambda s: None)
+    assert summary["status"].startswith("failed: no site's update was aggregated")
+    assert "declined (budget_exceeded) 1" in summary["status"]
+    report = json.loads((tmp_path / "run" / "consortium-report.json").read_text())
+    assert report["status"] == "failed" and "declined (budget_exceeded)" in report["status_reason"]
+    html = (tmp_path / "run" / "consortium-report.html").read_text()
+    assert "This run failed" in html and "No sites." not in html
+    entries = [json.loads(line) for line in (tmp_path / "run" / "audit.jsonl").read_text().splitlines()]
+    assert entries[-1]["kind"] == "run_end" and entries[-1]["data"]["status"].startswith("failed")
+
+
+def test_progress_lines_name_phases_and_sites(tmp_path, calls, caplog):
+    import logging
+
+    ctx = contexts(tmp_path, RC, n=3)
+    infos = [node_info(100, "alpha"), node_info(101, "beta"), node_info(102, "gamma")]
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.addHandler(caplog.handler)
+    try:
+        run_federation(InProcessGrid(ctx, nodes=infos), RunConfig.from_flower(RC),
+                       run_dir=tmp_path / "run", sleep=lambda s: None)
+    finally:
+        flwr_logger.removeHandler(caplog.handler)
+    text = "\n".join(r.getMessage() for r in caplog.records if r.getMessage().startswith("fedsynth"))
+    assert "round 1/1: 3 sites connected: alpha, beta, gamma" in text
+    assert "round 1: train on" in text and "train done after" in text
+    assert "alpha (ε=" in text and "gamma (budget_exceeded)" in text
+    assert "round 1: evaluate on" in text and "evaluate done after" in text
+    assert "run " in text and ": completed" in text

@@ -220,3 +220,20 @@ def test_concurrent_writers_interleave_whole_entries(tmp_path, keys, pubs):
     assert verify_log(path, pubs) == 80
     actors = [json.loads(line)["actor"] for line in path.read_bytes().splitlines()]
     assert actors.count("site-a") == actors.count("site-b") == 40
+
+
+def test_audit_log_is_owner_only_even_under_a_lax_umask(tmp_path):
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        log = AuditLog(tmp_path / "audit.jsonl", actor="site-a")
+        log.append("run_start", {"run": "r"})
+        assert stat.S_IMODE(os.stat(log.path).st_mode) == 0o600
+        legacy = tmp_path / "old.jsonl"
+        legacy.touch(mode=0o644)
+        os.chmod(legacy, 0o644)
+        AuditLog(legacy, actor="site-a").append("run_start", {"run": "r"})
+        assert stat.S_IMODE(os.stat(legacy).st_mode) == 0o600  # an existing 0644 log is tightened
+    finally:
+        os.umask(old)
