@@ -55,12 +55,10 @@ the site; they stay in the local evaluation report.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from client.evaluate.privacy import MIN_IDENTIFIER_CHARS, _norm, phi_echo
 from client.evaluate.summary import Cell
@@ -197,15 +195,17 @@ def standard_normal(n: int) -> np.ndarray:
     """``n`` independent N(0, 1) draws from a fresh ChaCha20 keystream keyed from ``os.urandom``.
 
     No seed, setting or run config reaches this: DP noise must be unpredictable
-    to whoever chose the inputs. Box–Muller on 53-bit uniforms.
+    to whoever chose the inputs. The same source as training's noise
+    (:mod:`client.dp_noise`, ``chacha20-gaussian``): Box–Muller on 53-bit uniforms,
+    then Opacus' floating-point-attack mitigation (one draw thrown away, four
+    summed and halved).
     """
-    pairs = (n + 1) // 2
-    cipher = Cipher(algorithms.ChaCha20(os.urandom(32), os.urandom(16)), mode=None)
-    stream = cipher.encryptor().update(bytes(16 * pairs))
-    u = (np.frombuffer(stream, dtype="<u8") >> np.uint64(11)).astype(np.float64) / 2.0**53
-    u1, u2 = 1.0 - u[:pairs], u[pairs:]  # u1 in (0, 1]: log is finite
-    r = np.sqrt(-2.0 * np.log(u1))
-    return np.concatenate([r * np.cos(2 * np.pi * u2), r * np.sin(2 * np.pi * u2)])[:n]
+    from client.dp_noise import _KeyStream, box_muller, mitigated, uniforms
+
+    draws = 1 + 4 * n
+    words = _KeyStream().words(draws + (draws % 2))
+    z = box_muller(uniforms(words))
+    return mitigated(z, n, std=1.0).numpy()
 
 
 @dataclass(frozen=True)

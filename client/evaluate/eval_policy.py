@@ -38,6 +38,9 @@ EVAL_PREFIX = "eval-"
 EVAL_SEED_BITS = 40
 
 
+METRICS_NOISE_SOURCE = "chacha20-gaussian"  # client.evaluate.dp_metrics.standard_normal
+
+
 def evaluation_sampling(settings: SiteSettings, generate: GenerateConfig) -> SamplingConfig:
     """The sampling an evaluation actually uses: site-drawn seed, site-bounded temperature.
 
@@ -106,6 +109,7 @@ def charge_evaluation(
         entry = ledger.reserve(
             round_id=evaluation_round_id(run, round_id), noise_multiplier=sigma, sample_rate=1.0,
             steps=1, delta=delta, accountant=accountant, epsilon_ceiling=settings.epsilon_ceiling,
+            noise_source=METRICS_NOISE_SOURCE,
         )
         epsilon = compute_epsilon([(sigma, 1.0, 1)], delta=delta, accountant=accountant)
     return EvaluationCharge(entry=entry, epsilon=epsilon, delta=delta, noise_multiplier=sigma)

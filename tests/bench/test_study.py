@@ -1,7 +1,6 @@
 """The study's pure parts: per-round ε for a whole-run target, the site split it mirrors."""
 
 import json
-import math
 
 import pytest
 from opacus.accountants import create_accountant
@@ -20,7 +19,10 @@ def test_per_round_epsilon_composes_to_at_most_the_whole_run_target():
     # independently: the site's own sigma for e, composed over the rounds as its ledger does
     from opacus.accountants.utils import get_noise_multiplier
 
-    q, delta = 1 / math.ceil(n / batch), 1 / (10 * n)
+    from client.dp_sampling import patients_bucket, sample_rate_for
+    from client.site import default_delta
+
+    q, delta = sample_rate_for(n, batch), default_delta(patients_bucket(n))  # what the site uses
     sigma = get_noise_multiplier(target_epsilon=e, target_delta=delta, sample_rate=q, steps=steps,
                                  accountant="rdp")
     acc = create_accountant(mechanism="rdp")
