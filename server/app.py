@@ -235,9 +235,12 @@ def _classify(
         except Exception as exc:  # noqa: BLE001 - WireError, or anything: a refusal, never a crash
             digest = wire.refusal_digest(msg.content)
             count = len(exc.problems) if isinstance(exc, WireError) else 1
+            codes = wire.refusal_codes(exc)
+            if codes:  # the one refusal whose text is safe to log: it quotes only bounded ints
+                log.warning("site %d: %s", node, exc.problems[0].reason)  # type: ignore[attr-defined]
             log.warning("site %d: %s reply refused by the wire contract (%d problems, sha256 %s)",
                         node, kind, count, digest)
-            rec["refused"][str(node)] = report.refusal_record("wire", digest, count)
+            rec["refused"][str(node)] = report.refusal_record("wire", digest, count, codes)
             continue
         if reply.privacy is not None and anchor is not None:
             refusal = anchor(node, reply.privacy)

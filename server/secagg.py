@@ -206,8 +206,11 @@ class _CheckedGrid:
             except Exception as exc:  # noqa: BLE001 - WireError, or anything: a refusal, never a crash
                 digest = wire.refusal_digest(msg.content)
                 count = len(exc.problems) if isinstance(exc, WireError) else 1
+                codes = wire.refusal_codes(exc)
+                if codes:  # the one refusal whose text is safe to log: it quotes only bounded ints
+                    log.warning("site %d: %s", node, exc.problems[0].reason)  # type: ignore[attr-defined]
                 log.warning("site %d: secagg reply refused (%d problems, sha256 %s)", node, count, digest)
-                self.refused[node] = refusal_record("wire", digest, count)
+                self.refused[node] = refusal_record("wire", digest, count, codes)
                 continue
             if got.privacy is not None and got.decline is None and self._anchor is not None:
                 refusal = self._anchor(node, got.privacy)
@@ -251,7 +254,8 @@ class _RoundStrategy(Strategy):
 
     def __init__(self, grid: Grid, nodes: list[int], parameters: Parameters, round_id: int):
         self._proxies = [GridClientProxy(n, grid, run_id=0) for n in nodes]
-        self._fitins = FitIns(parameters, {"round": int(round_id)})
+        self._fitins = FitIns(parameters, {"round": int(round_id),
+                                               wire.WIRE_VERSION_FIELD: wire.WIRE_VERSION})
         self.mean: list[np.ndarray] | None = None
         self.contributors: set[int] = set()
 

@@ -13,7 +13,15 @@ What may cross (see the record layout below):
 - ``privacy``: exactly :data:`PRIVACY_KEYS`, scalar types and ranges checked;
 - ``metrics``: names in :data:`METRIC_NAMES`, finite scalars with at most six
   significant digits (a float is otherwise an 8-byte covert channel);
-- ``decline``: a typed reason from :data:`DECLINE_REASONS`.
+- ``decline``: a typed reason from :data:`DECLINE_REASONS`;
+- ``wire``: ``{"version": WIRE_VERSION}`` in every reply (instructions carry
+  ``wire_version``): a peer speaking another version is refused with a message
+  naming both versions, before anything else is read.
+
+Numbers: every float that crosses (privacy scalars, metrics) has at most six
+significant digits (:func:`round_sig`; the site rounds before sending and both
+sides refuse more), every int is bounded, metric ints obey the same six-digit
+rule, and ``count.*`` metrics are buckets (multiples of 10).
 
 Nothing else: no free strings, no note ids, no generated text, no extra records.
 
@@ -49,20 +57,33 @@ if TYPE_CHECKING:
 #   train    : {"adapter": ArrayRecord, "privacy": ConfigRecord}
 #   evaluate : {"metrics": MetricRecord}
 #   either   : {"decline": ConfigRecord{"reason": one of DECLINE_REASONS}}
-# An instruction (coordinator -> site) holds {"instruction": ConfigRecord{"round": int}}
+# and every reply also {"wire": ConfigRecord{"version": WIRE_VERSION}}.
+# An instruction (coordinator -> site) holds
+# {"instruction": ConfigRecord{"round": int, "wire_version": WIRE_VERSION}}
 # and, once a global adapter exists, {"adapter": ArrayRecord}.
 ADAPTER_KEY = "adapter"
 PRIVACY_KEY = "privacy"
 METRICS_KEY = "metrics"
 DECLINE_KEY = "decline"
 INSTRUCTION_KEY = "instruction"
+WIRE_KEY = "wire"
+WIRE_VERSION_FIELD = "wire_version"  # the instruction's ConfigRecord key
+
+WIRE_VERSION = 2
+"""Version of this wire contract. Both sides refuse a peer with another one.
+
+v1: unversioned (before #13). v2: versioned records, six-digit privacy floats,
+bounded ints, bucketed counts, the ``wire_version`` decline. Bump it with every
+change to what a record may hold or how it is packed (dtype, layout, checks).
+"""
 
 # Why a site did not send an update: a typed flag, never free text. "site_error"
 # replaces any exception message, which could quote private data; "secagg_required":
 # the site's policy (FEDSYNTH_SITE_REQUIRE_SECAGG) refuses a plain, unmasked train round;
-# "evaluation_budget": the run has used the site's FEDSYNTH_SITE_MAX_EVALUATIONS_PER_RUN.
+# "evaluation_budget": the run has used the site's FEDSYNTH_SITE_MAX_EVALUATIONS_PER_RUN;
+# "wire_version": the coordinator's instruction speaks another wire version.
 DECLINE_REASONS: frozenset[str] = frozenset(
-    {"budget_exceeded", "evaluation_budget", "secagg_required", "site_error"}
+    {"budget_exceeded", "evaluation_budget", "secagg_required", "site_error", "wire_version"}
 )
 
 REPLY_KINDS = ("train", "evaluate")
@@ -70,6 +91,13 @@ LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 _LORA_NAME_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*\.lora_[AB]\.weight$")
 _MAX_ROUND = 1_000_000
 _METRIC_SIG_DIGITS = 6
+SIG_DIGITS = _METRIC_SIG_DIGITS
+"""Significant digits of every float on the wire (a full float64 is an 8-byte covert channel)."""
+MAX_STEPS = 1_000_000  # DP-SGD steps per round
+MAX_PATIENTS_BUCKET = 10_000_000
+MAX_METRIC_ABS = 1e9  # no whitelisted metric comes near; bounds the exponent as a channel
+MAX_COUNT_BUCKET = 10_000_000
+_MAX_VERSION = 1_000_000
 _MAX_LEDGER_SEQ = 10**12
 _LEDGER_HEAD_RE = re.compile(r"[0-9a-f]{64}")  # used with fullmatch: no trailing newline
 _MAX_ABS_INT = 2**63  # ints beyond int64 are refused before any float conversion (OverflowError)
@@ -120,34 +148,132 @@ def spec_of(tensors: Mapping[str, np.ndarray]) -> AdapterSpec:
     return {k: (tuple(int(d) for d in v.shape), str(v.dtype)) for k, v in tensors.items()}
 
 
+def wire_record() -> ConfigRecord:
+    """The ``wire`` record every reply carries: this side's :data:`WIRE_VERSION`."""
+    return ConfigRecord({"version": WIRE_VERSION})
+
+
+# Privacy floats that bound the guarantee are rounded UP: the site never reports
+# less epsilon (or delta) than it spent. The others are rounded to nearest.
+_ROUND_UP = frozenset({"epsilon", "epsilon_round", "delta"})
+
+
+def round_privacy(privacy: Mapping[str, float | int | str | bool]) -> dict[str, float | int | str | bool]:
+    """Privacy scalars as they go on the wire: floats to :data:`SIG_DIGITS` significant digits.
+
+    epsilon, epsilon_round and delta round up (conservative: never below what the
+    ledger spent); the other floats round to nearest. Rounding is monotone, so
+    ``epsilon_round <= epsilon`` survives it. Ints, strings and bools are unchanged.
+    """
+    out: dict[str, float | int | str | bool] = {}
+    for k, v in privacy.items():
+        if isinstance(v, float):
+            v = round_sig_up(v) if k in _ROUND_UP else round_sig(v)
+        out[k] = v
+    return out
+
+
 def pack_train_reply(
     adapter: Mapping[str, np.ndarray], privacy: Mapping[str, float | int | str | bool]
 ) -> RecordDict:
-    """The train reply layout (check it with :func:`check_reply` before sending)."""
-    return RecordDict({ADAPTER_KEY: pack_adapter(adapter), PRIVACY_KEY: ConfigRecord(dict(privacy))})
+    """The train reply layout, privacy floats rounded (check it with :func:`check_reply` before sending)."""
+    return RecordDict({ADAPTER_KEY: pack_adapter(adapter), PRIVACY_KEY: ConfigRecord(round_privacy(privacy)),
+                       WIRE_KEY: wire_record()})
 
 
 def pack_evaluate_reply(metrics: Mapping[str, float]) -> RecordDict:
-    """The evaluate reply; each value rounded to 6 significant digits (limits covert bandwidth)."""
-    rounded = {k: _round_sig(v) if isinstance(v, float) else v for k, v in metrics.items()}
-    return RecordDict({METRICS_KEY: MetricRecord(rounded)})
+    """The evaluate reply; floats rounded to 6 significant digits, ``count.*`` floored to a multiple of 10.
+
+    Both limit covert bandwidth: the check refuses anything else.
+    """
+    packed: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if k.startswith("count.") and _is_num(v) and v >= 0:
+            v = int(v // 10 * 10)
+        elif isinstance(v, float):
+            v = round_sig(v)
+        packed[k] = v
+    return RecordDict({METRICS_KEY: MetricRecord(packed), WIRE_KEY: wire_record()})
 
 
 def pack_decline(reason: str) -> RecordDict:
     """A typed decline (``reason`` in DECLINE_REASONS); the round goes on without this site."""
-    return RecordDict({DECLINE_KEY: ConfigRecord({"reason": reason})})
+    return RecordDict({DECLINE_KEY: ConfigRecord({"reason": reason}), WIRE_KEY: wire_record()})
 
 
 def pack_instruction(*, round_id: int, adapter: Mapping[str, np.ndarray] | None) -> RecordDict:
-    """Coordinator -> site: the round number and, when one exists, the global adapter."""
-    content = RecordDict({INSTRUCTION_KEY: ConfigRecord({"round": int(round_id)})})
+    """Coordinator -> site: the round number, the wire version and, when one exists, the global adapter."""
+    content = RecordDict({INSTRUCTION_KEY: ConfigRecord(
+        {"round": int(round_id), WIRE_VERSION_FIELD: WIRE_VERSION})})
     if adapter is not None:
         content[ADAPTER_KEY] = pack_adapter(adapter)
     return content
 
 
-def _round_sig(v: float) -> float:
+def round_sig(v: float) -> float:
+    """``v`` rounded to :data:`SIG_DIGITS` significant digits (non-finite values unchanged)."""
     return float(f"{v:.{_METRIC_SIG_DIGITS}g}") if math.isfinite(v) else v
+
+
+def round_sig_up(v: float) -> float:
+    """The smallest float with :data:`SIG_DIGITS` significant digits that is >= ``v``."""
+    r = round_sig(v)
+    if not math.isfinite(v) or r >= v:
+        return r
+    step = 10.0 ** (math.floor(math.log10(abs(r) if r else abs(v))) - (_METRIC_SIG_DIGITS - 1))
+    while r < v:
+        r = round_sig(r + step)
+    return r
+
+
+
+def _six_digits(v: Any) -> bool:
+    """A finite number with at most six significant digits (ints too: an int is no freer channel)."""
+    if not _is_num(v):
+        return False
+    if isinstance(v, int):
+        return abs(v) <= 10**15 and int(round_sig(float(v))) == v
+    return round_sig(v) == v
+
+
+VERSION_WHERE = "wire version"
+
+
+def refusal_codes(exc: BaseException) -> tuple[str, ...]:
+    """Typed codes of a refusal for the coordinator's records: ``("wire_version",)`` or ``()``.
+
+    Only codes, never problem text: the text may name what the site sent.
+    """
+    if isinstance(exc, WireError) and any(p.where == VERSION_WHERE for p in exc.problems):
+        return ("wire_version",)
+    return ()
+
+
+def version_problem(content: Any, *, side: str) -> Problem | None:
+    """None when ``content`` speaks :data:`WIRE_VERSION`; else the Problem naming both versions.
+
+    ``side``: ``"reply"`` (the peer is a site) or ``"instruction"`` (the peer is the
+    coordinator). The peer's version is quoted only as a bounded int, never as sent.
+    """
+    peer = "site" if side == "reply" else "coordinator"
+    try:
+        if side == "reply":
+            rec = content.get(WIRE_KEY) if isinstance(content, RecordDict) else None
+            ok_keys = isinstance(rec, ConfigRecord) and set(rec.keys()) == {"version"}
+            got = rec.get("version") if ok_keys else None
+        else:
+            rec = content.get(INSTRUCTION_KEY) if isinstance(content, RecordDict) else None
+            got = rec.get(WIRE_VERSION_FIELD) if isinstance(rec, ConfigRecord) else None
+    except Exception:  # noqa: BLE001 - malformed content: treated as unversioned
+        got = None
+    if _is_int(got) and got == WIRE_VERSION:
+        return None
+    theirs = f"v{got}" if _is_int(got) and 0 <= got <= _MAX_VERSION else "v1 (unversioned)" \
+        if got is None else "an unreadable version"
+    upgrade = "the site" if (not _is_int(got) or got < WIRE_VERSION) == (side == "reply") else \
+        "the coordinator"
+    return Problem(VERSION_WHERE, f"the {peer} speaks wire {theirs}, this side v{WIRE_VERSION}: "
+                                   f"upgrade {upgrade} so both run the same fedsynth wire version")
 
 
 # ---- checking --------------------------------------------------------------
@@ -213,7 +339,10 @@ def check_reply(content: RecordDict, *, kind: str, spec: AdapterSpec | None, run
         raise WireError("reply refused", [Problem("kind", f"unknown reply kind {kind!r}")])
     if not isinstance(content, RecordDict):
         raise WireError("reply refused", [Problem("content", "not a RecordDict")])
-    keys = set(content.keys())
+    version = version_problem(content, side="reply")
+    if version is not None:  # nothing else is read from a peer of another version
+        raise WireError("reply refused: wire version mismatch", [version])
+    keys = set(content.keys()) - {WIRE_KEY}
     if keys == {DECLINE_KEY}:
         reason = _check_decline(content[DECLINE_KEY], problems)
         _raise(problems)
@@ -242,6 +371,9 @@ def check_instruction(content: RecordDict, *, spec: AdapterSpec, run: RunConfig)
     problems: list[Problem] = []
     if not isinstance(content, RecordDict):
         raise WireError("instruction refused", [Problem("content", "not a RecordDict")])
+    version = version_problem(content, side="instruction")
+    if version is not None:
+        raise WireError("instruction refused: wire version mismatch", [version])
     for key in sorted(set(content.keys()) - {INSTRUCTION_KEY, ADAPTER_KEY}):
         problems.append(Problem(f"record[{key!r:.60}]", "not allowed in an instruction"))
     round_id = 0
@@ -249,7 +381,7 @@ def check_instruction(content: RecordDict, *, spec: AdapterSpec, run: RunConfig)
     if not isinstance(rec, ConfigRecord):
         problems.append(Problem(f"record[{INSTRUCTION_KEY!r}]", "missing or not a ConfigRecord"))
     else:
-        extra = sorted(set(rec.keys()) - {"round"})
+        extra = sorted(set(rec.keys()) - {"round", WIRE_VERSION_FIELD})
         if extra:
             problems.append(Problem("instruction", f"unexpected keys {extra!r:.120}"))
         value = rec.get("round")
@@ -376,6 +508,8 @@ def _check_privacy(record: Any, run: RunConfig, problems: list[Problem]) -> dict
             problems.append(Problem(f"privacy[{key!r}]", f"{why} (got {v[key]!r:.40})"))
 
     num = {k: _is_num(v[k]) for k in v}
+    for key in sorted(k for k in v if num[k] and not _six_digits(v[k])):
+        problems.append(Problem(f"privacy[{key!r}]", f"more than {SIG_DIGITS} significant digits"))
     need("epsilon", num.get("epsilon", False) and v["epsilon"] >= 0, "must be a finite number >= 0")
     need("epsilon_round", num.get("epsilon_round", False) and v["epsilon_round"] >= 0,
          "must be a finite number >= 0")
@@ -384,14 +518,15 @@ def _check_privacy(record: Any, run: RunConfig, problems: list[Problem]) -> dict
          "must be > 0 (zero noise is not DP)")
     need("sample_rate", num.get("sample_rate", False) and 0 < v["sample_rate"] <= 1,
          "must be in (0, 1]")
-    need("steps", _is_int(v.get("steps")) and v["steps"] >= 1, "must be an int >= 1")
+    need("steps", _is_int(v.get("steps")) and 1 <= v["steps"] <= MAX_STEPS,
+         f"must be an int in [1, {MAX_STEPS}]")
     need("max_grad_norm", num.get("max_grad_norm", False) and v["max_grad_norm"] > 0, "must be > 0")
     accountant = v.get("accountant") if isinstance(v.get("accountant"), str) else None
     need("accountant", accountant in ACCOUNTANTS, f"must be one of {sorted(ACCOUNTANTS)}")
     need("secure_mode", isinstance(v.get("secure_mode"), bool), "must be a boolean")
-    bucket_ok = (_is_int(v.get("patients_bucket")) and 0 <= v["patients_bucket"] <= _MAX_ABS_INT
+    bucket_ok = (_is_int(v.get("patients_bucket")) and 0 <= v["patients_bucket"] <= MAX_PATIENTS_BUCKET
                  and v["patients_bucket"] % 10 == 0)
-    need("patients_bucket", bucket_ok, "must be an int >= 0, a multiple of 10")
+    need("patients_bucket", bucket_ok, f"must be an int in [0, {MAX_PATIENTS_BUCKET}], a multiple of 10")
     need("ledger_seq", _is_int(v.get("ledger_seq")) and 1 <= v["ledger_seq"] <= _MAX_LEDGER_SEQ,
          f"must be an int in [1, {_MAX_LEDGER_SEQ}]")
     need("ledger_head", isinstance(v.get("ledger_head"), str)
@@ -424,8 +559,13 @@ def _check_metrics(record: Any, problems: list[Problem]) -> dict[str, float] | N
             problems.append(Problem(loc, "not a whitelisted metric name"))
         elif not _is_num(value):
             problems.append(Problem(loc, f"must be a finite scalar number (got {type(value).__name__})"))
-        elif isinstance(value, float) and _round_sig(value) != value:
+        elif not _six_digits(value):
             problems.append(Problem(loc, f"more than {_METRIC_SIG_DIGITS} significant digits"))
+        elif abs(value) > MAX_METRIC_ABS:
+            problems.append(Problem(loc, f"magnitude above {MAX_METRIC_ABS:g}"))
+        elif name.startswith("count.") and not (
+                float(value).is_integer() and 0 <= value <= MAX_COUNT_BUCKET and int(value) % 10 == 0):
+            problems.append(Problem(loc, f"a count is a bucket: a multiple of 10 in [0, {MAX_COUNT_BUCKET}]"))
         else:
             out[name] = float(value)
     return out
