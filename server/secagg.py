@@ -88,6 +88,7 @@ def train_round(
     global_adapter: Adapter | None,
     record: dict[str, Any],
     anchor: Callable[[int, dict[str, Any]], BudgetRefusal | None] | None = None,
+    spec: wire.AdapterSpec | None = None,
 ) -> Adapter | None:
     """One SecAgg+ train round over ``nodes``; the new global adapter, or None (unchanged).
 
@@ -97,9 +98,13 @@ def train_round(
     ``anchor`` is the coordinator's site-budget check (server.app._Anchor.admit):
     the privacy scalars travel in the clear beside the masked vector, so a site
     whose ledger was rolled back or forked, or whose epsilon is too low, is refused
-    before unmasking, like a wire violation (a dropout for SecAgg+).
+    before unmasking, like a wire violation (a dropout for SecAgg+). ``spec``: the run's
+    adapter spec (server.app.run_adapter_spec), which every round's layout and masked
+    shapes must match, round 1 included; None only for callers without one (the global
+    adapter's own spec, or LoRA structure only in round 1).
     """
-    spec = wire.spec_of(global_adapter) if global_adapter is not None else None
+    if spec is None:
+        spec = wire.spec_of(global_adapter) if global_adapter is not None else None
     names = sorted(global_adapter) if global_adapter is not None else []
     params = ndarrays_to_parameters([global_adapter[n] for n in names]) if global_adapter is not None \
         else Parameters(tensors=[], tensor_type="numpy.ndarray")

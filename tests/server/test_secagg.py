@@ -30,6 +30,7 @@ from tests.server.test_app import (
     B,
     InProcessGrid,
     contexts,
+    coordinator_knows_the_fake_spec,
     make_fake_site,
     site_floors_for_two_fake_sites,
 )
@@ -70,6 +71,7 @@ def calls(monkeypatch):
     log = []
     monkeypatch.setitem(sys.modules, "client.site", make_fake_site(log))
     site_floors_for_two_fake_sites(monkeypatch)
+    coordinator_knows_the_fake_spec(monkeypatch)
     return log
 
 
