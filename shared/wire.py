@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -47,6 +46,32 @@ from flwr.common.constant import SType
 
 from shared.errors import Problem, WireError
 from shared.whitelist import ACCOUNTANTS, METRIC_NAMES, PRIVACY_KEYS
+from shared.wire_numbers import (
+    MAX_ABS_INT,
+    MAX_COUNT_BUCKET,
+    MAX_METRIC_ABS,
+    MAX_PATIENTS_BUCKET,
+    MAX_STEPS,
+    SIG_DIGITS,
+    count_bucket,
+    is_count_bucket,
+    is_int,
+    is_num,
+    round_privacy,
+    round_sig,
+    round_sig_up,
+    six_digits,
+)
+from shared.wire_version import (
+    INSTRUCTION_KEY,
+    VERSION_WHERE,
+    WIRE_KEY,
+    WIRE_VERSION,
+    WIRE_VERSION_FIELD,
+    refusal_codes,
+    version_problem,
+    wire_record,
+)
 
 if TYPE_CHECKING:
     from shared.run_config import RunConfig
@@ -65,17 +90,7 @@ ADAPTER_KEY = "adapter"
 PRIVACY_KEY = "privacy"
 METRICS_KEY = "metrics"
 DECLINE_KEY = "decline"
-INSTRUCTION_KEY = "instruction"
-WIRE_KEY = "wire"
-WIRE_VERSION_FIELD = "wire_version"  # the instruction's ConfigRecord key
-
-WIRE_VERSION = 2
-"""Version of this wire contract. Both sides refuse a peer with another one.
-
-v1: unversioned (before #13). v2: versioned records, six-digit privacy floats,
-bounded ints, bucketed counts, the ``wire_version`` decline. Bump it with every
-change to what a record may hold or how it is packed (dtype, layout, checks).
-"""
+# INSTRUCTION_KEY, WIRE_KEY, WIRE_VERSION(_FIELD): shared.wire_version (the version check)
 
 # Why a site did not send an update: a typed flag, never free text. "site_error"
 # replaces any exception message, which could quote private data; "secagg_required":
@@ -90,17 +105,11 @@ REPLY_KINDS = ("train", "evaluate")
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 _LORA_NAME_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*\.lora_[AB]\.weight$")
 _MAX_ROUND = 1_000_000
-_METRIC_SIG_DIGITS = 6
-SIG_DIGITS = _METRIC_SIG_DIGITS
-"""Significant digits of every float on the wire (a full float64 is an 8-byte covert channel)."""
-MAX_STEPS = 1_000_000  # DP-SGD steps per round
-MAX_PATIENTS_BUCKET = 10_000_000
-MAX_METRIC_ABS = 1e9  # no whitelisted metric comes near; bounds the exponent as a channel
-MAX_COUNT_BUCKET = 10_000_000
-_MAX_VERSION = 1_000_000
+_METRIC_SIG_DIGITS = SIG_DIGITS  # number rules: shared.wire_numbers
 _MAX_LEDGER_SEQ = 10**12
 _LEDGER_HEAD_RE = re.compile(r"[0-9a-f]{64}")  # used with fullmatch: no trailing newline
-_MAX_ABS_INT = 2**63  # ints beyond int64 are refused before any float conversion (OverflowError)
+_MAX_ABS_INT = MAX_ABS_INT
+_is_int, _is_num, _six_digits = is_int, is_num, six_digits  # kept: shared.wire_secagg imports _is_int
 INTERNAL_FAILURE = "check failed on malformed input"
 """Reason of the fallback refusal :func:`_fail_closed` gives when a check itself raised."""
 
@@ -148,31 +157,6 @@ def spec_of(tensors: Mapping[str, np.ndarray]) -> AdapterSpec:
     return {k: (tuple(int(d) for d in v.shape), str(v.dtype)) for k, v in tensors.items()}
 
 
-def wire_record() -> ConfigRecord:
-    """The ``wire`` record every reply carries: this side's :data:`WIRE_VERSION`."""
-    return ConfigRecord({"version": WIRE_VERSION})
-
-
-# Privacy floats that bound the guarantee are rounded UP: the site never reports
-# less epsilon (or delta) than it spent. The others are rounded to nearest.
-_ROUND_UP = frozenset({"epsilon", "epsilon_round", "delta"})
-
-
-def round_privacy(privacy: Mapping[str, float | int | str | bool]) -> dict[str, float | int | str | bool]:
-    """Privacy scalars as they go on the wire: floats to :data:`SIG_DIGITS` significant digits.
-
-    epsilon, epsilon_round and delta round up (conservative: never below what the
-    ledger spent); the other floats round to nearest. Rounding is monotone, so
-    ``epsilon_round <= epsilon`` survives it. Ints, strings and bools are unchanged.
-    """
-    out: dict[str, float | int | str | bool] = {}
-    for k, v in privacy.items():
-        if isinstance(v, float):
-            v = round_sig_up(v) if k in _ROUND_UP else round_sig(v)
-        out[k] = v
-    return out
-
-
 def pack_train_reply(
     adapter: Mapping[str, np.ndarray], privacy: Mapping[str, float | int | str | bool]
 ) -> RecordDict:
@@ -188,8 +172,8 @@ def pack_evaluate_reply(metrics: Mapping[str, float]) -> RecordDict:
     """
     packed: dict[str, Any] = {}
     for k, v in metrics.items():
-        if k.startswith("count.") and _is_num(v) and v >= 0:
-            v = int(v // 10 * 10)
+        if k.startswith("count."):
+            v = count_bucket(v)
         elif isinstance(v, float):
             v = round_sig(v)
         packed[k] = v
@@ -208,72 +192,6 @@ def pack_instruction(*, round_id: int, adapter: Mapping[str, np.ndarray] | None)
     if adapter is not None:
         content[ADAPTER_KEY] = pack_adapter(adapter)
     return content
-
-
-def round_sig(v: float) -> float:
-    """``v`` rounded to :data:`SIG_DIGITS` significant digits (non-finite values unchanged)."""
-    return float(f"{v:.{_METRIC_SIG_DIGITS}g}") if math.isfinite(v) else v
-
-
-def round_sig_up(v: float) -> float:
-    """The smallest float with :data:`SIG_DIGITS` significant digits that is >= ``v``."""
-    r = round_sig(v)
-    if not math.isfinite(v) or r >= v:
-        return r
-    step = 10.0 ** (math.floor(math.log10(abs(r) if r else abs(v))) - (_METRIC_SIG_DIGITS - 1))
-    while r < v:
-        r = round_sig(r + step)
-    return r
-
-
-
-def _six_digits(v: Any) -> bool:
-    """A finite number with at most six significant digits (ints too: an int is no freer channel)."""
-    if not _is_num(v):
-        return False
-    if isinstance(v, int):
-        return abs(v) <= 10**15 and int(round_sig(float(v))) == v
-    return round_sig(v) == v
-
-
-VERSION_WHERE = "wire version"
-
-
-def refusal_codes(exc: BaseException) -> tuple[str, ...]:
-    """Typed codes of a refusal for the coordinator's records: ``("wire_version",)`` or ``()``.
-
-    Only codes, never problem text: the text may name what the site sent.
-    """
-    if isinstance(exc, WireError) and any(p.where == VERSION_WHERE for p in exc.problems):
-        return ("wire_version",)
-    return ()
-
-
-def version_problem(content: Any, *, side: str) -> Problem | None:
-    """None when ``content`` speaks :data:`WIRE_VERSION`; else the Problem naming both versions.
-
-    ``side``: ``"reply"`` (the peer is a site) or ``"instruction"`` (the peer is the
-    coordinator). The peer's version is quoted only as a bounded int, never as sent.
-    """
-    peer = "site" if side == "reply" else "coordinator"
-    try:
-        if side == "reply":
-            rec = content.get(WIRE_KEY) if isinstance(content, RecordDict) else None
-            ok_keys = isinstance(rec, ConfigRecord) and set(rec.keys()) == {"version"}
-            got = rec.get("version") if ok_keys else None
-        else:
-            rec = content.get(INSTRUCTION_KEY) if isinstance(content, RecordDict) else None
-            got = rec.get(WIRE_VERSION_FIELD) if isinstance(rec, ConfigRecord) else None
-    except Exception:  # noqa: BLE001 - malformed content: treated as unversioned
-        got = None
-    if _is_int(got) and got == WIRE_VERSION:
-        return None
-    theirs = f"v{got}" if _is_int(got) and 0 <= got <= _MAX_VERSION else "v1 (unversioned)" \
-        if got is None else "an unreadable version"
-    upgrade = "the site" if (not _is_int(got) or got < WIRE_VERSION) == (side == "reply") else \
-        "the coordinator"
-    return Problem(VERSION_WHERE, f"the {peer} speaks wire {theirs}, this side v{WIRE_VERSION}: "
-                                   f"upgrade {upgrade} so both run the same fedsynth wire version")
 
 
 # ---- checking --------------------------------------------------------------
@@ -330,9 +248,10 @@ def check_reply(content: RecordDict, *, kind: str, spec: AdapterSpec | None, run
 
     Called by the site on what it is about to send and by the coordinator on
     what it received. ``spec`` is the exact adapter layout expected (the site's
-    own, or the coordinator's current global adapter); ``None`` (coordinator,
-    first round) checks LoRA structure and rank ``run.lora.r`` only. Raises
-    :class:`WireError` listing every violation.
+    own, or the coordinator's run spec from round 1: server.app.run_adapter_spec);
+    ``None`` (evaluate replies, or a caller with no spec) checks LoRA structure and
+    rank ``run.lora.r`` only. A peer of another :data:`WIRE_VERSION` is refused
+    before anything else is read. Raises :class:`WireError` listing every violation.
     """
     problems: list[Problem] = []
     if kind not in REPLY_KINDS:
@@ -421,18 +340,6 @@ def check_lora_structure(spec: AdapterSpec, *, r: int) -> list[Problem]:
 def _raise(problems: list[Problem]) -> None:
     if problems:
         raise WireError("reply refused by the wire contract", problems)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    if isinstance(v, bool):
-        return False
-    if isinstance(v, int):
-        return -_MAX_ABS_INT <= v <= _MAX_ABS_INT  # math.isfinite(10**400) raises OverflowError
-    return isinstance(v, float) and math.isfinite(v)
 
 
 def _check_adapter(
@@ -563,8 +470,7 @@ def _check_metrics(record: Any, problems: list[Problem]) -> dict[str, float] | N
             problems.append(Problem(loc, f"more than {_METRIC_SIG_DIGITS} significant digits"))
         elif abs(value) > MAX_METRIC_ABS:
             problems.append(Problem(loc, f"magnitude above {MAX_METRIC_ABS:g}"))
-        elif name.startswith("count.") and not (
-                float(value).is_integer() and 0 <= value <= MAX_COUNT_BUCKET and int(value) % 10 == 0):
+        elif name.startswith("count.") and not is_count_bucket(value):
             problems.append(Problem(loc, f"a count is a bucket: a multiple of 10 in [0, {MAX_COUNT_BUCKET}]"))
         else:
             out[name] = float(value)
@@ -582,4 +488,6 @@ def _check_decline(record: Any, problems: list[Problem]) -> str | None:
     return reason
 
 
-__all__ = ["ACCOUNTANTS", "METRIC_NAMES", "PRIVACY_KEYS"]  # re-exported names of shared.whitelist
+__all__ = [  # re-exported names of shared.whitelist, shared.wire_numbers and shared.wire_version
+    "ACCOUNTANTS", "METRIC_NAMES", "PRIVACY_KEYS", "round_sig_up", "refusal_codes", "VERSION_WHERE",
+]
