@@ -51,7 +51,10 @@ from shared.wire_numbers import (
     MAX_COUNT_BUCKET,
     MAX_METRIC_ABS,
     MAX_PATIENTS_BUCKET,
+    MAX_PRIVACY_ABS,
     MAX_STEPS,
+    MIN_PRIVACY_ABS,
+    PRIVACY_REAL_KEYS,
     SIG_DIGITS,
     count_bucket,
     is_count_bucket,
@@ -417,6 +420,10 @@ def _check_privacy(record: Any, run: RunConfig, problems: list[Problem]) -> dict
     num = {k: _is_num(v[k]) for k in v}
     for key in sorted(k for k in v if num[k] and not _six_digits(v[k])):
         problems.append(Problem(f"privacy[{key!r}]", f"more than {SIG_DIGITS} significant digits"))
+    for key in sorted(k for k in v if num[k] and k in PRIVACY_REAL_KEYS and v[k] != 0
+                      and not MIN_PRIVACY_ABS <= abs(v[k]) <= MAX_PRIVACY_ABS):
+        problems.append(Problem(f"privacy[{key!r}]", f"magnitude outside [{MIN_PRIVACY_ABS:g}, "
+                                                     f"{MAX_PRIVACY_ABS:g}] (or 0)"))
     need("epsilon", num.get("epsilon", False) and v["epsilon"] >= 0, "must be a finite number >= 0")
     need("epsilon_round", num.get("epsilon_round", False) and v["epsilon_round"] >= 0,
          "must be a finite number >= 0")

@@ -19,6 +19,12 @@ MAX_STEPS = 1_000_000  # DP-SGD steps per round
 MAX_PATIENTS_BUCKET = 10_000_000  # training patients, rounded down to a multiple of 10
 MAX_METRIC_ABS = 1e9  # no whitelisted metric comes near; bounds the exponent as a channel
 MAX_COUNT_BUCKET = 10_000_000  # count.* metrics: multiples of 10 up to this
+PRIVACY_REAL_KEYS = frozenset({"epsilon", "epsilon_round", "delta", "noise_multiplier", "sample_rate",
+                               "max_grad_norm"})
+"""Privacy scalars that are real numbers: six digits and a magnitude in [MIN_PRIVACY_ABS, MAX_PRIVACY_ABS]
+(or 0), so the exponent is no free channel either; no honest value comes near the bounds."""
+MIN_PRIVACY_ABS = 1e-20
+MAX_PRIVACY_ABS = 1e6
 MAX_ABS_INT = 2**63  # ints beyond int64 are refused before any float conversion (OverflowError)
 _MAX_SIX_DIGIT_INT = 10**15  # six significant digits, and well inside float64's exact ints
 

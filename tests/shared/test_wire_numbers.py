@@ -75,6 +75,9 @@ def test_privacy_floats_have_six_significant_digits():
         refused(raw_train(privacy(**{key: value})), match=f"privacy[{key!r}]: more than 6 significant")
     # an int privacy number is no freer channel
     refused(raw_train(privacy(epsilon=123456789)), match="significant")
+    # nor is the exponent: six digits of 1e300 or 1e-300 still carry ~10 bits
+    refused(raw_train(privacy(epsilon=1e300)), match="privacy['epsilon']: magnitude outside")
+    refused(raw_train(privacy(max_grad_norm=1e-300)), match="privacy['max_grad_norm']: magnitude outside")
 
 
 def test_site_rounds_privacy_before_sending_and_never_under_reports_epsilon():
