@@ -148,3 +148,47 @@ def test_secagg_round_one_layout_is_checked_against_the_spec():
     assert "John_Doe" not in repr(wire.refusal_codes(err.value))
     honest = wire_secagg.pack_secagg_reply({A: np.zeros((2, 4)), B: np.zeros((4, 2))}, weight=30, privacy=p)
     assert wire_secagg.check_secagg_reply(honest, spec=fake_spec(run), run=run, masked=False).weight == 30
+
+
+def test_secagg_round_one_refuses_a_covert_layout(tmp_path, monkeypatch):
+    """Under SecAgg+ the layout (names, masked shapes) is checked against the run's spec in round 1:
+    a site whose own spec names a patient is a dropout, and its name reaches no coordinator file."""
+    import sys
+
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from tests.server.test_app import (
+        coordinator_knows_the_fake_spec,
+        make_fake_site,
+        site_floors_for_two_fake_sites,
+    )
+    from tests.server.test_secagg import RC as SECAGG_RC
+    from tests.server.test_secagg import WireGrid
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    fake = make_fake_site([])
+    honest_spec, honest_train = fake.adapter_spec, fake.site_train
+
+    def rename(d):
+        return {n.replace("model.layers.0.self_attn.q_proj", "John_Doe_MRN_123456_suicide"): v for n, v in d.items()}
+
+    fake.adapter_spec = lambda s, run: rename(honest_spec(s, run)) if s.site_id == "site4" else honest_spec(s, run)
+
+    def site_train(settings, run, *, global_adapter, round_id):
+        adapter, privacy = honest_train(settings, run, global_adapter=None, round_id=round_id)
+        return (rename(adapter) if settings.site_id == "site4" else adapter), privacy
+
+    fake.site_train = site_train
+    monkeypatch.setitem(sys.modules, "client.site", fake)
+    site_floors_for_two_fake_sites(monkeypatch)
+    coordinator_knows_the_fake_spec(monkeypatch)
+    ctx = contexts(tmp_path, SECAGG_RC, n=2)
+    ctx[104] = Context(run_id=1, node_id=104, state=RecordDict(), run_config=SECAGG_RC,
+                       node_config={"site-id": "site4", "output-dir": str(tmp_path / "s4")})
+    summary = run_federation(WireGrid(ctx), RunConfig.from_flower(SECAGG_RC), run_dir=tmp_path / "run",
+                             sleep=lambda s: None)
+    rnd = summary["rounds"][0]
+    assert rnd["train"]["accepted"] == [100, 101] and "104" in rnd["train"]["refused"]
+    assert "John_Doe" not in coordinator_disk(tmp_path / "run")
