@@ -52,19 +52,23 @@ def version_problem(content: Any, *, side: str) -> Problem | None:
     coordinator). The peer's version is quoted only as a bounded int, never as sent.
     """
     peer = "site" if side == "reply" else "coordinator"
+    got: Any = None
+    present = False  # a version record/key is there (however malformed): not a v1 peer
     try:
         if side == "reply":
             rec = content.get(WIRE_KEY) if isinstance(content, RecordDict) else None
+            present = rec is not None
             ok_keys = isinstance(rec, ConfigRecord) and set(rec.keys()) == {"version"}
             got = rec.get("version") if ok_keys else None
         else:
             rec = content.get(INSTRUCTION_KEY) if isinstance(content, RecordDict) else None
-            got = rec.get(WIRE_VERSION_FIELD) if isinstance(rec, ConfigRecord) else None
-    except Exception:  # noqa: BLE001 - malformed content: treated as unversioned
-        got = None
+            present = isinstance(rec, ConfigRecord) and WIRE_VERSION_FIELD in rec
+            got = rec.get(WIRE_VERSION_FIELD) if present else None
+    except Exception:  # noqa: BLE001 - malformed content: an unreadable version
+        got, present = None, True
     if is_int(got) and got == WIRE_VERSION:
         return None
-    if got is None:
+    if not present:
         theirs = "v1 (unversioned)"
     elif is_int(got) and 0 <= got <= _MAX_VERSION:
         theirs = f"v{got}"

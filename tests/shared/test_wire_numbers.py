@@ -119,6 +119,9 @@ def test_coordinator_refuses_a_site_of_another_version_with_a_clear_message():
     odd = wire.pack_decline("site_error")
     odd["wire"] = ConfigRecord({"version": "Jane Roe MRN 998877"})
     assert "Jane" not in refused(odd, match="unreadable version")
+    extra = wire.pack_decline("site_error")
+    extra["wire"] = ConfigRecord({"version": wire.WIRE_VERSION, "note": "Jane Roe"})
+    assert "Jane" not in refused(extra, match="site speaks wire an unreadable version")
 
 
 def test_site_refuses_a_coordinator_of_another_version_with_a_clear_message():
