@@ -192,3 +192,14 @@ def test_secagg_round_one_refuses_a_covert_layout(tmp_path, monkeypatch):
     rnd = summary["rounds"][0]
     assert rnd["train"]["accepted"] == [100, 101] and "104" in rnd["train"]["refused"]
     assert "John_Doe" not in coordinator_disk(tmp_path / "run")
+
+
+def test_e2e_fake_sites_and_the_coordinator_derive_the_same_spec(tmp_path):
+    """The e2e bundles (tests/e2e) point FEDSYNTH_COORD_BASE_MODEL_CONFIG at the fake sites' config."""
+    from tests.e2e import fake_site
+
+    path = fake_site.write_base_model_config(tmp_path / "base-model")
+    for rc in ({"lora.r": 2}, {"lora.r": 4, "lora.targets": "q_proj,v_proj"}):
+        run = RunConfig.from_flower(rc)
+        spec = REAL_RUN_ADAPTER_SPEC(run, CoordinatorSettings(base_model_config=path))
+        assert spec == fake_site.adapter_spec(None, run) and A in spec and B in spec
