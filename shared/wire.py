@@ -418,7 +418,9 @@ def _check_privacy(record: Any, run: RunConfig, problems: list[Problem]) -> dict
             problems.append(Problem(f"privacy[{key!r}]", f"{why} (got {v[key]!r:.40})"))
 
     num = {k: _is_num(v[k]) for k in v}
-    for key in sorted(k for k in v if num[k] and not _six_digits(v[k])):
+    # ledger_seq is a counter the anchor checks for monotonicity (server/site_budget.py): an
+    # exact int in [1, 10^12], not a measurement; every other number has six digits at most.
+    for key in sorted(k for k in v if num[k] and k != "ledger_seq" and not _six_digits(v[k])):
         problems.append(Problem(f"privacy[{key!r}]", f"more than {SIG_DIGITS} significant digits"))
     for key in sorted(k for k in v if num[k] and k in PRIVACY_REAL_KEYS and v[k] != 0
                       and not MIN_PRIVACY_ABS <= abs(v[k]) <= MAX_PRIVACY_ABS):

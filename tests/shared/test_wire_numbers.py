@@ -103,6 +103,14 @@ def test_privacy_ints_are_bounded(key, value, match):
 def test_privacy_ints_at_their_bounds_pass():
     ok = raw_train(privacy(steps=10**6, patients_bucket=10**7, delta=1e-9))
     assert wire.check_reply(ok, kind="train", spec=SPEC, run=RUN).privacy["steps"] == 10**6
+    # six digits: the largest buckets and step counts are representable
+    for steps, bucket in ((999_999, 9_999_990), (123_456, 1_234_560)):
+        wire.check_reply(raw_train(privacy(steps=steps, patients_bucket=bucket, delta=1e-9)),
+                         kind="train", spec=SPEC, run=RUN)
+    # the ledger position is an exact counter (monotonic at the anchor), bounded by 10^12
+    got = wire.check_reply(raw_train(privacy(ledger_seq=1_234_567)), kind="train", spec=SPEC, run=RUN)
+    assert got.privacy["ledger_seq"] == 1_234_567
+    refused(raw_train(privacy(ledger_seq=10**12 + 1)), match="ledger_seq")
 
 
 # ---- the wire version --------------------------------------------------------------------------
