@@ -110,7 +110,8 @@ def run_federation(
     ckpt_root = run_dir / "checkpoints"
     latest = checkpoint.load_latest(ckpt_root)
     start, global_adapter = latest if latest is not None else (0, None)
-    if global_adapter is not None and wire.spec_of(global_adapter) != spec:
+    shapes = {name: tuple(shape) for name, (shape, _dtype) in spec.items()}
+    if global_adapter is not None and {k: s for k, (s, _d) in wire.spec_of(global_adapter).items()} != shapes:
         raise ConfigError("cannot resume", [Problem(str(ckpt_root), "the checkpoint's adapter does not "
                                                     "match the run's adapter spec (another base model or LoRA)")])
     summary = _load_summary(run_dir / SUMMARY_NAME, run, start)
