@@ -116,10 +116,12 @@ def privacy_scalars(patients_bucket: int = 120) -> dict[str, Any]:
 
 def reply_message(content: Any, node_id: int = 7_382_916_514_009_112_345, run_id: int = 4_611_686_018_427):
     """A reply Message as the ClientApp returns it (to a train instruction of a realistic run/node id)."""
-    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.app import Message
+
+    from shared import wire
 
     _task_identity(run_id)
-    ins = Message(RecordDict({"instruction": ConfigRecord({"round": 3})}), dst_node_id=node_id,
+    ins = Message(wire.pack_instruction(round_id=3, adapter=None), dst_node_id=node_id,
                   message_type="train", group_id="3")
     return Message(content, reply_to=ins)
 

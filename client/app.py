@@ -62,7 +62,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
@@ -230,11 +230,26 @@ def refuse_plain_round(message: Message, settings: SiteSettings) -> RecordDict:
     return wire.pack_decline("secagg_required")
 
 
+def version_decline(content: RecordDict, *, phase: str) -> str | None:
+    """``"wire_version"`` when the coordinator speaks another wire version, logged; else None.
+
+    Checked before anything else: nothing is trained or evaluated for a peer whose
+    messages this site cannot read with certainty (:data:`shared.wire.WIRE_VERSION`).
+    """
+    problem = wire.version_problem(content, side="instruction")
+    if problem is None:
+        return None
+    log.warning("%s round declined (wire_version): %s", phase, problem.reason)
+    return "wire_version"
+
+
 def train_reply(message: Message, context: Context) -> RecordDict:
     """Run one DP training round at this site and return the checked reply content.
 
     This is the plain (non-SecAgg+) path: a site with ``require_secagg`` declines here.
     """
+    if version_decline(message.content, phase="train"):
+        return wire.pack_decline("wire_version")
     try:
         settings = site_settings(dict(context.node_config))
         if settings.require_secagg:
@@ -324,6 +339,11 @@ def secagg_train_reply(message: Message, context: Context) -> RecordDict:
     try:
         if not run.secagg:
             raise ConfigError("a SecAgg+ train message but the run config says secagg = false")
+        cfg = message.content.config_records.get("fitins.config")
+        if version_decline(RecordDict({wire.INSTRUCTION_KEY: cfg if cfg is not None else ConfigRecord()}),
+                           phase="secagg train"):
+            return _checked_secagg(wire_secagg.pack_secagg_reply(zeros, weight=0, decline="wire_version"),
+                                   spec, run)
         got = wire_secagg.unpack_secagg_instruction(message.content, spec=spec, run=run)
         try:
             adapter, privacy = _site().site_train(
@@ -361,6 +381,8 @@ def _secagg_train(message: Message, context: Context) -> Message:
 
 def evaluate_reply(message: Message, context: Context) -> RecordDict:
     """Generate and evaluate at this site; return the checked metric summary."""
+    if version_decline(message.content, phase="evaluate"):
+        return wire.pack_decline("wire_version")
     try:
         settings = site_settings(dict(context.node_config))
         run = floored_run(RunConfig.from_flower(dict(context.run_config)), settings,

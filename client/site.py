@@ -40,7 +40,6 @@ from client.model import (
     adapter_hash,
     adapter_state,
     add_lora,
-    causal_lm_from_config,
     load_adapter_state,
     load_model,
 )
@@ -261,24 +260,12 @@ def audit_log(settings: SiteSettings) -> AuditLog:
 
 @functools.lru_cache(maxsize=8)
 def _spec_for(model_dir: str | None, lora: LoraParams, dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    from transformers import AutoConfig
-
+    # The same derivation as the coordinator's (shared/adapter_spec.py): config.json only.
     from client.pretrain import ensure_embedded_model
+    from shared.adapter_spec import load_model_config, spec_from_config
 
     path = Path(model_dir) if model_dir else ensure_embedded_model()
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    with torch.device("meta"):  # shapes only: no weights are read or allocated
-        model = add_lora(
-            causal_lm_from_config(config),
-            r=lora.r, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets,
-        )
-    return {name: (tuple(t.shape), dtype) for name, t in _lora_named(model).items()}
-
-
-def _lora_named(model) -> dict[str, torch.Tensor]:
-    from peft import get_peft_model_state_dict
-
-    return dict(sorted(get_peft_model_state_dict(model).items()))
+    return spec_from_config(load_model_config(path), r=lora.r, targets=lora.targets, dtype=dtype)
 
 
 def adapter_spec(settings: SiteSettings, run: RunConfig) -> dict[str, tuple[tuple[int, ...], str]]:

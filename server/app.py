@@ -30,7 +30,6 @@ coordinator resumes after the last complete checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -48,9 +47,9 @@ from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
 from server import checkpoint, report, secagg, site_budget, site_names, strategy
-from shared import wire
+from shared import adapter_spec, wire
 from shared.audit import AuditLog
-from shared.errors import WireError
+from shared.errors import ConfigError, Problem, WireError
 from shared.run_config import RunConfig
 from shared.settings import CoordinatorSettings, load_settings
 from shared.signing import load_private_key, sha256_file
@@ -68,24 +67,53 @@ def main(grid: Grid, context: Context) -> None:
     run = RunConfig.from_flower(dict(context.run_config))
     settings = load_settings(CoordinatorSettings)
     key = load_private_key(settings.signing_key) if settings.signing_key else None
-    run_federation(grid, run, run_dir=settings.run_dir / run.run_name, key=key)
+    run_federation(grid, run, run_dir=settings.run_dir / run.run_name, key=key,
+                   spec=run_adapter_spec(run, settings))
+
+
+def run_adapter_spec(run: RunConfig, settings: CoordinatorSettings | None = None) -> wire.AdapterSpec:
+    """The run's adapter spec (tensor name -> shape, wire dtype), known from round 1.
+
+    From the base model's ``config.json`` (``FEDSYNTH_COORD_BASE_MODEL_CONFIG``; unset: the
+    embedded default model) and the run's ``lora.r``/``lora.targets``/``lora.dtype``
+    (:mod:`shared.adapter_spec`, the derivation the sites use). Every adapter a site
+    sends must have exactly these names and shapes: nothing else fits through.
+    ConfigError when the config is missing or describes no model.
+    """
+    settings = settings if settings is not None else load_settings(CoordinatorSettings)
+    config = (adapter_spec.load_model_config(settings.base_model_config)
+              if settings.base_model_config is not None else adapter_spec.EMBEDDED_MODEL_CONFIG)
+    spec = adapter_spec.spec_from_config(config, r=run.lora.r, targets=run.lora.targets or None,
+                                         dtype=run.lora.dtype)
+    problems = wire.check_lora_structure(spec, r=run.lora.r) if spec else [Problem("spec", "no tensors")]
+    if problems:
+        raise ConfigError("the run's adapter spec is not a LoRA adapter", problems)
+    return spec
 
 
 def run_federation(
     grid: Grid, run: RunConfig, *, run_dir: Path, sleep: Callable[[float], None] = time.sleep,
     key: Ed25519PrivateKey | None = None, state_dir: Path | None = None,
+    spec: wire.AdapterSpec | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the federation; returns the consortium summary also written to run_dir.
 
     ``key`` signs the coordinator's audit log and consortium report (:mod:`server.report`).
     ``state_dir`` holds the per-site budget anchor shared by every run of this
     coordinator (:mod:`server.site_budget`); default: ``run_dir``'s parent, i.e.
-    ``FEDSYNTH_COORD_RUN_DIR``.
+    ``FEDSYNTH_COORD_RUN_DIR``. ``spec``: the run's adapter spec; default
+    :func:`run_adapter_spec` from the coordinator's settings. Every round's replies,
+    the first included, are checked against it.
     """
+    spec = spec if spec is not None else run_adapter_spec(run)
     budget = site_budget.SiteBudgetRegistry.open(state_dir if state_dir is not None else run_dir.parent)
     ckpt_root = run_dir / "checkpoints"
     latest = checkpoint.load_latest(ckpt_root)
     start, global_adapter = latest if latest is not None else (0, None)
+    shapes = {name: tuple(shape) for name, (shape, _dtype) in spec.items()}
+    if global_adapter is not None and {k: s for k, (s, _d) in wire.spec_of(global_adapter).items()} != shapes:
+        raise ConfigError("cannot resume", [Problem(str(ckpt_root), "the checkpoint's adapter does not "
+                                                    "match the run's adapter spec (another base model or LoRA)")])
     summary = _load_summary(run_dir / SUMMARY_NAME, run, start)
     audit = report.open_audit(run_dir, key=key)
     audit.append("run_start", {"run": run.run_name, "num_rounds": run.num_rounds, "resume_after": start,
@@ -112,7 +140,7 @@ def run_federation(
         if run.secagg:
             _progress("round %d: train (SecAgg+) on %d sites: %s", rnd, len(train_nodes),
                       site_names.labels(train_nodes, names))
-            new = secagg.train_round(grid, run, nodes=train_nodes, round_id=rnd,
+            new = secagg.train_round(grid, run, nodes=train_nodes, round_id=rnd, spec=spec,
                                      global_adapter=global_adapter, record=record, anchor=anchor.admit)
             record["site_budget"] = anchor.admitted
             _progress_train(rnd, record, names, t_round)
@@ -129,9 +157,8 @@ def run_federation(
             continue
         _progress("round %d: train on %d sites: %s", rnd, len(train_nodes), site_names.labels(train_nodes, names))
         replies = _send(grid, train_nodes, MessageType.TRAIN, rnd, global_adapter, run.timeout_train)
-        spec = wire.spec_of(global_adapter) if global_adapter is not None else None
         outcome = _classify(replies, train_nodes, kind="train", spec=spec, run=run, anchor=anchor.admit)
-        accepted = _majority_layout(outcome, spec)
+        accepted = outcome["accepted"]
         record["train"] = outcome["record"]
         record["site_budget"] = anchor.admitted
         _progress_train(rnd, record, names, t_round)
@@ -314,9 +341,12 @@ def _classify(
         except Exception as exc:  # noqa: BLE001 - WireError, or anything: a refusal, never a crash
             digest = wire.refusal_digest(msg.content)
             count = len(exc.problems) if isinstance(exc, WireError) else 1
+            codes = wire.refusal_codes(exc)
+            if codes:  # the one refusal whose text is safe to log: it quotes only bounded ints
+                log.warning("site %d: %s", node, exc.problems[0].reason)  # type: ignore[attr-defined]
             log.warning("site %d: %s reply refused by the wire contract (%d problems, sha256 %s)",
                         node, kind, count, digest)
-            rec["refused"][str(node)] = report.refusal_record("wire", digest, count)
+            rec["refused"][str(node)] = report.refusal_record("wire", digest, count, codes)
             continue
         if reply.privacy is not None and anchor is not None:
             refusal = anchor(node, reply.privacy)
@@ -335,25 +365,6 @@ def _classify(
     rec["accepted"].sort()
     rec["missing"] = [n for n in sent if n not in seen]
     return {"accepted": accepted, "record": rec}
-
-
-def _majority_layout(outcome: dict[str, Any], spec: wire.AdapterSpec | None) -> dict[int, wire.Reply]:
-    """With no global adapter yet, keep the sites whose adapter layout most sites share."""
-    accepted: dict[int, wire.Reply] = outcome["accepted"]
-    if spec is not None or not accepted:
-        return accepted
-    layouts: dict[str, list[int]] = {}
-    for node, reply in accepted.items():
-        key = json.dumps(sorted((k, list(s), d) for k, (s, d) in wire.spec_of(reply.adapter).items()))
-        layouts.setdefault(key, []).append(node)
-    best = max(sorted(layouts), key=lambda k: len(layouts[k]))
-    for key, nodes in layouts.items():
-        if key != best:
-            for node in nodes:
-                digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-                outcome["record"]["refused"][str(node)] = report.refusal_record("layout", digest, 1)
-                outcome["record"]["accepted"].remove(node)
-    return {n: accepted[n] for n in sorted(layouts[best])}
 
 
 def _aggregate(

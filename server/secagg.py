@@ -91,6 +91,7 @@ def train_round(
     global_adapter: Adapter | None,
     record: dict[str, Any],
     anchor: Callable[[int, dict[str, Any]], BudgetRefusal | None] | None = None,
+    spec: wire.AdapterSpec | None = None,
 ) -> Adapter | None:
     """One SecAgg+ train round over ``nodes``; the new global adapter, or None (unchanged).
 
@@ -100,9 +101,13 @@ def train_round(
     ``anchor`` is the coordinator's site-budget check (server.app._Anchor.admit):
     the privacy scalars travel in the clear beside the masked vector, so a site
     whose ledger was rolled back or forked, or whose epsilon is too low, is refused
-    before unmasking, like a wire violation (a dropout for SecAgg+).
+    before unmasking, like a wire violation (a dropout for SecAgg+). ``spec``: the run's
+    adapter spec (server.app.run_adapter_spec), which every round's layout and masked
+    shapes must match, round 1 included; None only for callers without one (the global
+    adapter's own spec, or LoRA structure only in round 1).
     """
-    spec = wire.spec_of(global_adapter) if global_adapter is not None else None
+    if spec is None:
+        spec = wire.spec_of(global_adapter) if global_adapter is not None else None
     names = sorted(global_adapter) if global_adapter is not None else []
     params = ndarrays_to_parameters([global_adapter[n] for n in names]) if global_adapter is not None \
         else Parameters(tensors=[], tensor_type="numpy.ndarray")
@@ -219,8 +224,11 @@ class _CheckedGrid:
             except Exception as exc:  # noqa: BLE001 - WireError, or anything: a refusal, never a crash
                 digest = wire.refusal_digest(msg.content)
                 count = len(exc.problems) if isinstance(exc, WireError) else 1
+                codes = wire.refusal_codes(exc)
+                if codes:  # the one refusal whose text is safe to log: it quotes only bounded ints
+                    log.warning("site %d: %s", node, exc.problems[0].reason)  # type: ignore[attr-defined]
                 log.warning("site %d: secagg reply refused (%d problems, sha256 %s)", node, count, digest)
-                self.refused[node] = refusal_record("wire", digest, count)
+                self.refused[node] = refusal_record("wire", digest, count, codes)
                 continue
             if got.privacy is not None and got.decline is None and self._anchor is not None:
                 refusal = self._anchor(node, got.privacy)
@@ -264,7 +272,8 @@ class _RoundStrategy(Strategy):
 
     def __init__(self, grid: Grid, nodes: list[int], parameters: Parameters, round_id: int):
         self._proxies = [GridClientProxy(n, grid, run_id=0) for n in nodes]
-        self._fitins = FitIns(parameters, {"round": int(round_id)})
+        self._fitins = FitIns(parameters, {"round": int(round_id),
+                                               wire.WIRE_VERSION_FIELD: wire.WIRE_VERSION})
         self.mean: list[np.ndarray] | None = None
         self.contributors: set[int] = set()
 

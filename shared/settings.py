@@ -120,6 +120,9 @@ class CoordinatorSettings(BaseSettings):
 
     run_dir: Path = Path("coordinator-output")
     signing_key: Path | None = None
+    # The base model's config.json (or its directory; no weights needed): the coordinator
+    # derives the run's adapter spec from it (shared/adapter_spec.py). None: the embedded model.
+    base_model_config: Path | None = None
 
 
 def unknown_settings(cls: type[BaseSettings], environ: Mapping[str, str] | None = None,

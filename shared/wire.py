@@ -13,7 +13,15 @@ What may cross (see the record layout below):
 - ``privacy``: exactly :data:`PRIVACY_KEYS`, scalar types and ranges checked;
 - ``metrics``: names in :data:`METRIC_NAMES`, finite scalars with at most six
   significant digits (a float is otherwise an 8-byte covert channel);
-- ``decline``: a typed reason from :data:`DECLINE_REASONS`.
+- ``decline``: a typed reason from :data:`DECLINE_REASONS`;
+- ``wire``: ``{"version": WIRE_VERSION}`` in every reply (instructions carry
+  ``wire_version``): a peer speaking another version is refused with a message
+  naming both versions, before anything else is read.
+
+Numbers: every float that crosses (privacy scalars, metrics) has at most six
+significant digits (:func:`round_sig`; the site rounds before sending and both
+sides refuse more), every int is bounded, metric ints obey the same six-digit
+rule, and ``count.*`` metrics are buckets (multiples of 10).
 
 Nothing else: no free strings, no note ids, no generated text, no extra records.
 
@@ -27,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -39,6 +46,35 @@ from flwr.common.constant import SType
 
 from shared.errors import Problem, WireError
 from shared.whitelist import ACCOUNTANTS, METRIC_NAMES, PRIVACY_KEYS
+from shared.wire_numbers import (
+    MAX_ABS_INT,
+    MAX_COUNT_BUCKET,
+    MAX_METRIC_ABS,
+    MAX_PATIENTS_BUCKET,
+    MAX_PRIVACY_ABS,
+    MAX_STEPS,
+    MIN_PRIVACY_ABS,
+    PRIVACY_REAL_KEYS,
+    SIG_DIGITS,
+    count_bucket,
+    is_count_bucket,
+    is_int,
+    is_num,
+    round_privacy,
+    round_sig,
+    round_sig_up,
+    six_digits,
+)
+from shared.wire_version import (
+    INSTRUCTION_KEY,
+    VERSION_WHERE,
+    WIRE_KEY,
+    WIRE_VERSION,
+    WIRE_VERSION_FIELD,
+    refusal_codes,
+    version_problem,
+    wire_record,
+)
 
 if TYPE_CHECKING:
     from shared.run_config import RunConfig
@@ -49,30 +85,34 @@ if TYPE_CHECKING:
 #   train    : {"adapter": ArrayRecord, "privacy": ConfigRecord}
 #   evaluate : {"metrics": MetricRecord}
 #   either   : {"decline": ConfigRecord{"reason": one of DECLINE_REASONS}}
-# An instruction (coordinator -> site) holds {"instruction": ConfigRecord{"round": int}}
+# and every reply also {"wire": ConfigRecord{"version": WIRE_VERSION}}.
+# An instruction (coordinator -> site) holds
+# {"instruction": ConfigRecord{"round": int, "wire_version": WIRE_VERSION}}
 # and, once a global adapter exists, {"adapter": ArrayRecord}.
 ADAPTER_KEY = "adapter"
 PRIVACY_KEY = "privacy"
 METRICS_KEY = "metrics"
 DECLINE_KEY = "decline"
-INSTRUCTION_KEY = "instruction"
+# INSTRUCTION_KEY, WIRE_KEY, WIRE_VERSION(_FIELD): shared.wire_version (the version check)
 
 # Why a site did not send an update: a typed flag, never free text. "site_error"
 # replaces any exception message, which could quote private data; "secagg_required":
 # the site's policy (FEDSYNTH_SITE_REQUIRE_SECAGG) refuses a plain, unmasked train round;
-# "evaluation_budget": the run has used the site's FEDSYNTH_SITE_MAX_EVALUATIONS_PER_RUN.
+# "evaluation_budget": the run has used the site's FEDSYNTH_SITE_MAX_EVALUATIONS_PER_RUN;
+# "wire_version": the coordinator's instruction speaks another wire version.
 DECLINE_REASONS: frozenset[str] = frozenset(
-    {"budget_exceeded", "evaluation_budget", "secagg_required", "site_error"}
+    {"budget_exceeded", "evaluation_budget", "secagg_required", "site_error", "wire_version"}
 )
 
 REPLY_KINDS = ("train", "evaluate")
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 _LORA_NAME_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*\.lora_[AB]\.weight$")
 _MAX_ROUND = 1_000_000
-_METRIC_SIG_DIGITS = 6
+_METRIC_SIG_DIGITS = SIG_DIGITS  # number rules: shared.wire_numbers
 _MAX_LEDGER_SEQ = 10**12
 _LEDGER_HEAD_RE = re.compile(r"[0-9a-f]{64}")  # used with fullmatch: no trailing newline
-_MAX_ABS_INT = 2**63  # ints beyond int64 are refused before any float conversion (OverflowError)
+_MAX_ABS_INT = MAX_ABS_INT
+_is_int, _is_num, _six_digits = is_int, is_num, six_digits  # kept: shared.wire_secagg imports _is_int
 INTERNAL_FAILURE = "check failed on malformed input"
 """Reason of the fallback refusal :func:`_fail_closed` gives when a check itself raised."""
 
@@ -123,31 +163,38 @@ def spec_of(tensors: Mapping[str, np.ndarray]) -> AdapterSpec:
 def pack_train_reply(
     adapter: Mapping[str, np.ndarray], privacy: Mapping[str, float | int | str | bool]
 ) -> RecordDict:
-    """The train reply layout (check it with :func:`check_reply` before sending)."""
-    return RecordDict({ADAPTER_KEY: pack_adapter(adapter), PRIVACY_KEY: ConfigRecord(dict(privacy))})
+    """The train reply layout, privacy floats rounded (check it with :func:`check_reply` before sending)."""
+    return RecordDict({ADAPTER_KEY: pack_adapter(adapter), PRIVACY_KEY: ConfigRecord(round_privacy(privacy)),
+                       WIRE_KEY: wire_record()})
 
 
 def pack_evaluate_reply(metrics: Mapping[str, float]) -> RecordDict:
-    """The evaluate reply; each value rounded to 6 significant digits (limits covert bandwidth)."""
-    rounded = {k: _round_sig(v) if isinstance(v, float) else v for k, v in metrics.items()}
-    return RecordDict({METRICS_KEY: MetricRecord(rounded)})
+    """The evaluate reply; floats rounded to 6 significant digits, ``count.*`` floored to a multiple of 10.
+
+    Both limit covert bandwidth: the check refuses anything else.
+    """
+    packed: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if k.startswith("count."):
+            v = count_bucket(v)
+        elif isinstance(v, float):
+            v = round_sig(v)
+        packed[k] = v
+    return RecordDict({METRICS_KEY: MetricRecord(packed), WIRE_KEY: wire_record()})
 
 
 def pack_decline(reason: str) -> RecordDict:
     """A typed decline (``reason`` in DECLINE_REASONS); the round goes on without this site."""
-    return RecordDict({DECLINE_KEY: ConfigRecord({"reason": reason})})
+    return RecordDict({DECLINE_KEY: ConfigRecord({"reason": reason}), WIRE_KEY: wire_record()})
 
 
 def pack_instruction(*, round_id: int, adapter: Mapping[str, np.ndarray] | None) -> RecordDict:
-    """Coordinator -> site: the round number and, when one exists, the global adapter."""
-    content = RecordDict({INSTRUCTION_KEY: ConfigRecord({"round": int(round_id)})})
+    """Coordinator -> site: the round number, the wire version and, when one exists, the global adapter."""
+    content = RecordDict({INSTRUCTION_KEY: ConfigRecord(
+        {"round": int(round_id), WIRE_VERSION_FIELD: WIRE_VERSION})})
     if adapter is not None:
         content[ADAPTER_KEY] = pack_adapter(adapter)
     return content
-
-
-def _round_sig(v: float) -> float:
-    return float(f"{v:.{_METRIC_SIG_DIGITS}g}") if math.isfinite(v) else v
 
 
 # ---- checking --------------------------------------------------------------
@@ -204,16 +251,20 @@ def check_reply(content: RecordDict, *, kind: str, spec: AdapterSpec | None, run
 
     Called by the site on what it is about to send and by the coordinator on
     what it received. ``spec`` is the exact adapter layout expected (the site's
-    own, or the coordinator's current global adapter); ``None`` (coordinator,
-    first round) checks LoRA structure and rank ``run.lora.r`` only. Raises
-    :class:`WireError` listing every violation.
+    own, or the coordinator's run spec from round 1: server.app.run_adapter_spec);
+    ``None`` (evaluate replies, or a caller with no spec) checks LoRA structure and
+    rank ``run.lora.r`` only. A peer of another :data:`WIRE_VERSION` is refused
+    before anything else is read. Raises :class:`WireError` listing every violation.
     """
     problems: list[Problem] = []
     if kind not in REPLY_KINDS:
         raise WireError("reply refused", [Problem("kind", f"unknown reply kind {kind!r}")])
     if not isinstance(content, RecordDict):
         raise WireError("reply refused", [Problem("content", "not a RecordDict")])
-    keys = set(content.keys())
+    version = version_problem(content, side="reply")
+    if version is not None:  # nothing else is read from a peer of another version
+        raise WireError("reply refused: wire version mismatch", [version])
+    keys = set(content.keys()) - {WIRE_KEY}
     if keys == {DECLINE_KEY}:
         reason = _check_decline(content[DECLINE_KEY], problems)
         _raise(problems)
@@ -242,6 +293,9 @@ def check_instruction(content: RecordDict, *, spec: AdapterSpec, run: RunConfig)
     problems: list[Problem] = []
     if not isinstance(content, RecordDict):
         raise WireError("instruction refused", [Problem("content", "not a RecordDict")])
+    version = version_problem(content, side="instruction")
+    if version is not None:
+        raise WireError("instruction refused: wire version mismatch", [version])
     for key in sorted(set(content.keys()) - {INSTRUCTION_KEY, ADAPTER_KEY}):
         problems.append(Problem(f"record[{key!r:.60}]", "not allowed in an instruction"))
     round_id = 0
@@ -249,7 +303,7 @@ def check_instruction(content: RecordDict, *, spec: AdapterSpec, run: RunConfig)
     if not isinstance(rec, ConfigRecord):
         problems.append(Problem(f"record[{INSTRUCTION_KEY!r}]", "missing or not a ConfigRecord"))
     else:
-        extra = sorted(set(rec.keys()) - {"round"})
+        extra = sorted(set(rec.keys()) - {"round", WIRE_VERSION_FIELD})
         if extra:
             problems.append(Problem("instruction", f"unexpected keys {extra!r:.120}"))
         value = rec.get("round")
@@ -289,18 +343,6 @@ def check_lora_structure(spec: AdapterSpec, *, r: int) -> list[Problem]:
 def _raise(problems: list[Problem]) -> None:
     if problems:
         raise WireError("reply refused by the wire contract", problems)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    if isinstance(v, bool):
-        return False
-    if isinstance(v, int):
-        return -_MAX_ABS_INT <= v <= _MAX_ABS_INT  # math.isfinite(10**400) raises OverflowError
-    return isinstance(v, float) and math.isfinite(v)
 
 
 def _check_adapter(
@@ -376,6 +418,14 @@ def _check_privacy(record: Any, run: RunConfig, problems: list[Problem]) -> dict
             problems.append(Problem(f"privacy[{key!r}]", f"{why} (got {v[key]!r:.40})"))
 
     num = {k: _is_num(v[k]) for k in v}
+    # ledger_seq is a counter the anchor checks for monotonicity (server/site_budget.py): an
+    # exact int in [1, 10^12], not a measurement; every other number has six digits at most.
+    for key in sorted(k for k in v if num[k] and k != "ledger_seq" and not _six_digits(v[k])):
+        problems.append(Problem(f"privacy[{key!r}]", f"more than {SIG_DIGITS} significant digits"))
+    for key in sorted(k for k in v if num[k] and k in PRIVACY_REAL_KEYS and v[k] != 0
+                      and not MIN_PRIVACY_ABS <= abs(v[k]) <= MAX_PRIVACY_ABS):
+        problems.append(Problem(f"privacy[{key!r}]", f"magnitude outside [{MIN_PRIVACY_ABS:g}, "
+                                                     f"{MAX_PRIVACY_ABS:g}] (or 0)"))
     need("epsilon", num.get("epsilon", False) and v["epsilon"] >= 0, "must be a finite number >= 0")
     need("epsilon_round", num.get("epsilon_round", False) and v["epsilon_round"] >= 0,
          "must be a finite number >= 0")
@@ -384,14 +434,15 @@ def _check_privacy(record: Any, run: RunConfig, problems: list[Problem]) -> dict
          "must be > 0 (zero noise is not DP)")
     need("sample_rate", num.get("sample_rate", False) and 0 < v["sample_rate"] <= 1,
          "must be in (0, 1]")
-    need("steps", _is_int(v.get("steps")) and v["steps"] >= 1, "must be an int >= 1")
+    need("steps", _is_int(v.get("steps")) and 1 <= v["steps"] <= MAX_STEPS,
+         f"must be an int in [1, {MAX_STEPS}]")
     need("max_grad_norm", num.get("max_grad_norm", False) and v["max_grad_norm"] > 0, "must be > 0")
     accountant = v.get("accountant") if isinstance(v.get("accountant"), str) else None
     need("accountant", accountant in ACCOUNTANTS, f"must be one of {sorted(ACCOUNTANTS)}")
     need("secure_mode", isinstance(v.get("secure_mode"), bool), "must be a boolean")
-    bucket_ok = (_is_int(v.get("patients_bucket")) and 0 <= v["patients_bucket"] <= _MAX_ABS_INT
+    bucket_ok = (_is_int(v.get("patients_bucket")) and 0 <= v["patients_bucket"] <= MAX_PATIENTS_BUCKET
                  and v["patients_bucket"] % 10 == 0)
-    need("patients_bucket", bucket_ok, "must be an int >= 0, a multiple of 10")
+    need("patients_bucket", bucket_ok, f"must be an int in [0, {MAX_PATIENTS_BUCKET}], a multiple of 10")
     need("ledger_seq", _is_int(v.get("ledger_seq")) and 1 <= v["ledger_seq"] <= _MAX_LEDGER_SEQ,
          f"must be an int in [1, {_MAX_LEDGER_SEQ}]")
     need("ledger_head", isinstance(v.get("ledger_head"), str)
@@ -424,8 +475,12 @@ def _check_metrics(record: Any, problems: list[Problem]) -> dict[str, float] | N
             problems.append(Problem(loc, "not a whitelisted metric name"))
         elif not _is_num(value):
             problems.append(Problem(loc, f"must be a finite scalar number (got {type(value).__name__})"))
-        elif isinstance(value, float) and _round_sig(value) != value:
+        elif not _six_digits(value):
             problems.append(Problem(loc, f"more than {_METRIC_SIG_DIGITS} significant digits"))
+        elif abs(value) > MAX_METRIC_ABS:
+            problems.append(Problem(loc, f"magnitude above {MAX_METRIC_ABS:g}"))
+        elif name.startswith("count.") and not is_count_bucket(value):
+            problems.append(Problem(loc, f"a count is a bucket: a multiple of 10 in [0, {MAX_COUNT_BUCKET}]"))
         else:
             out[name] = float(value)
     return out
@@ -442,4 +497,6 @@ def _check_decline(record: Any, problems: list[Problem]) -> str | None:
     return reason
 
 
-__all__ = ["ACCOUNTANTS", "METRIC_NAMES", "PRIVACY_KEYS"]  # re-exported names of shared.whitelist
+__all__ = [  # re-exported names of shared.whitelist, shared.wire_numbers and shared.wire_version
+    "ACCOUNTANTS", "METRIC_NAMES", "PRIVACY_KEYS", "round_sig_up", "refusal_codes", "VERSION_WHERE",
+]

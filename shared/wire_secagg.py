@@ -18,6 +18,7 @@ from shared.errors import Problem, WireError
 from shared.wire import (
     ADAPTER_KEY,
     INSTRUCTION_KEY,
+    WIRE_KEY,
     AdapterSpec,
     Instruction,
     _check_decline,
@@ -27,6 +28,8 @@ from shared.wire import (
     check_instruction,
     check_lora_structure,
     pack_adapter,
+    version_problem,
+    wire_record,
 )
 
 if TYPE_CHECKING:
@@ -45,6 +48,7 @@ if TYPE_CHECKING:
 #                         with weight 0 and an all-zero contribution        (clear)
 #   "fitres.status"       ConfigRecord {"code": 0, "message": "Success"}   (clear)
 #   "layout"              ConfigRecord {"names": sorted tensor names}      (clear)
+#   "wire"                ConfigRecord {"version": WIRE_VERSION}           (clear)
 # The mod then empties "fitres.parameters" and adds "secaggplus_configs" with the
 # masked vectors; the coordinator checks that (masked=True) before unmasking.
 SECAGG_CONFIGS_KEY = "secaggplus_configs"  # flwr.common.secure_aggregation RECORD_KEY_CONFIGS
@@ -110,6 +114,7 @@ def pack_secagg_reply(
     )
     content = fitres_to_recorddict(fitres, keep_input=False)
     content[SECAGG_LAYOUT_KEY] = ConfigRecord({"names": names})
+    content[WIRE_KEY] = wire_record()
     return content
 
 
@@ -132,7 +137,11 @@ def check_secagg_reply(
     problems: list[Problem] = []
     if not isinstance(content, RecordDict):
         raise WireError("secagg reply refused", [Problem("content", "not a RecordDict")])
-    allowed = {FITRES_PARAMETERS, FITRES_NUM_EXAMPLES, FITRES_METRICS, FITRES_STATUS, SECAGG_LAYOUT_KEY}
+    version = version_problem(content, side="reply")
+    if version is not None:  # nothing else is read from a peer of another version
+        raise WireError("secagg reply refused: wire version mismatch", [version])
+    allowed = {FITRES_PARAMETERS, FITRES_NUM_EXAMPLES, FITRES_METRICS, FITRES_STATUS, SECAGG_LAYOUT_KEY,
+               WIRE_KEY}
     if masked:
         allowed.add(SECAGG_CONFIGS_KEY)
     keys = set(content.keys())

@@ -177,3 +177,20 @@ def test_a_refused_evaluation_is_a_typed_decline(tmp_path, monkeypatch, error, r
     reply = client_app(msg, _context(tmp_path, {"lora.r": 2}))
     got = wire.check_reply(reply.content, kind="evaluate", spec=None, run=RunConfig.from_flower({"lora.r": 2}))
     assert got.decline == reason and not got.metrics
+
+
+@pytest.mark.parametrize("kind", ["train", "evaluate"])
+def test_coordinator_of_another_wire_version_is_declined_before_anything(tmp_path, real_site, kind, caplog):
+    """A v1 (unversioned) coordinator: the site declines with the typed ``wire_version`` reason,
+    logs which side to upgrade, and reads nothing else (no spec, no training)."""
+    from flwr.app import ConfigRecord
+
+    trained, specs = real_site
+    old = Message(RecordDict({"instruction": ConfigRecord({"round": 3})}), dst_node_id=100,
+                  message_type=kind, group_id="3")
+    with caplog.at_level("WARNING", logger="fedsynth"):
+        reply = client_app(old, _context(tmp_path, {"lora.r": 2}))
+    got = wire.check_reply(reply.content, kind=kind, spec=None, run=RunConfig.from_flower({"lora.r": 2}))
+    assert got.decline == "wire_version"
+    assert trained == [] and specs == []
+    assert "coordinator speaks wire v1 (unversioned), this side v2: upgrade the coordinator" in caplog.text

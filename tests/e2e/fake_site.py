@@ -21,6 +21,20 @@ from shared.accounting import compute_epsilon
 
 A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+# The fake sites' "base model": a 4-wide one-layer llama (no weights). The coordinator
+# derives the same spec from it (FEDSYNTH_COORD_BASE_MODEL_CONFIG, see
+# write_base_model_config): its default LoRA targets give A/B above plus k/v/o_proj.
+TINY_MODEL_CONFIG = {"model_type": "llama", "hidden_size": 4, "intermediate_size": 8,
+                     "num_hidden_layers": 1, "num_attention_heads": 1, "num_key_value_heads": 1,
+                     "vocab_size": 16}
+
+
+def write_base_model_config(dst):
+    """Write TINY_MODEL_CONFIG to ``dst``/config.json for the coordinator; returns the path."""
+    path = Path(dst) / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(TINY_MODEL_CONFIG))
+    return path
 
 
 def fake_ledger(settings, run):
@@ -48,7 +62,10 @@ def fake_ledger(settings, run):
 
 
 def adapter_spec(settings, run):
-    return {A: ((run.lora.r, 4), run.lora.dtype), B: ((4, run.lora.r), run.lora.dtype)}
+    from shared.adapter_spec import spec_from_config
+
+    return spec_from_config(TINY_MODEL_CONFIG, r=run.lora.r, targets=run.lora.targets or None,
+                            dtype=run.lora.dtype)
 
 
 def site_train(settings, run, *, global_adapter, round_id):
@@ -59,10 +76,7 @@ def site_train(settings, run, *, global_adapter, round_id):
         time.sleep(3600)
     suffix = settings.site_id.rsplit("-", 1)[-1]
     k = int(suffix) if suffix.isdigit() else ord(suffix) - ord("a")
-    base = global_adapter or {
-        A: np.zeros((run.lora.r, 4), np.float32),
-        B: np.zeros((4, run.lora.r), np.float32),
-    }
+    base = global_adapter or {n: np.zeros(shape, np.float32) for n, (shape, _d) in adapter_spec(settings, run).items()}
     adapter = {n: v + (k + 1) for n, v in base.items()}
     privacy = dict(delta=1e-5, noise_multiplier=1.0, sample_rate=0.1, steps=run.train.steps,
                    max_grad_norm=1.0, accountant=run.train.accountant,

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from server.pki import make_consortium_pki
+from tests.e2e.fake_site import write_base_model_config
 
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
@@ -147,7 +148,9 @@ def test_deployment(tmp_path):
     }
     base_env.pop("FLWR_INTERNAL_GRPC_CONTROL_API", None)
     coord_env = base_env | {"FLWR_HOME": str(coord_home),
-                            "FEDSYNTH_COORD_RUN_DIR": str(tmp_path / "coord")}
+                            "FEDSYNTH_COORD_RUN_DIR": str(tmp_path / "coord"),
+                            "FEDSYNTH_COORD_BASE_MODEL_CONFIG": str(
+                                write_base_model_config(tmp_path / "base-model"))}
     logs = tmp_path / "logs"
     logs.mkdir()
     procs = Procs(logs)

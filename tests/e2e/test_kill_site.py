@@ -21,6 +21,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from tests.e2e.fake_site import write_base_model_config
 from tests.e2e.test_deployment import BIN, Procs, build_app, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -41,7 +42,9 @@ def test_site_killed_mid_train_round_completes(tmp_path):
                              "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     base_env.pop("FLWR_INTERNAL_GRPC_CONTROL_API", None)
     base_env.pop("FEDSYNTH_E2E_HANG_IN_TRAIN", None)
-    coord_env = base_env | {"FLWR_HOME": str(home), "FEDSYNTH_COORD_RUN_DIR": str(tmp_path / "coord")}
+    coord_env = base_env | {"FLWR_HOME": str(home), "FEDSYNTH_COORD_RUN_DIR": str(tmp_path / "coord"),
+                            "FEDSYNTH_COORD_BASE_MODEL_CONFIG": str(
+                                write_base_model_config(tmp_path / "base-model"))}
     logs = tmp_path / "logs"
     logs.mkdir()
     procs = Procs(logs)

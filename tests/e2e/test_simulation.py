@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.e2e.fake_site import write_base_model_config
+
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
 
@@ -69,6 +71,7 @@ def run_simulation(tmp_path: Path, *, sites: int, run_config: str, extra_config:
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FEDSYNTH_SIM_ROOT": str(tmp_path / "sim"),
         "FEDSYNTH_COORD_RUN_DIR": str(tmp_path / "coord"),
+        "FEDSYNTH_COORD_BASE_MODEL_CONFIG": str(write_base_model_config(tmp_path / "base-model")),
         # Ray's AF_UNIX socket paths must stay under 107 bytes: a short dir, not tmp_path.
         "RAY_TMPDIR": ray_dir,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",

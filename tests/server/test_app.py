@@ -33,7 +33,7 @@ def make_fake_site(calls):
     mod = types.ModuleType("client.site")
 
     def adapter_spec(settings, run):
-        return {A: ((run.lora.r, 4), run.lora.dtype), B: ((4, run.lora.r), run.lora.dtype)}
+        return fake_spec(run)
 
     def site_train(settings, run, *, global_adapter, round_id):
         calls.append(("train", settings.site_id, round_id, global_adapter))
@@ -135,7 +135,21 @@ def calls(monkeypatch):
     log = []
     monkeypatch.setitem(sys.modules, "client.site", make_fake_site(log))
     site_floors_for_two_fake_sites(monkeypatch)
+    coordinator_knows_the_fake_spec(monkeypatch)
     return log
+
+
+def fake_spec(run):
+    """The fake sites' adapter: LoRA on layer 0's q_proj of a 4-wide one-layer llama."""
+    return {A: ((run.lora.r, 4), run.lora.dtype), B: ((4, run.lora.r), run.lora.dtype)}
+
+
+def coordinator_knows_the_fake_spec(monkeypatch):
+    """The coordinator's round-1 spec is the fake sites' (tests/server/test_app_wire.py checks
+    that a tiny config.json with lora.targets = q_proj gives exactly this spec)."""
+    import server.app
+
+    monkeypatch.setattr(server.app, "run_adapter_spec", lambda run, settings=None: fake_spec(run))
 
 
 RC = {"num-rounds": 1, "min-sites": 2, "lora.r": 2, "timeout.wait-sites": 0}

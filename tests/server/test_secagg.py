@@ -30,6 +30,7 @@ from tests.server.test_app import (
     B,
     InProcessGrid,
     contexts,
+    coordinator_knows_the_fake_spec,
     make_fake_site,
     site_floors_for_two_fake_sites,
 )
@@ -70,6 +71,7 @@ def calls(monkeypatch):
     log = []
     monkeypatch.setitem(sys.modules, "client.site", make_fake_site(log))
     site_floors_for_two_fake_sites(monkeypatch)
+    coordinator_knows_the_fake_spec(monkeypatch)
     return log
 
 
@@ -235,16 +237,21 @@ def test_secagg_instruction_is_checked_like_a_plain_one():
 
     run = RunConfig.from_flower({"lora.r": 2})
     glob = {A: np.ones((2, 4), np.float32), B: np.full((4, 2), 2, np.float32)}
-    content = fitins_to_recorddict(FitIns(ndarrays_to_parameters([glob[A], glob[B]]), {"round": 3}), True)
+    v = {"wire_version": wire.WIRE_VERSION}
+    content = fitins_to_recorddict(FitIns(ndarrays_to_parameters([glob[A], glob[B]]), {"round": 3} | v), True)
     content[wire_secagg.SECAGG_CONFIGS_KEY] = ConfigRecord({})
     got = wire_secagg.unpack_secagg_instruction(content, spec=SPEC, run=run)
     assert got.round_id == 3 and np.array_equal(got.adapter[B], glob[B])
-    bad = fitins_to_recorddict(FitIns(ndarrays_to_parameters([glob[A], glob[B]]), {"round": 3, "cmd": "x"}),
+    old = fitins_to_recorddict(FitIns(ndarrays_to_parameters([glob[A], glob[B]]), {"round": 3}), True)
+    old[wire_secagg.SECAGG_CONFIGS_KEY] = ConfigRecord({})
+    with pytest.raises(WireError, match="coordinator speaks wire v1"):  # a coordinator from before #13
+        wire_secagg.unpack_secagg_instruction(old, spec=SPEC, run=run)
+    bad = fitins_to_recorddict(FitIns(ndarrays_to_parameters([glob[A], glob[B]]), {"round": 3, "cmd": "x"} | v),
                                True)
     bad[wire_secagg.SECAGG_CONFIGS_KEY] = ConfigRecord({})
     with pytest.raises(WireError):
         wire_secagg.unpack_secagg_instruction(bad, spec=SPEC, run=run)
-    wrong = fitins_to_recorddict(FitIns(ndarrays_to_parameters([glob[B], glob[A]]), {"round": 3}), True)
+    wrong = fitins_to_recorddict(FitIns(ndarrays_to_parameters([glob[B], glob[A]]), {"round": 3} | v), True)
     wrong[wire_secagg.SECAGG_CONFIGS_KEY] = ConfigRecord({})
     with pytest.raises(WireError):
         wire_secagg.unpack_secagg_instruction(wrong, spec=SPEC, run=run)

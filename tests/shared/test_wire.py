@@ -30,6 +30,8 @@ def privacy(**over):
 
 
 def refused(content, kind="train", spec=SPEC, match=None):
+    if isinstance(content, RecordDict) and wire.WIRE_KEY not in content:
+        content[wire.WIRE_KEY] = wire.wire_record()  # a current peer: the check reads on past the version
     with pytest.raises(WireError) as err:
         wire.check_reply(content, kind=kind, spec=spec, run=RUN)
     if match:
@@ -48,9 +50,11 @@ def test_honest_replies_pass():
     assert d.decline == "budget_exceeded" and d.adapter is None
 
 
-@pytest.mark.parametrize("reason", ["budget_exceeded", "evaluation_budget", "secagg_required", "site_error"])
+@pytest.mark.parametrize("reason", ["budget_exceeded", "evaluation_budget", "secagg_required", "site_error",
+                                    "wire_version"])
 def test_every_typed_decline_passes_and_nothing_else(reason):
-    assert wire.DECLINE_REASONS == {"budget_exceeded", "evaluation_budget", "secagg_required", "site_error"}
+    assert wire.DECLINE_REASONS == {"budget_exceeded", "evaluation_budget", "secagg_required", "site_error",
+                                    "wire_version"}
     for kind, spec in (("train", SPEC), ("evaluate", None)):
         assert wire.check_reply(wire.pack_decline(reason), kind=kind, spec=spec, run=RUN).decline == reason
     refused(wire.pack_decline(reason.upper()), match="reason")
@@ -149,7 +153,7 @@ def test_instruction_checked_on_receipt():
         wire.check_instruction(bad, spec=SPEC, run=RUN)
     assert "non-finite" in str(err.value) and "cmd" in str(err.value)
     with pytest.raises(WireError, match="round"):
-        wire.check_instruction(RecordDict({"instruction": ConfigRecord({"round": True})}), spec=SPEC, run=RUN)
+        wire.check_instruction(RecordDict({"instruction": ConfigRecord({"round": True, "wire_version": wire.WIRE_VERSION})}), spec=SPEC, run=RUN)
 
 
 # ---- ledger anchor (issue #12 §2) and a site stricter than the run (§5) ----
