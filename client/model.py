@@ -25,45 +25,14 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from shared.adapter_spec import DEFAULT_LORA_TARGETS, MODEL_TYPE_FAMILY
 from shared.errors import ConfigError, ModelError, Problem
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_5", "qwen3_next")
 
-# config.model_type -> family. Qwen3.5 checkpoints are multimodal wrappers
-# ("qwen3_5") whose text part is "qwen3_5_text"; both load as Qwen3_5ForCausalLM.
-_MODEL_TYPE_FAMILY = {
-    "llama": "llama",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-    "qwen3_5": "qwen3_5",
-    "qwen3_5_text": "qwen3_5",
-    "qwen3_next": "qwen3_next",
-    "mistral": "mistral",
-}
-
-# Default LoRA targets: the attention projections only. Attention-only LoRA is
-# the usual recipe for style/content adaptation and keeps the adapter small,
-# which matters twice here: DP-SGD noise is added per trainable coordinate (fewer
-# coordinates, better signal-to-noise at the same epsilon) and the adapter is
-# what crosses the wire every round. Pass ``targets=`` (CLI: ``--lora-targets``,
-# run config: ``lora.targets``) to add the MLP (gate_proj/up_proj/down_proj)
-# when a site has data to spare.
-_ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
-# Qwen3.5 is hybrid: Gated-DeltaNet linear-attention layers (in_proj_qkv,
-# in_proj_z, out_proj; in_proj_a/in_proj_b are per-head gates, too small to
-# matter) beside full-attention layers (q/k/v/o_proj). Both kinds are adapted.
-_DEFAULT_TARGETS = {
-    "llama": _ATTENTION,
-    "qwen2": _ATTENTION,
-    "qwen3": _ATTENTION,
-    "qwen3_5": _ATTENTION + ["in_proj_qkv", "in_proj_z", "out_proj"],
-    # Mistral: Llama-style attention projections.
-    "mistral": _ATTENTION,
-    # Qwen3-Next is hybrid too: Gated-DeltaNet layers project q/k/v/z together
-    # (in_proj_qkvz; in_proj_ba are per-head gates) and back (out_proj); its MLPs
-    # are mixture-of-experts, left frozen like every other family's MLP.
-    "qwen3_next": _ATTENTION + ["in_proj_qkvz", "out_proj"],
-}
+# One definition of the family tables, shared with the coordinator's adapter spec.
+_MODEL_TYPE_FAMILY = MODEL_TYPE_FAMILY
+_DEFAULT_TARGETS = {family: list(targets) for family, targets in DEFAULT_LORA_TARGETS.items()}
 
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")

@@ -29,20 +29,37 @@ from shared.errors import ConfigError, Problem
 AdapterSpec = dict[str, tuple[tuple[int, ...], str]]
 """Adapter tensor name (PEFT state-dict key) -> (shape, wire dtype); as :data:`shared.wire.AdapterSpec`."""
 
-# config.model_type -> fedsynth family (client/model.py keeps the same table; a test checks).
+# config.model_type -> fedsynth family: the one definition (client/model.py uses it too).
+# Qwen3.5 checkpoints are multimodal wrappers ("qwen3_5") whose text part is
+# "qwen3_5_text"; both load as Qwen3_5ForCausalLM.
 MODEL_TYPE_FAMILY: dict[str, str] = {
     "llama": "llama",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "qwen3_5": "qwen3_5",
     "qwen3_5_text": "qwen3_5",
+    "qwen3_next": "qwen3_next",
+    "mistral": "mistral",
 }
+# Default LoRA targets: the attention projections only. Attention-only LoRA keeps the
+# adapter small, which matters twice: DP-SGD noise is added per trainable coordinate
+# (fewer coordinates, better signal-to-noise at the same epsilon) and the adapter is
+# what crosses the wire. ``lora.targets`` / ``--lora-targets`` add the MLP.
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "llama": _ATTENTION,
     "qwen2": _ATTENTION,
     "qwen3": _ATTENTION,
+    # Qwen3.5 is hybrid: Gated-DeltaNet linear-attention layers (in_proj_qkv, in_proj_z,
+    # out_proj; in_proj_a/in_proj_b are per-head gates, too small to matter) beside
+    # full-attention layers (q/k/v/o_proj). Both kinds are adapted.
     "qwen3_5": (*_ATTENTION, "in_proj_qkv", "in_proj_z", "out_proj"),
+    # Mistral: Llama-style attention projections.
+    "mistral": _ATTENTION,
+    # Qwen3-Next is hybrid too: Gated-DeltaNet layers project q/k/v/z together
+    # (in_proj_qkvz; in_proj_ba are per-head gates) and back (out_proj); its MLPs are
+    # mixture-of-experts, left frozen like every other family's MLP.
+    "qwen3_next": (*_ATTENTION, "in_proj_qkvz", "out_proj"),
 }
 
 EMBEDDED_MODEL_CONFIG: dict[str, Any] = {
