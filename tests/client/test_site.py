@@ -105,8 +105,11 @@ def test_train_then_evaluate_round(world):
     assert {"privacy.mia_auc", "privacy.mia_auc_calibrated"} <= set(evaluation["cells"])
     assert 0.0 <= evaluation["membership"]["auc_calibrated"] <= 1.0
     keys = {"site-a": load_public_key(pub)}
-    # ledger_anchor (reserve), round, ledger_anchor (released), report_issued: all signed
-    assert verify_log(out / "audit.jsonl", keys) == 4
+    # every entry signed: each ledger record anchored (train reserve/release, evaluation
+    # reserve/release), the train and evaluate rounds, the report
+    assert verify_log(out / "audit.jsonl", keys) == 7
+    kinds = [json.loads(line)["kind"] for line in (out / "audit.jsonl").read_text().splitlines()]
+    assert kinds.count("ledger_anchor") == 4 and kinds.count("report_issued") == 1
 
     # The round's privacy report: schema-valid, signed by site-a, ε = what the update carried.
     path = out / "privacy-reports" / "report-round-1.json"

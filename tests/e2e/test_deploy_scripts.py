@@ -116,7 +116,9 @@ def test_deploy_scripts_real_site_secagg_round(tmp_path):
         "FEDSYNTH_PKI": pki, "FEDSYNTH_STATE_DB": coord / "state.db",
         "FEDSYNTH_FLEET_ADDRESS": f"127.0.0.1:{fleet}", "FEDSYNTH_CONTROL_PORT": control,
         "FLWR_HOME": coord_home, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "FEDSYNTH_COORD_RUN_DIR": coord / "runs"})
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "FEDSYNTH_COORD_RUN_DIR": coord / "runs",
+        # the sites' base model: the coordinator derives the adapter spec from its config.json
+        "FEDSYNTH_COORD_BASE_MODEL_CONFIG": model_dir / "config.json"})
 
     def flwr(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "flwr"), *args], env=coord_env, cwd=coord,

@@ -273,7 +273,9 @@ def test_deployment(tmp_path):
         assert not marker.exists()
         for site, data in sites.items():
             assert "REFUSED run" in procs.log(f"launcher-{site}")
-            entries = [json.loads(line) for line in (data / "audit.jsonl").read_text().splitlines()]
+            # the launcher's refusals go to its own signed chain beside --audit-log
+            log = data / "launcher.audit.jsonl"
+            entries = [json.loads(line) for line in log.read_text().splitlines()]
             assert {e["kind"] for e in entries} == {"update_rejected"}
             assert all(e["data"]["reason"] == "bundle_not_trusted" for e in entries)
 
