@@ -76,7 +76,10 @@ SHIMS = {
        for name in ("useradd", "groupadd", "chown", "systemctl")},
 }
 
-pytestmark = pytest.mark.e2e
+COORD_BLOCKS = {"coord-dirs", "coord-pki", "coord-pki-install", "coord-env", "coord-cli-config",
+                "coord-register", "coord-pin", "coord-run"}
+SITE_BLOCKS = {"site-dirs", "site-keys", "site-ownership", "site-pin", "site-env", "site-doctor",
+               "site-after-round", "site-verify"}
 
 
 def doc_blocks(doc: str) -> dict[str, str]:
@@ -144,6 +147,13 @@ class Machine:
         procs.start(name, cmd, self.env, self.opt)
 
 
+def test_guides_mark_every_block_the_e2e_test_runs():
+    """Fast: a marker dropped or renamed in an edit is caught without running the round."""
+    assert set(doc_blocks("coordinator.md")) == COORD_BLOCKS
+    assert set(doc_blocks("hospital-it.md")) == SITE_BLOCKS
+
+
+@pytest.mark.e2e
 def test_operator_guides_as_written(tmp_path):
     coord_doc, site_doc = doc_blocks("coordinator.md"), doc_blocks("hospital-it.md")
     shims = tmp_path / "shims"
