@@ -29,3 +29,20 @@ def test_plan_bad_input_exits_2_naming_each_problem():
                                                "--rounds", "100", "--batch", "10", "--accountant", "rdp",
                                                "--adapter-params", "10"])
     assert unreachable.exit_code == 5 and "unreachable" in unreachable.output
+
+
+def test_documented_command_runs():
+    """The command docs/coordinator.md shows for coordinators, as written; README lists it."""
+    import shlex
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    doc = (root / "docs" / "coordinator.md").read_text(encoding="utf-8")
+    assert "## Plan before you spend" in doc
+    line = next(x for x in doc.split("## Plan before you spend", 1)[1].splitlines()
+                if x.startswith("fedsynth-coordinator plan "))
+    args = shlex.split(line.split("#")[0])[1:]
+    got = CliRunner().invoke(cli.app, [*args, "--adapter-params", "49152"])
+    assert got.exit_code == 0, got.output
+    assert "σ (noise multiplier)" in got.output
+    assert "fedsynth-coordinator plan --patients" in (root / "README.md").read_text(encoding="utf-8")
