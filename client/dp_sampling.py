@@ -19,6 +19,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, Dataset
 
 from client.dp_noise import _KeyStream, _torch_generator, uniforms
+from shared.dp_defaults import PATIENTS_BUCKET, patients_bucket, sample_rate_for  # noqa: F401  (shared/: planning uses them)
 
 
 class SecretPoissonSampler(UniformWithReplacementSampler):
@@ -58,27 +59,6 @@ class _EmptyAsList:
 
     def __call__(self, batch: list[Any]) -> Any:
         return self.collate_fn(batch) if batch else []
-
-
-PATIENTS_BUCKET = 10
-"""Patient counts leave a site only rounded down to a multiple of this."""
-
-
-def patients_bucket(n_patients: int) -> int:
-    """``n_patients`` rounded down to a multiple of :data:`PATIENTS_BUCKET` (what may leave)."""
-    return (n_patients // PATIENTS_BUCKET) * PATIENTS_BUCKET
-
-
-def sample_rate_for(n_patients: int, expected_batch_size: int) -> float:
-    """Poisson sampling rate q per patient per step, from the BUCKETED patient count only.
-
-    q = B / max(b, 10) with b = ``patients_bucket(n_patients)``, capped at 1. q goes
-    out with every update and the coordinator recomputes ε from it, so it must not
-    depend on the exact count (Opacus' ``1/ceil(n/B)`` pins n to within B). Since
-    b ≤ n, the expected batch q·n is B or slightly more; the accountant is charged
-    with exactly this q, which is what the sampler uses.
-    """
-    return min(1.0, expected_batch_size / max(patients_bucket(n_patients), PATIENTS_BUCKET))
 
 
 def poisson_loader(

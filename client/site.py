@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from client.notes import Note, NotesLoad, group_by_patient, load_notes, split_by
 from client.policy import floor_dp, report_tightened
 from client.train import DPConfig, TrainResult, train_dp
 from shared.audit import AuditLog
+from shared.dp_defaults import DEFAULT_DELTA_CAP, default_delta  # noqa: F401  (re-exported)
 from shared.errors import BudgetExceededError, LedgerError, PrivacyError
 from shared.run_config import RunConfig
 from shared.settings import SiteSettings
@@ -83,22 +83,6 @@ def load_site_data(settings: SiteSettings) -> SiteData:
         loaded.notes, heldout_fraction=settings.heldout_fraction, seed=settings.split_seed
     )
     return SiteData(load=loaded, train=split.train, heldout=split.heldout)
-
-
-DEFAULT_DELTA_CAP = 1e-5  # the default δ is never above this, whatever the site's size
-
-
-def default_delta(bucket: int) -> float:
-    """The default δ for a site whose patients bucket is ``bucket``: min(1e-5, 1/(10·b·ln b)).
-
-    A function of the bucket only, so the δ sent with every update reveals no more
-    than ``patients_bucket`` does. For b >= 10 and any n in [b, b + 9],
-    10·b·ln b > 10·n, so the default is always below 1/(10·n); below 10 patients
-    (b = 0) it is 1e-5.
-    """
-    if bucket < 10:
-        return DEFAULT_DELTA_CAP
-    return min(DEFAULT_DELTA_CAP, 1.0 / (10 * bucket * math.log(bucket)))
 
 
 def site_delta(settings: SiteSettings, n_patients: int) -> float:

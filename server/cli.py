@@ -236,6 +236,44 @@ def _run(app_dir: Path, federation: str, run_name: str, extra: str, run_dir: Pat
 
 
 @app.command()
+def plan(
+    patients: Annotated[int, typer.Option(help="Patients one site trains on (after the held-out split); "
+                                               "typed by you, never read from a site.")],
+    epsilon: Annotated[float, typer.Option(help="Whole-run ε target per site (patient-level).")],
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")],
+    batch: Annotated[int, typer.Option(help="Expected batch size B (train.expected-batch-size).")],
+    steps: Annotated[int, typer.Option(help="DP-SGD steps per round (train.steps).")] = 50,
+    delta: Annotated[float | None, typer.Option(
+        help="δ; default: the site default min(1e-5, 1/(10·b·ln b)) of the patients bucket b.")] = None,
+    accountant: Annotated[str, typer.Option(help="prv or rdp (train.accountant).")] = "prv",
+    adapter_params: Annotated[int | None, typer.Option(
+        help="Trainable adapter parameters d; default: the embedded model's LoRA r=8.")] = None,
+    eval_noise_multiplier: Annotated[float, typer.Option(
+        help="σ of each evaluation release (the site setting; default 5).")] = 5.0,
+    evaluations_per_round: Annotated[int, typer.Option(
+        help="Evaluation releases charged per round (0: none).")] = 1,
+) -> None:
+    """Before committing budget: σ, ε per round and in total, noise-to-signal, measured fidelity."""
+    import warnings
+
+    from shared.planning import embedded_adapter_params, plan_lines, plan_run
+
+    try:
+        with warnings.catch_warnings():  # Opacus/transformers numerical chatter, not the user's problem
+            warnings.simplefilter("ignore")
+            d = embedded_adapter_params() if adapter_params is None else adapter_params
+            result = plan_run(patients=patients, epsilon=epsilon, rounds=rounds, batch=batch, steps=steps,
+                              delta=delta, accountant=accountant, adapter_params=d,
+                              eval_noise_multiplier=eval_noise_multiplier,
+                              evaluations_per_round=evaluations_per_round)
+    except FedsynthError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+    for line in plan_lines(result):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+@app.command()
 def pki(
     out_dir: Annotated[Path, typer.Argument(help="Directory for ca.crt/ca.key, server.pem/key, site keys.")],
     sites: Annotated[list[str], typer.Argument(help="Site names (one SuperNode key pair each).")],

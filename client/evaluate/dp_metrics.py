@@ -21,7 +21,7 @@ reports and the models — never on another patient:
 - ``phi_echo_rate``: 1 if some report of p's codes contains one of p's known
   identifiers (``identifiers`` of p's notes; matching as
   :func:`client.evaluate.privacy.phi_echo`);
-- ``centroid_cosine_mean``: mean over p's notes with a reported code of
+- ``centroid_cosine_mean`` (texts masked by :mod:`client.evaluate.masking`): mean over p's notes with a reported code of
   (1 + cos(note, centroid of the synthetic reports of that code)) / 2;
 - ``loss_drop_mean`` (when the model is scored): mean over p's notes of
   clip(1/2 + (base loss − adapter loss) / (2·LOSS_SCALE_NATS), 0, 1), the

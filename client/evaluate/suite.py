@@ -44,6 +44,7 @@ from client.evaluate import diversity, dp_metrics, fidelity, membership
 from client.evaluate.dcr import dcr_contrast
 from client.evaluate.embeddings import Embedder, embed_cached
 from client.evaluate.heldout import contrast_cells, heldout_reference
+from client.evaluate.masking import mask_all
 from client.evaluate.ngram_index import PrivateIndex
 from client.evaluate.privacy import (
     canary_exposure,
@@ -201,6 +202,12 @@ def evaluate_site(
     synth_emb = embedder.embed(synth_texts)
     train_emb = embed_cached(embedder, train_texts, cache_dir=cache_dir, name="train-notes")
     held_emb = embed_cached(embedder, held_texts, cache_dir=cache_dir, name="heldout-notes")
+    # Fidelity reads texts with every code, title and synonym masked (client/evaluate/masking.py):
+    # the prompt names the code and its title, so unmasked a report that copies them "fits" its
+    # code without any clinical content. The cache keys on the masked texts (own names).
+    synth_fid = embedder.embed(mask_all(synth_texts))
+    train_fid = embed_cached(embedder, mask_all(train_texts), cache_dir=cache_dir, name="train-notes-masked")
+    held_fid = embed_cached(embedder, mask_all(held_texts), cache_dir=cache_dir, name="heldout-notes-masked")
 
     cells: dict[str, Cell] = {}
     n_rep = len(reports)
@@ -211,13 +218,13 @@ def evaluate_site(
         cells["count.empty_reports"] = Cell(float(n_empty), len(all_reports))
 
     # Fidelity
-    centroid = fidelity.centroid_similarity(train_emb, train_codes, synth_emb, synth_codes)
+    centroid = fidelity.centroid_similarity(train_fid, train_codes, synth_fid, synth_codes)
     cells.update(centroid.cells())
-    cells.update(fidelity.real_classifier_f1(train_emb, train_codes, synth_emb, synth_codes, seed=seed).cells())
+    cells.update(fidelity.real_classifier_f1(train_fid, train_codes, synth_fid, synth_codes, seed=seed).cells())
     cells.update(
-        fidelity.tstr_trtr(train_emb, train_codes, held_emb, held_codes, synth_emb, synth_codes, seed=seed).cells()
+        fidelity.tstr_trtr(train_fid, train_codes, held_fid, held_codes, synth_fid, synth_codes, seed=seed).cells()
     )
-    cells.update(fidelity.frechet_per_code(train_emb, train_codes, synth_emb, synth_codes).cells())
+    cells.update(fidelity.frechet_per_code(train_fid, train_codes, synth_fid, synth_codes).cells())
     cells.update(fidelity.length_distribution(train_texts, synth_texts).cells())
 
     # Diversity, on token-count-matched samples of synthetic and real: as many real notes as
@@ -285,9 +292,9 @@ def evaluate_site(
     tables = {
         group: dp_metrics.patient_table(
             group, notes, report_codes=synth_codes, report_texts=synth_texts, note_emb=emb,
-            report_emb=synth_emb, loss_gain=loss_gain.get(group),
-        )
-        for group, notes, emb in (("train", train, train_emb), ("heldout", heldout, held_emb))
+            report_emb=synth_fid, loss_gain=loss_gain.get(group),
+        )  # the centroid statistic is fidelity: masked embeddings (verbatim/PHI read raw texts)
+        for group, notes, emb in (("train", train, train_fid), ("heldout", heldout, held_fid))
     }
     release = dp_metrics.gaussian_release(tables, noise_multiplier=noise_multiplier)
     wire_cells = release.cells()
