@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from shared.about import version_option
 from shared.errors import FedsynthError
 from shared.settings import SiteSettings, load_settings
 
@@ -38,18 +39,9 @@ err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _show_version(value: bool) -> None:
-    if value:
-        from shared.about import version_line
-
-        console.print(version_line("fedsynth-site"), highlight=False)
-        raise typer.Exit(0)
-
-
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
+    version: Annotated[bool, version_option("fedsynth-site")] = False,
 ) -> None:
     """fedsynth site client (exit codes: see the epilog and docs/hospital-it.md)."""
 

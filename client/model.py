@@ -354,29 +354,22 @@ def family_config(family: str, tokenizer: PreTrainedTokenizerBase, **sizes: Any)
         return Qwen2Config(**common)
     if family == "qwen3":
         return Qwen3Config(head_dim=head_dim, **common)
+    n = common["num_hidden_layers"]
+    # Hybrid families: alternate linear-attention and full-attention layers, ending on full.
+    hybrid = dict(
+        head_dim=head_dim,
+        linear_key_head_dim=head_dim,
+        linear_value_head_dim=head_dim,
+        linear_num_key_heads=max(1, common["num_key_value_heads"]),
+        linear_num_value_heads=common["num_attention_heads"],
+        layer_types=["linear_attention" if i % 2 == 0 and i < n - 1 else "full_attention"
+                     for i in range(n)],
+    )
     if family == "qwen3_5":
-        n = common["num_hidden_layers"]
-        # Alternate linear-attention and full-attention layers, ending on full attention.
-        layer_types = ["linear_attention" if i % 2 == 0 and i < n - 1 else "full_attention" for i in range(n)]
-        return Qwen3_5TextConfig(
-            head_dim=head_dim,
-            linear_key_head_dim=head_dim,
-            linear_value_head_dim=head_dim,
-            linear_num_key_heads=max(1, common["num_key_value_heads"]),
-            linear_num_value_heads=common["num_attention_heads"],
-            layer_types=layer_types,
-            **common,
-        )
+        return Qwen3_5TextConfig(**hybrid, **common)
     if family == "qwen3_next":
-        n = common["num_hidden_layers"]
-        layer_types = ["linear_attention" if i % 2 == 0 and i < n - 1 else "full_attention" for i in range(n)]
         return Qwen3NextConfig(
-            head_dim=head_dim,
-            linear_key_head_dim=head_dim,
-            linear_value_head_dim=head_dim,
-            linear_num_key_heads=max(1, common["num_key_value_heads"]),
-            linear_num_value_heads=common["num_attention_heads"],
-            layer_types=layer_types,
+            **hybrid,
             num_experts=4,
             num_experts_per_tok=2,
             moe_intermediate_size=common["intermediate_size"] // 2,

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from server.simulation import BIN, config_arg, run_command, run_simulation
-from shared.about import version_line
+from shared.about import version_option
 from shared.errors import ConfigError, FedsynthError, RunFailedError
 from shared.signing import generate_key, key_id, load_public_key, public_key_path
 
@@ -41,16 +41,9 @@ console = Console()
 err = Console(stderr=True)
 
 
-def _show_version(value: bool) -> None:
-    if value:
-        console.print(version_line("fedsynth-coordinator"), highlight=False)
-        raise typer.Exit(0)
-
-
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
+    version: Annotated[bool, version_option("fedsynth-coordinator")] = False,
 ) -> None:
     """fedsynth coordinator (exit codes: see the epilog and docs/hospital-it.md)."""
 

@@ -9,6 +9,7 @@ Flower release (the deployment pins it).
 from __future__ import annotations
 
 from importlib import metadata
+from typing import Any
 
 DIST = "fedsynth"
 
@@ -28,3 +29,15 @@ def version_line(program: str) -> str:
     except metadata.PackageNotFoundError:
         flwr = "not installed"
     return f"{program} {package_version()} (flwr {flwr})"
+
+
+def version_option(program: str) -> Any:
+    """A typer ``--version`` option (eager) that prints :func:`version_line` and exits 0."""
+    import typer
+
+    def show(value: bool) -> None:
+        if value:
+            print(version_line(program))
+            raise typer.Exit(0)
+
+    return typer.Option("--version", callback=show, is_eager=True, help="Print the version and exit.")

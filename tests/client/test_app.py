@@ -10,7 +10,6 @@ driven end to end in-process).
 
 import importlib
 import json
-import os
 
 import numpy as np
 import pytest
@@ -28,12 +27,8 @@ ENV = "FEDSYNTH_SITE_REQUIRE_SECAGG"
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch, tmp_path):
-    """No FEDSYNTH_SITE_* variable or .env from the developer's shell reaches the ClientApp."""
-    for key in list(os.environ):
-        if key.startswith("FEDSYNTH_SITE_"):
-            monkeypatch.delenv(key)
-    monkeypatch.chdir(tmp_path)
+def clean_env(clean_site_env):
+    """FEDSYNTH_SITE_* cleared, cwd a temporary directory (tests/client/conftest.py)."""
 
 
 def _train_message(round_id: int = 3) -> Message:

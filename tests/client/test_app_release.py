@@ -7,7 +7,6 @@ events is what is tested: reserve -> train -> check_reply -> released.
 
 import importlib
 import json
-import os
 import sys
 
 import numpy as np
@@ -24,11 +23,8 @@ from tests.server.test_secagg import calls, run  # noqa: F401  (calls: fixture)
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch, tmp_path):
-    for key in list(os.environ):
-        if key.startswith("FEDSYNTH_SITE_"):
-            monkeypatch.delenv(key)
-    monkeypatch.chdir(tmp_path)
+def clean_env(clean_site_env):
+    """FEDSYNTH_SITE_* cleared, cwd a temporary directory (tests/client/conftest.py)."""
 
 
 @pytest.fixture

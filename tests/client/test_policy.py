@@ -7,7 +7,6 @@ Each knob is played looser than the site allows; the site must tighten it or ref
 
 import json
 import math
-import os
 import sys
 import types
 
@@ -27,11 +26,8 @@ A, B = "base.layer.lora_A.weight", "base.layer.lora_B.weight"
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch, tmp_path):
-    for key in list(os.environ):
-        if key.startswith("FEDSYNTH_SITE_"):
-            monkeypatch.delenv(key)
-    monkeypatch.chdir(tmp_path)
+def clean_env(clean_site_env):
+    """FEDSYNTH_SITE_* cleared, cwd a temporary directory (tests/client/conftest.py)."""
 
 
 def _settings(**kw) -> SiteSettings:

@@ -7,7 +7,6 @@ stage (which hands it both of that node's mask secrets).
 """
 
 import json
-import os
 
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -21,11 +20,7 @@ NID = 100
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch, tmp_path):
-    for key in list(os.environ):
-        if key.startswith("FEDSYNTH_SITE_"):
-            monkeypatch.delenv(key)
-    monkeypatch.chdir(tmp_path)
+def clean_env(clean_site_env, monkeypatch, tmp_path):
     from flwr.supercore.task_identity import TaskIdentity
 
     for attr, value in (("_run_id", 1), ("_node_id", NID), ("_task_id", 1)):
