@@ -49,7 +49,7 @@ from flwr.serverapp import Grid, ServerApp
 from server import checkpoint, report, secagg, site_budget, site_names, strategy
 from shared import adapter_spec, wire
 from shared.audit import AuditLog
-from shared.errors import ConfigError, Problem, WireError
+from shared.errors import ConfigError, Problem
 from shared.run_config import RunConfig
 from shared.settings import CoordinatorSettings, load_settings
 from shared.signing import load_private_key, sha256_file
@@ -339,14 +339,7 @@ def _classify(
         try:
             reply = wire.check_reply(msg.content, kind=kind, spec=spec, run=run)
         except Exception as exc:  # noqa: BLE001 - WireError, or anything: a refusal, never a crash
-            digest = wire.refusal_digest(msg.content)
-            count = len(exc.problems) if isinstance(exc, WireError) else 1
-            codes = wire.refusal_codes(exc)
-            if codes:  # the one refusal whose text is safe to log: it quotes only bounded ints
-                log.warning("site %d: %s", node, exc.problems[0].reason)  # type: ignore[attr-defined]
-            log.warning("site %d: %s reply refused by the wire contract (%d problems, sha256 %s)",
-                        node, kind, count, digest)
-            rec["refused"][str(node)] = report.refusal_record("wire", digest, count, codes)
+            rec["refused"][str(node)] = report.wire_refusal(node, kind, msg.content, exc)
             continue
         if reply.privacy is not None and anchor is not None:
             refusal = anchor(node, reply.privacy)

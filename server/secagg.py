@@ -70,7 +70,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from server.report import refusal_record
+from server.report import refusal_record, wire_refusal
 from server.site_budget import BudgetRefusal
 from shared import wire, wire_secagg
 from shared.errors import Problem, WireError
@@ -222,13 +222,7 @@ class _CheckedGrid:
                 elif (got.names, got.shapes) != self.layout:
                     raise WireError("layout", [Problem("layout", "differs from the other sites'")])
             except Exception as exc:  # noqa: BLE001 - WireError, or anything: a refusal, never a crash
-                digest = wire.refusal_digest(msg.content)
-                count = len(exc.problems) if isinstance(exc, WireError) else 1
-                codes = wire.refusal_codes(exc)
-                if codes:  # the one refusal whose text is safe to log: it quotes only bounded ints
-                    log.warning("site %d: %s", node, exc.problems[0].reason)  # type: ignore[attr-defined]
-                log.warning("site %d: secagg reply refused (%d problems, sha256 %s)", node, count, digest)
-                self.refused[node] = refusal_record("wire", digest, count, codes)
+                self.refused[node] = wire_refusal(node, "secagg", msg.content, exc)
                 continue
             if got.privacy is not None and got.decline is None and self._anchor is not None:
                 refusal = self._anchor(node, got.privacy)
