@@ -98,22 +98,11 @@ def check_query(delta: Any, accountant: Any) -> None:
 
 
 def compute_epsilon(history: list[tuple[float, float, int]], *, delta: float, accountant: str) -> float:
-    """Epsilon of the composition of ``history`` ((sigma, q, steps) runs) at ``delta``.
+    """Epsilon of the composition of ``history`` ((sigma, q, steps) runs) at ``delta``:
+    :func:`shared.accounting.compute_epsilon`, the one the coordinator recomputes with."""
+    from shared.accounting import compute_epsilon as shared_epsilon
 
-    Runs with the same (sigma, q) are merged into one run of summed steps first:
-    composition is commutative, so this is the same mechanism (Opacus's own
-    ``step()`` merges consecutive equal runs) and keeps the PRV accountant fast.
-    """
-    if not history:
-        return 0.0
-    from opacus.accountants import PRVAccountant, RDPAccountant  # torch import only when needed
-
-    merged: dict[tuple[float, float], int] = {}
-    for sigma, q, steps in history:
-        merged[(sigma, q)] = merged.get((sigma, q), 0) + steps
-    acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
-    acc.history = [(sigma, q, steps) for (sigma, q), steps in merged.items()]
-    return max(0.0, float(acc.get_epsilon(delta=delta)))
+    return shared_epsilon(history, delta=delta, accountant=accountant)
 
 
 def record_hash(record: Mapping[str, Any]) -> str:

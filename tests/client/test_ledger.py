@@ -44,7 +44,8 @@ def test_epsilon_equals_independent_opacus_computation(tmp_path):
     for i, (sigma, q, steps) in enumerate(runs):
         _reserve(ledger, i, sigma, q, steps)
     assert ledger.history() == runs
-    assert ledger.epsilon(delta=DELTA, accountant="prv") == _opacus(PRVAccountant, runs)
+    # composition order differs (runs are composed sorted): equal up to float round-off
+    assert ledger.epsilon(delta=DELTA, accountant="prv") == pytest.approx(_opacus(PRVAccountant, runs), rel=1e-12)
     assert ledger.epsilon(delta=DELTA, accountant="rdp") == pytest.approx(_opacus(RDPAccountant, runs), rel=1e-12)
     assert ledger.epsilon(delta=1e-3, accountant="rdp") == pytest.approx(
         _opacus(RDPAccountant, runs, delta=1e-3), rel=1e-12
