@@ -46,6 +46,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from server.site_names import registered_nodes
 from shared.accounting import epsilon_lower_bound, epsilon_tolerance
 from shared.errors import LedgerError, Problem
 
@@ -82,19 +83,8 @@ def site_keys(grid: Any) -> dict[int, str]:
     is set when SuperNode authentication is on; that key survives a re-registration,
     a node id does not. A grid that cannot list nodes gives node ids only.
     """
-    out: dict[int, str] = {}
-    try:
-        infos = list(grid.get_nodes())
-    except Exception:  # noqa: BLE001 - identity falls back to node ids
-        infos = []
-    for info in infos:
-        try:
-            node = int(info.node_id)
-            pk = bytes(getattr(info, "public_key", b"") or b"")
-        except (TypeError, ValueError, AttributeError):
-            continue
-        out[node] = f"pubkey:{hashlib.sha256(pk).hexdigest()}" if pk else f"node:{node}"
-    return out
+    return {node: f"pubkey:{hashlib.sha256(pk).hexdigest()}" if pk else f"node:{node}"
+            for node, pk, _name in registered_nodes(grid)}
 
 
 def key_for(node: int, keys: Mapping[int, str]) -> str:

@@ -54,25 +54,37 @@ def valid_name(value: Any) -> str | None:
     return value if isinstance(value, str) and NAME_PATTERN.fullmatch(value) else None
 
 
+def registered_nodes(grid: Any) -> list[tuple[int, bytes, Any]]:
+    """(node id, public key bytes or b"", claimed name, untrusted) of every node the grid lists.
+
+    Flower 1.39's ``Grid.get_nodes()`` returns NodeInfo records (``public_key`` set when
+    SuperNode authentication is on). A grid that cannot list nodes, or a malformed
+    record, gives nothing: callers fall back to node ids.
+    """
+    try:
+        infos = list(grid.get_nodes())
+    except Exception:  # noqa: BLE001 - identity and names fall back to node ids
+        return []
+    out = []
+    for info in infos:
+        try:
+            out.append((int(info.node_id), bytes(getattr(info, "public_key", b"") or b""),
+                        getattr(info, "name", None)))
+        except (TypeError, ValueError, AttributeError):
+            continue
+    return out
+
+
 def site_directory(grid: Any, node_ids: Iterable[int] = ()) -> dict[int, SiteName]:
     """Node id -> :class:`SiteName` for every node ``grid.get_nodes()`` lists, plus ``node_ids``.
 
     A grid without ``get_nodes`` (or one that fails) gives ``node-<id>`` names.
     Names claimed by more than one node are dropped for all but the lowest node id.
     """
-    try:
-        infos = list(grid.get_nodes())
-    except Exception:  # noqa: BLE001 - names are for people; node ids still work
-        infos = []
     raw: dict[int, tuple[str | None, str | None]] = {}
-    for info in infos:
-        try:
-            node = int(info.node_id)
-            pk = bytes(getattr(info, "public_key", b"") or b"")
-        except (TypeError, ValueError, AttributeError):
-            continue
-        name = valid_name(getattr(info, "name", None))
-        if getattr(info, "name", None) and name is None:
+    for node, pk, claimed in registered_nodes(grid):
+        name = valid_name(claimed)
+        if claimed and name is None:
             log.warning("node %d registered a name that is not a valid site name; shown as %s",
                         node, fallback_name(node))
         raw[node] = (name, hashlib.sha256(pk).hexdigest() if pk else None)
