@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from client.dp_config import DPConfig, PrivacyScalars, TrainResult
 from client.examples import per_patient_loss
 from client.model import adapter_state
+from shared.dp_defaults import patients_bucket
 from shared.errors import Problem, TrainingError
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ def train_nonprivate(
         "NON-PRIVATE training (privacy-utility baseline): no clipping, no noise, no ledger entry; "
         "this adapter has NO differential-privacy guarantee and the wire refuses it"
     )
-    sample_rate = 1.0 / len(poisson)
+    sample_rate = float(poisson.batch_sampler.sample_rate)  # the q the sampler draws with
     device = next(iter(trainable.values())).device
     params = list(trainable.values())
     before = {n: p.detach().clone() for n, p in trainable.items()}
@@ -105,7 +106,7 @@ def train_nonprivate(
         max_grad_norm=math.inf,
         accountant="none",
         secure_mode=False,
-        patients_bucket=(n_patients // 10) * 10,
+        patients_bucket=patients_bucket(n_patients),
     )
     return TrainResult(
         adapter=adapter_state(model),

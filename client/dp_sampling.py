@@ -19,7 +19,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, Dataset
 
 from client.dp_noise import _KeyStream, _torch_generator, uniforms
-from shared.dp_defaults import PATIENTS_BUCKET, patients_bucket, sample_rate_for  # noqa: F401  (shared/: planning uses them)
+from shared.dp_defaults import patients_bucket, sample_rate_for  # noqa: F401  (re-exported: train, bench)
 
 
 class SecretPoissonSampler(UniformWithReplacementSampler):

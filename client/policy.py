@@ -51,6 +51,8 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from shared.accounting import compute_epsilon
+from shared.dp_defaults import sample_rate_for
 from shared.errors import PrivacyError, Problem
 from shared.run_config import RunConfig
 from shared.settings import SiteSettings
@@ -156,11 +158,9 @@ def floor_dp(
         tightened.append(f"target_epsilon {dp.target_epsilon:g} -> {target:g} "
                          "(FEDSYNTH_SITE_MAX_EPSILON_PER_ROUND)")
     if n_patients >= 1 and dp.expected_batch_size >= 1:
-        from client.dp_sampling import sample_rate_for  # torch/opacus: only when training
-
         q = sample_rate_for(n_patients, dp.expected_batch_size)
         if sigma is not None:
-            eps = _epsilon_of(sigma, q, dp.steps, delta=delta, accountant=dp.accountant)
+            eps = compute_epsilon([(sigma, q, dp.steps)], delta=delta, accountant=dp.accountant)
             if eps > settings.max_epsilon_per_round:
                 tightened.append(f"noise_multiplier {sigma:g} costs epsilon {eps:.3g} per round -> "
                                  f"target_epsilon {settings.max_epsilon_per_round:g} "
@@ -176,14 +176,6 @@ def floor_dp(
     if (sigma, target) != (dp.noise_multiplier, dp.target_epsilon):
         changes.update(noise_multiplier=sigma, target_epsilon=target)
     return (dataclasses.replace(dp, **changes) if changes else dp), tightened
-
-
-def _epsilon_of(sigma: float, q: float, steps: int, *, delta: float, accountant: str) -> float:
-    from opacus.accountants import create_accountant
-
-    acc = create_accountant(mechanism=accountant)
-    acc.history = [(sigma, q, steps)]
-    return float(acc.get_epsilon(delta=delta))
 
 
 def _sigma_for(target: float, q: float, steps: int, *, delta: float, accountant: str) -> float | None:

@@ -46,7 +46,7 @@ from client.notes import Note, NotesLoad, group_by_patient, load_notes, split_by
 from client.policy import floor_dp, report_tightened
 from client.train import DPConfig, TrainResult, train_dp
 from shared.audit import AuditLog
-from shared.dp_defaults import DEFAULT_DELTA_CAP, default_delta  # noqa: F401  (re-exported)
+from shared.dp_defaults import default_delta  # noqa: F401  (re-exported: bench, tests)
 from shared.errors import BudgetExceededError, LedgerError, PrivacyError
 from shared.run_config import RunConfig
 from shared.settings import SiteSettings
@@ -311,11 +311,6 @@ def release_update(settings: SiteSettings, privacy: Mapping[str, object]) -> Non
         raise LedgerError(f"{ledger.path}: the update names ledger record {seq!r}, which is not a "
                           "reservation of this ledger; nothing marked released")
     ledger.mark_released(entry)
-
-
-def site_codes(data: SiteData, run: RunConfig) -> list[str]:
-    """Codes to generate for: the run's list, else every primary code in the site's training notes."""
-    return list(run.generate.codes) or sorted({n.primary_code for n in data.train})
 
 
 def site_evaluate(

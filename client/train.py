@@ -60,6 +60,7 @@ from client.dp_steps import bookkeeping_steps, opacus_steps
 from client.examples import IGNORE_INDEX, PatientExamples, collate
 from client.model import adapter_state
 from client.notes import group_by_patient
+from shared.accounting import compute_epsilon
 from shared.errors import ConfigError, PrivacyError, Problem, TrainingError
 
 if TYPE_CHECKING:
@@ -246,8 +247,8 @@ def train_dp(
             [Problem(n, "unchanged after training") for n in frozen],
         )
 
-    epsilon_round = _epsilon_of(
-        sigma, sample_rate, steps, delta=delta, accountant=config.accountant
+    epsilon_round = compute_epsilon(
+        [(sigma, sample_rate, steps)], delta=delta, accountant=config.accountant
     )
     privacy = PrivacyScalars(
         epsilon=float(ledger.epsilon(delta=delta, accountant=config.accountant)),
@@ -293,15 +294,6 @@ def noise_multiplier_for(
             f"target_epsilon={target_epsilon} is unreachable at delta={delta:g}, "
             f"q={sample_rate:.4g}, {steps} steps: {exc}"
         ) from exc
-
-
-def _epsilon_of(
-    sigma: float, sample_rate: float, steps: int, *, delta: float, accountant: str
-) -> float:
-    """Epsilon of one round alone: ``steps`` Poisson-subsampled Gaussian steps."""
-    acc = create_accountant(mechanism=accountant)
-    acc.history = [(sigma, sample_rate, steps)]
-    return float(acc.get_epsilon(delta=delta))
 
 
 def _opacus_round(

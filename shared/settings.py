@@ -19,6 +19,7 @@ from dotenv import dotenv_values
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.dp_defaults import DEFAULT_EVAL_NOISE_MULTIPLIER
 from shared.errors import ConfigError, Problem
 
 log = logging.getLogger("fedsynth.settings")
@@ -72,7 +73,7 @@ class SiteSettings(BaseSettings):
     k_min: int = Field(10, ge=2)
     # Evaluation is a DP mechanism charged to the ledger (docs/metrics.md): its noise multiplier,
     # how many evaluations one run may ask for, and the lowest temperature it samples at.
-    eval_noise_multiplier: float = Field(5.0, ge=0.5)
+    eval_noise_multiplier: float = Field(DEFAULT_EVAL_NOISE_MULTIPLIER, ge=0.5)
     max_evaluations_per_run: int = Field(10, ge=1)
     min_eval_temperature: float = Field(0.7, ge=0.1, le=2.0)
     # The site's policy, not the coordinator's: the run config cannot lower it.

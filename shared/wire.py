@@ -47,7 +47,6 @@ from flwr.common.constant import SType
 from shared.errors import Problem, WireError
 from shared.whitelist import ACCOUNTANTS, METRIC_NAMES, PRIVACY_KEYS
 from shared.wire_numbers import (
-    MAX_ABS_INT,
     MAX_COUNT_BUCKET,
     MAX_METRIC_ABS,
     MAX_PATIENTS_BUCKET,
@@ -111,7 +110,6 @@ _MAX_ROUND = 1_000_000
 _METRIC_SIG_DIGITS = SIG_DIGITS  # number rules: shared.wire_numbers
 _MAX_LEDGER_SEQ = 10**12
 _LEDGER_HEAD_RE = re.compile(r"[0-9a-f]{64}")  # used with fullmatch: no trailing newline
-_MAX_ABS_INT = MAX_ABS_INT
 _is_int, _is_num, _six_digits = is_int, is_num, six_digits  # kept: shared.wire_secagg imports _is_int
 INTERNAL_FAILURE = "check failed on malformed input"
 """Reason of the fallback refusal :func:`_fail_closed` gives when a check itself raised."""

@@ -57,6 +57,7 @@ from client.evaluate.tokens import word_tokens
 from client.generate import SyntheticReport
 from client.notes import Note
 from client.release import GateConfig, GateResult, release_gate
+from shared.dp_defaults import DEFAULT_EVAL_NOISE_MULTIPLIER
 from shared.errors import InputError, Problem
 
 # Alternatives scored per canary: exposure is resolved up to log2(CANARY_ALTERNATIVES + 1) bits.
@@ -64,7 +65,6 @@ CANARY_ALTERNATIVES = 255
 # Never-planted reference canaries scored as the "unseen" baseline (each costs as much as a planted one).
 REFERENCE_CANARIES_SCORED = 10
 # Noise multiplier of the metric release when a caller gives none (the site setting's default).
-DEFAULT_EVAL_NOISE_MULTIPLIER = 5.0
 # Wire cells over synthetic reports only (no real-note reference): they leave un-noised when the
 # reports' codes are public.
 SYNTHETIC_ONLY_NAMES = frozenset({
