@@ -1,8 +1,8 @@
 """``fedsynth-site doctor``: check a site's prerequisites before its first round.
 
-Each check returns a :class:`Check` saying what was found and, when something
-is wrong, the one thing to do about it. The checks themselves live by what they
-look at: :mod:`client.doctor_site` (GPU, model, notes, privacy ledger, disk),
+Each check returns a :class:`client.doctor_checks.Check` saying what was found
+and, when something is wrong, the one thing to do about it. The checks
+themselves live by what they look at: :mod:`client.doctor_site` (GPU, model, notes, privacy ledger, disk),
 :mod:`client.doctor_federation` (root CA, SuperNode key, signing key, SecAgg
 policy, coordinator TLS) and :mod:`client.doctor_deploy` (the launcher's pin, the
 site id against the signing key). This module runs them in order and prints the report.
@@ -16,38 +16,23 @@ reports, notes readable by other accounts, plain train rounds allowed).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from client.doctor_checks import Check, fail_check
+from client.doctor_deploy import check_pin, check_site_identity
+from client.doctor_federation import (
+    check_auth_key,
+    check_coordinator,
+    check_root_cert,
+    check_secagg,
+    check_signing_key,
+)
+from client.doctor_site import check_disk, check_gpu, check_ledger, check_model, check_notes
 from shared.errors import FedsynthError
 from shared.settings import SiteSettings
-
-
-@dataclass(frozen=True)
-class Check:
-    """One prerequisite: ``ok`` False means a round would fail; ``fix`` says what to do."""
-
-    name: str
-    ok: bool
-    detail: str
-    fix: str = ""
-    warning: bool = False
-
-
-def fail_check(name: str, detail: str, fix: str) -> Check:
-    """A failed check: a round would fail until ``fix`` is done."""
-    return Check(name, False, detail, fix)
-
-
-def warn_check(name: str, detail: str, fix: str) -> Check:
-    """A passing check an operator should still look at (``fix`` says what to do)."""
-    return Check(name, True, detail, fix, warning=True)
-
-
-# --------------------------------------------------------------------------- all together
 
 
 def _opt(flag: str, envvar: str | None, help_text: str) -> Any:
@@ -68,17 +53,6 @@ def run_doctor(
     configured_site_id: str | None = None,
 ) -> list[Check]:
     """Every check, in the order an operator fixes them. ``timeout`` (s) bounds the TLS check."""
-    # Imported here, not at the top: both check modules import Check from this module.
-    from client.doctor_deploy import check_pin, check_site_identity
-    from client.doctor_federation import (
-        check_auth_key,
-        check_coordinator,
-        check_root_cert,
-        check_secagg,
-        check_signing_key,
-    )
-    from client.doctor_site import check_disk, check_gpu, check_ledger, check_model, check_notes
-
     return [
         check_gpu(settings),
         check_model(settings),

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from client.doctor import Check, fail_check, warn_check
+from client.doctor_checks import Check, fail_check, warn_check
 from shared.errors import FedsynthError
 from shared.settings import SiteSettings
 

@@ -1,6 +1,6 @@
 """``fedsynth-site doctor`` checks of the site's place in the federation: keys, CA, SecAgg, coordinator.
 
-Each function returns one :class:`client.doctor.Check`; :func:`client.doctor.run_doctor`
+Each function returns one :class:`client.doctor_checks.Check`; :func:`client.doctor.run_doctor`
 calls them in order. The coordinator check is a TCP connect and TLS handshake
 only: no Flower message and no site data is sent.
 """
@@ -14,7 +14,7 @@ import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from client.doctor import Check, fail_check, warn_check
+from client.doctor_checks import Check, fail_check, warn_check
 from shared.errors import FedsynthError
 from shared.settings import SiteSettings
 

@@ -1,6 +1,6 @@
 """``fedsynth-site doctor`` checks of this host and its data: GPU, model, notes, ledger, disk.
 
-Each function returns one :class:`client.doctor.Check`; :func:`client.doctor.run_doctor`
+Each function returns one :class:`client.doctor_checks.Check`; :func:`client.doctor.run_doctor`
 calls them in order. Nothing here trains or loads weights: the model check reads
 file names and ``config.json``, the notes check runs the same validation a round
 runs, and the ledger check opens the ledger the way a round would (creating an
@@ -15,7 +15,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from client.doctor import Check, fail_check, warn_check
+from client.doctor_checks import Check, fail_check, warn_check
 from shared.errors import FedsynthError
 from shared.settings import SiteSettings, cache_dir
 

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 from typer.testing import CliRunner
 
-from client import doctor, doctor_federation, doctor_site
+from client import doctor, doctor_checks, doctor_federation, doctor_site
 from client.demo_data import write_demo
 from client.model import tiny_random_model
 from shared.settings import SiteSettings
@@ -138,11 +138,11 @@ def _settings(site, tmp_path: Path, **overrides) -> SiteSettings:
     return SiteSettings(**(values | overrides))
 
 
-def _by_name(checks: list[doctor.Check]) -> dict[str, doctor.Check]:
+def _by_name(checks: list[doctor_checks.Check]) -> dict[str, doctor_checks.Check]:
     return {c.name: c for c in checks}
 
 
-def _failed(checks: list[doctor.Check]) -> dict[str, doctor.Check]:
+def _failed(checks: list[doctor_checks.Check]) -> dict[str, doctor_checks.Check]:
     return {c.name: c for c in checks if not c.ok}
 
 
