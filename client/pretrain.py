@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from client.model import build_tokenizer, causal_lm_from_config, family_config
+from client.model_build import build_tokenizer, causal_lm_from_config, family_config
 from client.prompt import SECTIONS, build_prompt, training_example
 from shared import icd10
 from shared.errors import ConfigError, Problem

@@ -155,7 +155,7 @@ def write_release(name: str, out: Path, *, seed: int = 0) -> Path:
     """Write a tiny random checkpoint of release ``name`` (see :data:`RELEASES`) into ``out``."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from client.model import family_config
+    from client.model_build import family_config
 
     release = RELEASES[name]
     tokenizer = _tokenizer(release)
