@@ -184,13 +184,14 @@ def bytes_secagg(shape: str, sites: int) -> dict[str, Any]:
     from flwr.app import Context, Error, Message, RecordDict
     from flwr.common.serde import message_from_proto, message_to_proto
 
+    import client.app
     from client.app import app as client_app
     from server import secagg
     from shared.run_config import RunConfig
 
     _task_identity(1)
     spec = adapter_spec(shape, "float32")
-    sys.modules["client.site"] = _bench_site(spec)
+    client.app.site = _bench_site(spec)  # the ClientApp's site functions: the stand-in
     rc = {"min-sites": 2, "lora.r": SHAPES[shape]["r"], "secagg": True, "secagg-clipping-range": 1.0}
     run = RunConfig.from_flower(rc)
     tmp = Path(tempfile.mkdtemp(prefix="bench-secagg-"))

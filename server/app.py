@@ -47,7 +47,7 @@ from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
 from server import checkpoint, report, secagg, site_budget, site_names, strategy
-from shared import adapter_spec, wire
+from shared import adapter_delta, adapter_spec, wire
 from shared.audit import AuditLog
 from shared.errors import ConfigError, Problem
 from shared.run_config import RunConfig
@@ -369,7 +369,7 @@ def _aggregate(
         [int(accepted[n].privacy["patients_bucket"]) for n in nodes],
         scheme=run.weighting, cap=run.weight_cap,
     )
-    norms = [strategy.update_norm(strategy.update_delta(u, global_adapter)) for u in updates]
+    norms = [adapter_delta.update_norm(adapter_delta.update_delta(u, global_adapter)) for u in updates]
     new = strategy.aggregate(
         updates, weights=weights, reference=global_adapter, method=run.aggregation,
         trim_fraction=run.trim_fraction, norm_bound=run.update_norm_bound, dtype=run.lora.dtype,
