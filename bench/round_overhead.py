@@ -222,13 +222,11 @@ def bytes_secagg(shape: str, sites: int) -> dict[str, Any]:
             return out
 
     t = time.perf_counter()
-    record: dict[str, Any] = {}
-    new = secagg.train_round(Grid(), run, nodes=sorted(contexts), round_id=1, global_adapter=None,
-                             record=record)
+    outcome = secagg.train_round(Grid(), run, nodes=sorted(contexts), round_id=1, global_adapter=None)
     seconds = time.perf_counter() - t
     shutil.rmtree(tmp, ignore_errors=True)
-    if new is None:
-        raise RuntimeError(f"SecAgg+ round did not aggregate: {record.get('train')}")
+    if outcome.adapter is None:
+        raise RuntimeError(f"SecAgg+ round did not aggregate: {outcome.replies.to_json()}")
     raw = sum(int(np.prod(s)) * 4 for s, _ in spec.values())  # float32 adapter
     stages = {k: float(np.mean(v)) for k, v in per_stage.items()}
     total = sum(stages.values())

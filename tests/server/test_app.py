@@ -16,7 +16,8 @@ from flwr.serverapp import Grid
 
 from client.app import app as client_app
 from server import checkpoint
-from server.app import SUMMARY_NAME, run_federation
+from server.app import run_federation
+from server.run_summary import SUMMARY_NAME
 from shared import wire
 from shared.errors import BudgetExceededError, ConfigError
 from shared.run_config import RunConfig
@@ -271,10 +272,10 @@ def test_malformed_reply_is_a_typed_refusal_and_the_run_goes_on(tmp_path, calls,
             raise TypeError(SECRET)
         return real(content, **kw)
 
-    import server.app as server_app
+    import server.rounds
 
     # only the coordinator's view of the wire module explodes (the sites' checks stay real)
-    monkeypatch.setattr(server_app, "wire", types.SimpleNamespace(**{**vars(wire), "check_reply": exploding}))
+    monkeypatch.setattr(server.rounds, "wire", types.SimpleNamespace(**{**vars(wire), "check_reply": exploding}))
     summary = run_federation(InProcessGrid(contexts(tmp_path, RC | {"min-sites": 1}, n=2)),
                              RunConfig.from_flower(RC | {"min-sites": 1, "run-name": "other"}),
                              run_dir=tmp_path / "other", sleep=lambda s: None)
