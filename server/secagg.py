@@ -19,8 +19,8 @@ reply is dropped and the protocol halts before unmasking: unmasking a "sum" of
 one site would reveal that site's update.
 
 What it can no longer do: per-site update norms, norm bounding (moved to the
-sites: shared.wire_secagg.secagg_contribution bounds it before masking), robust aggregation (refused by
-RunConfig), the round-1 majority-layout vote beyond refusing sites whose
+sites: :func:`shared.wire_secagg.secagg_contribution` bounds each contribution
+before masking), robust aggregation (refused by RunConfig), the round-1 majority-layout vote beyond refusing sites whose
 layout differs from the first one checked.
 
 Weighting (FedAvg): SecAgg+ sums ``[q_i, q_i * x_i]`` where x_i is site i's
