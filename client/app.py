@@ -164,6 +164,18 @@ def version_decline(content: RecordDict, *, phase: str) -> str | None:
     return "wire_version"
 
 
+def _train_within_budget(
+    settings: SiteSettings, run: RunConfig, got: wire.Instruction
+) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    """:func:`client.site.site_train` on the checked instruction; None (logged) when the round
+    would pass the site's ε ceiling: nothing was trained or spent, the caller declines."""
+    try:
+        return site.site_train(settings, run, global_adapter=got.adapter, round_id=got.round_id)
+    except BudgetExceededError as exc:
+        log.warning("round %d declined: %s", got.round_id, exc)
+        return None
+
+
 def train_reply(message: Message, context: Context) -> RecordDict:
     """Run one DP training round at this site and return the checked reply content.
 
@@ -182,13 +194,10 @@ def train_reply(message: Message, context: Context) -> RecordDict:
             raise ConfigError("secagg = true but the train message is not a SecAgg+ one")
         spec = _spec(settings, run)
         got = wire.check_instruction(message.content, spec=spec, run=run)
-        try:
-            adapter, privacy = site.site_train(
-                settings, run, global_adapter=got.adapter, round_id=got.round_id
-            )
-        except BudgetExceededError as exc:
-            log.warning("round %d declined: %s", got.round_id, exc)
+        trained = _train_within_budget(settings, run, got)
+        if trained is None:
             return wire.pack_decline("budget_exceeded")
+        adapter, privacy = trained
         content = wire.pack_train_reply(_to_wire_dtype(adapter, run.lora.dtype), privacy)
         reply = wire.check_reply(content, kind="train", spec=spec, run=run)
         # Only now is the update leaving: the ledger's "released" record comes after the check.
@@ -235,14 +244,11 @@ def secagg_train_reply(message: Message, context: Context) -> RecordDict:
             return _checked_secagg(wire_secagg.pack_secagg_reply(zeros, weight=0, decline="wire_version"),
                                    spec, run)
         got = wire_secagg.unpack_secagg_instruction(message.content, spec=spec, run=run)
-        try:
-            adapter, privacy = site.site_train(
-                settings, run, global_adapter=got.adapter, round_id=got.round_id
-            )
-        except BudgetExceededError as exc:
-            log.warning("round %d declined: %s", got.round_id, exc)
+        trained = _train_within_budget(settings, run, got)
+        if trained is None:
             return _checked_secagg(wire_secagg.pack_secagg_reply(zeros, weight=0, decline="budget_exceeded"),
                                    spec, run)
+        adapter, privacy = trained
         adapter = _to_wire_dtype(adapter, run.lora.dtype)
         reply = wire.check_reply(wire.pack_train_reply(adapter, privacy), kind="train", spec=spec, run=run)
         contribution, clipped = wire_secagg.secagg_contribution(reply.adapter, got.adapter, run)
