@@ -184,13 +184,14 @@ def bytes_secagg(shape: str, sites: int) -> dict[str, Any]:
     from flwr.app import Context, Error, Message, RecordDict
     from flwr.common.serde import message_from_proto, message_to_proto
 
+    import client.app
     from client.app import app as client_app
     from server import secagg
     from shared.run_config import RunConfig
 
     _task_identity(1)
     spec = adapter_spec(shape, "float32")
-    sys.modules["client.site"] = _bench_site(spec)
+    client.app.site = _bench_site(spec)  # the ClientApp's site functions: the stand-in
     rc = {"min-sites": 2, "lora.r": SHAPES[shape]["r"], "secagg": True, "secagg-clipping-range": 1.0}
     run = RunConfig.from_flower(rc)
     tmp = Path(tempfile.mkdtemp(prefix="bench-secagg-"))
@@ -221,13 +222,11 @@ def bytes_secagg(shape: str, sites: int) -> dict[str, Any]:
             return out
 
     t = time.perf_counter()
-    record: dict[str, Any] = {}
-    new = secagg.train_round(Grid(), run, nodes=sorted(contexts), round_id=1, global_adapter=None,
-                             record=record)
+    outcome = secagg.train_round(Grid(), run, nodes=sorted(contexts), round_id=1, global_adapter=None)
     seconds = time.perf_counter() - t
     shutil.rmtree(tmp, ignore_errors=True)
-    if new is None:
-        raise RuntimeError(f"SecAgg+ round did not aggregate: {record.get('train')}")
+    if outcome.adapter is None:
+        raise RuntimeError(f"SecAgg+ round did not aggregate: {outcome.replies.to_json()}")
     raw = sum(int(np.prod(s)) * 4 for s, _ in spec.values())  # float32 adapter
     stages = {k: float(np.mean(v)) for k, v in per_stage.items()}
     total = sum(stages.values())

@@ -220,7 +220,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 from client import site
-from client.app import site_settings
+from client.node_config import site_settings
 from server.strategy import aggregate, site_weights
 from shared import wire
 from shared.errors import WireError

@@ -13,35 +13,29 @@ coordinator, and a message can quote private data (a bad note's line, a path).
 So every exception is logged locally and replaced by a typed decline
 (``budget_exceeded`` or ``site_error``); the round goes on without this site.
 
-Node-config keys (``flower-supernode --node-config "data-dir='/srv/site'"``):
-``data-dir`` (notes at ``<data-dir>/notes.jsonl``, output under
-``<data-dir>/output``), ``site-id``, ``notes-path``, ``model-dir``,
-``output-dir``, ``ledger-path``, ``epsilon-ceiling``, ``k-min``, ``device``.
-The node config arrives over the SuperNode's local runtime API, so it may only
-tighten the environment's settings: ``epsilon-ceiling`` only lower, ``k-min`` only
-higher, ``ledger-path`` not other than a set ``FEDSYNTH_SITE_LEDGER_PATH``
-(:func:`client.policy.node_config_problems`; a looser value is refused).
+The site's settings: its environment plus its SuperNode's ``--node-config``
+(:func:`client.node_config.site_settings`: which keys, how they may only tighten
+the environment, and the simulation's per-partition site dirs).
 
 Site floors: every path (train, SecAgg+ train, evaluate) tightens the run config
 to the site's settings with :func:`floored_run` (:mod:`client.policy`) before the
 site functions see it; SecAgg+ stage parameters are checked by
 :mod:`client.secagg_guard` before Flower's ``secaggplus_mod`` acts on them.
-Simulation only: Flower sets ``partition-id``/``num-partitions``; then, unless
-``data-dir`` is given, partition i uses the i-th (sorted by name) subdirectory of
-``$FEDSYNTH_SIM_ROOT`` that holds a ``notes.jsonl``, and the site id is that
-directory's name (site-a, site-b, ...): simulated sites never share a ledger.
-There, ``<dir>/signing.key`` (when present and no key is configured) is the
-site's signing key for its audit log and privacy reports.
 
 Secure aggregation (``secagg = true``): the train message then carries Flower's
 SecAgg+ protocol and :func:`train` runs it through ``secaggplus_mod``. The mod
 calls :func:`secagg_train_reply` once per round; that function applies the same
 fail-closed checks as the plain path (instruction, :func:`shared.wire.check_reply`
 on the adapter and privacy scalars) BEFORE the mod masks anything, then turns the
-adapter into this site's contribution (delta against the global adapter, L2 norm
+adapter into this site's contribution (:func:`shared.wire_secagg.secagg_contribution`:
+the coordinator's own aggregation maths, delta against the global adapter, L2 norm
 bounded here at ``update-norm-bound`` because the coordinator no longer can, every
 coordinate clipped to ``secagg-clipping-range``) and checks that too
 (:func:`shared.wire_secagg.check_secagg_reply`).
+
+The site functions are :mod:`client.site`'s, called through this module's
+``site`` name (tests swap in a fake site by patching that attribute). Importing
+this module imports torch and transformers with them.
 
 Site policy ``require_secagg`` (``FEDSYNTH_SITE_REQUIRE_SECAGG=true``): a plain
 train message is declined (``secagg_required``) right after the site's settings
@@ -54,11 +48,7 @@ clear under SecAgg+ too).
 
 from __future__ import annotations
 
-import importlib
 import logging
-import os
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -66,93 +56,24 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
-from client import policy, secagg_guard
+from client import policy, secagg_guard, site
+from client.node_config import site_settings
 from shared import wire, wire_secagg
 from shared.errors import (
     BudgetExceededError,
     ConfigError,
     EvaluationBudgetError,
     PrivacyError,
-    Problem,
 )
 from shared.run_config import RunConfig
-from shared.settings import SiteSettings, load_settings
+from shared.settings import SiteSettings
 
 log = logging.getLogger("fedsynth.site")
 
 app = ClientApp()
 
-# node-config key -> SiteSettings field
-_NODE_KEYS = {
-    "site-id": "site_id",
-    "notes-path": "notes_path",
-    "model-dir": "model_dir",
-    "output-dir": "output_dir",
-    "ledger-path": "ledger_path",
-    "epsilon-ceiling": "epsilon_ceiling",
-    "k-min": "k_min",
-    "device": "device",
-}
-_SIM_KEYS = ("partition-id", "num-partitions")
-
-
-def _site() -> ModuleType:
-    # Imported at call time: the site functions are heavy (torch, transformers),
-    # and tests substitute a fake module through sys.modules.
-    return importlib.import_module("client.site")
-
-
-def site_settings(node_config: dict[str, Any]) -> SiteSettings:
-    """The site's settings: environment + node config (ConfigError lists every bad key)."""
-    problems: list[Problem] = []
-    overrides: dict[str, Any] = {}
-    data_dir: Path | None = None
-    sim_key: Path | None = None
-    for key, value in node_config.items():
-        if key in _NODE_KEYS:
-            overrides[_NODE_KEYS[key]] = value
-        elif key == "data-dir":
-            data_dir = Path(str(value))
-        elif key not in _SIM_KEYS:
-            problems.append(Problem(f"node-config {key!r}", "unknown key"))
-    if "partition-id" in node_config and data_dir is None:
-        root = os.environ.get("FEDSYNTH_SIM_ROOT")
-        if not root:
-            problems.append(
-                Problem("FEDSYNTH_SIM_ROOT", "simulation needs a root with one site-<id> dir per node")
-            )
-        else:
-            pid = node_config["partition-id"]
-            sites = sorted(d for d in Path(root).iterdir() if (d / "notes.jsonl").is_file()) \
-                if Path(root).is_dir() else []
-            if not isinstance(pid, int) or isinstance(pid, bool) or not 0 <= pid < len(sites):
-                problems.append(Problem(
-                    "FEDSYNTH_SIM_ROOT",
-                    f"partition {pid!r} needs at least {pid + 1 if isinstance(pid, int) else '?'} "
-                    f"site dirs with a notes.jsonl under the simulation root; found {len(sites)}",
-                ))
-            else:
-                data_dir = sites[pid]
-                overrides.setdefault("site_id", data_dir.name)
-                # Simulated sites share one environment, so each one's key sits in its own dir.
-                sim_key = data_dir / "signing.key"
-    if any(f in overrides for f in ("epsilon_ceiling", "k_min", "ledger_path")):
-        # Node config comes over the SuperNode's local API: it may only tighten (client/policy.py).
-        problems += policy.node_config_problems(
-            overrides, load_settings(SiteSettings), keys={v: k for k, v in _NODE_KEYS.items()})
-    if problems:
-        raise ConfigError("invalid site node config", problems)
-    if data_dir is not None:
-        overrides.setdefault("notes_path", data_dir / "notes.jsonl")
-        overrides.setdefault("output_dir", data_dir / "output")
-    settings = load_settings(SiteSettings, **overrides)
-    if sim_key is not None and settings.signing_key is None and sim_key.is_file():
-        settings = load_settings(SiteSettings, **overrides, signing_key=sim_key)
-    return settings
-
-
 def _spec(settings: SiteSettings, run: RunConfig) -> wire.AdapterSpec:
-    raw = _site().adapter_spec(settings, run)
+    raw = site.adapter_spec(settings, run)
     return {str(k): (tuple(int(d) for d in shape), str(dtype)) for k, (shape, dtype) in raw.items()}
 
 
@@ -176,7 +97,7 @@ def _claimed_round(message: Message) -> int | None:
 
 def _audit_log(settings: SiteSettings) -> Any:
     try:
-        return _site().audit_log(settings)
+        return site.audit_log(settings)
     except Exception:  # best effort: the caller's log line is the record of last resort
         log.exception("the site's audit log is not available")
         return None
@@ -224,7 +145,7 @@ def refuse_plain_round(message: Message, settings: SiteSettings) -> RecordDict:
     if round_id is not None:
         data["round"] = round_id
     try:
-        _site().audit_log(settings).append("update_rejected", data)
+        site.audit_log(settings).append("update_rejected", data)
     except Exception:  # the decline stands; the warning above is the record of last resort
         log.exception("could not write the secagg_required refusal to the site's audit log")
     return wire.pack_decline("secagg_required")
@@ -241,6 +162,18 @@ def version_decline(content: RecordDict, *, phase: str) -> str | None:
         return None
     log.warning("%s round declined (wire_version): %s", phase, problem.reason)
     return "wire_version"
+
+
+def _train_within_budget(
+    settings: SiteSettings, run: RunConfig, got: wire.Instruction
+) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    """:func:`client.site.site_train` on the checked instruction; None (logged) when the round
+    would pass the site's ε ceiling: nothing was trained or spent, the caller declines."""
+    try:
+        return site.site_train(settings, run, global_adapter=got.adapter, round_id=got.round_id)
+    except BudgetExceededError as exc:
+        log.warning("round %d declined: %s", got.round_id, exc)
+        return None
 
 
 def train_reply(message: Message, context: Context) -> RecordDict:
@@ -261,14 +194,10 @@ def train_reply(message: Message, context: Context) -> RecordDict:
             raise ConfigError("secagg = true but the train message is not a SecAgg+ one")
         spec = _spec(settings, run)
         got = wire.check_instruction(message.content, spec=spec, run=run)
-        site = _site()
-        try:
-            adapter, privacy = site.site_train(
-                settings, run, global_adapter=got.adapter, round_id=got.round_id
-            )
-        except BudgetExceededError as exc:
-            log.warning("round %d declined: %s", got.round_id, exc)
+        trained = _train_within_budget(settings, run, got)
+        if trained is None:
             return wire.pack_decline("budget_exceeded")
+        adapter, privacy = trained
         content = wire.pack_train_reply(_to_wire_dtype(adapter, run.lora.dtype), privacy)
         reply = wire.check_reply(content, kind="train", spec=spec, run=run)
         # Only now is the update leaving: the ledger's "released" record comes after the check.
@@ -288,36 +217,6 @@ class SiteDeclinedError(Exception):
 
     def __init__(self) -> None:
         super().__init__("site_error")
-
-
-def secagg_contribution(
-    adapter: dict[str, np.ndarray], global_adapter: dict[str, np.ndarray] | None, run: RunConfig
-) -> dict[str, np.ndarray]:
-    """What this site puts into the secure sum (float64), mirroring server/strategy.aggregate.
-
-    Delta against the global adapter; in round 1 (no global) lora_B against its
-    zero init and lora_A as absolute values (the seeded init the coordinator never
-    sees). The delta (A excluded in round 1) is scaled to L2 norm <= update-norm-bound
-    (0 = off) — here, because the coordinator only sees the sum — and every
-    coordinate is clipped to ±secagg-clipping-range (SecAgg+ quantises in that range).
-    """
-    out = {k: np.asarray(v, dtype=np.float64) for k, v in adapter.items()}
-    if global_adapter is not None:
-        bounded = {k: v - np.asarray(global_adapter[k], dtype=np.float64) for k, v in out.items()}
-    else:
-        bounded = {k: v for k, v in out.items() if k.endswith(".lora_B.weight")}
-    bound = run.update_norm_bound
-    norm = float(np.sqrt(sum(float(np.sum(v * v)) for v in bounded.values())))
-    if bound > 0 and norm > bound:
-        bounded = {k: v * (bound / norm) for k, v in bounded.items()}
-    out.update(bounded)
-    limit = run.secagg_clipping_range
-    clipped = sum(int(np.count_nonzero(np.abs(v) > limit)) for v in out.values())
-    if clipped:
-        # Logged here only: the count is not on the wire whitelist.
-        log.warning("secagg: %d coordinates outside ±%g clipped (raise secagg-clipping-range?)",
-                    clipped, limit)
-    return {k: np.clip(v, -limit, limit) for k, v in out.items()}
 
 
 def secagg_train_reply(message: Message, context: Context) -> RecordDict:
@@ -345,22 +244,22 @@ def secagg_train_reply(message: Message, context: Context) -> RecordDict:
             return _checked_secagg(wire_secagg.pack_secagg_reply(zeros, weight=0, decline="wire_version"),
                                    spec, run)
         got = wire_secagg.unpack_secagg_instruction(message.content, spec=spec, run=run)
-        try:
-            adapter, privacy = _site().site_train(
-                settings, run, global_adapter=got.adapter, round_id=got.round_id
-            )
-        except BudgetExceededError as exc:
-            log.warning("round %d declined: %s", got.round_id, exc)
+        trained = _train_within_budget(settings, run, got)
+        if trained is None:
             return _checked_secagg(wire_secagg.pack_secagg_reply(zeros, weight=0, decline="budget_exceeded"),
                                    spec, run)
+        adapter, privacy = trained
         adapter = _to_wire_dtype(adapter, run.lora.dtype)
         reply = wire.check_reply(wire.pack_train_reply(adapter, privacy), kind="train", spec=spec, run=run)
-        contribution = secagg_contribution(reply.adapter, got.adapter, run)
+        contribution, clipped = wire_secagg.secagg_contribution(reply.adapter, got.adapter, run)
+        if clipped:  # logged here only: the count is not on the wire whitelist
+            log.warning("secagg: %d coordinates outside ±%g clipped (raise secagg-clipping-range?)",
+                        clipped, run.secagg_clipping_range)
         weight = wire_secagg.secagg_weight(int(reply.privacy["patients_bucket"]), run)
         content = _checked_secagg(
             wire_secagg.pack_secagg_reply(contribution, weight=weight, privacy=reply.privacy), spec, run
         )
-        _site().release_update(settings, reply.privacy)  # after every check, as on the plain path
+        site.release_update(settings, reply.privacy)  # after every check, as on the plain path
         return content
     except Exception:  # fail closed: no exception text may reach the coordinator
         log.exception("secagg train failed at this site; sending a zero, weight-0 decline")
@@ -390,7 +289,7 @@ def evaluate_reply(message: Message, context: Context) -> RecordDict:
         spec = _spec(settings, run)
         got = wire.check_instruction(message.content, spec=spec, run=run)
         try:
-            metrics = _site().site_evaluate(settings, run, global_adapter=got.adapter, round_id=got.round_id)
+            metrics = site.site_evaluate(settings, run, global_adapter=got.adapter, round_id=got.round_id)
         except (BudgetExceededError, EvaluationBudgetError) as exc:  # the metric release is a DP spend
             log.warning("evaluate round %d declined: %s", got.round_id, exc)
             return wire.pack_decline(

@@ -95,7 +95,7 @@ def doctor_command(
     from rich.console import Console
     from rich.table import Table
 
-    from client.app import site_settings
+    from client.node_config import site_settings
 
     node_config = {k: str(v) for k, v in (("data-dir", data_dir), ("site-id", site_id)) if v}
     console = Console()

@@ -39,6 +39,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
+from server.site_budget import BudgetRefusal
 from shared.audit import MAX_STRING, AuditLog
 from shared.report import (
     SITE_ID_PATTERN,
@@ -109,6 +110,17 @@ def wire_refusal(node: int, what: str, content: Any, exc: Exception) -> dict[str
     log.warning("site %d: %s reply refused by the wire contract (%d problems, sha256 %s)",
                 node, what, count, digest)
     return refusal_record("wire", digest, count, codes)
+
+
+def ledger_refusal(node: int, what: str, content: Any, refusal: BudgetRefusal) -> dict[str, Any]:
+    """Log and record an update the site-budget anchor refused (:mod:`server.site_budget`):
+    its typed codes and a hash of the content, never the content."""
+    from shared import wire
+
+    digest = wire.refusal_digest(content)
+    log.warning("site %d: %s update refused by the site-budget anchor: %s (sha256 %s)",
+                node, what, ",".join(refusal.codes), digest)
+    return refusal_record("ledger", digest, len(refusal.problems), refusal.codes)
 
 
 def _short(text: str) -> str:

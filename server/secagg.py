@@ -19,8 +19,8 @@ reply is dropped and the protocol halts before unmasking: unmasking a "sum" of
 one site would reveal that site's update.
 
 What it can no longer do: per-site update norms, norm bounding (moved to the
-sites: client/app.py clips before masking), robust aggregation (refused by
-RunConfig), the round-1 majority-layout vote beyond refusing sites whose
+sites: :func:`shared.wire_secagg.secagg_contribution` bounds each contribution
+before masking), robust aggregation (refused by RunConfig), the round-1 majority-layout vote beyond refusing sites whose
 layout differs from the first one checked.
 
 Weighting (FedAvg): SecAgg+ sums ``[q_i, q_i * x_i]`` where x_i is site i's
@@ -39,10 +39,10 @@ about 5e-7 * n / sum(w_i / max_weight) for R = 1, unbiased.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Callable
 from logging import INFO
 from typing import Any
 
@@ -70,16 +70,16 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from server.report import refusal_record, wire_refusal
-from server.site_budget import BudgetRefusal
+from server.report import ledger_refusal, refusal_record, wire_refusal
+from server.round_state import Adapter, PhaseReplies, TrainOutcome
+from server.site_budget import Anchor, BudgetRefusal
 from shared import wire, wire_secagg
+from shared.adapter_delta import add_to_reference
 from shared.errors import Problem, WireError
 from shared.run_config import RunConfig
 
 log = logging.getLogger("fedsynth.coordinator")
 from flwr.common.logger import log as flwr_log  # noqa: E402  (streamed by `flwr run --stream`)
-
-Adapter = dict[str, np.ndarray]
 
 
 def train_round(
@@ -89,19 +89,19 @@ def train_round(
     nodes: list[int],
     round_id: int,
     global_adapter: Adapter | None,
-    record: dict[str, Any],
-    anchor: Callable[[int, dict[str, Any]], BudgetRefusal | None] | None = None,
+    anchor: Anchor | None = None,
     spec: wire.AdapterSpec | None = None,
-) -> Adapter | None:
-    """One SecAgg+ train round over ``nodes``; the new global adapter, or None (unchanged).
+) -> TrainOutcome:
+    """One SecAgg+ train round over ``nodes``: the train phase's outcome, with the new global
+    adapter, or None (unchanged), as its ``adapter``.
 
-    Fills ``record`` like the plain path (``train``: sent/accepted/declined/
-    refused/failed/missing; ``weights``; ``privacy``; ``aggregated``) plus
-    ``secagg`` (protocol parameters). Never raises for a site's misbehaviour.
-    ``anchor`` is the coordinator's site-budget check (server.app._Anchor.admit):
-    the privacy scalars travel in the clear beside the masked vector, so a site
-    whose ledger was rolled back or forked, or whose epsilon is too low, is refused
-    before unmasking, like a wire violation (a dropout for SecAgg+). ``spec``: the run's
+    Recorded like the plain path (replies: sent/accepted/declined/refused/failed/
+    missing; ``weights``; ``privacy``; the anchored ``site_budget``) plus ``secagg``
+    (protocol parameters). Never raises for a site's misbehaviour. ``anchor`` is the
+    coordinator's site-budget check (:func:`server.site_budget.round_anchor`): the
+    privacy scalars travel in the clear beside the masked vector, so a site whose
+    ledger was rolled back or forked, or whose epsilon is too low, is refused before
+    unmasking, like a wire violation (a dropout for SecAgg+). ``spec``: the run's
     adapter spec (server.app.run_adapter_spec), which every round's layout and masked
     shapes must match, round 1 included; None only for callers without one (the global
     adapter's own spec, or LoRA structure only in round 1).
@@ -126,20 +126,21 @@ def train_round(
         clipping_range=float(run.secagg_clipping_range),
         timeout=run.timeout_train,
     )
-    record["secagg"] = {"clipping_range": run.secagg_clipping_range, "max_weight": wire_secagg.secagg_max_weight(run),
-                        "num_shares": run.secagg_num_shares, "reconstruction_threshold": run.secagg_threshold}
     try:
         workflow(checked, context)
     except Exception:  # a protocol failure leaves the global adapter unchanged
         log.exception("round %d: SecAgg+ protocol failed", round_id)
-    record["train"] = checked.summary()
-    record["weights"] = {str(n): r.weight for n, r in sorted(checked.accepted.items())}
-    record["privacy"] = {str(n): dict(r.privacy or {}) for n, r in sorted(checked.accepted.items())}
     new = _new_global(strategy, checked, global_adapter, run)
-    record["aggregated"] = new is not None
     if new is None:
         log.warning("round %d: no secure aggregate; global adapter unchanged", round_id)
-    return new
+    accepted = sorted(checked.accepted.items())
+    return TrainOutcome(
+        replies=checked.replies(), site_budget=dict(checked.anchored), adapter=new,
+        weights={str(n): r.weight for n, r in accepted},
+        privacy={str(n): dict(r.privacy or {}) for n, r in accepted},
+        secagg={"clipping_range": run.secagg_clipping_range, "max_weight": wire_secagg.secagg_max_weight(run),
+                "num_shares": run.secagg_num_shares, "reconstruction_threshold": run.secagg_threshold},
+    )
 
 
 def _new_global(
@@ -161,8 +162,7 @@ def _new_global(
         if mean.shape != shape or not np.isfinite(mean).all():
             log.error("secure aggregate for %s is malformed: discarded", name)
             return None
-        base = 0.0 if global_adapter is None else np.asarray(global_adapter[name], dtype=np.float64)
-        new[name] = (base + mean).astype(run.lora.dtype)
+        new[name] = add_to_reference(name, mean, global_adapter, run.lora.dtype)
     return new
 
 
@@ -176,10 +176,10 @@ class _CheckedGrid:
     """
 
     def __init__(self, grid: Grid, run: RunConfig, spec: wire.AdapterSpec | None, sent: list[int],
-                 anchor: Callable[[int, dict[str, Any]], BudgetRefusal | None] | None = None,
-                 round_id: int | None = None):
+                 anchor: Anchor | None = None, round_id: int | None = None):
         self._grid, self._run, self._spec, self._sent = grid, run, spec, sent
         self._anchor = anchor
+        self.anchored: dict[str, dict[str, Any]] = {}  # node -> admitted by the budget anchor
         self.accepted: dict[int, wire_secagg.SecAggReply] = {}
         self.declined: dict[int, str] = {}
         self.refused: dict[int, dict[str, Any]] = {}
@@ -225,13 +225,11 @@ class _CheckedGrid:
                 self.refused[node] = wire_refusal(node, "secagg", msg.content, exc)
                 continue
             if got.privacy is not None and got.decline is None and self._anchor is not None:
-                refusal = self._anchor(node, got.privacy)
-                if refusal is not None:
-                    digest = wire.refusal_digest(msg.content)
-                    log.warning("site %d: secagg update refused by the site-budget anchor: %s (sha256 %s)",
-                                node, ",".join(refusal.codes), digest)
-                    self.refused[node] = refusal_record("ledger", digest, len(refusal.problems), refusal.codes)
+                admitted = self._anchor(node, got.privacy)
+                if isinstance(admitted, BudgetRefusal):
+                    self.refused[node] = ledger_refusal(node, "secagg", msg.content, admitted)
                     continue
+                self.anchored[str(node)] = dataclasses.asdict(admitted)
             if got.decline is not None:
                 self.declined[node] = got.decline
             else:
@@ -246,15 +244,16 @@ class _CheckedGrid:
             return []
         return keep
 
-    def summary(self) -> dict[str, Any]:
-        return {
-            "sent": list(self._sent),
-            "accepted": sorted(self.accepted),
-            "declined": {str(n): r for n, r in sorted(self.declined.items())},
-            "refused": {str(n): p for n, p in sorted(self.refused.items())},
-            "failed": sorted(self.failed),
-            "missing": [n for n in self._sent if n not in self.replied],
-        }
+    def replies(self) -> PhaseReplies:
+        """What became of each site asked, once the protocol is over."""
+        return PhaseReplies(
+            sent=tuple(self._sent),
+            accepted=tuple(sorted(self.accepted)),
+            declined=dict(sorted(self.declined.items())),
+            refused=dict(sorted(self.refused.items())),
+            failed=tuple(sorted(self.failed)),
+            missing=tuple(n for n in self._sent if n not in self.replied),
+        )
 
 
 def _is_masked_reply(msg: Message) -> bool:

@@ -40,7 +40,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -74,6 +74,22 @@ class Admitted:
     ledger_head: str
     epsilon: float
     epsilon_recomputed: float
+
+
+Anchor = Callable[[int, Mapping[str, Any]], "Admitted | BudgetRefusal"]
+"""One round's budget check: (node id, its wire-checked privacy scalars) -> admitted or refused."""
+
+
+def round_anchor(registry: SiteBudgetRegistry, keys: Mapping[int, str], *, run_name: str,
+                 round_id: int) -> Anchor:
+    """This round's view of ``registry``: admit one node's privacy record under its site key.
+
+    An admitted update is recorded (and saved) in the registry; a refused one is not.
+    """
+    def admit(node: int, privacy: Mapping[str, Any]) -> Admitted | BudgetRefusal:
+        return registry.admit(key_for(node, keys), privacy, run_name=run_name, round_id=round_id, node=node)
+
+    return admit
 
 
 def site_keys(grid: Any) -> dict[int, str]:

@@ -24,6 +24,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from shared.audit import AuditLog
+
 log = logging.getLogger("fedsynth.coordinator")
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # as SiteSettings.site_id
@@ -113,3 +115,20 @@ def labels(nodes: Iterable[int | str], names: Mapping[str, str]) -> str:
     """Comma-separated names of ``nodes`` (``-`` when empty), for progress lines."""
     shown = [label(n, names) for n in nodes]
     return ", ".join(shown) if shown else "-"
+
+
+def register_sites(grid: Any, nodes: Iterable[int], known: Mapping[str, str], audit: AuditLog) -> dict[str, str]:
+    """``known`` plus a name for each connected node not named yet; each new one audited.
+
+    Returns a new ``{str(node_id): name}`` map; a node already in ``known`` keeps its
+    name. The audit entry ``site_registered`` holds the node, its name, whether the
+    name was registered, and the sha256 of its public key (never the key itself).
+    """
+    names = dict(known)
+    for node, site in site_directory(grid, nodes).items():
+        if str(node) in names:
+            continue
+        names[str(node)] = site.name
+        audit.append("site_registered", {"node": str(node), "site": site.name, "named": site.registered,
+                                         "public_key_sha256": site.public_key_sha256})
+    return names

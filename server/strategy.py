@@ -1,9 +1,10 @@
 """Aggregating LoRA adapters: pure functions over ``dict[str, np.ndarray]``.
 
 Every site update arrives as a full LoRA adapter (tensor name -> array). The
-coordinator turns each into an update *delta* against the current global
-adapter, optionally bounds each delta's L2 norm, combines the deltas (weighted
-mean, coordinate-wise trimmed mean or median) and adds the result back.
+coordinator turns each into its contribution (:mod:`shared.adapter_delta`, the
+maths a SecAgg+ site applies itself: the update *delta* against the current
+global adapter, its L2 norm optionally bounded), combines the contributions
+(weighted mean, coordinate-wise trimmed mean or median) and adds the result back.
 
 Known approximation: LoRA's effective weight change is ``B @ A``; averaging A
 and B separately is not the average of the products (mean(B)·mean(A) ≠
@@ -17,9 +18,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from shared.adapter_delta import Adapter, add_to_reference, site_contribution
 from shared.errors import ConfigError, Problem
-
-Adapter = dict[str, np.ndarray]
 
 
 def site_weights(patients_buckets: Sequence[int], *, scheme: str, cap: int = 0) -> list[float]:
@@ -44,45 +44,6 @@ def site_weights(patients_buckets: Sequence[int], *, scheme: str, cap: int = 0) 
         raise ConfigError("unknown weighting", [Problem("aggregation.weighting", repr(scheme))])
     total = sum(raw)
     return [w / total for w in raw]
-
-
-def update_delta(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray] | None) -> Adapter:
-    """``update - reference`` per tensor (float64).
-
-    Without a reference (first round, no global adapter yet) PEFT's own
-    initialisation is the reference: ``lora_B`` starts at zero, so its delta is
-    the tensor itself; ``lora_A`` starts at a seeded random matrix the
-    coordinator never sees, so A tensors get a zero delta here and are combined
-    as absolute values by :func:`aggregate` instead.
-    """
-    out: Adapter = {}
-    for name, value in update.items():
-        v = np.asarray(value, dtype=np.float64)
-        if reference is not None:
-            out[name] = v - np.asarray(reference[name], dtype=np.float64)
-        elif name.endswith(".lora_B.weight"):
-            out[name] = v
-        else:
-            out[name] = np.zeros_like(v)
-    return out
-
-
-def clip_delta(delta: Mapping[str, np.ndarray], bound: float) -> Adapter:
-    """Scale ``delta`` so its global L2 norm (over all tensors) is at most ``bound`` (0 = off).
-
-    Bounds how far one site can move the global adapter in one round (robustness
-    against a faulty or hostile site); it is not a DP mechanism by itself.
-    """
-    if bound <= 0:
-        return {k: np.asarray(v, dtype=np.float64) for k, v in delta.items()}
-    norm = update_norm(delta)
-    scale = min(1.0, bound / norm) if norm > 0 else 1.0
-    return {k: np.asarray(v, dtype=np.float64) * scale for k, v in delta.items()}
-
-
-def update_norm(delta: Mapping[str, np.ndarray]) -> float:
-    """Global L2 norm of a delta over all its tensors."""
-    return float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values())))
 
 
 def combine(
@@ -123,10 +84,11 @@ def aggregate(
 ) -> Adapter:
     """New global adapter from site adapters (all with the same names and shapes).
 
-    Each update becomes a delta against ``reference`` (the current global
-    adapter), is clipped to ``norm_bound`` (0 = off), deltas are combined with
-    ``method`` and added back to the reference. Without a reference, ``lora_A``
-    tensors are combined as absolute values (see :func:`update_delta`).
+    Each update becomes its contribution (:func:`shared.adapter_delta.site_contribution`:
+    the delta against ``reference``, the current global adapter, clipped to
+    ``norm_bound``, 0 = off; without a reference ``lora_A`` tensors as absolute
+    values), contributions are combined with ``method`` and added back to the
+    reference. A SecAgg+ site computes the same contribution before masking.
     """
     if not updates:
         raise ConfigError("nothing to aggregate")
@@ -136,15 +98,10 @@ def aggregate(
     bad = [i for i, u in enumerate(updates) if set(u) != names]
     if bad or (reference is not None and set(reference) != names):
         raise ConfigError("updates do not share one adapter layout", [Problem("updates", f"sites {bad}")])
-    deltas = [clip_delta(update_delta(u, reference), norm_bound) for u in updates]
+    contributions = [site_contribution(u, reference, norm_bound=norm_bound) for u in updates]
     out: Adapter = {}
     for name in sorted(names):
-        if reference is None and not name.endswith(".lora_B.weight"):
-            stack = [np.asarray(u[name], dtype=np.float64) for u in updates]
-            base = 0.0
-        else:
-            stack = [d[name] for d in deltas]
-            base = 0.0 if reference is None else np.asarray(reference[name], dtype=np.float64)
-        combined = combine(stack, method=method, weights=weights, trim_fraction=trim_fraction)
-        out[name] = (combined + base).astype(dtype)
+        combined = combine([c[name] for c in contributions], method=method, weights=weights,
+                           trim_fraction=trim_fraction)
+        out[name] = add_to_reference(name, combined, reference, dtype)
     return out

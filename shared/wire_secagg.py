@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from shared.adapter_delta import site_contribution
 from shared.errors import Problem, WireError
 from shared.wire import (
     ADAPTER_KEY,
@@ -91,6 +92,25 @@ def secagg_weight(patients_bucket: int, run: RunConfig) -> int:
     if run.weighting == "uniform":
         return 1
     return min(max(1, int(patients_bucket)), secagg_max_weight(run))
+
+
+def secagg_contribution(
+    adapter: Mapping[str, np.ndarray], global_adapter: Mapping[str, np.ndarray] | None, run: RunConfig
+) -> tuple[dict[str, np.ndarray], int]:
+    """What a site puts into the secure sum (float64), and how many coordinates were range-clipped.
+
+    :func:`shared.adapter_delta.site_contribution` (the value the coordinator's
+    :func:`server.strategy.aggregate` combines on a plain round: the delta against
+    the global adapter bounded to L2 norm ``update-norm-bound``, 0 = off; round 1:
+    ``lora_A`` absolute), computed at the site because the coordinator only sees the
+    sum, then every coordinate clipped to ±``secagg-clipping-range`` (SecAgg+
+    quantises in that range). The count is for the site's own log only: it is not on
+    the wire whitelist.
+    """
+    out = site_contribution(adapter, global_adapter, norm_bound=run.update_norm_bound)
+    limit = run.secagg_clipping_range
+    clipped = sum(int(np.count_nonzero(np.abs(v) > limit)) for v in out.values())
+    return {k: np.clip(v, -limit, limit) for k, v in out.items()}, clipped
 
 
 def pack_secagg_reply(

@@ -148,7 +148,6 @@ def test_evaluate_is_unaffected_by_the_setting(tmp_path, monkeypatch, calls):  #
 @pytest.mark.parametrize(("error", "reason"), [("evaluation", "evaluation_budget"), ("epsilon", "budget_exceeded")])
 def test_a_refused_evaluation_is_a_typed_decline(tmp_path, monkeypatch, error, reason):
     """#12 §3: past the run's evaluation budget or the ε ceiling, the coordinator gets a typed flag only."""
-    import sys
     import types
 
     from flwr.supercore.task_identity import TaskIdentity
@@ -166,7 +165,7 @@ def test_a_refused_evaluation_is_a_typed_decline(tmp_path, monkeypatch, error, r
     fake = types.ModuleType("client.site")
     fake.adapter_spec = lambda settings, run: {}
     fake.site_evaluate = site_evaluate
-    monkeypatch.setitem(sys.modules, "client.site", fake)
+    monkeypatch.setattr("client.app.site", fake)
     msg = Message(wire.pack_instruction(round_id=2, adapter=None), dst_node_id=100,
                   message_type="evaluate", group_id="2")
     reply = client_app(msg, _context(tmp_path, {"lora.r": 2}))

@@ -7,7 +7,6 @@ events is what is tested: reserve -> train -> check_reply -> released.
 
 import importlib
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -61,7 +60,7 @@ def _round(tmp_path):
 
 
 def site_settings_for(tmp_path):
-    from client.app import site_settings
+    from client.node_config import site_settings
 
     return site_settings({"site-id": "site-a", "output-dir": str(tmp_path / "out")})
 
@@ -94,4 +93,6 @@ def test_a_reply_that_passes_is_marked_released_after_the_check(tmp_path, site):
 def test_secagg_rounds_release_after_their_checks(tmp_path, calls):  # noqa: F811
     summary, _, _ = run(tmp_path, SECAGG_RC)
     assert summary["rounds"][0]["aggregated"] is True
-    assert sorted(sys.modules["client.site"].released) == [("site0", 1), ("site1", 1)]
+    import client.app
+
+    assert sorted(client.app.site.released) == [("site0", 1), ("site1", 1)]

@@ -7,7 +7,6 @@ Each knob is played looser than the site allows; the site must tighten it or ref
 
 import json
 import math
-import sys
 import types
 
 import numpy as np
@@ -149,7 +148,7 @@ def test_floor_dp_forces_secure_noise_and_caps_epsilon():
 
 
 def test_node_config_may_lower_the_epsilon_ceiling_but_not_raise_it(monkeypatch):
-    from client.app import site_settings
+    from client.node_config import site_settings
 
     assert site_settings({"epsilon-ceiling": 4.0}).epsilon_ceiling == 4.0
     for value in (1000, 1000.0, "1000", 8.5):
@@ -162,7 +161,7 @@ def test_node_config_may_lower_the_epsilon_ceiling_but_not_raise_it(monkeypatch)
 
 
 def test_node_config_may_raise_k_min_but_not_lower_it():
-    from client.app import site_settings
+    from client.node_config import site_settings
 
     assert site_settings({"k-min": 20}).k_min == 20
     with pytest.raises(ConfigError, match="FEDSYNTH_SITE_K_MIN"):
@@ -170,7 +169,7 @@ def test_node_config_may_raise_k_min_but_not_lower_it():
 
 
 def test_node_config_may_not_move_a_ledger_the_environment_sets(monkeypatch, tmp_path):
-    from client.app import site_settings
+    from client.node_config import site_settings
 
     fresh = tmp_path / "fresh-ledger.jsonl"
     assert site_settings({"ledger-path": str(fresh)}).ledger_path == fresh  # no env: allowed
@@ -182,7 +181,7 @@ def test_node_config_may_not_move_a_ledger_the_environment_sets(monkeypatch, tmp
 
 
 def test_node_config_cannot_set_the_floors_themselves():
-    from client.app import site_settings
+    from client.node_config import site_settings
 
     for key in ("min-sites", "require-secure-noise", "min-secagg-group-size", "min-eval-temperature"):
         with pytest.raises(ConfigError, match="unknown key"):
@@ -219,7 +218,7 @@ def seen(monkeypatch):
     mod.site_train, mod.site_evaluate = site_train, site_evaluate
     mod.release_update = lambda settings, privacy: None
     mod.audit_log = lambda s: AuditLog(s.output_dir / "audit.jsonl", key=None, actor=s.site_id)
-    monkeypatch.setitem(sys.modules, "client.site", mod)
+    monkeypatch.setattr("client.app.site", mod)
     return runs
 
 

@@ -1,13 +1,12 @@
 """ServerApp <-> ClientApp message flow in-process, with a TEST-ONLY fake client.site.
 
 The grid below hands each Message straight to the real ClientApp (client/app.py),
-which calls whatever ``client.site`` is in sys.modules: here a fake with known
-answers, injected by monkeypatch. When client/site.py exists the wiring under
+which calls the site functions through its ``site`` attribute: here a fake with
+known answers, set there by monkeypatch. When client/site.py exists the wiring under
 test is the same; only the site functions differ.
 """
 
 import json
-import sys
 import types
 
 import numpy as np
@@ -17,7 +16,8 @@ from flwr.serverapp import Grid
 
 from client.app import app as client_app
 from server import checkpoint
-from server.app import SUMMARY_NAME, run_federation
+from server.app import run_federation
+from server.run_summary import SUMMARY_NAME
 from shared import wire
 from shared.errors import BudgetExceededError, ConfigError
 from shared.run_config import RunConfig
@@ -133,7 +133,7 @@ def calls(monkeypatch):
     for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, attr, value)
     log = []
-    monkeypatch.setitem(sys.modules, "client.site", make_fake_site(log))
+    monkeypatch.setattr("client.app.site", make_fake_site(log))
     site_floors_for_two_fake_sites(monkeypatch)
     coordinator_knows_the_fake_spec(monkeypatch)
     return log
@@ -240,27 +240,6 @@ def test_secagg_refuses_robust_aggregation():
         RunConfig.from_flower(RC | {"secagg": True, "aggregation": "median"})
 
 
-def test_node_config_settings(tmp_path, monkeypatch):
-    from client.app import site_settings
-
-    s = site_settings({"data-dir": str(tmp_path), "k-min": 20})
-    assert s.notes_path == tmp_path / "notes.jsonl" and s.output_dir == tmp_path / "output" and s.k_min == 20
-    with pytest.raises(ConfigError, match="unknown key"):
-        site_settings({"epsilon-override": 100.0})
-    # simulation: partition i -> i-th sorted dir of FEDSYNTH_SIM_ROOT that holds a notes.jsonl
-    root = tmp_path / "sim"
-    for name in ("site-c", "site-a", "empty", "site-b"):
-        (root / name).mkdir(parents=True)
-        if name != "empty":
-            (root / name / "notes.jsonl").write_text("")
-    monkeypatch.setenv("FEDSYNTH_SIM_ROOT", str(root))
-    sim = site_settings({"partition-id": 1, "num-partitions": 3})
-    assert sim.site_id == "site-b" and sim.notes_path == root / "site-b" / "notes.jsonl"
-    assert site_settings({"partition-id": 2, "num-partitions": 3}).site_id == "site-c"
-    with pytest.raises(ConfigError, match="found 3"):
-        site_settings({"partition-id": 3, "num-partitions": 4})
-
-
 def test_malformed_reply_is_a_typed_refusal_and_the_run_goes_on(tmp_path, calls, monkeypatch):
     """Issue #13 §1: an accountant sent as a list used to raise TypeError and end the run."""
     def malformed(msg, context):
@@ -293,10 +272,10 @@ def test_malformed_reply_is_a_typed_refusal_and_the_run_goes_on(tmp_path, calls,
             raise TypeError(SECRET)
         return real(content, **kw)
 
-    import server.app as server_app
+    import server.rounds
 
     # only the coordinator's view of the wire module explodes (the sites' checks stay real)
-    monkeypatch.setattr(server_app, "wire", types.SimpleNamespace(**{**vars(wire), "check_reply": exploding}))
+    monkeypatch.setattr(server.rounds, "wire", types.SimpleNamespace(**{**vars(wire), "check_reply": exploding}))
     summary = run_federation(InProcessGrid(contexts(tmp_path, RC | {"min-sites": 1}, n=2)),
                              RunConfig.from_flower(RC | {"min-sites": 1, "run-name": "other"}),
                              run_dir=tmp_path / "other", sleep=lambda s: None)

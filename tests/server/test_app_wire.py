@@ -36,7 +36,7 @@ def covert_site(adapter):
             from client.app import app as client_app
             return client_app(msg, context)
         run = RunConfig.from_flower(RC)
-        from client.app import site_settings
+        from client.node_config import site_settings
         settings = site_settings(dict(context.node_config))
         p = dict(delta=1e-5, noise_multiplier=1.0, sample_rate=0.1, steps=run.train.steps, max_grad_norm=1.0,
                  accountant=run.train.accountant, secure_mode=run.train.secure_mode, patients_bucket=30,
@@ -153,7 +153,6 @@ def test_secagg_round_one_layout_is_checked_against_the_spec():
 def test_secagg_round_one_refuses_a_covert_layout(tmp_path, monkeypatch):
     """Under SecAgg+ the layout (names, masked shapes) is checked against the run's spec in round 1:
     a site whose own spec names a patient is a dropout, and its name reaches no coordinator file."""
-    import sys
 
     from flwr.app import Context, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
@@ -181,7 +180,7 @@ def test_secagg_round_one_refuses_a_covert_layout(tmp_path, monkeypatch):
         return (rename(adapter) if settings.site_id == "site4" else adapter), privacy
 
     fake.site_train = site_train
-    monkeypatch.setitem(sys.modules, "client.site", fake)
+    monkeypatch.setattr("client.app.site", fake)
     site_floors_for_two_fake_sites(monkeypatch)
     coordinator_knows_the_fake_spec(monkeypatch)
     ctx = contexts(tmp_path, SECAGG_RC, n=2)

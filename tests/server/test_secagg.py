@@ -10,7 +10,6 @@ silently: the run completes and the adapter stays unchanged).
 """
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +17,6 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.common.serde import message_from_proto, message_to_proto
 
 from client.app import app as client_app
-from client.app import secagg_contribution
 from server import checkpoint
 from server.app import run_federation
 from shared import wire, wire_secagg
@@ -69,7 +67,7 @@ def calls(monkeypatch):
     for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, attr, value)
     log = []
-    monkeypatch.setitem(sys.modules, "client.site", make_fake_site(log))
+    monkeypatch.setattr("client.app.site", make_fake_site(log))
     site_floors_for_two_fake_sites(monkeypatch)
     coordinator_knows_the_fake_spec(monkeypatch)
     return log
@@ -195,10 +193,12 @@ def test_contribution_is_delta_clipped_in_norm_and_range():
     run = RunConfig.from_flower({"lora.r": 2, "update-norm-bound": 1.0, "secagg-clipping-range": 0.5})
     glob = {A: np.zeros((2, 4), np.float32), B: np.zeros((4, 2), np.float32)}
     new = {A: glob[A] + 0.1, B: glob[B] + 3.0}
-    out = secagg_contribution(new, glob, run)
+    out, clipped = wire_secagg.secagg_contribution(new, glob, run)
+    assert clipped == 0
     norm = np.sqrt(sum(float(np.sum(v * v)) for v in out.values()))
     assert norm == pytest.approx(1.0) and out[A].dtype == np.float64
-    first = secagg_contribution({A: np.full((2, 4), 0.9), B: np.full((4, 2), 2.0)}, None, run)
+    first, clipped = wire_secagg.secagg_contribution({A: np.full((2, 4), 0.9), B: np.full((4, 2), 2.0)}, None, run)
+    assert clipped == 8  # the eight A coordinates at 0.9 > 0.5
     np.testing.assert_allclose(first[A], 0.5)  # round 1: A absolute, not norm-bounded, range-clipped
     np.testing.assert_allclose(first[B], 1 / np.sqrt(8))
 

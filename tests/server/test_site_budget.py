@@ -259,3 +259,14 @@ def test_report_schema_refuses_what_the_anchor_refuses():
         SitePrivacySummary(site_id="node-1", rounds=[rnd(1, 1, 1.0, 3.0)])
     with pytest.raises(ValidationError, match="site_key"):
         SitePrivacySummary(site_id="node-1", rounds=[], site_key="Jane Roe")
+
+
+def test_round_anchor_admits_under_the_nodes_site_key(tmp_path):
+    from server.site_budget import round_anchor
+
+    reg = SiteBudgetRegistry.open(tmp_path)
+    anchor = round_anchor(reg, {7: "pubkey:ab"}, run_name="r", round_id=3)
+    assert isinstance(anchor(7, privacy(1)), Admitted)
+    assert reg.get("pubkey:ab")["last_round"] == 3 and reg.get("node:7") is None
+    assert isinstance(anchor(8, privacy(1)), Admitted) and reg.get("node:8") is not None  # no key: node id
+    assert isinstance(anchor(7, privacy(1)), BudgetRefusal)  # the same ledger state again: replay

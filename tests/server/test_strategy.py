@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from server import strategy
+from shared import adapter_delta
 from shared.errors import ConfigError
 
 A = "m.layers.0.q_proj.lora_A.weight"
@@ -43,8 +44,28 @@ def test_norm_bound_clips_each_delta():
     small = {A: np.array([[0.3, 0.4]]), B: np.zeros((2, 1))}  # norm 0.5, untouched
     out = strategy.aggregate([big, small], weights=[0.5, 0.5], reference=ref, norm_bound=1.0)
     np.testing.assert_allclose(out[A], [[(0.6 + 0.3) / 2, (0.8 + 0.4) / 2]], rtol=1e-6)
-    clipped = strategy.clip_delta(big, 1.0)
-    assert strategy.update_norm(clipped) == pytest.approx(1.0)
+    clipped = adapter_delta.clip_delta(big, 1.0)
+    assert adapter_delta.update_norm(clipped) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("reference", [None, "global"])
+def test_fedavg_is_the_weighted_mean_of_what_secagg_sites_contribute(reference):
+    """One maths for both paths: a SecAgg+ round (sites send shared.wire_secagg.secagg_contribution,
+    the coordinator adds the weighted mean to the global adapter) gives the plain round's aggregate."""
+    from shared import wire_secagg
+    from shared.run_config import RunConfig
+
+    rng = np.random.default_rng(0)
+    ref = None if reference is None else {A: rng.normal(size=(1, 2)), B: rng.normal(size=(2, 1))}
+    updates = [{A: rng.normal(size=(1, 2)), B: rng.normal(size=(2, 1)) * 3} for _ in range(3)]
+    weights = [0.2, 0.3, 0.5]
+    run = RunConfig.from_flower({"update-norm-bound": 1.5, "secagg-clipping-range": 100.0, "secagg": True})
+    plain = strategy.aggregate(updates, weights=weights, reference=ref, norm_bound=1.5, dtype="float64")
+    contributions = [wire_secagg.secagg_contribution(u, ref, run)[0] for u in updates]
+    for name in (A, B):
+        mean = sum(w * c[name] for w, c in zip(weights, contributions, strict=True))
+        secure = adapter_delta.add_to_reference(name, mean, ref, "float64")
+        np.testing.assert_allclose(secure, plain[name], rtol=1e-12)
 
 
 def test_median_and_trimmed_mean_resist_an_outlier():
