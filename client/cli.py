@@ -168,7 +168,7 @@ def keygen(
 def dp_options(
     steps: int, noise_multiplier: float | None, epsilon_per_round: float | None, batch: int
 ) -> Any:
-    from client.train import DPConfig
+    from client.dp_config import DPConfig
 
     if noise_multiplier is None and epsilon_per_round is None:
         epsilon_per_round = 1.0

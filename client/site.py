@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from client.adapter_files import write_peft_adapter
+from client.dp_config import DPConfig, TrainResult
 from client.dp_sampling import patients_bucket
 from client.ledger import Ledger
 from client.model import (
@@ -43,7 +44,7 @@ from client.model import (
 )
 from client.notes import Note, NotesLoad, group_by_patient, load_notes, split_by_patient
 from client.policy import floor_dp, report_tightened
-from client.train import DPConfig, TrainResult, train_dp
+from client.train import train_dp
 from shared.atomic import write_atomic
 from shared.audit import AuditLog
 from shared.dp_defaults import default_delta  # noqa: F401  (re-exported: bench, tests)
