@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from client.evaluate.inputs import check_texts
 from shared.atomic import PRIVATE, write_atomic
 from shared.errors import InputError, ModelError, Problem
 from shared.signing import sha256_file
@@ -44,19 +45,6 @@ def default_model_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(f"the embedding model package {_PACKAGE!r} is not installed")
     return Path(next(iter(spec.submodule_search_locations))) / "model"
-
-
-def _check_texts(texts: Sequence[str], where: str) -> list[str]:
-    if isinstance(texts, str) or not isinstance(texts, Sequence):
-        raise InputError(f"{where}: expected a sequence of strings, got {type(texts).__name__}")
-    problems = [
-        Problem(f"{where}[{i}]", f"expected a string, got {type(t).__name__}")
-        for i, t in enumerate(texts)
-        if not isinstance(t, str)
-    ]
-    if problems:
-        raise InputError(f"{where}: {len(problems)} entries are not strings", problems)
-    return list(texts)
 
 
 class Embedder:
@@ -114,7 +102,7 @@ class Embedder:
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Embeddings of ``texts`` as a float32 array of shape (n, d), rows of unit length."""
-        items = _check_texts(texts, "texts")
+        items = check_texts(texts, "texts")
         if not items:
             return np.zeros((0, self.dimension), dtype=np.float32)
         out = self._model.encode(
@@ -161,7 +149,7 @@ def embed_cached(embedder: Embedder, texts: Sequence[str], *, cache_dir: Path, n
     truncated file — is recomputed and overwritten. The files hold derivatives
     of private notes: they are written owner-only and must stay at the site.
     """
-    items = _check_texts(texts, "texts")
+    items = check_texts(texts, "texts")
     if not isinstance(name, str) or not _NAME.match(name):
         raise InputError(f"cache name {name!r} must be 1-100 characters of letters, digits, '_', '.', '-'")
     cache_dir = Path(cache_dir)
