@@ -5,7 +5,7 @@ Processes: one SuperLink (Fleet API gRPC on 127.0.0.1, Control API on
 registered SuperNodes in ``--isolation process`` each served by
 ``python -m client.launcher serve`` with a pin of the agreed bundle. The site
 installation and the agreed bundle are a temporary copy of this repo whose
-client/site.py is the TEST-ONLY fake (tests/e2e/fake_site.py). Checks: a round
+client/site.py is the TEST-ONLY fake (tests/fake_site.py). Checks: a round
 completes; an unregistered key is refused; a tampered bundle is refused by both
 sites and none of its code runs; revocation stops a live SuperNode; no 8-word
 window of any site's notes reaches any coordinator-side file.
@@ -16,9 +16,7 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +25,8 @@ from pathlib import Path
 import pytest
 
 from server.pki import make_consortium_pki
-from tests.e2e.fake_site import write_base_model_config
+from tests.e2e.bundle import build_app, free_port
+from tests.fake_site import write_base_model_config
 
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
@@ -44,12 +43,6 @@ NOTES = {
               "orchard closed with early waking appetite loss and guilt about the unsold quince "
               "jelly stacked in her pantry behind the bicycle",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def windows(text: str) -> set[bytes]:
@@ -119,16 +112,6 @@ def wait_for(predicate, timeout: float, what: str, step: float = 1.0):
             return value
         time.sleep(step)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def build_app(dst: Path, name: str = "fedsynth") -> Path:
-    app = dst / name
-    app.mkdir(parents=True)
-    shutil.copy(ROOT / "pyproject.toml", app)
-    for pkg in ("shared", "server", "client"):
-        shutil.copytree(ROOT / pkg, app / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(Path(__file__).with_name("fake_site.py"), app / "client" / "site.py")
-    return app
 
 
 def test_deployment(tmp_path):

@@ -13,7 +13,7 @@ from shared.report import ConsortiumReport, read_report
 from shared.run_config import RunConfig
 from shared.signing import generate_key, load_private_key, load_public_key, sha256_file
 from shared.verify import EXIT_FAILED, EXIT_OK, exit_code, verify_paths
-from tests.server.test_app import RC, InProcessGrid, calls, contexts  # noqa: F401  (calls: fixture)
+from tests.federation import RC, InProcessGrid, contexts
 
 RUN = RunConfig.from_flower({"run-name": "r1", "num-rounds": 2, "lora.r": 2, "update-norm-bound": 0.0})
 PRIV = dict(epsilon_round=0.5, delta=1e-5, noise_multiplier=1.0, sample_rate=0.1, steps=10,
@@ -108,7 +108,7 @@ def test_audit_round_records_every_site_with_a_short_reason(tmp_path):
     assert entries[0]["data"]["epsilon"] == 0.5 and entries[-1]["data"]["aggregated"] is True
 
 
-def test_federation_run_dir_verifies_end_to_end(tmp_path, key, calls):  # noqa: F811
+def test_federation_run_dir_verifies_end_to_end(tmp_path, key, calls):
     run_dir = tmp_path / "run"
     rc = RC | {"num-rounds": 2}
     run_federation(InProcessGrid(contexts(tmp_path, rc, n=3)), RunConfig.from_flower(rc), run_dir=run_dir,
