@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Annotated, Generic, Literal, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from shared.accounting import epsilon_tolerance
 from shared.atomic import write_atomic
@@ -69,8 +77,12 @@ def _utc(v: datetime) -> datetime:
 def _check_metric_names(v: dict[str, float]) -> dict[str, float]:
     unknown = sorted(set(v) - METRIC_NAMES)
     if unknown:
-        raise ValueError(f"unknown metric names {unknown} (see shared.wire.METRIC_NAMES)")
+        raise ValueError(f"unknown metric names {unknown} (see shared.whitelist.METRIC_NAMES)")
     return v
+
+
+#: Metric values by name; only names in shared.whitelist.METRIC_NAMES (what may leave a site).
+Metrics = Annotated[dict[str, float], AfterValidator(_check_metric_names)]
 
 
 class Privacy(BaseModel):
@@ -178,12 +190,7 @@ class HistoryPoint(BaseModel):
     model_config = _STRICT
     round: int = Field(ge=0)
     epsilon: NonNeg
-    metrics: dict[str, float] = Field(default_factory=dict)
-    @field_validator("metrics")
-    @classmethod
-    def _known_metrics(cls, v: dict[str, float]) -> dict[str, float]:
-        return _check_metric_names(v)
-
+    metrics: Metrics = Field(default_factory=dict)
 
 class VerdictCheck(BaseModel):
     """One release criterion: a value beside its stated threshold (and held-out baseline, if any)."""
@@ -228,7 +235,7 @@ class SiteRoundReport(BaseModel):
     round: int = Field(ge=0)
     created: datetime
     privacy: Privacy
-    metrics: dict[str, float]
+    metrics: Metrics
     metrics_mode: Literal["suppressed-aggregates", "dp-noised"]
     metrics_epsilon: NonNeg | None = Field(
         None, description="epsilon of this round's metric release alone (dp-noised); included in privacy.epsilon"
@@ -250,11 +257,6 @@ class SiteRoundReport(BaseModel):
     @classmethod
     def _created_utc(cls, v: datetime) -> datetime:
         return _utc(v)
-    @field_validator("metrics")
-    @classmethod
-    def _known_metrics(cls, v: dict[str, float]) -> dict[str, float]:
-        return _check_metric_names(v)
-
     @model_validator(mode="after")
     def _history(self) -> SiteRoundReport:
         rounds = [h.round for h in self.history]
@@ -329,12 +331,7 @@ class SitePrivacySummary(BaseModel):
 class RoundMetrics(BaseModel):
     model_config = _STRICT
     round: int = Field(ge=0)
-    metrics: dict[str, float]
-    @field_validator("metrics")
-    @classmethod
-    def _known_metrics(cls, v: dict[str, float]) -> dict[str, float]:
-        return _check_metric_names(v)
-
+    metrics: Metrics
 
 class Aggregation(BaseModel):
     model_config = _STRICT

@@ -62,32 +62,28 @@ class InProcessGrid(Grid):
         for msg in messages:
             self.sent.append(msg)
             node = msg.metadata.dst_node_id
-            if node in self.dropped:
-                continue
-            handler = self.handlers.get(node, client_app)
-            out.append(handler(msg, self.contexts[node]))
+            if node not in self.dropped:
+                out.append(self.deliver(msg, self.handlers.get(node, client_app), self.contexts[node]))
         return out
+
+    def deliver(self, msg, handler, context):
+        """One node's reply to ``msg``."""
+        return handler(msg, context)
 
 
 class WireGrid(InProcessGrid):
     """InProcessGrid, but every message is serialised both ways and exceptions become error replies."""
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def deliver(self, msg, handler, context):
         self.received = getattr(self, "received", [])
-        out = []
-        for msg in messages:
-            self.sent.append(msg)
-            node = msg.metadata.dst_node_id
-            if node in self.dropped:
-                continue
-            received = message_from_proto(message_to_proto(msg))
-            try:
-                reply = self.handlers.get(node, client_app)(received, self.contexts[node])
-            except Exception as exc:  # as Flower's runtime does
-                reply = Message(Error(code=1, reason=f"{type(exc)}:<'{exc}'>"), reply_to=received)
-            out.append(message_from_proto(message_to_proto(reply)))
-        self.received.extend(out)
-        return out
+        received = message_from_proto(message_to_proto(msg))
+        try:
+            reply = handler(received, context)
+        except Exception as exc:  # as Flower's runtime does
+            reply = Message(Error(code=1, reason=f"{type(exc)}:<'{exc}'>"), reply_to=received)
+        reply = message_from_proto(message_to_proto(reply))
+        self.received.append(reply)
+        return reply
 
 
 def contexts(tmp_path, run_config, n=4):
