@@ -31,6 +31,8 @@ from shared.report import ConsortiumReport, read_report
 from shared.run_config import RunConfig
 from shared.signing import generate_key, load_private_key
 from tests.federation import RC, InProcessGrid, contexts
+from tests.server.summaries import RUN as REPORT_RUN
+from tests.server.summaries import sample_summary
 
 RUN = (1.0, 0.1, 50)  # sigma, q, steps of one honest round
 
@@ -229,13 +231,10 @@ def test_consortium_report_shows_anchored_and_recomputed_epsilon(tmp_path, calls
 
 
 def test_old_summaries_without_anchor_still_make_a_report(tmp_path):
-    from tests.server.test_report import RUN as REPORT_RUN
-    from tests.server.test_report import _summary
-
-    report = rep.build_consortium_report(_summary(tmp_path / "run"), run=REPORT_RUN, run_dir=tmp_path / "run")
+    report = rep.build_consortium_report(sample_summary(tmp_path / "run"), run=REPORT_RUN, run_dir=tmp_path / "run")
     assert all(s.ledger_seq is None and s.epsilon_recomputed is None for s in report.sites)
     audit = AuditLog(tmp_path / "audit.jsonl", actor="coordinator")
-    rep.audit_round(audit, _summary(tmp_path / "run2")["rounds"][0])
+    rep.audit_round(audit, sample_summary(tmp_path / "run2")["rounds"][0])
 
 
 def test_report_schema_refuses_what_the_anchor_refuses():
