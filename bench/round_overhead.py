@@ -286,7 +286,7 @@ def aggregation(shape: str, sites: int, norm_bound: float, repeats: int) -> dict
 
 def simulate(sites: int, rounds: int, timeout: float) -> dict[str, Any]:
     """`flwr run` the fake-site bundle on a fresh simulation SuperLink; per-round wall seconds."""
-    from tests.e2e.bundle import build_app, free_port
+    from tests.e2e.harness import build_app, free_port
 
     bin_dir = Path(sys.executable).parent
     tmp = Path(tempfile.mkdtemp(prefix="bench-sim-"))

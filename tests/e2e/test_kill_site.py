@@ -21,7 +21,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from tests.e2e.test_deployment import BIN, Procs, build_app, free_port, wait_for
+from tests.e2e.harness import BIN, Procs, build_app, free_port, wait_for
 from tests.fake_site import write_base_model_config
 
 pytestmark = pytest.mark.e2e

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.e2e.bundle import build_app, free_port
+from tests.e2e.harness import build_app, free_port
 from tests.fake_site import write_base_model_config
 
 ROOT = Path(__file__).parents[2]
