@@ -66,6 +66,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dp_overhead import SHAPES, device_name  # noqa: E402  (same shapes as the DP bench)
 
+from shared.atomic import write_atomic  # noqa: E402
+
 TEMPERATURE, TOP_P = 0.8, 0.95
 
 
@@ -370,9 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     def dump() -> None:  # after every result: a run cut short keeps what it measured
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            tmp = args.json.with_name(args.json.name + ".tmp")
-            tmp.write_text(json.dumps({**header, "results": report}, indent=2))
-            tmp.replace(args.json)
+            write_atomic(args.json, json.dumps({**header, "results": report}, indent=2))
 
     dump()
     failed = False

@@ -17,7 +17,7 @@ Three measurements, each reported against a baseline measured in the same run:
   Llama-3-8B-shape adapter (fedavg, trimmed-mean, median; with a norm bound),
   as a ratio to a plain numpy mean over the stacked arrays, same run.
 - **simulate** -- a Flower simulation with the TEST-ONLY fake site
-  (tests/e2e/fake_site.py: no model, no notes), N sites, R rounds: wall time per
+  (tests/fake_site.py: no model, no notes), N sites, R rounds: wall time per
   round (train + aggregate + checkpoint + evaluate) from the ServerApp's log
   lines as ``flwr run --stream`` delivers them (batched: coarse), and the
   interval between consecutive rounds' checkpoint files (one full round cycle).
@@ -285,7 +285,7 @@ def aggregation(shape: str, sites: int, norm_bound: float, repeats: int) -> dict
 
 def simulate(sites: int, rounds: int, timeout: float) -> dict[str, Any]:
     """`flwr run` the fake-site bundle on a fresh simulation SuperLink; per-round wall seconds."""
-    from tests.e2e.test_simulation import build_app, free_port
+    from tests.e2e.harness import build_app, free_port
 
     bin_dir = Path(sys.executable).parent
     tmp = Path(tempfile.mkdtemp(prefix="bench-sim-"))
@@ -305,7 +305,7 @@ def simulate(sites: int, rounds: int, timeout: float) -> dict[str, Any]:
         "FEDSYNTH_SIM_ROOT": str(tmp / "sim"), "FEDSYNTH_COORD_RUN_DIR": str(tmp / "coord"),
         "RAY_TMPDIR": ray_dir, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
     }
-    app = build_app(tmp)
+    app = build_app(tmp, "app")
     log = open(tmp / "superlink.log", "w")  # noqa: SIM115 - closed below
     link = subprocess.Popen(
         [str(bin_dir / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
@@ -352,7 +352,7 @@ def simulate(sites: int, rounds: int, timeout: float) -> dict[str, Any]:
     shutil.rmtree(tmp, ignore_errors=True)
     if summary.get("status") != "completed" or len(per_round) != rounds:
         raise RuntimeError(f"simulation did not complete: {summary.get('status')}\n{''.join(tail)}")
-    return {"sites": sites, "rounds": rounds, "site": "TEST-ONLY fake (tests/e2e/fake_site.py), no model",
+    return {"sites": sites, "rounds": rounds, "site": "TEST-ONLY fake (tests/fake_site.py), no model",
             "round_s": per_round,
             "checkpoint_interval_s": [b - a for a, b in zip(stamps, stamps[1:], strict=False)],
             "first_round_start_s": marks["start"][1], "flwr_run_total_s": total,

@@ -16,9 +16,7 @@ name and shape by shape when loaded into a model (:func:`client.model.load_adapt
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -29,7 +27,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from shared.atomic import replace_dir
 from shared.errors import InputError, Problem
+from shared.signing import sha256_file
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -110,14 +110,11 @@ def _checkpoint_round(root: Path) -> Path:
     if Path(rel).name != rel or not rel.startswith("round-") or not folder.is_dir():
         raise InputError("checkpoint state names no round folder", [Problem(str(state_path), rel)])
     weights = folder / WEIGHTS_NAME
-    h = hashlib.sha256()
     try:
-        with open(weights, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        actual = sha256_file(weights)
     except OSError as exc:
         raise InputError("cannot read checkpoint weights", [Problem(str(weights), str(exc))]) from None
-    if h.hexdigest() != digest:
+    if actual != digest:
         raise InputError("checkpoint does not match its state file", [Problem(str(weights), "sha256 differs")])
     return folder
 
@@ -190,12 +187,7 @@ def write_peft_adapter(
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME))
         config = peft_config(tensors, r=r, alpha=alpha, dropout=dropout, base_model=base_model)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            with open(tmp / name, "rb") as fh:
-                os.fsync(fh.fileno())
-        if folder.exists():  # a rerun of the same round replaces its adapter
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        replace_dir(tmp, folder, (WEIGHTS_NAME, CONFIG_NAME))  # a rerun of the same round replaces it
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -8,7 +8,6 @@ with the error's code; only bugs show a traceback.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from shared.about import version_option
-from shared.errors import FedsynthError
+from shared.cli_errors import expected_errors
 from shared.settings import SiteSettings, load_settings
 
 app = typer.Typer(
@@ -44,20 +43,6 @@ def _root(
     version: Annotated[bool, version_option("fedsynth-site")] = False,
 ) -> None:
     """fedsynth site client (exit codes: see the epilog and docs/hospital-it.md)."""
-
-
-def expected_errors(fn: F) -> F:
-    """Print a FedsynthError without a traceback and exit with its code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except FedsynthError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
-            raise typer.Exit(exc.exit_code) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 def progress_bar() -> Progress:
@@ -168,7 +153,7 @@ def keygen(
 def dp_options(
     steps: int, noise_multiplier: float | None, epsilon_per_round: float | None, batch: int
 ) -> Any:
-    from client.train import DPConfig
+    from client.dp_config import DPConfig
 
     if noise_multiplier is None and epsilon_per_round is None:
         epsilon_per_round = 1.0

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from shared.errors import Problem
-from shared.wire import ACCOUNTANTS
+from shared.whitelist import ACCOUNTANTS
 
 if TYPE_CHECKING:
     from client.ledger import LedgerEntry

@@ -15,9 +15,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ import torch
 from client.model import eos_token_ids
 from client.prompt import build_prompt, opens_reasoning
 from shared import icd10
+from shared.atomic import PRIVATE, write_atomic
 from shared.errors import ConfigError, InputError, Problem
 
 _log = logging.getLogger(__name__)
@@ -364,17 +363,8 @@ def write_reports(reports: Sequence[SyntheticReport], path: Path) -> None:
     """Write reports as JSONL (one report with its provenance per line), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in reports:
-                f.write(json.dumps(dataclasses.asdict(r), ensure_ascii=False, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    lines = (json.dumps(dataclasses.asdict(r), ensure_ascii=False, sort_keys=True) + "\n" for r in reports)
+    write_atomic(path, "".join(lines), mode=PRIVATE)
 
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {

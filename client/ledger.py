@@ -52,7 +52,6 @@ from typing import IO, Any
 
 from client.ledger_key import default_key_path, key_id, mac_ok, read_key, write_new_key
 from client.ledger_records import (
-    ACCOUNTANTS,
     GENESIS,
     LINE_KEYS,
     NOISE_SOURCE,
@@ -67,18 +66,17 @@ from client.ledger_records import (
     compute_epsilon,
     entry_from,
     entry_record,
-    fsync_dir,
     is_num,
     record_hash,
     record_line,
     record_problems,
-    replace_file,
     stamp,
     value_problems,
 )
+from shared.atomic import PRIVATE, write_atomic, write_new
 from shared.errors import BudgetExceededError, ConfigError, LedgerError, Problem
 
-__all__ = ["LedgerEntry", "Ledger", "ACCOUNTANTS", "GENESIS", "RECORD_KEYS", "compute_epsilon", "record_hash"]
+__all__ = ["LedgerEntry", "Ledger", "GENESIS", "RECORD_KEYS", "compute_epsilon", "record_hash"]
 
 
 class Ledger:
@@ -118,13 +116,9 @@ class Ledger:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                write_new(self.path, b"", mode=PRIVATE)
             except FileExistsError:
                 pass
-            else:
-                os.fsync(fd)
-                os.close(fd)
-                fsync_dir(self.path.parent)
         except OSError as exc:
             raise LedgerError(f"cannot create privacy ledger {self.path}: {exc.strerror}") from None
         with self._locked() as fh:
@@ -268,11 +262,7 @@ class Ledger:
 
     def _move_aside(self, fh: IO[bytes], offset: int, tail: bytes) -> None:
         torn = self.path.with_name(f"{self.path.name}.torn-{stamp()}")
-        with torn.open("xb") as out:
-            out.write(tail)
-            out.flush()
-            os.fsync(out.fileno())
-        fsync_dir(self.path.parent)
+        write_new(torn, tail)
         fh.truncate(offset)
         fh.flush()
         os.fsync(fh.fileno())
@@ -296,17 +286,14 @@ class Ledger:
         backup = self.path.with_name(f"{self.path.name}.pre-mac")
         if backup.exists():
             backup = self.path.with_name(f"{self.path.name}.pre-mac-{stamp()}")
-        with backup.open("xb") as out:
-            out.write(fh.read())
-            out.flush()
-            os.fsync(out.fileno())
+        write_new(backup, fh.read())
         records, prev = [], GENESIS
         for entry in old:
             rec = {**entry_record(entry, site_id=self.site_id, prev=prev)}
             rec["hash"] = record_hash(rec)
             records.append(rec)
             prev = rec["hash"]
-        replace_file(self.path, b"".join(record_line(r, self._key) for r in records))
+        write_atomic(self.path, b"".join(record_line(r, self._key) for r in records), mode=PRIVATE)
         for rec in records:
             self._emit("ledger_anchor", {**rec, "cause": "migration"})
         return backup.name

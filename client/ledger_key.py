@@ -24,6 +24,7 @@ import re
 import secrets
 from pathlib import Path
 
+from shared.atomic import PRIVATE, fsync_dir, write_new
 from shared.errors import LedgerError, Problem
 
 KEY_BYTES = 32
@@ -74,19 +75,10 @@ def write_new_key(path: Path) -> bytes:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, key.hex().encode("ascii") + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_new(tmp, key.hex().encode("ascii") + b"\n", mode=PRIVATE)
     try:
         os.link(tmp, path)  # fails with FileExistsError when another process won the race
     finally:
         tmp.unlink()
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(path.parent)
     return key

@@ -14,18 +14,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import IO, Any, Literal
 
 from client.ledger_key import mac
 from shared.errors import ConfigError, Problem
+from shared.whitelist import ACCOUNTANTS
 
-ACCOUNTANTS = ("prv", "rdp")
 GENESIS = "0" * 64
 V1_ENTRY_KEYS = ("seq", "kind", "round_id", "noise_multiplier", "sample_rate", "steps", "delta",
                   "accountant", "time")
@@ -80,7 +78,7 @@ def value_problems(
     if not (is_num(delta) and 0 < delta < 1):
         out.append(f"delta must be in (0, 1), got {delta!r}")
     if accountant not in ACCOUNTANTS:
-        out.append(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
+        out.append(f"accountant must be one of {', '.join(sorted(ACCOUNTANTS))}, got {accountant!r}")
     return out
 
 
@@ -89,7 +87,7 @@ def check_query(delta: Any, accountant: Any) -> None:
         Problem(name, reason)
         for name, reason in (
             ("delta", None if is_num(delta) and 0 < delta < 1 else f"must be in (0, 1), got {delta!r}"),
-            ("accountant", None if accountant in ACCOUNTANTS else f"must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}"),
+            ("accountant", None if accountant in ACCOUNTANTS else f"must be one of {', '.join(sorted(ACCOUNTANTS))}, got {accountant!r}"),
         )
         if reason
     ]
@@ -163,27 +161,6 @@ def record_line(record: Mapping[str, Any], key: bytes) -> bytes:
     rec["hash"] = record_hash(rec)
     rec["mac"] = mac(key, rec["hash"])
     return json.dumps(rec, sort_keys=True, separators=(",", ":")).encode() + b"\n"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_file(path: Path, data: bytes) -> None:
-    """Atomically replace ``path`` by ``data`` (temp file, fsync, rename, fsync dir); mode 0600."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def stamp() -> str:

@@ -40,7 +40,8 @@ from client.ledger_anchor import (
     report_anchors,
 )
 from client.ledger_key import key_id, mac_ok, read_key, write_new_key
-from client.ledger_records import entry_record, record_line, record_problems, replace_file, stamp
+from client.ledger_records import entry_record, record_line, record_problems, stamp
+from shared.atomic import PRIVATE, write_atomic
 from shared.audit import AuditLog
 from shared.errors import LedgerError, Problem
 from shared.settings import SiteSettings
@@ -157,10 +158,10 @@ def recover_ledger(settings: SiteSettings) -> Recovered:
         previous = None
         if old:
             previous = path.with_name(f"{path.name}.replaced-{stamp()}")
-            replace_file(previous, old)
+            write_atomic(previous, old, mode=PRIVATE)
         if key is None:
             key = write_new_key(key_path)  # the old key is gone: the rebuilt records get a new one
-        replace_file(path, b"".join(record_line(r, key) for r in records))
+        write_atomic(path, b"".join(record_line(r, key) for r in records), mode=PRIVATE)
     finally:
         os.close(fd)
     for rec in tail:
@@ -190,7 +191,7 @@ def rotate_key(settings: SiteSettings) -> tuple[str, str]:
         retired = key_path.with_name(f"{key_path.name}.retired-{stamp()}")
         os.replace(key_path, retired)
         os.replace(fresh, key_path)
-        replace_file(ledger.path, b"".join(record_line(r, new) for r in records))
+        write_atomic(ledger.path, b"".join(record_line(r, new) for r in records), mode=PRIVATE)
     audit.append("ledger_rekeyed", {
         "seq": len(records), "head": records[-1]["hash"] if records else GENESIS,
         "old_key_id": old_id, "new_key_id": key_id(new), "retired": retired.name,

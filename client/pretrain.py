@@ -34,7 +34,6 @@ import fcntl
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
 import tempfile
@@ -48,6 +47,7 @@ import torch
 from client.model_build import build_tokenizer, causal_lm_from_config, family_config
 from client.prompt import SECTIONS, build_prompt, training_example
 from shared import icd10
+from shared.atomic import replace_dir
 from shared.errors import ConfigError, Problem
 
 # Everything that shapes the weights. Changing any value changes the cache dir.
@@ -389,13 +389,8 @@ def ensure_embedded_model(
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared read-only
         try:
             record = build_embedded(public, tmp, max_seconds=max_seconds, seed=seed, progress=progress)
-            with open(tmp / "BUILD.json", "w", encoding="utf-8") as f:
-                json.dump(record, f, indent=2, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            if final.exists():  # a stale partial dir without BUILD.json
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+            (tmp / "BUILD.json").write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
+            replace_dir(tmp, final, ["BUILD.json"])  # replaces a stale partial dir without BUILD.json
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,14 +35,15 @@ from shared.errors import InputError, PrivacyError
 from shared.report import (
     Canaries,
     HistoryPoint,
+    IssuedReport,
     Membership,
     ModelInfo,
     Privacy,
     ReleaseGate,
     SiteRoundReport,
+    issue_report,
     read_report,
     software_versions,
-    write_report,
 )
 from shared.report_html import render_html
 from shared.run_config import RunConfig, config_hash
@@ -54,16 +54,6 @@ from shared.verdict import site_verdict
 log = logging.getLogger("fedsynth.site")
 
 REPORT_DIR = "privacy-reports"
-
-
-@dataclass(frozen=True)
-class IssuedReport:
-    """Where one round's report was written; ``signature`` is None without a site key."""
-
-    report: SiteRoundReport
-    json_path: Path
-    signature: Path | None
-    html_path: Path
 
 
 def report_path(output_dir: Path, round_id: int) -> Path:
@@ -239,18 +229,9 @@ def build_site_report(
 
 def write_site_report(
     report: SiteRoundReport, output_dir: Path, *, key: Ed25519PrivateKey | None
-) -> IssuedReport:
+) -> IssuedReport[SiteRoundReport]:
     """Write JSON (+ ``.sig`` with ``key``) and HTML under ``<output_dir>/privacy-reports/``."""
-    path = report_path(output_dir, report.round)
-    write_report(report, path, key=key)
-    sig = path.with_name(path.name + ".sig")
-    if key is None:
-        sig.unlink(missing_ok=True)  # a stale signature of an earlier write would now fail
-    html = path.with_suffix(".html")
-    tmp = html.with_name(html.name + ".tmp")
-    tmp.write_text(render_html(report), encoding="utf-8")
-    tmp.replace(html)
-    return IssuedReport(report, path, sig if key is not None else None, html)
+    return issue_report(report, report_path(output_dir, report.round), key=key, html=render_html(report))
 
 
 def issue_round_report(

@@ -30,21 +30,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from client.adapter_files import write_peft_adapter
+from client.dp_config import DPConfig, TrainResult
 from client.dp_sampling import patients_bucket
 from client.ledger import Ledger
 from client.model import (
     adapter_hash,
-    adapter_state,
     add_lora,
     load_adapter_state,
     load_model,
 )
 from client.notes import Note, NotesLoad, group_by_patient, load_notes, split_by_patient
 from client.policy import floor_dp, report_tightened
-from client.train import DPConfig, TrainResult, train_dp
+from client.train import train_dp
+from shared.atomic import write_atomic
 from shared.audit import AuditLog
 from shared.dp_defaults import default_delta  # noqa: F401  (re-exported: bench, tests)
 from shared.errors import BudgetExceededError, LedgerError, PrivacyError
@@ -184,19 +185,12 @@ def train_local_round(
     )
     path = adapter_path(settings, round_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in result.adapter.items()}, str(tmp))
-    tmp.replace(path)
+    write_atomic(path, safetensors_bytes({k: v.contiguous() for k, v in result.adapter.items()}))
     write_peft_adapter(
         adapter_folder(settings, round_id), result.adapter, r=lora.r, alpha=lora.alpha,
         dropout=lora.dropout, base_model=str(settings.model_dir) if settings.model_dir else "embedded",
     )
     return result
-
-
-def adapter_numpy(model) -> dict[str, np.ndarray]:
-    """The model's LoRA tensors as float32 numpy arrays (the wire's form)."""
-    return {k: v.detach().to(torch.float32).cpu().numpy() for k, v in adapter_state(model).items()}
 
 
 # --- one federated round, as the ClientApp calls it -------------------------------------

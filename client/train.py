@@ -71,11 +71,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedsynth.train")
 
-__all__ = [
-    "IGNORE_INDEX", "DPConfig", "PatientExamples", "PrivacyScalars", "TrainResult", "collate",
-    "noise_multiplier_for", "train_dp",
-]
-
 # A site needs at least this many expected batches' worth of patients: with fewer,
 # q > 1/2 and subsampling barely amplifies privacy (and one patient is a large
 # share of every step).

@@ -18,9 +18,7 @@ of DP updates), so these files may be published.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -29,8 +27,10 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from shared.atomic import PRIVATE, replace_dir, write_atomic
 from shared.errors import InputError, Problem
 from shared.run_config import LoraConfig
+from shared.signing import sha256_file
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -66,36 +66,6 @@ def adapter_config(
     }
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: Path, data: object) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_round(
     root: Path,
     round_id: int,
@@ -113,20 +83,13 @@ def save_round(
         save_file(tensors, str(tmp / WEIGHTS_NAME))
         config = adapter_config(tensors, lora=lora, base_model=base_model)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            with open(tmp / name, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():  # a rerun of a round that crashed after its rename: replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
+        # A rerun of a round that crashed after its rename replaces it.
+        replace_dir(tmp, final, (WEIGHTS_NAME, CONFIG_NAME))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_json_atomic(
-        root / STATE_NAME,
-        {"round": round_id, "path": final.name, "sha256": file_sha256(final / WEIGHTS_NAME)},
-    )
+    state = {"round": round_id, "path": final.name, "sha256": sha256_file(final / WEIGHTS_NAME)}
+    write_atomic(root / STATE_NAME, json.dumps(state, indent=2, sort_keys=True), mode=PRIVATE)
     return final
 
 
@@ -147,7 +110,7 @@ def load_latest(root: Path) -> tuple[int, dict[str, np.ndarray]] | None:
     if rel != round_dir_name(round_id):
         raise InputError("checkpoint state names an unexpected path", [Problem(str(state_path), rel)])
     weights = root / rel / WEIGHTS_NAME
-    if not weights.exists() or file_sha256(weights) != digest:
+    if not weights.exists() or sha256_file(weights) != digest:
         raise InputError(
             "checkpoint does not match its state file", [Problem(str(weights), "missing or sha256 differs")]
         )

@@ -25,6 +25,7 @@ from rich.table import Table
 
 from server.simulation import BIN, config_arg, run_command, run_simulation
 from shared.about import version_option
+from shared.cli_errors import expected_errors
 from shared.errors import ConfigError, FedsynthError, RunFailedError
 from shared.signing import generate_key, key_id, load_public_key, public_key_path
 
@@ -89,30 +90,24 @@ def _print_summary(summary: dict) -> None:
 
 
 @app.command()
+@expected_errors
 def demo(
     out: Annotated[Path | None, typer.Option(help="Run directory (default: runs/demo-<time>).")] = None,
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
     seed: int = 0,
 ) -> None:
     """Run the demo consortium: three fictional hospitals, DP-LoRA, generation and evaluation each round."""
-    try:
-        _demo(out, rounds, seed)
-    except FedsynthError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(exc.exit_code) from None
+    _demo(out, rounds, seed)
 
 
 @app.command()
+@expected_errors
 def keygen(
     path: Annotated[Path, typer.Argument(help="Private key file to create (the public key goes to PATH.pub).")],
     overwrite: Annotated[bool, typer.Option(help="Replace an existing key (orphans its signatures).")] = False,
 ) -> None:
     """Create the coordinator's Ed25519 key for its audit log and consortium report."""
-    try:
-        pub = generate_key(path, overwrite=overwrite)
-    except FedsynthError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(exc.exit_code) from None
+    pub = generate_key(path, overwrite=overwrite)
     console.print(f"private key: {path} (mode 600; set FEDSYNTH_COORD_SIGNING_KEY={path})", highlight=False)
     console.print(f"public key:  {pub} (give it to auditors, named coordinator.key.pub)", highlight=False)
     console.print(f"key id:      {key_id(load_public_key(pub))}", highlight=False)
@@ -186,6 +181,7 @@ def check_status(summary: dict, path: Path) -> None:
 
 
 @app.command("run")
+@expected_errors
 def run_cmd(
     app_dir: Annotated[Path, typer.Argument(help="The pinned fedsynth tree to submit (as `flwr run`).")],
     federation: Annotated[str, typer.Argument(help="Federation name in the app's pyproject.toml.")],
@@ -201,11 +197,7 @@ def run_cmd(
     update was aggregated, or too few sites connected), 0 when it completed.
     Run it on the coordinator host, where FEDSYNTH_COORD_RUN_DIR is.
     """
-    try:
-        _run(app_dir, federation, run_name, run_config, run_dir)
-    except FedsynthError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(exc.exit_code) from None
+    _run(app_dir, federation, run_name, run_config, run_dir)
 
 
 def _run(app_dir: Path, federation: str, run_name: str, extra: str, run_dir: Path | None) -> None:
@@ -229,6 +221,7 @@ def _run(app_dir: Path, federation: str, run_name: str, extra: str, run_dir: Pat
 
 
 @app.command()
+@expected_errors
 def plan(
     patients: Annotated[int, typer.Option(help="Patients one site trains on (after the held-out split); "
                                                "typed by you, never read from a site.")],
@@ -251,22 +244,19 @@ def plan(
 
     from shared.planning import embedded_adapter_params, plan_lines, plan_run
 
-    try:
-        with warnings.catch_warnings():  # Opacus/transformers numerical chatter, not the user's problem
-            warnings.simplefilter("ignore")
-            d = embedded_adapter_params() if adapter_params is None else adapter_params
-            result = plan_run(patients=patients, epsilon=epsilon, rounds=rounds, batch=batch, steps=steps,
-                              delta=delta, accountant=accountant, adapter_params=d,
-                              eval_noise_multiplier=eval_noise_multiplier,
-                              evaluations_per_round=evaluations_per_round)
-    except FedsynthError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(exc.exit_code) from None
+    with warnings.catch_warnings():  # Opacus/transformers numerical chatter, not the user's problem
+        warnings.simplefilter("ignore")
+        d = embedded_adapter_params() if adapter_params is None else adapter_params
+        result = plan_run(patients=patients, epsilon=epsilon, rounds=rounds, batch=batch, steps=steps,
+                          delta=delta, accountant=accountant, adapter_params=d,
+                          eval_noise_multiplier=eval_noise_multiplier,
+                          evaluations_per_round=evaluations_per_round)
     for line in plan_lines(result):
         console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
+@expected_errors
 def pki(
     out_dir: Annotated[Path, typer.Argument(help="Directory for ca.crt/ca.key, server.pem/key, site keys.")],
     sites: Annotated[list[str], typer.Argument(help="Site names (one SuperNode key pair each).")],
@@ -277,11 +267,7 @@ def pki(
     """Write the consortium CA, the SuperLink TLS certificate and SuperNode key pairs (server.pki)."""
     from server.pki import make_consortium_pki
 
-    try:
-        paths = make_consortium_pki(out_dir, sites=sites, hosts=host or ["127.0.0.1"], days=days)
-    except FedsynthError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(exc.exit_code) from None
+    paths = make_consortium_pki(out_dir, sites=sites, hosts=host or ["127.0.0.1"], days=days)
     for name, path in paths.items():
         console.print(f"{name}: {path}", highlight=False)
     console.print("ca.key stays offline with the coordinator; each site gets ca.crt and its own key",

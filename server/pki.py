@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shared.atomic import PRIVATE, write_atomic
 from shared.errors import ConfigError, Problem
 
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -63,13 +64,9 @@ def _validate(sites: Sequence[str], hosts: Sequence[str], days: int, ca_days: in
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    # Create with 0600 from the start: a chmod after writing leaves a window.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.chmod(path, 0o600)
+    # Created 0600 from the start (a chmod after writing leaves a window), then made exact.
+    write_atomic(path, data, mode=PRIVATE)
+    os.chmod(path, PRIVATE)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -31,7 +31,6 @@ import json
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -46,12 +45,13 @@ from shared.report import (
     Aggregation,
     Checkpoint,
     ConsortiumReport,
+    IssuedReport,
     Participation,
     RoundMetrics,
     SitePrivacySummary,
     SiteRoundPrivacy,
+    issue_report,
     software_versions,
-    write_report,
 )
 from shared.report_html import render_html
 from shared.run_config import RunConfig, config_hash
@@ -65,16 +65,6 @@ AUDIT_NAME = "audit.jsonl"
 REPORT_NAME = "consortium-report.json"
 CHECKPOINT_WEIGHTS = "adapter_model.safetensors"  # as server.checkpoint.WEIGHTS_NAME
 SITE_NAME = re.compile(SITE_ID_PATTERN)
-
-
-@dataclass(frozen=True)
-class IssuedReport:
-    """Where the consortium report was written; ``signature`` is None without a key."""
-
-    report: ConsortiumReport
-    json_path: Path
-    signature: Path | None
-    html_path: Path
 
 
 def open_audit(run_dir: Path, *, key: Ed25519PrivateKey | None) -> AuditLog:
@@ -334,23 +324,14 @@ def build_consortium_report(
 
 def write_consortium_report(
     report: ConsortiumReport, run_dir: Path, *, key: Ed25519PrivateKey | None
-) -> IssuedReport:
+) -> IssuedReport[ConsortiumReport]:
     """Write ``consortium-report.json`` (+ ``.sig`` with ``key``) and ``.html`` into ``run_dir``."""
-    path = Path(run_dir) / REPORT_NAME
-    write_report(report, path, key=key)
-    sig = path.with_name(path.name + ".sig")
-    if key is None:
-        sig.unlink(missing_ok=True)  # a stale signature would no longer match
-    html = path.with_suffix(".html")
-    tmp = html.with_name(html.name + ".tmp")
-    tmp.write_text(render_html(report), encoding="utf-8")
-    tmp.replace(html)
-    return IssuedReport(report, path, sig if key is not None else None, html)
+    return issue_report(report, Path(run_dir) / REPORT_NAME, key=key, html=render_html(report))
 
 
 def issue_consortium_report(
     summary: Mapping[str, Any], *, run: RunConfig, run_dir: Path, audit: AuditLog
-) -> IssuedReport:
+) -> IssuedReport[ConsortiumReport]:
     """Build, sign (with the audit log's key), write and audit the consortium report."""
     report = build_consortium_report(summary, run=run, run_dir=run_dir, audit_position=audit.head())
     issued = write_consortium_report(report, run_dir, key=audit.key)

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from shared.atomic import PRIVATE, write_atomic
 from shared.run_config import RunConfig
 
 log = logging.getLogger("fedsynth.coordinator")
@@ -87,15 +86,11 @@ def start_summary(path: Path, run: RunConfig, start: int) -> RunSummary:
 
 
 def write_summary(run_dir: Path, summary: RunSummary) -> None:
-    """Write ``consortium-summary.json`` (with ``site_epsilon``) crash-safely: temp file, fsync, rename."""
+    """Write ``consortium-summary.json`` (with ``site_epsilon``) crash-safely (``shared.atomic.write_atomic``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / SUMMARY_NAME
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{SUMMARY_NAME}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump({**summary.to_json(), "site_epsilon": site_epsilons(summary)}, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({**summary.to_json(), "site_epsilon": site_epsilons(summary)}, indent=2,
+                                  sort_keys=True), mode=PRIVATE)
 
 
 def site_epsilons(summary: RunSummary) -> dict[str, float]:

@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -48,6 +46,7 @@ from typing import Any
 
 from server.site_names import registered_nodes
 from shared.accounting import epsilon_lower_bound, epsilon_tolerance
+from shared.atomic import PRIVATE, write_atomic
 from shared.errors import LedgerError, Problem
 
 STATE_NAME = "site-budgets.json"
@@ -203,21 +202,7 @@ class SiteBudgetRegistry:
         """Write the registry crash-safely: temp file, fsync, rename, fsync the directory."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         body = {"format": FORMAT_VERSION, "sites": self.sites, "sha256": _checksum(self.sites)}
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(body, fh, indent=1, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dfd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_atomic(self.path, json.dumps(body, indent=1, sort_keys=True), mode=PRIVATE)
 
 
 def _checksum(sites: Mapping[str, Any]) -> str:

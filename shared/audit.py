@@ -32,6 +32,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from shared.atomic import write_new
 from shared.errors import InputError, Problem, VerificationError
 from shared.signing import canonical_json, decode_b64_strict, key_id, key_names
 
@@ -183,13 +184,9 @@ class AuditLog:
         if entry is None:
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
             aside = self.path.with_name(f"{self.path.name}.torn-{stamp}")
-            with os.fdopen(os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, MODE), "wb") as f:
-                f.write(line)
-                f.flush()
-                os.fsync(f.fileno())
+            write_new(aside, line, mode=MODE)
             os.ftruncate(fd, offset)
             os.fsync(fd)
-            _fsync_dir(self.path.parent)
             offset, line = _last_line(fd)
             if not line:
                 return 0, GENESIS
@@ -249,17 +246,6 @@ class AuditLog:
 
 def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        dfd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 class _Locked:

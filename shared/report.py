@@ -17,18 +17,27 @@ same ledger, so ``epsilon`` includes them (``metrics_epsilon``: one release alon
 from __future__ import annotations
 
 import json
-import os
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Generic, Literal, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from shared.accounting import epsilon_tolerance
+from shared.atomic import write_atomic
 from shared.errors import InputError, Problem
-from shared.signing import sign_file
+from shared.signing import sign_file, signature_path
 from shared.whitelist import ACCOUNTANTS, METRIC_NAMES
 
 SCHEMA_VERSION = 1
@@ -68,8 +77,12 @@ def _utc(v: datetime) -> datetime:
 def _check_metric_names(v: dict[str, float]) -> dict[str, float]:
     unknown = sorted(set(v) - METRIC_NAMES)
     if unknown:
-        raise ValueError(f"unknown metric names {unknown} (see shared.wire.METRIC_NAMES)")
+        raise ValueError(f"unknown metric names {unknown} (see shared.whitelist.METRIC_NAMES)")
     return v
+
+
+#: Metric values by name; only names in shared.whitelist.METRIC_NAMES (what may leave a site).
+Metrics = Annotated[dict[str, float], AfterValidator(_check_metric_names)]
 
 
 class Privacy(BaseModel):
@@ -177,12 +190,7 @@ class HistoryPoint(BaseModel):
     model_config = _STRICT
     round: int = Field(ge=0)
     epsilon: NonNeg
-    metrics: dict[str, float] = Field(default_factory=dict)
-    @field_validator("metrics")
-    @classmethod
-    def _known_metrics(cls, v: dict[str, float]) -> dict[str, float]:
-        return _check_metric_names(v)
-
+    metrics: Metrics = Field(default_factory=dict)
 
 class VerdictCheck(BaseModel):
     """One release criterion: a value beside its stated threshold (and held-out baseline, if any)."""
@@ -227,7 +235,7 @@ class SiteRoundReport(BaseModel):
     round: int = Field(ge=0)
     created: datetime
     privacy: Privacy
-    metrics: dict[str, float]
+    metrics: Metrics
     metrics_mode: Literal["suppressed-aggregates", "dp-noised"]
     metrics_epsilon: NonNeg | None = Field(
         None, description="epsilon of this round's metric release alone (dp-noised); included in privacy.epsilon"
@@ -249,11 +257,6 @@ class SiteRoundReport(BaseModel):
     @classmethod
     def _created_utc(cls, v: datetime) -> datetime:
         return _utc(v)
-    @field_validator("metrics")
-    @classmethod
-    def _known_metrics(cls, v: dict[str, float]) -> dict[str, float]:
-        return _check_metric_names(v)
-
     @model_validator(mode="after")
     def _history(self) -> SiteRoundReport:
         rounds = [h.round for h in self.history]
@@ -328,12 +331,7 @@ class SitePrivacySummary(BaseModel):
 class RoundMetrics(BaseModel):
     model_config = _STRICT
     round: int = Field(ge=0)
-    metrics: dict[str, float]
-    @field_validator("metrics")
-    @classmethod
-    def _known_metrics(cls, v: dict[str, float]) -> dict[str, float]:
-        return _check_metric_names(v)
-
+    metrics: Metrics
 
 class Aggregation(BaseModel):
     model_config = _STRICT
@@ -432,16 +430,36 @@ def write_report(report: BaseModel, path_json: Path, *, key: Ed25519PrivateKey |
     """Write ``report`` as JSON (atomically, fsynced); with ``key`` also ``<path>.sig``."""
     path_json = Path(path_json)
     path_json.parent.mkdir(parents=True, exist_ok=True)
-    data = report.model_dump_json(indent=2).encode("utf-8") + b"\n"
-    tmp = path_json.with_name(path_json.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path_json)
+    write_atomic(path_json, report.model_dump_json(indent=2) + "\n")
     if key is not None:
         sign_file(path_json, key)
     return path_json
+
+
+@dataclass(frozen=True)
+class IssuedReport(Generic[Report]):
+    """Where a report was written: JSON, its ``.sig`` (None without a key) and its HTML page."""
+
+    report: Report
+    json_path: Path
+    signature: Path | None
+    html_path: Path
+
+
+def issue_report(
+    report: Report, path_json: Path, *, key: Ed25519PrivateKey | None, html: str
+) -> IssuedReport[Report]:
+    """Write ``report`` (JSON, signed with ``key``) and its ``html`` page beside it, each atomically.
+
+    Without a key a ``.sig`` left by an earlier write of the same path is removed: it would
+    no longer match the new bytes and the trail would fail verification.
+    """
+    path = write_report(report, path_json, key=key)
+    sig = signature_path(path)
+    if key is None:
+        sig.unlink(missing_ok=True)
+    html_path = write_atomic(path.with_suffix(".html"), html)
+    return IssuedReport(report, path, sig if key is not None else None, html_path)
 
 
 def _problems(path: Path, exc: ValidationError) -> list[Problem]:

@@ -30,6 +30,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FEDSYNTH_CACHE_DIR", Path.home() / ".cache" / "fedsynth"))
 
 
+def _sources(env_prefix: str) -> SettingsConfigDict:
+    """Where a program's settings come from: ``<env_prefix>*`` variables, ``.env``, the secrets dir."""
+    return SettingsConfigDict(
+        env_prefix=env_prefix,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",  # a shared .env holds other programs' keys; see unknown_settings
+        frozen=True,
+        secrets_dir=os.environ.get("FEDSYNTH_SECRETS_DIR") or None,
+    )
+
+
 class SiteSettings(BaseSettings):
     """A hospital site's deployment settings.
 
@@ -45,14 +57,7 @@ class SiteSettings(BaseSettings):
     Default False so the CPU demo's plain rounds run; deployments set it True.
     """
 
-    model_config = SettingsConfigDict(
-        env_prefix="FEDSYNTH_SITE_",
-        env_file=".env",
-        env_file_encoding="utf-8",
-        extra="ignore",  # a shared .env holds other programs' keys; see unknown_settings
-        frozen=True,
-        secrets_dir=os.environ.get("FEDSYNTH_SECRETS_DIR") or None,
-    )
+    model_config = _sources("FEDSYNTH_SITE_")
 
     site_id: str = Field("site", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     notes_path: Path = Path("notes.jsonl")
@@ -110,14 +115,7 @@ class SiteSettings(BaseSettings):
 class CoordinatorSettings(BaseSettings):
     """The coordinator's deployment settings (checkpoints, reports, its signing key)."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="FEDSYNTH_COORD_",
-        env_file=".env",
-        env_file_encoding="utf-8",
-        extra="ignore",  # a shared .env holds other programs' keys; see unknown_settings
-        frozen=True,
-        secrets_dir=os.environ.get("FEDSYNTH_SECRETS_DIR") or None,
-    )
+    model_config = _sources("FEDSYNTH_COORD_")
 
     run_dir: Path = Path("coordinator-output")
     signing_key: Path | None = None

@@ -30,6 +30,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from shared.atomic import PRIVATE, write_atomic, write_new
 from shared.errors import ConfigError, InputError, Problem, VerificationError
 
 SIG_FORMAT = "fedsynth-sig/1"
@@ -75,23 +76,10 @@ def generate_key(path: Path, *, overwrite: bool = False) -> Path:
     if overwrite and path.exists():
         path.unlink()
     # O_EXCL + mode at creation: the private key is never readable by others, not even briefly.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(private_pem)
-        f.flush()
-        os.fsync(f.fileno())
+    write_new(path, private_pem, mode=PRIVATE)
     os.chmod(path, 0o600)  # umask may have removed bits, never added: make it exact
-    _write_bytes(pub, public_pem)
+    write_atomic(pub, public_pem)
     return pub
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
@@ -216,7 +204,7 @@ def sign_file(path: Path, key: Ed25519PrivateKey) -> Path:
     signature = key.sign(canonical_json(meta))
     sig = {**meta, "signature": base64.b64encode(signature).decode("ascii")}
     out = signature_path(path)
-    _write_bytes(out, canonical_json(sig) + b"\n")
+    write_atomic(out, canonical_json(sig) + b"\n")
     return out
 
 

@@ -25,7 +25,6 @@ signed names them), and a directory whose log and reports were all removed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -36,21 +35,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from shared.audit import GENESIS
 from shared.errors import InputError
 from shared.report import ConsortiumReport, SiteRoundReport, parse_report
-from shared.signing import key_names
+from shared.signing import key_names, sha256_file
 
 LAUNCHER_LOG = "launcher.audit.jsonl"
 LAUNCHER_SUFFIX = "-launcher"
 
 # Result(path, status, message, details) -> a Result; passed in to avoid an import cycle with verify.
 MakeResult = Callable[..., Any]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _entries(path: Path) -> list[dict[str, Any]]:
@@ -178,7 +169,7 @@ def _check_main_log(log_path: Path, actor: str | None, rpaths: list[Path],
         target = base / rel
         if not target.is_file():
             problems.append(f"entry seq={e['seq']} issued {rel}, which is missing (report deleted?)")
-        elif target not in failed and data_sha(e) != _sha256(target):  # a failed one is reported
+        elif target not in failed and data_sha(e) != sha256_file(target):  # a failed one is reported
             problems.append(f"entry seq={e['seq']} issued {rel} with sha256 {str(data_sha(e))[:16]}…, "
                             "the file differs (report replaced?)")
     for rpath in rpaths:
@@ -228,7 +219,7 @@ def _check_checkpoints(rpath: Path, report: ConsortiumReport, result: MakeResult
         path = rpath.parent / ck.path
         if not path.is_file():
             problems.append(f"round {ck.round}: {ck.path} is missing")
-        elif path not in failed and _sha256(path) != ck.sha256:
+        elif path not in failed and sha256_file(path) != ck.sha256:
             problems.append(f"round {ck.round}: {ck.path} sha256 differs from the report (altered?)")
     if problems:
         return [result(rpath, "FAIL", "checkpoints do not match the consortium report", problems)]

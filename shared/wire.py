@@ -496,5 +496,5 @@ def _check_decline(record: Any, problems: list[Problem]) -> str | None:
 
 
 __all__ = [  # re-exported names of shared.whitelist, shared.wire_numbers and shared.wire_version
-    "ACCOUNTANTS", "METRIC_NAMES", "PRIVACY_KEYS", "round_sig_up", "refusal_codes", "VERSION_WHERE",
+    "METRIC_NAMES", "PRIVACY_KEYS", "round_sig_up", "refusal_codes", "VERSION_WHERE",
 ]

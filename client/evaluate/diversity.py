@@ -21,16 +21,10 @@ import numpy as np
 from sacrebleu.metrics.bleu import BLEU
 
 from client.evaluate.fidelity import check_embeddings
+from client.evaluate.inputs import check_texts
 from client.evaluate.summary import Cell
 from client.evaluate.tokens import word_tokens
 from shared.errors import InputError, Problem
-
-
-def _check_texts(texts: Sequence[str], where: str, *, min_n: int = 1) -> None:
-    if isinstance(texts, str) or not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
-        raise InputError(f"{where}: expected a sequence of strings")
-    if len(texts) < min_n:
-        raise InputError(f"{where}: needs at least {min_n} texts, got {len(texts)}")
 
 
 def total_tokens(texts: Sequence[str]) -> int:
@@ -108,7 +102,7 @@ def distinct_n(
     :func:`total_tokens`): distinct-n falls as the sample grows, so only equal
     budgets compare. ``None`` uses all tokens (``matched`` = False).
     """
-    _check_texts(texts, "texts")
+    check_texts(texts, "texts", min_n=1)
     docs = [word_tokens(t) for t in texts]
     available = sum(len(d) for d in docs)
     problems = []
@@ -158,7 +152,7 @@ def self_bleu(texts: Sequence[str], *, subset_size: int = SELF_BLEU_SUBSET, seed
     Compare corpora only at the same ``subset_size``: more references raise it.
     Cost grows as subset_size² × report length.
     """
-    _check_texts(texts, "texts", min_n=2)
+    check_texts(texts, "texts", min_n=2)
     if not isinstance(subset_size, int) or subset_size < 2:
         raise InputError(f"subset_size must be an integer ≥ 2, got {subset_size!r}")
     idx = list(range(len(texts)))
@@ -213,7 +207,7 @@ def mtld(texts: Sequence[str], *, threshold: float = 0.72) -> MtldResult:
     100 copies of one good report scores as well as that report (use
     distinct-n, Self-BLEU and the duplicate rates for cross-report repetition).
     """
-    _check_texts(texts, "texts")
+    check_texts(texts, "texts", min_n=1)
     if not 0.0 < threshold < 1.0:
         raise InputError(f"threshold must be in (0, 1), got {threshold}")
     per = np.array([mtld_tokens([t for t in word_tokens(x) if t[0].isalnum()], threshold=threshold)
@@ -322,7 +316,7 @@ def near_duplicate_flags(texts: Sequence[str], *, threshold: float = 0.8, k: int
     shingle (and of compatible size) are compared. Identical shingle sets are
     grouped first, so exact copies cost nothing. No all-pairs loop.
     """
-    _check_texts(texts, "texts")
+    check_texts(texts, "texts", min_n=1)
     if not 0.0 < threshold <= 1.0:
         raise InputError(f"threshold must be in (0, 1], got {threshold}")
     groups: dict[frozenset, list[int]] = defaultdict(list)
@@ -379,7 +373,7 @@ def duplicate_rates(texts: Sequence[str], *, threshold: float = 0.8, k: int = 5)
 
     A corpus of one report repeated n times has exact rate (n−1)/n and near rate 1.
     """
-    _check_texts(texts, "texts")
+    check_texts(texts, "texts", min_n=1)
     exact = 1.0 - len({normalized_text(t) for t in texts}) / len(texts)
     near = float(near_duplicate_flags(texts, threshold=threshold, k=k).mean())
     return DuplicateResult(exact, near, len(texts))

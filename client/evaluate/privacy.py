@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from client.evaluate.inputs import text_problems
 from client.evaluate.ngram_index import PrivateIndex, TokenCorpus, check_groups
 from client.evaluate.summary import Cell
 from shared.errors import ConfigError, InputError, Problem
@@ -52,16 +53,6 @@ class LexicalPrivacy:
         return {name: Cell(value, n) for name, value in lexical_summary(self).items()}
 
 
-def _check_texts(texts: object, name: str) -> list[Problem]:
-    if isinstance(texts, str) or not isinstance(texts, Sequence):
-        return [Problem(name, "must be a sequence of strings")]
-    return [
-        Problem(name, f"item {i} is {type(t).__name__}, not str")
-        for i, t in enumerate(texts)
-        if not isinstance(t, str)
-    ][:10]
-
-
 def lexical_privacy(
     synthetic: Sequence[str],
     private: Sequence[str],
@@ -80,9 +71,9 @@ def lexical_privacy(
     notes of one patient counts as shared). Linear in corpus size; never compares
     all report x note pairs.
     """
-    problems = _check_texts(synthetic, "synthetic")
+    problems = text_problems(synthetic, "synthetic")
     if index is None:
-        problems += _check_texts(private, "private")
+        problems += text_problems(private, "private")
         if groups is not None and not problems:
             problems += check_groups(groups, len(private))
     elif groups is not None:
@@ -268,7 +259,7 @@ def phi_echo(synthetic: Sequence[str], identifiers: Iterable[str]) -> list[list[
     "Savannah". Identifiers shorter than 4 characters are ignored (too many false
     hits). Each hit is PHI copied into a synthetic report.
     """
-    problems = _check_texts(synthetic, "synthetic")
+    problems = text_problems(synthetic, "synthetic")
     idents = list(identifiers) if not isinstance(identifiers, str) else [identifiers]
     problems += [
         Problem("identifiers", f"item {i} is {type(x).__name__}, not str")

@@ -14,7 +14,6 @@ import html
 import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from client.evaluate.suite import SiteEvaluation  # noqa: E402
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
+from shared.atomic import write_atomic  # noqa: E402
 
 
 def _finite(value: Any) -> Any:
@@ -153,7 +144,7 @@ def write_evaluation(ev: SiteEvaluation, out_dir: Path, *, title: str) -> dict[s
         "per_report": out_dir / "per-report.jsonl",
         "html": out_dir / "evaluation.html",
     }
-    _atomic_write(paths["summary"], json.dumps(ev.summary, indent=2, sort_keys=True))
+    write_atomic(paths["summary"], json.dumps(ev.summary, indent=2, sort_keys=True))
     detail = {
         "cells": {n: {"value": c.value, "n": c.n} for n, c in sorted(ev.cells.items())},
         "suppressed": ev.suppressed,
@@ -174,7 +165,7 @@ def write_evaluation(ev: SiteEvaluation, out_dir: Path, *, title: str) -> dict[s
             "exact": {g: [float(x) for x in t.sums()] for g, t in ev.patient_tables.items()},
         },
     }
-    _atomic_write(paths["evaluation"], json.dumps(_finite(detail), indent=2, sort_keys=True))
-    _atomic_write(paths["per_report"], "".join(json.dumps(_finite(r)) + "\n" for r in ev.per_report))
-    _atomic_write(paths["html"], render_evaluation_html(ev, title=title))
+    write_atomic(paths["evaluation"], json.dumps(_finite(detail), indent=2, sort_keys=True))
+    write_atomic(paths["per_report"], "".join(json.dumps(_finite(r)) + "\n" for r in ev.per_report))
+    write_atomic(paths["html"], render_evaluation_html(ev, title=title))
     return paths

@@ -3,9 +3,9 @@
 A site that requires SecAgg+ declines every plain train message with
 ``secagg_required`` before anything is trained or spent, whatever the
 coordinator's run config says; SecAgg+ rounds and evaluation are unaffected.
-The federation-level tests reuse the real ServerApp/SecAgg+ harness and the
-TEST-ONLY fake site of tests/server (the only place the SecAgg+ protocol is
-driven end to end in-process).
+The federation-level tests reuse the in-process ServerApp/SecAgg+ harness
+(tests/federation.py) and the TEST-ONLY fake site (tests/fake_site.py, the
+``calls`` fixture of tests/conftest.py).
 """
 
 import importlib
@@ -19,9 +19,9 @@ from client.app import app as client_app
 from shared import wire
 from shared.audit import verify_log
 from shared.run_config import RunConfig
-from tests.server.test_app import A, B, contexts
-from tests.server.test_secagg import RC as SECAGG_RC
-from tests.server.test_secagg import calls, quantisation_bound, run  # noqa: F401  (calls: fixture)
+from tests.fake_site import A, B
+from tests.federation import SECAGG_RC, contexts, quantisation_bound
+from tests.federation import run_over_wire as run
 
 ENV = "FEDSYNTH_SITE_REQUIRE_SECAGG"
 
@@ -96,7 +96,7 @@ def test_without_the_setting_the_same_plain_round_reaches_training(tmp_path, mon
 
 
 @pytest.mark.parametrize("require", [False, True])
-def test_plain_train_reply_with_the_fake_site(tmp_path, monkeypatch, calls, require):  # noqa: F811
+def test_plain_train_reply_with_the_fake_site(tmp_path, monkeypatch, calls, require):
     # The fake site has no audit_log: the decline must still be sent (local log line only).
     monkeypatch.setenv(ENV, str(require).lower())
     rc = {"lora.r": 2, "secagg": False}
@@ -113,7 +113,7 @@ def test_plain_train_reply_with_the_fake_site(tmp_path, monkeypatch, calls, requ
 
 
 @pytest.mark.parametrize("require", [False, True])
-def test_secagg_round_is_unaffected_by_the_setting(tmp_path, monkeypatch, calls, require):  # noqa: F811
+def test_secagg_round_is_unaffected_by_the_setting(tmp_path, monkeypatch, calls, require):
     monkeypatch.setenv(ENV, str(require).lower())
     summary, adapter, _ = run(tmp_path, SECAGG_RC)
     rnd = summary["rounds"][0]
@@ -124,7 +124,7 @@ def test_secagg_round_is_unaffected_by_the_setting(tmp_path, monkeypatch, calls,
     assert [c[0] for c in calls].count("train") == 2
 
 
-def test_plain_federation_gets_nothing_from_sites_that_require_secagg(tmp_path, monkeypatch, calls):  # noqa: F811
+def test_plain_federation_gets_nothing_from_sites_that_require_secagg(tmp_path, monkeypatch, calls):
     monkeypatch.setenv(ENV, "true")
     summary, adapter, _ = run(tmp_path, SECAGG_RC | {"secagg": False})
     rnd = summary["rounds"][0]
@@ -134,7 +134,7 @@ def test_plain_federation_gets_nothing_from_sites_that_require_secagg(tmp_path, 
     assert "train" not in [c[0] for c in calls]
 
 
-def test_evaluate_is_unaffected_by_the_setting(tmp_path, monkeypatch, calls):  # noqa: F811
+def test_evaluate_is_unaffected_by_the_setting(tmp_path, monkeypatch, calls):
     # Metric summaries of the GLOBAL adapter: sent in the clear under SecAgg+ as well.
     monkeypatch.setenv(ENV, "true")
     rc = {"lora.r": 2, "secagg": False}

@@ -16,9 +16,9 @@ from flwr.app import Context, Message, RecordDict
 from client.app import app as client_app
 from client.dp_config import PrivacyScalars, TrainResult
 from shared import wire
-from tests.server.test_app import A, B
-from tests.server.test_secagg import RC as SECAGG_RC
-from tests.server.test_secagg import calls, run  # noqa: F401  (calls: fixture)
+from tests.fake_site import A, B
+from tests.federation import SECAGG_RC
+from tests.federation import run_over_wire as run
 
 
 @pytest.fixture(autouse=True)
@@ -90,7 +90,7 @@ def test_a_reply_that_passes_is_marked_released_after_the_check(tmp_path, site):
     np.testing.assert_array_equal(np.asarray(content["adapter"][A].numpy()), np.ones((2, 4), np.float32))
 
 
-def test_secagg_rounds_release_after_their_checks(tmp_path, calls):  # noqa: F811
+def test_secagg_rounds_release_after_their_checks(tmp_path, calls):
     summary, _, _ = run(tmp_path, SECAGG_RC)
     assert summary["rounds"][0]["aggregated"] is True
     import client.app

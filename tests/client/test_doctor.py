@@ -386,7 +386,7 @@ def test_low_disk_threshold_fails(site, tmp_path):
 
 
 def _app() -> typer.Typer:
-    from client.cli import expected_errors
+    from shared.cli_errors import expected_errors
 
     app = typer.Typer()
     app.command("doctor")(expected_errors(doctor.doctor_command))

@@ -15,11 +15,12 @@ import torch
 from opacus.accountants import create_accountant
 
 import client.train as train_mod
+from client.dp_config import DPConfig
 from client.dp_noise import deterministic_for_tests
 from client.ledger import Ledger
 from client.model import FAMILIES, adapter_state, add_lora, tiny_random_model
 from client.notes import Note
-from client.train import DPConfig, noise_multiplier_for, train_dp
+from client.train import noise_multiplier_for, train_dp
 from shared.errors import BudgetExceededError, ConfigError, PrivacyError
 from shared.wire import PRIVACY_KEYS
 
@@ -494,6 +495,7 @@ def test_nonprivate_baseline_refuses_noise_knobs(ledger):
 def test_long_notes_train_on_random_windows_covering_the_whole_note():
     import random
 
+    from client.examples import IGNORE_INDEX, PatientExamples
     from client.prompt import prompt_and_body
 
     _, tokenizer = tiny_random_model("llama", seed=0)
@@ -501,13 +503,13 @@ def test_long_notes_train_on_random_windows_covering_the_whole_note():
     note = Note(note_id="n1", patient_id="p1", icd10=("F32",), text=text)
     prompt, body = prompt_and_body("F32", text, tokenizer)
     max_length = len(prompt) + 40
-    ds = train_mod.PatientExamples([[note]], tokenizer, max_length=max_length, rng=random.Random(0))
+    ds = PatientExamples([[note]], tokenizer, max_length=max_length, rng=random.Random(0))
     windows = set()
     for _ in range(3000):  # ~160 possible windows: each is drawn with near certainty
         item = ds[0]
         assert len(item["input_ids"]) == max_length
         assert item["input_ids"][: len(prompt)] == prompt
-        assert item["labels"][: len(prompt)] == [train_mod.IGNORE_INDEX] * len(prompt)
+        assert item["labels"][: len(prompt)] == [IGNORE_INDEX] * len(prompt)
         window = item["input_ids"][len(prompt):]
         assert any(body[s : s + 40] == window for s in range(len(body) - 39)), "not a slice of the note"
         windows.add(tuple(window))

@@ -29,7 +29,7 @@ from client.demo_data import write_demo
 from client.model import tiny_random_model
 from shared.audit import verify_log
 from shared.signing import generate_key, load_public_key
-from tests.e2e import test_deployment as deployment
+from tests.e2e import harness
 
 ROOT = Path(__file__).parents[2]
 DEPLOY = ROOT / "deploy"
@@ -76,7 +76,7 @@ def test_deploy_scripts_real_site_secagg_round(tmp_path):
     timings: dict[str, float] = {}
     logs = tmp_path / "logs"
     logs.mkdir()
-    procs = deployment.Procs(logs)
+    procs = harness.Procs(logs)
     base_env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
                              "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     base_env.pop("FLWR_INTERNAL_GRPC_CONTROL_API", None)
@@ -105,7 +105,7 @@ def test_deploy_scripts_real_site_secagg_round(tmp_path):
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
 
-    fleet, control = deployment.free_port(), deployment.free_port()
+    fleet, control = harness.free_port(), harness.free_port()
     coord = tmp_path / "coordinator"
     coord_home = coord / "flwr"
     coord_home.mkdir()
@@ -138,7 +138,7 @@ def test_deploy_scripts_real_site_secagg_round(tmp_path):
     run_out = ""
     try:
         procs.start("coordinator", ["bash", str(DEPLOY / "coordinator.sh")], coord_env, coord)
-        deployment.wait_for(lambda: flwr("supernode", "ls", "hosp").returncode == 0, 90,
+        harness.wait_for(lambda: flwr("supernode", "ls", "hosp").returncode == 0, 90,
                             "the SuperLink's Control API", step=2)
         registered = []
         for site in SITES:
@@ -162,7 +162,7 @@ def test_deploy_scripts_real_site_secagg_round(tmp_path):
                 "FEDSYNTH_SUPERLINK": f"127.0.0.1:{fleet}", "FEDSYNTH_CA_CERT": srv / "pki" / "ca.crt",
                 "FEDSYNTH_DEPLOY_KEY": srv / "pki" / site, "FEDSYNTH_DEPLOY_SITE_ID": site,
                 "FEDSYNTH_DATA_DIR": data, "FEDSYNTH_PIN": pin, "FEDSYNTH_INSTALL_DIR": install,
-                "FEDSYNTH_PYTHON": PY, "FEDSYNTH_RUNTIME_PORT": deployment.free_port(),
+                "FEDSYNTH_PYTHON": PY, "FEDSYNTH_RUNTIME_PORT": harness.free_port(),
                 "FEDSYNTH_SUPEREXEC_SECRET": secret,
                 "FEDSYNTH_AUDIT_LOG": data / "audit.jsonl", "FLWR_HOME": srv / "flwr",
                 "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -186,7 +186,7 @@ def test_deploy_scripts_real_site_secagg_round(tmp_path):
                 "FEDSYNTH_SITE_MIN_SITES": "2"})
             procs.start(site, ["bash", str(DEPLOY / "site.sh")], env, srv)
             data_dirs[site] = data
-        node_ids = deployment.wait_for(online, 120, "two SuperNodes online", step=2)
+        node_ids = harness.wait_for(online, 120, "two SuperNodes online", step=2)
         assert node_ids == sorted(registered)
         timings["start_to_online_s"] = time.monotonic() - t0
 
@@ -230,21 +230,21 @@ def test_deploy_scripts_real_site_secagg_round(tmp_path):
     # Nothing of any note reaches the coordinator's disk. Windows that also occur in
     # the released source (phrase banks in client/demo_text.py) are public text,
     # not patient data: the SuperExec unpacks the bundle under FLWR_HOME.
-    public = set().union(*(deployment.windows(p.read_text(errors="replace"))
+    public = set().union(*(harness.windows(p.read_text(errors="replace"))
                            for p in install.rglob("*") if p.is_file() and p.suffix != ".pyc"))
     notes = {site: [json.loads(line)["text"] for line in (d / "notes.jsonl").read_text().splitlines()]
              for site, d in data_dirs.items()}
-    note_windows = set().union(*(deployment.windows(t) for texts in notes.values() for t in texts))
+    note_windows = set().union(*(harness.windows(t) for texts in notes.values() for t in texts))
     # The exemption stays small: a bundle that shipped the notes themselves would fail here.
     assert len(note_windows & public) < len(note_windows) // 20, len(note_windows & public)
     secret = note_windows - public
     probe = tmp_path / "probe.txt"  # the scan must be able to fail: a planted copy is found
     probe.write_text("header " + notes["site-b"][3] + " trailer")
-    assert deployment.leaked_windows([probe], secret)
+    assert harness.leaked_windows([probe], secret)
     coordinator_files = [p for p in coord.rglob("*") if p.is_file()]
     names = {p.name for p in coordinator_files}
     assert {"state.db", "consortium-summary.json", "audit.jsonl"} <= names, sorted(names)
     snapshots = sorted(snapshot.iterdir())
     assert any(p.name.endswith("-wal") for p in snapshots), snapshots
     coordinator_files += snapshots + [logs / "coordinator.log", logs / "flwr-run.log"]
-    assert deployment.leaked_windows(coordinator_files, secret) == []
+    assert harness.leaked_windows(coordinator_files, secret) == []

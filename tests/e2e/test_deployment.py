@@ -5,20 +5,16 @@ Processes: one SuperLink (Fleet API gRPC on 127.0.0.1, Control API on
 registered SuperNodes in ``--isolation process`` each served by
 ``python -m client.launcher serve`` with a pin of the agreed bundle. The site
 installation and the agreed bundle are a temporary copy of this repo whose
-client/site.py is the TEST-ONLY fake (tests/e2e/fake_site.py). Checks: a round
+client/site.py is the TEST-ONLY fake (tests/fake_site.py). Checks: a round
 completes; an unregistered key is refused; a tampered bundle is refused by both
 sites and none of its code runs; revocation stops a live SuperNode; no 8-word
 window of any site's notes reaches any coordinator-side file.
 Run with ``pytest -m e2e tests/e2e/test_deployment.py``.
 """
 
-import hashlib
 import json
 import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,12 +23,11 @@ from pathlib import Path
 import pytest
 
 from server.pki import make_consortium_pki
-from tests.e2e.fake_site import write_base_model_config
+from tests.e2e.harness import BIN, Procs, build_app, free_port, leaked_windows, wait_for, windows
+from tests.fake_site import write_base_model_config
 
 ROOT = Path(__file__).parents[2]
-BIN = Path(sys.executable).parent
 PY = sys.executable
-WINDOW = 8
 
 pytestmark = pytest.mark.e2e
 
@@ -44,91 +39,6 @@ NOTES = {
               "orchard closed with early waking appetite loss and guilt about the unsold quince "
               "jelly stacked in her pantry behind the bicycle",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def windows(text: str) -> set[bytes]:
-    words = re.findall(r"\w+", text.lower())
-    return {hashlib.blake2b(" ".join(words[i:i + WINDOW]).encode(), digest_size=16).digest()
-            for i in range(len(words) - WINDOW + 1)}
-
-
-def leaked_windows(paths: list[Path], secret: set[bytes]) -> list[str]:
-    """Files (and how many windows) in which any 8-word window of a note appears."""
-    hits = []
-    for path in paths:
-        found = windows(path.read_bytes().decode("utf-8", errors="replace")) & secret
-        if found:
-            hits.append(f"{path}: {len(found)} windows")
-    return hits
-
-
-class Procs:
-    """Every process the test starts, each in its own process group; stopped in reverse order."""
-
-    def __init__(self, logs: Path):
-        self.logs = logs
-        self.procs: list[tuple[str, subprocess.Popen]] = []
-
-    def start(self, name: str, cmd: list[str], env: dict, cwd: Path) -> subprocess.Popen:
-        out = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        out.close()
-        self.procs.append((name, proc))
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")
-
-    @staticmethod
-    def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        try:  # the group may hold children (task processes, flower-superexec)
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-
-    def stop_all(self) -> None:
-        for _, proc in reversed(self.procs):
-            self.stop(proc)
-
-
-def wait_for(predicate, timeout: float, what: str, step: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def build_app(dst: Path, name: str = "fedsynth") -> Path:
-    app = dst / name
-    app.mkdir(parents=True)
-    shutil.copy(ROOT / "pyproject.toml", app)
-    for pkg in ("shared", "server", "client"):
-        shutil.copytree(ROOT / pkg, app / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(Path(__file__).with_name("fake_site.py"), app / "client" / "site.py")
-    return app
 
 
 def test_deployment(tmp_path):

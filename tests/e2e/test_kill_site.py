@@ -4,7 +4,7 @@ Processes (all on 127.0.0.1, free ports, plain gRPC: TLS and SuperNode auth are
 covered by test_deployment.py): one SuperLink, three SuperNodes (``site-0``,
 ``site-1``, ``site-2``) that run the bundle's ClientApp in subprocesses. The
 bundle is a temporary copy of this repo whose client/site.py is the TEST-ONLY
-fake (tests/e2e/fake_site.py). ``site-2``'s environment sets
+fake (tests/fake_site.py). ``site-2``'s environment sets
 ``FEDSYNTH_E2E_HANG_IN_TRAIN``: its fake site writes a marker file when training
 starts and hangs; the test then SIGKILLs that SuperNode's whole process group
 (SuperNode + ClientApp process). With ``min-sites=2`` the round must aggregate
@@ -21,8 +21,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from tests.e2e.fake_site import write_base_model_config
-from tests.e2e.test_deployment import BIN, Procs, build_app, free_port, wait_for
+from tests.e2e.harness import BIN, Procs, build_app, free_port, wait_for
+from tests.fake_site import write_base_model_config
 
 pytestmark = pytest.mark.e2e
 

@@ -56,7 +56,7 @@ import pytest
 
 from client.demo_data import write_demo
 from client.model import tiny_random_model
-from tests.e2e import test_deployment as deployment
+from tests.e2e import harness
 from tests.e2e.test_deploy_scripts import RUN_CONFIG
 
 ROOT = Path(__file__).parents[2]
@@ -141,7 +141,7 @@ class Machine:
                             else (), **kw)
         return run
 
-    def service(self, procs: deployment.Procs, name: str, env_file: Path, exec_start: str) -> None:
+    def service(self, procs: harness.Procs, name: str, env_file: Path, exec_start: str) -> None:
         """What the systemd unit does: EnvironmentFile, WorkingDirectory, PATH, ExecStart."""
         cmd = ["bash", "-c", f"set -a; . {env_file}; set +a; exec {self.opt}/{exec_start}"]
         procs.start(name, cmd, self.env, self.opt)
@@ -167,8 +167,8 @@ def test_operator_guides_as_written(tmp_path):
              "TOKENIZERS_PARALLELISM": "false"}
     logs = tmp_path / "logs"
     logs.mkdir()
-    procs = deployment.Procs(logs)
-    fleet, control = deployment.free_port(), deployment.free_port()
+    procs = harness.Procs(logs)
+    fleet, control = harness.free_port(), harness.free_port()
 
     # The harness's stand-ins for downloads: a tiny saved model, fictional notes.
     model_dir = tmp_path / "download" / "base"
@@ -200,7 +200,7 @@ def test_operator_guides_as_written(tmp_path):
     sites: dict[str, Machine] = {}
     try:
         coord.service(procs, "coordinator", c_env, "deploy/coordinator.sh")
-        deployment.wait_for(
+        harness.wait_for(
             lambda: coord.run("flwr supernode ls hosp", env_file=c_env, check=False).returncode == 0,
             90, "the SuperLink's Control API (coordinator.md step 4)", step=2)
 
@@ -225,7 +225,7 @@ def test_operator_guides_as_written(tmp_path):
             assert pin["sha256"] == coord_pin["sha256"], (pin, coord_pin)  # compared out of band
             run("site-env")
             edit_env(m.root / "etc" / "fedsynth" / f"{site}.env", m.root, {
-                "FEDSYNTH_SUPERLINK": f"127.0.0.1:{fleet}", "FEDSYNTH_RUNTIME_PORT": deployment.free_port(),
+                "FEDSYNTH_SUPERLINK": f"127.0.0.1:{fleet}", "FEDSYNTH_RUNTIME_PORT": harness.free_port(),
                 "FEDSYNTH_SITE_DEVICE": "cpu", "FEDSYNTH_SITE_K_MIN": 2, "FEDSYNTH_SITE_MIN_SITES": 2,
                 "FEDSYNTH_SITE_MIN_SECAGG_GROUP_SIZE": 2}, rename=("site-a", site) if subs else None)
 
@@ -251,7 +251,7 @@ def test_operator_guides_as_written(tmp_path):
             up = [n for n in nodes if n.get("status") == "online"]
             return up if len(up) == 2 else None
 
-        nodes = deployment.wait_for(online, 120, "both SuperNodes online", step=2)
+        nodes = harness.wait_for(online, 120, "both SuperNodes online", step=2)
         node_ids = sorted(int(n["node-id"]) for n in nodes)
 
         # The first round (coordinator.md step 7), SecAgg+ over TLS.

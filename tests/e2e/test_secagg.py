@@ -1,7 +1,7 @@
 """A SecAgg+ round through `flwr run` on a local simulation SuperLink (e2e), checking VALUES.
 
 Three simulated sites run the real ClientApp with the TEST-ONLY fake site
-(tests/e2e/fake_site.py: site k sends +(k + 1), patients bucket 10 (k + 1)). With
+(tests/fake_site.py: site k sends +(k + 1), patients bucket 10 (k + 1)). With
 ``secagg = true`` the train phase is Flower's SecAgg+ protocol; the aggregate
 must equal the plain FedAvg of the same updates within quantisation error
 (SecAgg+ fed the wrong layout "completes" with the adapter unchanged, so a

@@ -1,7 +1,7 @@
 """One full federated round through `flwr run` on a local simulation SuperLink (e2e).
 
 The app bundle is a temporary copy of this repo in which client/site.py is
-replaced by tests/e2e/fake_site.py (TEST-ONLY: known answers, no model, no
+replaced by tests/fake_site.py (TEST-ONLY: known answers, no model, no
 notes), so this exercises Flower, the real ClientApp/ServerApp wiring and the
 wire checks, not training. Run with ``pytest -m e2e tests/e2e``.
 """
@@ -20,28 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.e2e.fake_site import write_base_model_config
+from tests.e2e.harness import build_app, free_port
+from tests.fake_site import write_base_model_config
 
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
 
 pytestmark = pytest.mark.e2e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def build_app(dst: Path) -> Path:
-    app = dst / "app"
-    app.mkdir()
-    shutil.copy(ROOT / "pyproject.toml", app)
-    for pkg in ("shared", "server", "client"):
-        shutil.copytree(ROOT / pkg, app / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(Path(__file__).with_name("fake_site.py"), app / "client" / "site.py")
-    return app
 
 
 SITES = ("site-a", "site-b", "site-c")
@@ -76,7 +61,7 @@ def run_simulation(tmp_path: Path, *, sites: int, run_config: str, extra_config:
         "RAY_TMPDIR": ray_dir,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
     }
-    app = build_app(tmp_path)
+    app = build_app(tmp_path, "app")
     if extra_config:
         pyproject = app / "pyproject.toml"
         text = pyproject.read_text()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_deployment import free_port, wait_for
+from tests.e2e.harness import free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent

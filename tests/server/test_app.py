@@ -1,9 +1,8 @@
-"""ServerApp <-> ClientApp message flow in-process, with a TEST-ONLY fake client.site.
+"""ServerApp <-> ClientApp message flow in-process, with the TEST-ONLY fake client.site.
 
-The grid below hands each Message straight to the real ClientApp (client/app.py),
-which calls the site functions through its ``site`` attribute: here a fake with
-known answers, set there by monkeypatch. When client/site.py exists the wiring under
-test is the same; only the site functions differ.
+The harness (tests/federation.py) hands each Message straight to the real ClientApp,
+which calls the fake site of tests/fake_site.py (the ``calls`` fixture injects it):
+known answers, so the federation's values can be checked.
 """
 
 import json
@@ -12,147 +11,16 @@ import types
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.serverapp import Grid
 
 from client.app import app as client_app
 from server import checkpoint
 from server.app import run_federation
 from server.run_summary import SUMMARY_NAME
 from shared import wire
-from shared.errors import BudgetExceededError, ConfigError
+from shared.errors import ConfigError
 from shared.run_config import RunConfig
-from tests.e2e.fake_site import fake_ledger
-
-A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
-B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
-SECRET = "Jane Roe (MRN 998877)"
-
-
-def make_fake_site(calls):
-    """TEST-ONLY stand-in for client/site.py: site k adds (k+1) to every entry."""
-    mod = types.ModuleType("client.site")
-
-    def adapter_spec(settings, run):
-        return fake_spec(run)
-
-    def site_train(settings, run, *, global_adapter, round_id):
-        calls.append(("train", settings.site_id, round_id, global_adapter))
-        k = int(settings.site_id[-1])
-        if settings.site_id == "site2":
-            raise BudgetExceededError("ceiling", projected_epsilon=9.0, ceiling=8.0)
-        if settings.site_id == "site3":
-            raise ValueError(f"bad note for {SECRET}")  # must not leave the site as text
-        base = global_adapter or {A: np.zeros((run.lora.r, 4), np.float32),
-                                  B: np.zeros((4, run.lora.r), np.float32)}
-        adapter = {n: v + (k + 1) for n, v in base.items()}
-        privacy = dict(delta=1e-5, noise_multiplier=1.0, sample_rate=0.1, steps=run.train.steps,
-                       max_grad_norm=1.0, accountant=run.train.accountant,
-                       secure_mode=run.train.secure_mode, patients_bucket=10 * (k + 1),
-                       **fake_ledger(settings, run))
-        return adapter, privacy
-
-    def release_update(settings, privacy):  # after the site's wire check (kept apart from calls)
-        mod.released.append((settings.site_id, privacy["ledger_seq"]))
-
-    def site_evaluate(settings, run, *, global_adapter, round_id):
-        calls.append(("evaluate", settings.site_id, round_id, global_adapter))
-        return {"diversity.distinct_1": 0.25 * (int(settings.site_id[-1]) + 1)}
-
-    mod.adapter_spec, mod.site_train, mod.site_evaluate = adapter_spec, site_train, site_evaluate
-    mod.release_update, mod.released = release_update, []
-    return mod
-
-
-class InProcessGrid(Grid):
-    """Delivers each message to a handler per node (the real ClientApp unless overridden)."""
-
-    def __init__(self, contexts, handlers=None, dropped=(), nodes=None):
-        self.contexts, self.handlers, self.dropped = contexts, handlers or {}, set(dropped)
-        self.sent: list[Message] = []
-        self.nodes = nodes  # NodeInfo-like records for get_nodes() (None: no registry, as old grids)
-
-    def set_run(self, run):  # pragma: no cover - not used in-process
-        self._run = run
-
-    @property
-    def run(self):  # pragma: no cover
-        return self._run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def get_nodes(self):
-        if self.nodes is None:
-            raise NotImplementedError
-        return list(self.nodes)
-
-    def push_messages(self, messages):  # pragma: no cover
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # pragma: no cover
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        out = []
-        for msg in messages:
-            self.sent.append(msg)
-            node = msg.metadata.dst_node_id
-            if node in self.dropped:
-                continue
-            handler = self.handlers.get(node, client_app)
-            out.append(handler(msg, self.contexts[node]))
-        return out
-
-
-def contexts(tmp_path, run_config, n=4):
-    return {
-        100 + k: Context(run_id=1, node_id=100 + k, state=RecordDict(), run_config=run_config,
-                         node_config={"site-id": f"site{k}", "output-dir": str(tmp_path / f"s{k}")})
-        for k in range(n)
-    }
-
-
-def site_floors_for_two_fake_sites(monkeypatch):
-    """Site floors (client/policy.py) as the in-process harness needs them.
-
-    Two sites form a SecAgg+ group (the default floor is 3), and one test runs a
-    single-site federation (min-sites 1).
-    """
-    monkeypatch.setenv("FEDSYNTH_SITE_MIN_SECAGG_GROUP_SIZE", "2")
-    monkeypatch.setenv("FEDSYNTH_SITE_MIN_SITES", "1")
-
-
-@pytest.fixture
-def calls(monkeypatch):
-    # The Flower runtime sets the task identity of the ServerApp process; in-process we do.
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
-    log = []
-    monkeypatch.setattr("client.app.site", make_fake_site(log))
-    site_floors_for_two_fake_sites(monkeypatch)
-    coordinator_knows_the_fake_spec(monkeypatch)
-    return log
-
-
-def fake_spec(run):
-    """The fake sites' adapter: LoRA on layer 0's q_proj of a 4-wide one-layer llama."""
-    return {A: ((run.lora.r, 4), run.lora.dtype), B: ((4, run.lora.r), run.lora.dtype)}
-
-
-def coordinator_knows_the_fake_spec(monkeypatch):
-    """The coordinator's round-1 spec is the fake sites' (tests/server/test_app_wire.py checks
-    that a tiny config.json with lora.targets = q_proj gives exactly this spec)."""
-    import server.app
-
-    monkeypatch.setattr(server.app, "run_adapter_spec", lambda run, settings=None: fake_spec(run))
-
-
-RC = {"num-rounds": 1, "min-sites": 2, "lora.r": 2, "timeout.wait-sites": 0}
+from tests.fake_site import SECRET, A, B
+from tests.federation import RC, InProcessGrid, contexts
 
 
 def test_round_aggregates_accepted_sites_only(tmp_path, calls):
@@ -272,10 +140,10 @@ def test_malformed_reply_is_a_typed_refusal_and_the_run_goes_on(tmp_path, calls,
             raise TypeError(SECRET)
         return real(content, **kw)
 
-    import server.rounds
+    import server.rounds as server_rounds
 
     # only the coordinator's view of the wire module explodes (the sites' checks stay real)
-    monkeypatch.setattr(server.rounds, "wire", types.SimpleNamespace(**{**vars(wire), "check_reply": exploding}))
+    monkeypatch.setattr(server_rounds, "wire", types.SimpleNamespace(**{**vars(wire), "check_reply": exploding}))
     summary = run_federation(InProcessGrid(contexts(tmp_path, RC | {"min-sites": 1}, n=2)),
                              RunConfig.from_flower(RC | {"min-sites": 1, "run-name": "other"}),
                              run_dir=tmp_path / "other", sleep=lambda s: None)

@@ -19,8 +19,17 @@ from shared import adapter_spec, wire, wire_secagg
 from shared.errors import ConfigError, WireError
 from shared.run_config import RunConfig
 from shared.settings import CoordinatorSettings
-from tests.e2e.fake_site import fake_ledger
-from tests.server.test_app import RC, A, B, InProcessGrid, calls, contexts, fake_spec  # noqa: F401
+from tests import fake_site
+from tests.fake_site import A, B, fake_privacy, fake_spec, make_fake_site
+from tests.federation import (
+    RC,
+    SECAGG_RC,
+    InProcessGrid,
+    WireGrid,
+    contexts,
+    coordinator_knows_the_fake_spec,
+    site_floors_for_two_fake_sites,
+)
 
 REAL_RUN_ADAPTER_SPEC = server.app.run_adapter_spec  # before the `calls` fixture patches it
 COVERT = "base_model.model.John_Doe_MRN_123456_suicide.lora_A.weight"
@@ -38,9 +47,7 @@ def covert_site(adapter):
         run = RunConfig.from_flower(RC)
         from client.node_config import site_settings
         settings = site_settings(dict(context.node_config))
-        p = dict(delta=1e-5, noise_multiplier=1.0, sample_rate=0.1, steps=run.train.steps, max_grad_norm=1.0,
-                 accountant=run.train.accountant, secure_mode=run.train.secure_mode, patients_bucket=30,
-                 **fake_ledger(settings, run))
+        p = fake_privacy(settings, run, patients_bucket=30)
         return Message(wire.pack_train_reply(adapter, p), reply_to=msg)
     return handler
 
@@ -59,7 +66,7 @@ def coordinator_disk(run_dir):
     # a 64 MB "LoRA" pair under the spec's names (2 x 4M float32 each)
     {A: np.zeros((2, 4 * 2**20), np.float32), B: np.zeros((4 * 2**20, 2), np.float32)},
 ], ids=["patient-name", "extra-pair", "64MB-pair"])
-def test_round_one_adapter_is_checked_against_the_spec(tmp_path, calls, adapter, caplog):  # noqa: F811
+def test_round_one_adapter_is_checked_against_the_spec(tmp_path, calls, adapter, caplog):
     grid = InProcessGrid(contexts(tmp_path, RC, n=3), handlers={102: covert_site(adapter)})
     with caplog.at_level(logging.INFO):
         summary = run_federation(grid, RunConfig.from_flower(RC), run_dir=tmp_path / "run", sleep=lambda s: None)
@@ -109,7 +116,7 @@ def test_embedded_default_spec_is_the_sites_own(monkeypatch):
     assert _MODEL_TYPE_FAMILY == adapter_spec.MODEL_TYPE_FAMILY
 
 
-def test_resume_refuses_a_checkpoint_of_another_spec(tmp_path, calls, monkeypatch):  # noqa: F811
+def test_resume_refuses_a_checkpoint_of_another_spec(tmp_path, calls, monkeypatch):
     run_federation(InProcessGrid(contexts(tmp_path, RC, n=2)), RunConfig.from_flower(RC),
                    run_dir=tmp_path / "run", sleep=lambda s: None)
     rc2 = RC | {"num-rounds": 2}
@@ -119,7 +126,7 @@ def test_resume_refuses_a_checkpoint_of_another_spec(tmp_path, calls, monkeypatc
                        run_dir=tmp_path / "run", sleep=lambda s: None, spec=other)
 
 
-def test_site_of_another_wire_version_is_refused_with_a_clear_message(tmp_path, calls, caplog):  # noqa: F811
+def test_site_of_another_wire_version_is_refused_with_a_clear_message(tmp_path, calls, caplog):
     from client.app import app as client_app
 
     def old_site(msg, context):  # a site from before wire versioning: no "wire" record
@@ -157,14 +164,6 @@ def test_secagg_round_one_refuses_a_covert_layout(tmp_path, monkeypatch):
     from flwr.app import Context, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from tests.server.test_app import (
-        coordinator_knows_the_fake_spec,
-        make_fake_site,
-        site_floors_for_two_fake_sites,
-    )
-    from tests.server.test_secagg import RC as SECAGG_RC
-    from tests.server.test_secagg import WireGrid
-
     for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, attr, value)
     fake = make_fake_site([])
@@ -195,8 +194,6 @@ def test_secagg_round_one_refuses_a_covert_layout(tmp_path, monkeypatch):
 
 def test_e2e_fake_sites_and_the_coordinator_derive_the_same_spec(tmp_path):
     """The e2e bundles (tests/e2e) point FEDSYNTH_COORD_BASE_MODEL_CONFIG at the fake sites' config."""
-    from tests.e2e import fake_site
-
     path = fake_site.write_base_model_config(tmp_path / "base-model")
     for rc in ({"lora.r": 2}, {"lora.r": 4, "lora.targets": "q_proj,v_proj"}):
         run = RunConfig.from_flower(rc)

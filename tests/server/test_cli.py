@@ -76,3 +76,32 @@ def test_help_documents_exit_codes():
         out = CliRunner().invoke(app, ["--help"], terminal_width=200).output
         assert "Exit codes:" in out and "2 settings/usage" in out
     assert "11 the run failed" in CliRunner().invoke(cli.app, ["--help"], terminal_width=200).output
+
+
+def test_keygen_writes_the_coordinator_key_and_refuses_to_overwrite(tmp_path):
+    key = tmp_path / "coordinator.key"
+    first = CliRunner().invoke(cli.app, ["keygen", str(key)])
+    assert first.exit_code == 0, first.output
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600 and "key id:" in first.output
+    before = key.read_bytes()
+    again = CliRunner().invoke(cli.app, ["keygen", str(key)])
+    assert again.exit_code == 2 and "refusing to overwrite" in again.output and "Traceback" not in again.output
+    assert key.read_bytes() == before
+
+
+def test_run_usage_errors_exit_2_before_flwr_is_called(tmp_path, monkeypatch):
+    called = []
+    monkeypatch.setattr(cli, "run_command", lambda *a, **k: called.append(a))
+    monkeypatch.delenv("FEDSYNTH_COORD_RUN_DIR", raising=False)
+    no_dir = CliRunner().invoke(cli.app, ["run", "/opt/fedsynth", "hosp", "--run-name", "r1"])
+    assert no_dir.exit_code == 2 and "FEDSYNTH_COORD_RUN_DIR" in no_dir.output
+    twice = CliRunner().invoke(cli.app, ["run", "/opt/fedsynth", "hosp", "--run-name", "r1",
+                                         "--run-config", "run-name=r2", "--run-dir", str(tmp_path)])
+    assert twice.exit_code == 2 and "--run-name" in twice.output
+    assert called == [] and "Traceback" not in no_dir.output + twice.output
+
+
+def test_pki_refuses_a_bad_host_with_a_clear_error(tmp_path):
+    got = CliRunner().invoke(cli.app, ["pki", str(tmp_path / "pki"), "site-a", "--host", "bad host"])
+    assert got.exit_code == 2 and "error:" in got.output and "Traceback" not in got.output
+    assert not (tmp_path / "pki" / "ca.key").exists()

@@ -2,10 +2,8 @@
 
 import json
 
-import numpy as np
 import pytest
 
-from server import checkpoint
 from server import report as rep
 from server.app import run_federation
 from shared.audit import AuditLog, verify_log
@@ -13,11 +11,8 @@ from shared.report import ConsortiumReport, read_report
 from shared.run_config import RunConfig
 from shared.signing import generate_key, load_private_key, load_public_key, sha256_file
 from shared.verify import EXIT_FAILED, EXIT_OK, exit_code, verify_paths
-from tests.server.test_app import RC, InProcessGrid, calls, contexts  # noqa: F401  (calls: fixture)
-
-RUN = RunConfig.from_flower({"run-name": "r1", "num-rounds": 2, "lora.r": 2, "update-norm-bound": 0.0})
-PRIV = dict(epsilon_round=0.5, delta=1e-5, noise_multiplier=1.0, sample_rate=0.1, steps=10,
-            max_grad_norm=1.0, accountant="prv", secure_mode=False, patients_bucket=40)
+from tests.federation import RC, InProcessGrid, contexts
+from tests.server.summaries import RUN, sample_summary
 
 
 @pytest.fixture
@@ -27,29 +22,9 @@ def key(tmp_path):
     return path
 
 
-def _summary(run_dir):
-    adapter = {"a.lora_A.weight": np.ones((2, 4), np.float32), "a.lora_B.weight": np.zeros((4, 2), np.float32)}
-    rounds = []
-    for rnd in (1, 2):
-        checkpoint.save_round(run_dir / "checkpoints", rnd, {k: v * rnd for k, v in adapter.items()}, lora=RUN.lora)
-        rounds.append({
-            "round": rnd,
-            "train": {"sent": [7, 8, 9], "accepted": [7, 8], "declined": {"9": "budget_exceeded"},
-                      "refused": {}, "failed": [], "missing": []},
-            "aggregated": True, "weights": {"7": 0.5, "8": 0.5},
-            "privacy": {"7": {**PRIV, "epsilon": 0.5 * rnd}, "8": {**PRIV, "epsilon": 0.7 * rnd}},
-            "checkpoint": checkpoint.round_dir_name(rnd),
-            "evaluate": {"sent": [7, 8, 9], "accepted": [7, 8, 9], "declined": {}, "refused": {}, "failed": [],
-                         "missing": [], "mean": {"diversity.distinct_2": 0.4 + 0.1 * rnd}},
-        })
-    return {"run_name": "r1", "num_rounds": 2, "rounds": rounds, "aggregation": "fedavg",
-            "weighting": "patients", "update_norm_bound": 0.0, "secagg": False, "status": "completed",
-            "last_round": 2}
-
-
 def test_report_carries_sites_metrics_and_checkpoint_hashes(tmp_path):
     run_dir = tmp_path / "run"
-    report = rep.build_consortium_report(_summary(run_dir), run=RUN, run_dir=run_dir)
+    report = rep.build_consortium_report(sample_summary(run_dir), run=RUN, run_dir=run_dir)
     assert report.run_id == "r1" and report.rounds == 2
     assert [s.site_id for s in report.sites] == ["node-7", "node-8"]
     assert [p.epsilon for p in report.sites[1].rounds] == [0.7, 1.4]
@@ -65,7 +40,7 @@ def test_report_carries_sites_metrics_and_checkpoint_hashes(tmp_path):
 def test_signed_report_verifies_and_a_flipped_byte_fails(tmp_path, key):
     run_dir = tmp_path / "run"
     audit = rep.open_audit(run_dir, key=load_private_key(key))
-    issued = rep.issue_consortium_report(_summary(run_dir), run=RUN, run_dir=run_dir, audit=audit)
+    issued = rep.issue_consortium_report(sample_summary(run_dir), run=RUN, run_dir=run_dir, audit=audit)
     assert issued.json_path == run_dir / "consortium-report.json" and issued.signature.exists()
     assert "<html" in issued.html_path.read_text().lower()
     keys = {"coordinator": load_public_key(key.with_name(key.name + ".pub"))}
@@ -84,7 +59,7 @@ def test_signed_report_verifies_and_a_flipped_byte_fails(tmp_path, key):
 def test_report_signed_by_a_site_key_is_refused(tmp_path, key):
     run_dir = tmp_path / "run"
     audit = rep.open_audit(run_dir, key=load_private_key(key))
-    issued = rep.issue_consortium_report(_summary(run_dir), run=RUN, run_dir=run_dir, audit=audit)
+    issued = rep.issue_consortium_report(sample_summary(run_dir), run=RUN, run_dir=run_dir, audit=audit)
     keys = {"site-a": load_public_key(key.with_name(key.name + ".pub"))}
     results = verify_paths([issued.json_path], keys)
     assert exit_code(results) == EXIT_FAILED and "not by 'coordinator'" in results[0].message
@@ -92,7 +67,7 @@ def test_report_signed_by_a_site_key_is_refused(tmp_path, key):
 
 def test_audit_round_records_every_site_with_a_short_reason(tmp_path):
     audit = AuditLog(tmp_path / "audit.jsonl", actor="coordinator")
-    record = _summary(tmp_path / "run")["rounds"][0]
+    record = sample_summary(tmp_path / "run")["rounds"][0]
     record["train"]["refused"] = {"10": ["adapter: " + "x" * 500 + "\nnewline"]}
     record["train"]["missing"] = [11]
     rep.audit_round(audit, record)
@@ -108,7 +83,7 @@ def test_audit_round_records_every_site_with_a_short_reason(tmp_path):
     assert entries[0]["data"]["epsilon"] == 0.5 and entries[-1]["data"]["aggregated"] is True
 
 
-def test_federation_run_dir_verifies_end_to_end(tmp_path, key, calls):  # noqa: F811
+def test_federation_run_dir_verifies_end_to_end(tmp_path, key, calls):
     run_dir = tmp_path / "run"
     rc = RC | {"num-rounds": 2}
     run_federation(InProcessGrid(contexts(tmp_path, rc, n=3)), RunConfig.from_flower(rc), run_dir=run_dir,

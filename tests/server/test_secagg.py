@@ -3,7 +3,7 @@
 Messages travel through Flower's protobuf serde both ways (as on the wire: the
 SecAgg+ workflow sends one shared content object to every node, which the mod
 mutates), and a ClientApp exception becomes an error reply as Flower makes it.
-The site functions are the TEST-ONLY fake of tests/server/test_app.py: site k
+The site functions are the TEST-ONLY fake of tests/fake_site.py: site k
 sends the global adapter + (k + 1) with patients bucket 10 (k + 1), so the plain
 FedAvg is known; every test checks VALUES (SecAgg+ with the wrong layout fails
 silently: the run completes and the adapter stays unchanged).
@@ -13,8 +13,7 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
-from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client.app import app as client_app
 from server import checkpoint
@@ -22,69 +21,10 @@ from server.app import run_federation
 from shared import wire, wire_secagg
 from shared.errors import ConfigError, WireError
 from shared.run_config import RunConfig
-from tests.server.test_app import (
-    SECRET,
-    A,
-    B,
-    InProcessGrid,
-    contexts,
-    coordinator_knows_the_fake_spec,
-    make_fake_site,
-    site_floors_for_two_fake_sites,
-)
-
-R = 4.0  # the fake sends values up to 5: a clipping range that covers them
-RC = {"num-rounds": 1, "min-sites": 2, "lora.r": 2, "timeout.wait-sites": 0, "secagg": True,
-      "secagg-clipping-range": R}
-Q = 2**22
-
-
-class WireGrid(InProcessGrid):
-    """InProcessGrid, but every message is serialised both ways and exceptions become error replies."""
-
-    def send_and_receive(self, messages, *, timeout=None):
-        self.received = getattr(self, "received", [])
-        out = []
-        for msg in messages:
-            self.sent.append(msg)
-            node = msg.metadata.dst_node_id
-            if node in self.dropped:
-                continue
-            received = message_from_proto(message_to_proto(msg))
-            try:
-                reply = self.handlers.get(node, client_app)(received, self.contexts[node])
-            except Exception as exc:  # as Flower's runtime does
-                reply = Message(Error(code=1, reason=f"{type(exc)}:<'{exc}'>"), reply_to=received)
-            out.append(message_from_proto(message_to_proto(reply)))
-        self.received.extend(out)
-        return out
-
-
-@pytest.fixture
-def calls(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
-    log = []
-    monkeypatch.setattr("client.app.site", make_fake_site(log))
-    site_floors_for_two_fake_sites(monkeypatch)
-    coordinator_knows_the_fake_spec(monkeypatch)
-    return log
-
-
-def quantisation_bound(weights, max_weight=1000):
-    """Largest error per coordinate of SecAgg+'s weighted mean: n steps of 2R/Q over sum(q_i)/Q."""
-    q = [round(w / max_weight * Q) for w in weights]
-    return len(weights) * (2 * R / Q) / (sum(q) / Q) + 1e-6
-
-
-def run(tmp_path, rc, n=2, handlers=None, dropped=(), name="run"):
-    ctx = contexts(tmp_path, rc, n=n)
-    grid = WireGrid(ctx, handlers=handlers, dropped=dropped)
-    summary = run_federation(grid, RunConfig.from_flower(rc), run_dir=tmp_path / name, sleep=lambda s: None)
-    latest = checkpoint.load_latest(tmp_path / name / "checkpoints")
-    return summary, (latest[1] if latest else None), grid
+from tests.fake_site import SECRET, A, B
+from tests.federation import SECAGG_RC as RC
+from tests.federation import WireGrid, contexts, quantisation_bound
+from tests.federation import run_over_wire as run
 
 
 def test_secure_rounds_equal_plain_fedavg(tmp_path, calls):

@@ -30,7 +30,9 @@ from shared.errors import LedgerError
 from shared.report import ConsortiumReport, read_report
 from shared.run_config import RunConfig
 from shared.signing import generate_key, load_private_key
-from tests.server.test_app import RC, InProcessGrid, calls, contexts  # noqa: F401  (calls: fixture)
+from tests.federation import RC, InProcessGrid, contexts
+from tests.server.summaries import RUN as REPORT_RUN
+from tests.server.summaries import sample_summary
 
 RUN = (1.0, 0.1, 50)  # sigma, q, steps of one honest round
 
@@ -164,7 +166,7 @@ def _ledger(tmp_path, k):
     return tmp_path / f"s{k}" / f"fake-ledger-site{k}.json"
 
 
-def test_site_that_deletes_its_state_is_refused_and_the_round_goes_on(tmp_path, calls):  # noqa: F811
+def test_site_that_deletes_its_state_is_refused_and_the_round_goes_on(tmp_path, calls):
     rc = RC | {"num-rounds": 2, "min-sites": 1}
     ctx = contexts(tmp_path, rc, n=2)
     first = run_federation(InProcessGrid(ctx), RunConfig.from_flower(rc), run_dir=tmp_path / "a",
@@ -184,9 +186,9 @@ def test_site_that_deletes_its_state_is_refused_and_the_round_goes_on(tmp_path, 
     assert all("site_budget_sha256" in e["data"] for e in audit if e["kind"] == "round")
 
 
-def test_restored_backup_is_refused_under_secagg(tmp_path, calls):  # noqa: F811
-    from tests.server.test_secagg import RC as SECAGG_RC
-    from tests.server.test_secagg import run as secagg_run
+def test_restored_backup_is_refused_under_secagg(tmp_path, calls):
+    from tests.federation import SECAGG_RC
+    from tests.federation import run_over_wire as secagg_run
 
     rc = SECAGG_RC | {"num-rounds": 1}
     backup = tmp_path / "backup.json"
@@ -204,7 +206,7 @@ def test_restored_backup_is_refused_under_secagg(tmp_path, calls):  # noqa: F811
     assert refused["100"]["kind"] == "too_few" and rnd["aggregated"] is False and adapter is None
 
 
-def test_consortium_report_shows_anchored_and_recomputed_epsilon(tmp_path, calls):  # noqa: F811
+def test_consortium_report_shows_anchored_and_recomputed_epsilon(tmp_path, calls):
     key = tmp_path / "keys" / "coordinator.key"
     generate_key(key)
     rc = RC | {"num-rounds": 2}
@@ -229,13 +231,10 @@ def test_consortium_report_shows_anchored_and_recomputed_epsilon(tmp_path, calls
 
 
 def test_old_summaries_without_anchor_still_make_a_report(tmp_path):
-    from tests.server.test_report import RUN as REPORT_RUN
-    from tests.server.test_report import _summary
-
-    report = rep.build_consortium_report(_summary(tmp_path / "run"), run=REPORT_RUN, run_dir=tmp_path / "run")
+    report = rep.build_consortium_report(sample_summary(tmp_path / "run"), run=REPORT_RUN, run_dir=tmp_path / "run")
     assert all(s.ledger_seq is None and s.epsilon_recomputed is None for s in report.sites)
     audit = AuditLog(tmp_path / "audit.jsonl", actor="coordinator")
-    rep.audit_round(audit, _summary(tmp_path / "run2")["rounds"][0])
+    rep.audit_round(audit, sample_summary(tmp_path / "run2")["rounds"][0])
 
 
 def test_report_schema_refuses_what_the_anchor_refuses():

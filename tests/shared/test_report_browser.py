@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from shared.report_html import render_html
-from tests.shared.test_report import consortium_report, site_report
+from tests.shared.reports import consortium_report, site_report
 
 pytestmark = pytest.mark.e2e
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -6,7 +6,7 @@ from shared.report import Participation
 from shared.report_html import metric_direction, render_html
 from shared.verdict import MAX_MIA_AUC, MEMORIZATION_MARGINS, consortium_verdict, site_verdict
 from shared.whitelist import METRIC_NAMES
-from tests.shared.test_report import consortium_report, site_report
+from tests.shared.reports import consortium_report, site_report
 
 SAFE = {"dp.train.verbatim_13_rate": 0.01, "dp.heldout.verbatim_13_rate": 0.01,
         "dp.train.loss_drop_mean": 0.30, "dp.heldout.loss_drop_mean": 0.28, "count.reports": 20.0}

@@ -1,4 +1,3 @@
-import hashlib
 import json
 import subprocess
 import sys
@@ -6,72 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from shared.audit import AuditLog
-from shared.report import write_report
-from shared.signing import canonical_json, generate_key, load_private_key, sign_file
-from shared.verify import main
-from tests.shared.test_report import consortium_report, site_report
+from shared.signing import canonical_json, sign_file
+from tests.shared.reports import key_args, run
 
 ROOT = Path(__file__).resolve().parents[2]
-NAMES = ("site-a", "site-b", "coordinator")
-
-
-def _issue(log: AuditLog, report, path: Path, key) -> None:
-    """What client/privacy_report.py and server/report.py do: position, write+sign, report_issued."""
-    seq, head = log.head()
-    report = report.model_copy(update={"audit_seq": seq, "audit_head": head})
-    write_report(report, path, key=key)
-    data = {"report": path.relative_to(log.path.parent).as_posix(),
-            "report_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-    if hasattr(report, "site_id"):
-        data["round"] = report.round
-    log.append("report_issued", data)
-
-
-@pytest.fixture
-def bundle(tmp_path):
-    """What an auditor receives: public keys, signed reports, signed audit logs, a signed checkpoint."""
-    keys_dir, private = tmp_path / "keys", {}
-    for name in NAMES:
-        generate_key(tmp_path / "private" / f"{name}.key")
-        private[name] = load_private_key(tmp_path / "private" / f"{name}.key")
-        keys_dir.mkdir(exist_ok=True)
-        (keys_dir / f"{name}.key.pub").write_bytes((tmp_path / "private" / f"{name}.key.pub").read_bytes())
-    out = tmp_path / "bundle"
-    for site in ("site-a", "site-b"):
-        log = AuditLog(out / site / "audit.jsonl", key=private[site], actor=site)
-        log.append("run_start", {"run_id": "run-1"})
-        for rnd in (1, 2):
-            log.append("round", {"round": rnd, "epsilon": 1.0})
-            _issue(log, site_report(site_id=site, round_=rnd, history=[]),
-                   out / site / f"report-round-{rnd}.json", private[site])
-    clog = AuditLog(out / "coordinator" / "coordinator.audit.jsonl", key=private["coordinator"], actor="coordinator")
-    clog.append("update_accepted", {"round": 1, "site": "site-a"})
-    clog.append("update_rejected", {"round": 1, "site": "site-b", "reason": "norm bound"})
-    ckpt = out / "coordinator" / "adapter.safetensors"
-    ckpt.write_bytes(b"\x00\x01weights" * 100)
-    sign_file(ckpt, private["coordinator"])
-    checkpoints = [{"round": 2, "path": "adapter.safetensors",
-                    "sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest()}]
-    _issue(clog, consortium_report(checkpoints=checkpoints), out / "coordinator" / "consortium.json",
-           private["coordinator"])
-    (out / "README.txt").write_text("not signed, ignored")
-    return {"dir": out, "keys": keys_dir, "private": private}
-
-
-def key_args(bundle, names=NAMES):
-    args = []
-    for n in names:
-        args += ["--key", f"{n}={bundle['keys'] / (n + '.key.pub')}"]
-    return args
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_everything_verifies(bundle, capsys):
     code, out, _ = run(capsys, bundle["dir"], *key_args(bundle))
     assert code == 0, out

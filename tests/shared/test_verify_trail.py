@@ -3,7 +3,6 @@
 Every test here starts from the consistent bundle of test_verify (exit 0) and plays an
 operator who edits files without the signing keys (or with another party's key).
 """
-# ruff: noqa: F811 - tests take the imported `bundle` fixture as an argument
 
 import json
 import shutil
@@ -11,8 +10,7 @@ import shutil
 import pytest
 
 from shared.audit import AuditLog
-from tests.shared.test_report import site_report
-from tests.shared.test_verify import _issue, bundle, key_args, run  # noqa: F401 - the fixture
+from tests.shared.reports import issue_report, key_args, run, site_report
 
 
 def _fails(capsys, bundle, *needles):
@@ -127,7 +125,7 @@ def test_deleted_checkpoint_fails(bundle, capsys):
 def test_reissued_round_keeps_the_latest_entry(bundle, capsys):
     # a site may re-issue a round (restart): the latest report_issued for the path wins
     log = AuditLog(bundle["dir"] / "site-a" / "audit.jsonl", key=bundle["private"]["site-a"], actor="site-a")
-    _issue(log, site_report(site_id="site-a", round_=2, history=[], metrics_mode="dp-noised"),
+    issue_report(log, site_report(site_id="site-a", round_=2, history=[], metrics_mode="dp-noised"),
            bundle["dir"] / "site-a" / "report-round-2.json", bundle["private"]["site-a"])
     code, out, _ = run(capsys, bundle["dir"], *key_args(bundle))
     assert code == 0, out
