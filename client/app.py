@@ -72,7 +72,6 @@ from shared.errors import (
     BudgetExceededError,
     ConfigError,
     EvaluationBudgetError,
-    PrivacyError,
     Problem,
 )
 from shared.run_config import RunConfig
@@ -183,30 +182,9 @@ def _audit_log(settings: SiteSettings) -> Any:
 
 
 def floored_run(run: RunConfig, settings: SiteSettings, *, phase: str, message: Message) -> RunConfig:
-    """``run`` tightened to the site's floors (:func:`client.policy.apply_site_floors`), reported.
-
-    A run the site refuses (PrivacyError) is written to the audit log as
-    ``update_rejected`` (reason ``site_floor``) and the error re-raised.
-    """
-    round_id = _claimed_round(message)
-    try:
-        run, tightened = policy.apply_site_floors(run, settings)
-    except PrivacyError as exc:
-        log.warning("%s round %s refused by this site's floors: %s", phase, round_id, exc)
-        audit = _audit_log(settings)
-        if audit is not None:
-            data: dict[str, Any] = {"phase": phase, "reason": "site_floor",
-                                    "problems": [str(p)[:200] for p in exc.problems]}
-            if round_id is not None:
-                data["round"] = round_id
-            try:
-                audit.append("update_rejected", data)
-            except Exception:
-                log.exception("could not write the refusal to the site's audit log")
-        raise
-    if tightened:
-        policy.report_tightened(tightened, phase=phase, round_id=round_id, audit=_audit_log(settings))
-    return run
+    """``run`` tightened to the site's floors (:func:`client.policy.floor_run`, the one place)."""
+    return policy.floor_run(run, settings, phase=phase, round_id=_claimed_round(message),
+                            audit=lambda: _audit_log(settings))
 
 
 def refuse_plain_round(message: Message, settings: SiteSettings) -> RecordDict:
