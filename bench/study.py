@@ -243,14 +243,14 @@ for rnd in range(1, run.num_rounds + 1 if args["mode"] != "zero-shot" else 1):
             if res.ledger_entry is not None or res.privacy.private:
                 raise SystemExit("the non-private baseline reserved privacy budget")
             update = {k: v.detach().float().cpu().numpy() for k, v in res.adapter.items()}
-            privacy = res.privacy.as_dict()
+            privacy = res.privacy.to_record()
         update = {k: v.astype(run.lora.dtype) for k, v in update.items()}
         try:
-            wire.check_reply(wire.pack_train_reply(update, privacy), kind="train",
-                             spec=site.adapter_spec(s, run), run=run)
+            reply = wire.check_reply(wire.pack_train_reply(update, privacy), kind="train",
+                                     spec=site.adapter_spec(s, run), run=run)
             report["wire_refused"][s.site_id] = False
             if args["mode"] == "dp":  # as the ClientApp: released only after the wire check
-                site.release_update(s, privacy)
+                site.release_update(s, reply.privacy)
         except WireError:
             report["wire_refused"][s.site_id] = True
             if args["mode"] == "dp":

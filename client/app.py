@@ -334,9 +334,10 @@ def secagg_train_reply(message: Message, context: Context) -> RecordDict:
         adapter = _to_wire_dtype(adapter, run.lora.dtype)
         reply = wire.check_reply(wire.pack_train_reply(adapter, privacy), kind="train", spec=spec, run=run)
         contribution = secagg_contribution(reply.adapter, got.adapter, run)
-        weight = wire_secagg.secagg_weight(int(reply.privacy["patients_bucket"]), run)
+        weight = wire_secagg.secagg_weight(reply.privacy.patients_bucket, run)
         content = _checked_secagg(
-            wire_secagg.pack_secagg_reply(contribution, weight=weight, privacy=reply.privacy), spec, run
+            wire_secagg.pack_secagg_reply(contribution, weight=weight, privacy=reply.privacy.to_record()),
+            spec, run
         )
         _site().release_update(settings, reply.privacy)  # after every check, as on the plain path
         return content

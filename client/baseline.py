@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader
 
-from client.dp_config import PrivacyScalars, TrainResult
+from client.dp_config import TrainResult
 from client.examples import per_patient_loss
 from client.model import adapter_state
 from shared.dp_defaults import patients_bucket
 from shared.errors import Problem, TrainingError
+from shared.privacy_scalars import PrivacyScalars
 from shared.run_config import TrainConfig
 
 if TYPE_CHECKING:

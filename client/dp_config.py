@@ -21,65 +21,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from shared.errors import Problem
+from shared.privacy_scalars import PrivacyScalars
 from shared.run_config import CLIPPINGS, TrainConfig
 from shared.wire import ACCOUNTANTS
 
 if TYPE_CHECKING:
     from client.ledger import LedgerEntry
-
-
-@dataclass(frozen=True)
-class PrivacyScalars:
-    """What this round cost, as sent with the adapter (``shared.wire.PRIVACY_KEYS``).
-
-    ``epsilon`` is cumulative over every round in the site's ledger (recomputed
-    from the whole ledger), ``epsilon_round`` this round alone; both at
-    ``delta``, per patient. ``patients_bucket`` is the number of training
-    patients rounded down to a multiple of 10 (the exact count does not leave).
-    A non-private baseline (``train_dp(..., private=False)``) reports epsilon =
-    epsilon_round = +inf, noise_multiplier = 0, max_grad_norm = +inf and
-    accountant "none": :func:`shared.wire.check_reply` refuses every one of them.
-    ``ledger_seq``/``ledger_head`` name this round's reservation in the site's
-    ledger (its seq and chain hash; 0 and 64 zeros when nothing was reserved):
-    the coordinator records them per site so a ledger that is later lowered,
-    restored or forked is noticed outside the site (docs/privacy-model.md).
-    ``epsilon`` covers at least every record up to ``ledger_seq``.
-    """
-
-    epsilon: float
-    epsilon_round: float
-    delta: float
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    max_grad_norm: float
-    accountant: str
-    secure_mode: bool
-    patients_bucket: int
-    ledger_seq: int = 0
-    ledger_head: str = "0" * 64
-
-    def as_dict(self) -> dict[str, float | int | str | bool]:
-        """The scalars keyed exactly by ``shared.wire.PRIVACY_KEYS``."""
-        return {
-            "epsilon": float(self.epsilon),
-            "epsilon_round": float(self.epsilon_round),
-            "delta": float(self.delta),
-            "noise_multiplier": float(self.noise_multiplier),
-            "sample_rate": float(self.sample_rate),
-            "steps": int(self.steps),
-            "max_grad_norm": float(self.max_grad_norm),
-            "accountant": str(self.accountant),
-            "secure_mode": bool(self.secure_mode),
-            "patients_bucket": int(self.patients_bucket),
-            "ledger_seq": int(self.ledger_seq),
-            "ledger_head": str(self.ledger_head),
-        }
-
-    @property
-    def private(self) -> bool:
-        """False for the non-private baseline (no noise, unbounded epsilon)."""
-        return self.noise_multiplier > 0 and math.isfinite(self.epsilon)
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from client.train import TrainResult, train_dp
 from shared.audit import AuditLog
 from shared.dp_defaults import default_delta  # noqa: F401  (re-exported: bench, tests)
 from shared.errors import BudgetExceededError, LedgerError, PrivacyError
+from shared.privacy_scalars import PrivacyScalars
 from shared.run_config import LoraConfig, RunConfig
 from shared.settings import SiteSettings
 from shared.signing import load_private_key
@@ -232,8 +233,8 @@ def site_train(
     *,
     global_adapter: Mapping[str, np.ndarray] | None,
     round_id: int,
-) -> tuple[dict[str, np.ndarray], dict[str, float | int | str | bool]]:
-    """One federated training round: (adapter tensors, privacy scalars) to send.
+) -> tuple[dict[str, np.ndarray], dict[str, float | int | str | bool | None]]:
+    """One federated training round: (adapter tensors, privacy scalars' wire form) to send.
 
     Nothing is marked released here: the caller does that with
     :func:`release_update` once the reply passed :func:`shared.wire.check_reply`.
@@ -250,14 +251,14 @@ def site_train(
         raise
     entry = result.ledger_entry
     # The reservation's ledger position travels with the update: the coordinator's anchor.
-    privacy = dataclasses.replace(result.privacy, ledger_seq=entry.seq, ledger_head=entry.hash).as_dict()
+    privacy = dataclasses.replace(result.privacy, ledger_seq=entry.seq, ledger_head=entry.hash).to_record()
     log.append("round", {"round": round_id, "phase": "train", "epsilon": round(result.privacy.epsilon, 6),
                          "adapter_sha256": adapter_hash(result.adapter)})
     adapter = {k: v.detach().to(torch.float32).cpu().numpy() for k, v in result.adapter.items()}
     return adapter, privacy
 
 
-def release_update(settings: SiteSettings, privacy: Mapping[str, object]) -> None:
+def release_update(settings: SiteSettings, privacy: PrivacyScalars) -> None:
     """Record that the update with these (checked) privacy scalars is leaving the site.
 
     Called by the ClientApp only after :func:`shared.wire.check_reply` passed: the
@@ -267,7 +268,7 @@ def release_update(settings: SiteSettings, privacy: Mapping[str, object]) -> Non
     (the reservation already counted). LedgerError when no such reservation exists.
     """
     ledger = open_ledger(settings)
-    seq, head = privacy.get("ledger_seq"), privacy.get("ledger_head")
+    seq, head = privacy.ledger_seq, privacy.ledger_head
     entry = next((e for e in ledger.entries() if e.kind == "reserve" and (e.seq, e.hash) == (seq, head)), None)
     if entry is None:
         raise LedgerError(f"{ledger.path}: the update names ledger record {seq!r}, which is not a "

@@ -54,7 +54,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from torch.utils.data import DataLoader
 
 from client.baseline import train_nonprivate
-from client.dp_config import PrivacyScalars, TrainResult, config_problems
+from client.dp_config import TrainResult, config_problems
 from client.dp_noise import GaussianNoise, noise_source_name, note_window_rng, use_noise
 from client.dp_sampling import patients_bucket, poisson_loader, sample_rate_for
 from client.dp_steps import bookkeeping_steps, opacus_steps
@@ -63,6 +63,7 @@ from client.model import adapter_state
 from client.notes import group_by_patient
 from shared.accounting import compute_epsilon
 from shared.errors import ConfigError, PrivacyError, Problem, TrainingError
+from shared.privacy_scalars import PrivacyScalars
 from shared.run_config import TrainConfig
 
 if TYPE_CHECKING:

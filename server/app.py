@@ -50,6 +50,7 @@ from server import checkpoint, report, secagg, site_budget, site_names, strategy
 from shared import adapter_spec, wire
 from shared.audit import AuditLog
 from shared.errors import ConfigError, Problem
+from shared.privacy_scalars import PrivacyScalars
 from shared.run_config import RunConfig
 from shared.settings import CoordinatorSettings, load_settings
 from shared.signing import load_private_key, sha256_file
@@ -260,7 +261,7 @@ class _Anchor:
         self._registry, self._keys, self._run, self._round = registry, keys, run_name, round_id
         self.admitted: dict[str, dict[str, Any]] = {}
 
-    def admit(self, node: int, privacy: dict[str, Any]) -> site_budget.BudgetRefusal | None:
+    def admit(self, node: int, privacy: PrivacyScalars) -> site_budget.BudgetRefusal | None:
         """None when the update is anchored; else the typed refusal (nothing recorded)."""
         key = site_budget.key_for(node, self._keys)
         got = self._registry.admit(key, privacy, run_name=self._run, round_id=self._round, node=node)
@@ -318,7 +319,7 @@ def _send(
 
 def _classify(
     replies: list[Message], sent: list[int], *, kind: str, spec: wire.AdapterSpec | None, run: RunConfig,
-    anchor: Callable[[int, dict[str, Any]], site_budget.BudgetRefusal | None] | None = None,
+    anchor: Callable[[int, PrivacyScalars], site_budget.BudgetRefusal | None] | None = None,
 ) -> dict[str, Any]:
     """Sort replies into accepted / declined / refused / failed / missing (by node id).
 
@@ -366,7 +367,7 @@ def _aggregate(
     nodes = sorted(accepted)
     updates = [accepted[n].adapter for n in nodes]
     weights = strategy.site_weights(
-        [int(accepted[n].privacy["patients_bucket"]) for n in nodes],
+        [accepted[n].privacy.patients_bucket for n in nodes],
         scheme=run.weighting, cap=run.weight_cap,
     )
     norms = [strategy.update_norm(strategy.update_delta(u, global_adapter)) for u in updates]
@@ -377,7 +378,7 @@ def _aggregate(
     record["aggregated"] = True
     record["weights"] = {str(n): w for n, w in zip(nodes, weights, strict=True)}
     record["update_norms"] = {str(n): v for n, v in zip(nodes, norms, strict=True)}
-    record["privacy"] = {str(n): dict(accepted[n].privacy) for n in nodes}
+    record["privacy"] = {str(n): accepted[n].privacy.to_record() for n in nodes}
     return new
 
 

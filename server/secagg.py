@@ -74,6 +74,7 @@ from server.report import refusal_record, wire_refusal
 from server.site_budget import BudgetRefusal
 from shared import wire, wire_secagg
 from shared.errors import Problem, WireError
+from shared.privacy_scalars import PrivacyScalars
 from shared.run_config import RunConfig
 
 log = logging.getLogger("fedsynth.coordinator")
@@ -90,7 +91,7 @@ def train_round(
     round_id: int,
     global_adapter: Adapter | None,
     record: dict[str, Any],
-    anchor: Callable[[int, dict[str, Any]], BudgetRefusal | None] | None = None,
+    anchor: Callable[[int, PrivacyScalars], BudgetRefusal | None] | None = None,
     spec: wire.AdapterSpec | None = None,
 ) -> Adapter | None:
     """One SecAgg+ train round over ``nodes``; the new global adapter, or None (unchanged).
@@ -134,7 +135,8 @@ def train_round(
         log.exception("round %d: SecAgg+ protocol failed", round_id)
     record["train"] = checked.summary()
     record["weights"] = {str(n): r.weight for n, r in sorted(checked.accepted.items())}
-    record["privacy"] = {str(n): dict(r.privacy or {}) for n, r in sorted(checked.accepted.items())}
+    record["privacy"] = {str(n): r.privacy.to_record() if r.privacy is not None else {}
+                         for n, r in sorted(checked.accepted.items())}
     new = _new_global(strategy, checked, global_adapter, run)
     record["aggregated"] = new is not None
     if new is None:
@@ -176,7 +178,7 @@ class _CheckedGrid:
     """
 
     def __init__(self, grid: Grid, run: RunConfig, spec: wire.AdapterSpec | None, sent: list[int],
-                 anchor: Callable[[int, dict[str, Any]], BudgetRefusal | None] | None = None,
+                 anchor: Callable[[int, PrivacyScalars], BudgetRefusal | None] | None = None,
                  round_id: int | None = None):
         self._grid, self._run, self._spec, self._sent = grid, run, spec, sent
         self._anchor = anchor

@@ -15,8 +15,9 @@ import torch
 from flwr.app import Context, Message, RecordDict
 
 from client.app import app as client_app
-from client.dp_config import PrivacyScalars, TrainResult
+from client.dp_config import TrainResult
 from shared import wire
+from shared.privacy_scalars import PrivacyScalars
 from tests.server.test_app import A, B
 from tests.server.test_secagg import RC as SECAGG_RC
 from tests.server.test_secagg import calls, run  # noqa: F401  (calls: fixture)
@@ -36,7 +37,8 @@ def site(monkeypatch):
         monkeypatch.setattr(TaskIdentity, attr, value)
     mod = importlib.import_module("client.site")
 
-    def train_local_round(settings, *, dp, lora, round_id, global_adapter=None, **_):
+    def train_local_round(settings, run, *, round_id, global_adapter=None, **_):
+        dp = run.train
         ledger = mod.open_ledger(settings)
         entry = ledger.reserve(round_id=str(round_id), noise_multiplier=1.0, sample_rate=0.1, steps=3,
                                delta=1e-5, accountant=dp.accountant, epsilon_ceiling=settings.epsilon_ceiling)

@@ -21,8 +21,8 @@ from client.model import FAMILIES, adapter_state, add_lora, tiny_random_model
 from client.notes import Note
 from client.train import noise_multiplier_for, train_dp
 from shared.errors import BudgetExceededError, ConfigError, PrivacyError
+from shared.privacy_scalars import PRIVACY_KEYS
 from shared.run_config import TrainConfig
-from shared.wire import PRIVACY_KEYS
 
 TEXT = "The patient reports low mood and poor sleep for two months. Plan: review in two weeks."
 
@@ -135,7 +135,7 @@ def test_only_lora_moves_and_epsilon_accumulates_over_rounds(ledger):
         assert_opacus_gone(model)  # so the next round can wrap it again
 
         p = result.privacy
-        assert set(p.as_dict()) == PRIVACY_KEYS
+        assert set(p.to_record()) == PRIVACY_KEYS
         assert (p.noise_multiplier, p.sample_rate, p.steps) == (
             cfg.noise_multiplier,
             0.2,
@@ -465,7 +465,7 @@ def test_nonprivate_baseline_trains_without_ledger_and_is_refused_on_the_wire(le
     run = RunConfig.from_flower({"lora.r": 4, "train.accountant": "rdp"})
     with pytest.raises(WireError) as refused:
         wire.check_reply(
-            wire.pack_train_reply(adapter, p.as_dict()), kind="train", spec=wire.spec_of(adapter), run=run
+            wire.pack_train_reply(adapter, p.to_record()), kind="train", spec=wire.spec_of(adapter), run=run
         )
     refused_keys = {pr.where for pr in refused.value.problems}
     assert {"privacy['epsilon']", "privacy['noise_multiplier']", "privacy['accountant']"} <= refused_keys
@@ -477,7 +477,7 @@ def test_nonprivate_baseline_trains_without_ledger_and_is_refused_on_the_wire(le
     )
     adapter = {k: v.numpy().astype(np.float32) for k, v in private.adapter.items()}
     wire.check_reply(
-        wire.pack_train_reply(adapter, private.privacy.as_dict()), kind="train",
+        wire.pack_train_reply(adapter, private.privacy.to_record()), kind="train",
         spec=wire.spec_of(adapter), run=run,
     )
     assert private.privacy.private and len(ledger.history()) == 1

@@ -52,7 +52,7 @@ def make_fake_site(calls):
         return adapter, privacy
 
     def release_update(settings, privacy):  # after the site's wire check (kept apart from calls)
-        mod.released.append((settings.site_id, privacy["ledger_seq"]))
+        mod.released.append((settings.site_id, privacy.ledger_seq))
 
     def site_evaluate(settings, run, *, global_adapter, round_id):
         calls.append(("evaluate", settings.site_id, round_id, global_adapter))
