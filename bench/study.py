@@ -103,6 +103,7 @@ def plan(*, reduced: bool, seed: int = 0) -> StudyPlan:
         "train.max-physical-batch-size": 16,  # one physical batch per step: faster on CPU
         "train.max-length": 256,  # default 448: shorter windows, faster steps
         "lora.r": 8,  # default 16: half the adapter, half the per-step cost
+        "lora.alpha": 16.0,  # default 32: the recipe's scale alpha/r = 2 at r 8
         "generate.reports-per-code": 2,  # default 20: evaluation time
         "generate.max-new-tokens": 128,  # default 256: evaluation time
         "generate.seed": seed,  # the study's seed (the run's generation and LoRA init)

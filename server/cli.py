@@ -64,6 +64,7 @@ DEMO_OVERRIDES: dict[str, bool | int | float | str] = {
     "train.noise-multiplier": 0.0,  # noise by a per-round ε target instead of a fixed σ
     "train.epsilon-per-round": 1.0,
     "lora.r": 8,  # default 16: half the adapter, half the per-step cost
+    "lora.alpha": 16.0,  # default 32: the recipe's scale alpha/r = 2 at r 8
     "generate.reports-per-code": 2,  # default 20: evaluation dominates each round's time
     "generate.max-new-tokens": 128,  # default 256
 }

@@ -64,7 +64,7 @@ def test_generate_missing_adapter_is_a_clear_error(tmp_path, monkeypatch, staged
     assert result.exception is None or isinstance(result.exception, SystemExit)  # typer.Exit
 
 
-def test_train_lora_targets_reach_the_lora_params(tmp_path, monkeypatch):
+def test_train_lora_targets_reach_the_run_config(tmp_path, monkeypatch):
     seen = {}
 
     def fake_round(settings, run, *, round_id, progress):
