@@ -96,7 +96,6 @@ def plan(*, reduced: bool, seed: int = 0) -> StudyPlan:
     # them), and why: the study must fit ~25 minutes on a 2-core laptop, and its sites are small.
     config: dict[str, Any] = {
         "min-sites": 3,  # every demo site in every round
-        "timeout.wait-sites": 300,
         "train.steps": 30,  # default 100: six arms x 2 rounds x 3 sites on 2 cores
         # default 64 needs 128 training patients per site (q <= 1/2); the study's sites have 64
         "train.expected-batch-size": 16,

@@ -10,6 +10,7 @@ and compare everything it and the model builder were given.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from types import SimpleNamespace
@@ -104,3 +105,18 @@ def test_default_round_is_the_recipe_floored_by_the_site(tmp_path, captured):
     # sigma 1.0 at q = 64/400 over 100 steps costs more than the default per-round cap of 2
     assert (train.noise_multiplier, train.epsilon_per_round) == (0.0, 2.0)
     assert got["private"] is True and got["seed"] == RunConfig().lora.init_seed
+
+
+def test_the_non_private_switch_is_unreachable_from_a_run():
+    """``private=False`` (the study's baseline) is an argument of train_dp/train_local_round only:
+    no run-config type has such a field, and neither the ClientApp nor the site CLI passes it."""
+    import dataclasses
+    import inspect
+
+    from shared.run_config import GenerateConfig, LoraConfig, TrainConfig
+
+    for typ in (RunConfig, TrainConfig, LoraConfig, GenerateConfig):
+        assert not [f.name for f in dataclasses.fields(typ) if "private" in f.name]
+    assert "private" not in inspect.signature(site_mod.site_train).parameters
+    for module in ("app.py", "cli.py"):
+        assert not re.search(r"\bprivate\s*=", (ROOT / "client" / module).read_text(encoding="utf-8"))
