@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 from shared import wire, wire_secagg  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
-    # client/pretrain.py RECIPE: the embedded demo model; lora.r default 8
+    # client/pretrain.py RECIPE: the embedded demo model at r=8 (the measured shape; the run default is 16)
     "embedded": dict(r=8, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
                      num_attention_heads=4, num_key_value_heads=4, vocab_size=3072),
     # Llama-3-8B attention dims (k/v out = 8 kv heads x 128 = 1024), r=16

@@ -14,7 +14,7 @@ every site:
 - ``eps-1``, ``eps-4``, ``eps-8``: DP-LoRA, each site spending at most that ε
   over the **whole run** (``train.epsilon-per-round`` chosen so the ledger's
   composed total lands at or under it, see :func:`per_round_epsilon`);
-- ``no-dp``: the NON-PRIVATE baseline (``DPConfig(private=False)``: no
+- ``no-dp``: the NON-PRIVATE baseline (``train_local_round(..., private=False)``: no
   clipping, no noise, no ledger entry). Its updates are checked by the wire
   contract like the others and must be refused (zero noise / infinite ε);
 - ``no-dp-long``: the memorization probe, the non-private baseline with
@@ -92,18 +92,20 @@ class StudyPlan:
 
 def plan(*, reduced: bool, seed: int = 0) -> StudyPlan:
     """Full study (2 CPU cores, ~25 min) or the reduced CI version (two settings, 1 round)."""
+    # Explicit overrides of the run config's defaults (shared/run_config.py; pyproject.toml repeats
+    # them), and why: the study must fit ~25 minutes on a 2-core laptop, and its sites are small.
     config: dict[str, Any] = {
-        "min-sites": 3,
-        "timeout.wait-sites": 300,
-        "train.steps": 30,
+        "min-sites": 3,  # every demo site in every round
+        "train.steps": 30,  # default 100: six arms x 2 rounds x 3 sites on 2 cores
+        # default 64 needs 128 training patients per site (q <= 1/2); the study's sites have 64
         "train.expected-batch-size": 16,
-        "train.max-physical-batch-size": 16,
-        "train.max-length": 256,
-        "train.learning-rate": 0.005,
-        "lora.r": 8,
-        "generate.reports-per-code": 2,
-        "generate.max-new-tokens": 128,
-        "generate.seed": seed,
+        "train.max-physical-batch-size": 16,  # one physical batch per step: faster on CPU
+        "train.max-length": 256,  # default 448: shorter windows, faster steps
+        "lora.r": 8,  # default 16: half the adapter, half the per-step cost
+        "lora.alpha": 16.0,  # default 32: the recipe's scale alpha/r = 2 at r 8
+        "generate.reports-per-code": 2,  # default 20: evaluation time
+        "generate.max-new-tokens": 128,  # default 256: evaluation time
+        "generate.seed": seed,  # the study's seed (the run's generation and LoRA init)
         "lora.init-seed": seed,
     }
     if reduced:
@@ -218,7 +220,6 @@ _SITE_DRIVER = r"""
 import json, sys
 from dataclasses import replace
 import numpy as np
-import torch
 from client import site
 from client.node_config import site_settings
 from server.strategy import aggregate, site_weights
@@ -237,21 +238,19 @@ for rnd in range(1, run.num_rounds + 1 if args["mode"] != "zero-shot" else 1):
         if args["mode"] == "dp":
             update, privacy = site.site_train(s, run, global_adapter=adapter, round_id=rnd)
         else:  # NON-PRIVATE baseline: no clipping, no noise, no ledger entry
-            torch.manual_seed(run.lora.init_seed)  # as site_train: every site starts from the same A
-            dp = replace(site.dp_config(run), noise_multiplier=None, target_epsilon=None, private=False)
-            res = site.train_local_round(s, dp=dp, lora=site.lora_params(run), round_id=rnd,
-                                         global_adapter=adapter)
+            nodp = replace(run, train=replace(run.train, noise_multiplier=0.0, epsilon_per_round=0.0))
+            res = site.train_local_round(s, nodp, round_id=rnd, global_adapter=adapter, private=False)
             if res.ledger_entry is not None or res.privacy.private:
                 raise SystemExit("the non-private baseline reserved privacy budget")
             update = {k: v.detach().float().cpu().numpy() for k, v in res.adapter.items()}
-            privacy = res.privacy.as_dict()
+            privacy = res.privacy.to_record()
         update = {k: v.astype(run.lora.dtype) for k, v in update.items()}
         try:
-            wire.check_reply(wire.pack_train_reply(update, privacy), kind="train",
-                             spec=site.adapter_spec(s, run), run=run)
+            reply = wire.check_reply(wire.pack_train_reply(update, privacy), kind="train",
+                                     spec=site.adapter_spec(s, run), run=run)
             report["wire_refused"][s.site_id] = False
             if args["mode"] == "dp":  # as the ClientApp: released only after the wire check
-                site.release_update(s, privacy)
+                site.release_update(s, reply.privacy)
         except WireError:
             report["wire_refused"][s.site_id] = True
             if args["mode"] == "dp":

@@ -63,7 +63,6 @@ from shared.errors import (
     BudgetExceededError,
     ConfigError,
     EvaluationBudgetError,
-    PrivacyError,
 )
 from shared.run_config import RunConfig
 from shared.settings import SiteSettings
@@ -104,30 +103,9 @@ def _audit_log(settings: SiteSettings) -> Any:
 
 
 def floored_run(run: RunConfig, settings: SiteSettings, *, phase: str, message: Message) -> RunConfig:
-    """``run`` tightened to the site's floors (:func:`client.policy.apply_site_floors`), reported.
-
-    A run the site refuses (PrivacyError) is written to the audit log as
-    ``update_rejected`` (reason ``site_floor``) and the error re-raised.
-    """
-    round_id = _claimed_round(message)
-    try:
-        run, tightened = policy.apply_site_floors(run, settings)
-    except PrivacyError as exc:
-        log.warning("%s round %s refused by this site's floors: %s", phase, round_id, exc)
-        audit = _audit_log(settings)
-        if audit is not None:
-            data: dict[str, Any] = {"phase": phase, "reason": "site_floor",
-                                    "problems": [str(p)[:200] for p in exc.problems]}
-            if round_id is not None:
-                data["round"] = round_id
-            try:
-                audit.append("update_rejected", data)
-            except Exception:
-                log.exception("could not write the refusal to the site's audit log")
-        raise
-    if tightened:
-        policy.report_tightened(tightened, phase=phase, round_id=round_id, audit=_audit_log(settings))
-    return run
+    """``run`` tightened to the site's floors (:func:`client.policy.floor_run`, the one place)."""
+    return policy.floor_run(run, settings, phase=phase, round_id=_claimed_round(message),
+                            audit=lambda: _audit_log(settings))
 
 
 def refuse_plain_round(message: Message, settings: SiteSettings) -> RecordDict:
@@ -255,9 +233,10 @@ def secagg_train_reply(message: Message, context: Context) -> RecordDict:
         if clipped:  # logged here only: the count is not on the wire whitelist
             log.warning("secagg: %d coordinates outside ±%g clipped (raise secagg-clipping-range?)",
                         clipped, run.secagg_clipping_range)
-        weight = wire_secagg.secagg_weight(int(reply.privacy["patients_bucket"]), run)
+        weight = wire_secagg.secagg_weight(reply.privacy.patients_bucket, run)
         content = _checked_secagg(
-            wire_secagg.pack_secagg_reply(contribution, weight=weight, privacy=reply.privacy), spec, run
+            wire_secagg.pack_secagg_reply(contribution, weight=weight, privacy=reply.privacy.to_record()),
+            spec, run
         )
         site.release_update(settings, reply.privacy)  # after every check, as on the plain path
         return content

@@ -1,12 +1,13 @@
 """The NON-PRIVATE baseline of the privacy-utility study: the DP recipe minus DP.
 
-``DPConfig(private=False)`` lands here (from :func:`client.train.train_dp`,
+``train_dp(..., private=False)`` lands here (from :func:`client.train.train_dp`,
 after the same validation). It is NOT private: same patients, same
 Poisson sampling and the same optimizer as a private run, but no
 clipping, no noise, no accountant and no ledger entry. Its privacy scalars say
 epsilon = +inf and sigma = 0, which the wire contract refuses, so such an
 adapter can never leave a site through the ClientApp; no run config can ask
-for it (:func:`client.site.dp_config` always builds a private config).
+for it (the run's TrainConfig has no such switch; :func:`client.site.site_train`
+never passes ``private``).
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader
 
-from client.dp_config import DPConfig, PrivacyScalars, TrainResult
+from client.dp_config import TrainResult
 from client.examples import per_patient_loss
 from client.model import adapter_state
 from shared.dp_defaults import patients_bucket
 from shared.errors import Problem, TrainingError
+from shared.privacy_scalars import PrivacyScalars
+from shared.run_config import TrainConfig
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -36,7 +39,7 @@ def train_nonprivate(
     model: PeftModel,
     poisson: DataLoader,
     *,
-    config: DPConfig,
+    config: TrainConfig,
     trainable: dict[str, torch.nn.Parameter],
     delta: float,
     n_patients: int,

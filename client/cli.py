@@ -21,6 +21,7 @@ from rich.table import Table
 
 from shared.about import version_option
 from shared.cli_errors import expected_errors
+from shared.run_config import RunConfig
 from shared.settings import SiteSettings, load_settings
 
 app = typer.Typer(
@@ -60,6 +61,10 @@ def progress_bar() -> Progress:
 
 def _settings(**overrides: Any) -> SiteSettings:
     return load_settings(SiteSettings, **overrides)
+
+
+# The run config's defaults (their one definition: shared/run_config.py), for options and --help.
+_RUN = RunConfig()
 
 
 NotesOpt = Annotated[Path | None, typer.Option("--notes", help="Notes file (JSONL or CSV).")]
@@ -150,27 +155,12 @@ def keygen(
     console.print(f"key id:      {key_id(load_public_key(pub))}")
 
 
-def dp_options(
-    steps: int, noise_multiplier: float | None, epsilon_per_round: float | None, batch: int
-) -> Any:
-    from client.dp_config import DPConfig
-
-    if noise_multiplier is None and epsilon_per_round is None:
-        epsilon_per_round = 1.0
-    return DPConfig(
-        noise_multiplier=noise_multiplier,
-        target_epsilon=epsilon_per_round if noise_multiplier is None else None,
-        steps=steps,
-        expected_batch_size=batch,
-    )
-
-
 LoraTargetsOpt = Annotated[
     str | None,
     typer.Option(
         "--lora-targets",
         help="Comma-separated module names LoRA wraps, e.g. q_proj,k_proj,v_proj,o_proj "
-        "(default: the model family's; required for families without one).",
+        "(default: the model family's attention and MLP projections; required for families without one).",
     ),
 ]
 
@@ -192,6 +182,39 @@ def parse_lora_targets(value: str | None) -> tuple[str, ...] | None:
     return names
 
 
+def train_run_config(
+    *,
+    steps: int | None = None,
+    batch: int | None = None,
+    noise_multiplier: float | None = None,
+    epsilon_per_round: float | None = None,
+    lora_targets: tuple[str, ...] | None = None,
+) -> RunConfig:
+    """The run config ``fedsynth-site train`` runs: the federation's defaults plus its options.
+
+    Every option left out keeps :class:`~shared.run_config.RunConfig`'s default (the
+    values ``[tool.flwr.app.config]`` repeats), so a round run by hand is the
+    federation's round. ``--noise-multiplier`` or ``--epsilon-per-round`` picks the
+    noise mode and sets the other to 0 (``--noise-multiplier`` wins when both are given).
+    Validated like any run config (:class:`~shared.errors.ConfigError`).
+    """
+    from shared.run_config import with_overrides
+
+    overrides: dict[str, Any] = {}
+    if steps is not None:
+        overrides["train.steps"] = steps
+    if batch is not None:
+        overrides["train.expected-batch-size"] = batch
+    if noise_multiplier is not None:
+        overrides |= {"train.noise-multiplier": noise_multiplier, "train.epsilon-per-round": 0.0}
+    elif epsilon_per_round is not None:
+        overrides |= {"train.noise-multiplier": 0.0, "train.epsilon-per-round": epsilon_per_round}
+    if lora_targets is not None:
+        overrides["lora.targets"] = ",".join(lora_targets)
+    return with_overrides(RunConfig(), overrides)
+
+
+
 @app.command()
 @expected_errors
 def train(
@@ -199,25 +222,38 @@ def train(
     output_dir: OutOpt = None,
     model_dir: ModelOpt = None,
     round_id: Annotated[str, typer.Option(help="Label recorded in the ledger.")] = "local-1",
-    steps: int = 20,
-    batch: Annotated[int, typer.Option(help="Expected patients per logical batch.")] = 16,
-    noise_multiplier: float | None = None,
-    epsilon_per_round: float | None = None,
+    steps: Annotated[int | None, typer.Option(
+        help=f"DP-SGD steps (train.steps; default {_RUN.train.steps}).")] = None,
+    batch: Annotated[int | None, typer.Option(
+        help=f"Expected patients per logical batch (train.expected-batch-size; default "
+             f"{_RUN.train.expected_batch_size}).")] = None,
+    noise_multiplier: Annotated[float | None, typer.Option(
+        help=f"Noise multiplier sigma (train.noise-multiplier; default {_RUN.train.noise_multiplier:g}).")] = None,
+    epsilon_per_round: Annotated[float | None, typer.Option(
+        help="Solve sigma for this round's epsilon instead (train.epsilon-per-round).")] = None,
     lora_targets: LoraTargetsOpt = None,
 ) -> None:
-    """Train one local DP-LoRA round without a coordinator; print ε spent."""
-    from client.site import LoraParams, train_local_round
+    """Train one local DP-LoRA round without a coordinator, as the federation's round; print ε spent.
+
+    The round's knobs are the run config's defaults plus these options, tightened to
+    this site's floors exactly as a federated round is (:func:`client.policy.floor_run`).
+    """
+    from client import policy
+    from client.site import audit_log, train_local_round
 
     settings = _settings(notes_path=notes, output_dir=output_dir, model_dir=model_dir)
-    lora = LoraParams(targets=parse_lora_targets(lora_targets))
-    dp = dp_options(steps, noise_multiplier, epsilon_per_round, batch)
+    run = train_run_config(steps=steps, batch=batch, noise_multiplier=noise_multiplier,
+                           epsilon_per_round=epsilon_per_round,
+                           lora_targets=parse_lora_targets(lora_targets))
+    run = policy.floor_run(run, settings, phase="train", round_id=round_id,
+                           audit=lambda: audit_log(settings))
     with progress_bar() as bar:
-        task = bar.add_task("DP-LoRA steps", total=dp.steps, info="")
+        task = bar.add_task("DP-LoRA steps", total=run.train.steps, info="")
 
         def report(step: int, total: int, loss: float) -> None:
             bar.update(task, completed=step, total=total, info=f"loss {loss:.3f}")
 
-        result = train_local_round(settings, dp=dp, lora=lora, round_id=round_id, progress=report)
+        result = train_local_round(settings, run, round_id=round_id, progress=report)
     p = result.privacy
     console.print(
         f"round {round_id}: ε this round {p.epsilon_round:.3f}, total ε {p.epsilon:.3f} "
@@ -277,11 +313,11 @@ def generate(
         ),
     ] = None,
     codes: Annotated[str, typer.Option(help="Comma-separated ICD-10 codes.")] = "F20,F31,F32,F41.1,F43.1",
-    n_per_code: int = 5,
-    max_new_tokens: int = 200,
-    temperature: float = 0.8,
-    top_p: float = 0.95,
-    seed: int = 0,
+    n_per_code: int = _RUN.generate.reports_per_code,
+    max_new_tokens: int = _RUN.generate.max_new_tokens,
+    temperature: float = _RUN.generate.temperature,
+    top_p: float = _RUN.generate.top_p,
+    seed: int = _RUN.generate.seed,
 ) -> None:
     """Generate ICD-10-conditioned reports, zero-shot or with an adapter, with provenance per report."""
     from client.adapter_files import read_adapter

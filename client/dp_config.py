@@ -1,4 +1,11 @@
-"""What one round of DP-LoRA training takes and gives back: knobs, privacy scalars, result.
+"""What one round of DP-LoRA training gives back, and the check of what it takes.
+
+The knobs are the run's own :class:`shared.run_config.TrainConfig` (one type,
+one set of defaults, for the ClientApp, ``fedsynth-site train`` and the study);
+there is no client-side copy. The study's non-private baseline is not a knob:
+it is the ``private=False`` argument of :func:`client.train.train_dp`, which no
+run config, node config or setting reaches (:func:`client.site.site_train`
+never passes it).
 
 Kept apart from the recipe (:mod:`client.train`) so the non-private study
 baseline (:mod:`client.baseline`) and the recipe share them without importing
@@ -9,114 +16,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from shared.errors import Problem
+from shared.privacy_scalars import PrivacyScalars
+from shared.run_config import CLIPPINGS, TrainConfig
 from shared.whitelist import ACCOUNTANTS
 
 if TYPE_CHECKING:
     from client.ledger import LedgerEntry
-
-
-@dataclass(frozen=True, kw_only=True)
-class DPConfig:
-    """The knobs of one round of DP-LoRA training at one site.
-
-    Exactly one of ``noise_multiplier`` (sigma: noise std / ``max_grad_norm``)
-    and ``target_epsilon`` (this round's epsilon alone, at the run's delta; sigma
-    is then derived with Opacus' ``get_noise_multiplier``) must be given.
-    ``expected_batch_size`` is the logical batch in patients per step, in
-    expectation under Poisson sampling; ``max_physical_batch_size`` only bounds
-    memory and does not change the privacy cost. ``steps`` is the number of
-    noisy optimizer steps (logical batches) the accountant is charged for.
-    ``max_length`` is in tokens (prompt + report). ``clipping`` picks how
-    per-patient gradient norms are computed: "flat" (Opacus hooks, per-sample
-    gradients materialised), "ghost" (Opacus ghost clipping, two backward
-    passes, no per-sample gradients) or "bk" (book-keeping,
-    :mod:`client.dp_bookkeeping`: one backward pass, per-sample gradients of the
-    LoRA weights only, Opacus' Poisson loader and accountant); all three clip
-    the whole per-patient gradient to ``max_grad_norm`` and add the same noise.
-
-    ``secure_mode`` picks the DP noise source (:mod:`client.dp_noise`): True
-    (the default) draws it from a ChaCha20 keystream keyed from ``os.urandom``
-    each round, with Opacus' floating-point attack mitigation; False from a
-    torch generator seeded from ``os.urandom`` each round (fresh, not a CSPRNG).
-    There is deliberately no seed: nothing in a config can make noise or
-    sampling predictable.
-
-    ``private=False`` switches DP off entirely (the study's non-private
-    baseline, see the module docstring): then neither ``noise_multiplier`` nor
-    ``target_epsilon`` may be given, and nothing is charged to any ledger.
-    """
-
-    noise_multiplier: float | None = None
-    target_epsilon: float | None = None
-    max_grad_norm: float = 1.0
-    expected_batch_size: int = 16
-    max_physical_batch_size: int = 8
-    steps: int = 20
-    learning_rate: float = 5e-3
-    max_length: int = 256
-    accountant: Literal["prv", "rdp"] = "prv"
-    secure_mode: bool = True
-    clipping: Literal["flat", "ghost", "bk"] = "flat"
-    private: bool = True
-
-
-@dataclass(frozen=True)
-class PrivacyScalars:
-    """What this round cost, as sent with the adapter (``shared.wire.PRIVACY_KEYS``).
-
-    ``epsilon`` is cumulative over every round in the site's ledger (recomputed
-    from the whole ledger), ``epsilon_round`` this round alone; both at
-    ``delta``, per patient. ``patients_bucket`` is the number of training
-    patients rounded down to a multiple of 10 (the exact count does not leave).
-    A non-private baseline (``DPConfig(private=False)``) reports epsilon =
-    epsilon_round = +inf, noise_multiplier = 0, max_grad_norm = +inf and
-    accountant "none": :func:`shared.wire.check_reply` refuses every one of them.
-    ``ledger_seq``/``ledger_head`` name this round's reservation in the site's
-    ledger (its seq and chain hash; 0 and 64 zeros when nothing was reserved):
-    the coordinator records them per site so a ledger that is later lowered,
-    restored or forked is noticed outside the site (docs/privacy-model.md).
-    ``epsilon`` covers at least every record up to ``ledger_seq``.
-    """
-
-    epsilon: float
-    epsilon_round: float
-    delta: float
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    max_grad_norm: float
-    accountant: str
-    secure_mode: bool
-    patients_bucket: int
-    ledger_seq: int = 0
-    ledger_head: str = "0" * 64
-
-    def as_dict(self) -> dict[str, float | int | str | bool]:
-        """The scalars keyed exactly by ``shared.wire.PRIVACY_KEYS``."""
-        return {
-            "epsilon": float(self.epsilon),
-            "epsilon_round": float(self.epsilon_round),
-            "delta": float(self.delta),
-            "noise_multiplier": float(self.noise_multiplier),
-            "sample_rate": float(self.sample_rate),
-            "steps": int(self.steps),
-            "max_grad_norm": float(self.max_grad_norm),
-            "accountant": str(self.accountant),
-            "secure_mode": bool(self.secure_mode),
-            "patients_bucket": int(self.patients_bucket),
-            "ledger_seq": int(self.ledger_seq),
-            "ledger_head": str(self.ledger_head),
-        }
-
-    @property
-    def private(self) -> bool:
-        """False for the non-private baseline (no noise, unbounded epsilon)."""
-        return self.noise_multiplier > 0 and math.isfinite(self.epsilon)
 
 
 @dataclass(frozen=True)
@@ -141,51 +51,49 @@ class TrainResult:
 
 
 def config_problems(
-    config: DPConfig, *, delta: float, epsilon_ceiling: float, round_id: str
+    config: TrainConfig, *, private: bool, delta: float, epsilon_ceiling: float, round_id: str
 ) -> list[Problem]:
     """Every problem with ``config`` and the round's privacy parameters (empty = valid).
 
-    ``delta`` is per patient, ``epsilon_ceiling`` the site's cap on cumulative
-    epsilon; the caller raises one :class:`ConfigError` listing them all.
+    A run config's TrainConfig is already checked by its parser; this also covers
+    one built in code (tests, the study). ``private`` True: exactly one of
+    ``noise_multiplier`` and ``epsilon_per_round`` is > 0. ``private`` False (the
+    non-private baseline): both must be 0. ``delta`` is per patient,
+    ``epsilon_ceiling`` the site's cap on cumulative epsilon; the caller raises one
+    :class:`ConfigError` listing them all.
     """
     problems = []
 
-    def positive(name: str, value: Any, *, integer: bool = False) -> None:
+    def number(name: str, value: Any, *, integer: bool = False, zero: bool = False) -> bool:
         kind = int if integer else (int, float)
         if (
             isinstance(value, bool)
             or not isinstance(value, kind)
             or not math.isfinite(value)
-            or value <= 0
+            or value < 0
+            or (value == 0 and not zero)
         ):
-            what = "an integer >= 1" if integer else "a finite number > 0"
+            what = "an integer >= 1" if integer else f"a finite number {'>=' if zero else '>'} 0"
             problems.append(Problem(name, f"must be {what}, got {value!r}"))
+            return False
+        return True
 
-    if not isinstance(config.private, bool):
-        problems.append(Problem("private", f"must be a boolean, got {config.private!r}"))
-    elif not config.private:
-        if config.noise_multiplier is not None or config.target_epsilon is not None:
-            problems.append(
-                Problem(
-                    "private",
-                    "the non-private baseline takes neither noise_multiplier nor target_epsilon",
-                )
-            )
-    elif (config.noise_multiplier is None) == (config.target_epsilon is None):
-        problems.append(
-            Problem(
-                "noise_multiplier/target_epsilon",
-                "give exactly one of them (sigma directly, or a per-round epsilon to derive it)",
-            )
-        )
-    if config.noise_multiplier is not None:
-        positive("noise_multiplier", config.noise_multiplier)
-    if config.target_epsilon is not None:
-        positive("target_epsilon", config.target_epsilon)
-    positive("max_grad_norm", config.max_grad_norm)
-    positive("learning_rate", config.learning_rate)
+    sigma_ok = number("noise_multiplier", config.noise_multiplier, zero=True)
+    eps_ok = number("epsilon_per_round", config.epsilon_per_round, zero=True)
+    if not isinstance(private, bool):
+        problems.append(Problem("private", f"must be a boolean, got {private!r}"))
+    elif sigma_ok and eps_ok:
+        if not private and (config.noise_multiplier > 0 or config.epsilon_per_round > 0):
+            problems.append(Problem(
+                "private", "the non-private baseline takes neither noise_multiplier nor epsilon_per_round"))
+        elif private and (config.noise_multiplier > 0) == (config.epsilon_per_round > 0):
+            problems.append(Problem(
+                "noise_multiplier/epsilon_per_round",
+                "set exactly one of them > 0 (sigma directly, or a per-round epsilon to derive it)"))
+    number("max_grad_norm", config.max_grad_norm)
+    number("learning_rate", config.learning_rate)
     for name in ("expected_batch_size", "max_physical_batch_size", "steps", "max_length"):
-        positive(name, getattr(config, name), integer=True)
+        number(name, getattr(config, name), integer=True)
     if isinstance(config.max_length, int) and config.max_length == 1:
         problems.append(Problem("max_length", "must be >= 2 (one token predicts the next)"))
     if config.accountant not in ACCOUNTANTS:
@@ -194,15 +102,15 @@ def config_problems(
                 "accountant", f"must be one of {sorted(ACCOUNTANTS)}, got {config.accountant!r}"
             )
         )
-    if config.clipping not in ("flat", "ghost", "bk"):
+    if config.clipping not in CLIPPINGS:
         problems.append(
-            Problem("clipping", f"must be 'flat', 'ghost' or 'bk', got {config.clipping!r}")
+            Problem("clipping", f"must be one of {list(CLIPPINGS)}, got {config.clipping!r}")
         )
     if not isinstance(config.secure_mode, bool):
         problems.append(Problem("secure_mode", f"must be a boolean, got {config.secure_mode!r}"))
     if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
         problems.append(Problem("delta", f"must be in (0, 1), got {delta!r}"))
-    positive("epsilon_ceiling", epsilon_ceiling)
+    number("epsilon_ceiling", epsilon_ceiling)
     if not isinstance(round_id, str) or not round_id.strip():
         problems.append(Problem("round_id", "must be a non-empty string"))
     return problems

@@ -7,7 +7,7 @@ generator seeded from configuration (or from torch's global RNG, which
 with the source and the run config: they can regenerate and subtract the
 noise, and the formal epsilon is infinite. So every round here draws its keys
 from ``os.urandom`` and owns its generators; no run config, site setting or
-:class:`~client.dp_config.DPConfig` field reaches them, and torch's, numpy's
+:class:`~shared.run_config.TrainConfig` field reaches them, and torch's, numpy's
 and Python's global RNGs are never used.
 
 Two noise sources (named in the ledger entry, the privacy report and

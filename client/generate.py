@@ -29,10 +29,12 @@ from client.prompt import build_prompt, opens_reasoning
 from shared import icd10
 from shared.atomic import PRIVATE, write_atomic
 from shared.errors import ConfigError, InputError, Problem
+from shared.run_config import GenerateConfig
 
 _log = logging.getLogger(__name__)
 
 SETTINGS = ("zero-shot", "adapter")
+_RUN_GENERATE = GenerateConfig()  # the defaults' one definition: shared/run_config.py
 MAX_NEW_TOKENS_LIMIT = 32768
 
 
@@ -51,15 +53,16 @@ class SamplingConfig:
     ``top_p`` is nucleus mass in (0, 1]; ``top_k=0`` disables top-k;
     ``repetition_penalty`` > 1 discourages repeats (1 = off); ``max_new_tokens``
     bounds each report's length in tokens; ``seed`` makes a run reproducible
-    for a given batch size. Invalid values raise one :class:`ConfigError`.
+    for a given batch size. Invalid values raise one :class:`ConfigError`. The
+    defaults are the run config's ``generate.*`` defaults (:class:`GenerateConfig`).
     """
 
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    max_new_tokens: int = 256
-    seed: int = 0
+    temperature: float = _RUN_GENERATE.temperature
+    top_p: float = _RUN_GENERATE.top_p
+    top_k: int = _RUN_GENERATE.top_k
+    repetition_penalty: float = 1.0  # not a run knob
+    max_new_tokens: int = _RUN_GENERATE.max_new_tokens
+    seed: int = _RUN_GENERATE.seed
 
     def __post_init__(self) -> None:
         problems = []

@@ -33,10 +33,12 @@ from client.model_build import (
 )
 from shared.adapter_spec import DEFAULT_LORA_TARGETS, MODEL_TYPE_FAMILY
 from shared.errors import ConfigError, ModelError, Problem
+from shared.run_config import LoraConfig as RunLoraConfig
 
 # One definition of the family tables, shared with the coordinator's adapter spec.
 _MODEL_TYPE_FAMILY = MODEL_TYPE_FAMILY
 _DEFAULT_TARGETS = {family: list(targets) for family, targets in DEFAULT_LORA_TARGETS.items()}
+_RUN_LORA = RunLoraConfig()  # the defaults' one definition: shared/run_config.py
 
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -156,15 +158,15 @@ def _linear_names(model: torch.nn.Module) -> list[str]:
 def add_lora(
     model: PreTrainedModel,
     *,
-    r: int = 8,
-    alpha: int = 16,
-    dropout: float = 0.0,
+    r: int = _RUN_LORA.r,
+    alpha: float = _RUN_LORA.alpha,
+    dropout: float = _RUN_LORA.dropout,
     targets: Sequence[str] | None = None,
 ) -> PeftModel:
     """Wrap ``model`` with a fresh LoRA adapter; every non-LoRA parameter is frozen.
 
     ``r`` is the LoRA rank, ``alpha`` its scale (update = alpha/r * B@A),
-    ``dropout`` the LoRA input dropout. ``targets`` are module-name suffixes
+    ``dropout`` the LoRA input dropout (defaults: the run config's ``lora.*``). ``targets`` are module-name suffixes
     (default: :func:`default_lora_targets`); each must match at least one
     ``nn.Linear`` in the model. Call this after the model is on its device.
     """

@@ -48,17 +48,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from shared.accounting import compute_epsilon
 from shared.dp_defaults import sample_rate_for
 from shared.errors import PrivacyError, Problem
-from shared.run_config import RunConfig
+from shared.run_config import RunConfig, TrainConfig
 from shared.settings import SiteSettings
 
 if TYPE_CHECKING:
-    from client.dp_config import DPConfig
     from shared.audit import AuditLog
 
 log = logging.getLogger("fedsynth.site.policy")
@@ -121,14 +120,48 @@ def apply_site_floors(run: RunConfig, settings: SiteSettings) -> tuple[RunConfig
     return (dataclasses.replace(run, **top) if top else run), tightened
 
 
-def floor_dp(
-    dp: DPConfig, settings: SiteSettings, *, n_patients: int, delta: float
-) -> tuple[DPConfig, list[str]]:
-    """``dp`` tightened to the site's noise floors at this round's real sampling rate.
+def floor_run(run: RunConfig, settings: SiteSettings, *, phase: str, round_id: int | str | None,
+              audit: Callable[[], AuditLog | None]) -> RunConfig:
+    """``run`` tightened to the site's floors (:func:`apply_site_floors`), reported: the one place.
 
-    Used by every training path (the ClientApp through :func:`client.site.site_train`
-    and ``fedsynth-site train``). Besides what :func:`apply_site_floors` does in run
-    terms, it enforces the floor of the OTHER mode, which needs the patient count:
+    Every round a site runs goes through here before the site functions see its
+    run config: the ClientApp's train, SecAgg+ train and evaluate paths
+    (``client/app.py``) and ``fedsynth-site train`` (``client/cli.py``). What it
+    tightened is logged and written to the audit log (``policy_tightened``); a run
+    the site refuses (:class:`PrivacyError`) is written as ``update_rejected``
+    (reason ``site_floor``) and the error re-raised. ``audit`` returns the site's
+    audit log, or None when it is not available (best effort: the log line stays).
+    """
+    try:
+        floored, tightened = apply_site_floors(run, settings)
+    except PrivacyError as exc:
+        log.warning("%s round %s refused by this site's floors: %s", phase,
+                    "?" if round_id is None else round_id, exc)
+        log_ = audit()
+        if log_ is not None:
+            data: dict[str, Any] = {"phase": phase, "reason": "site_floor",
+                                    "problems": [str(p)[:200] for p in exc.problems]}
+            if round_id is not None:
+                data["round"] = round_id
+            try:
+                log_.append("update_rejected", data)
+            except Exception:
+                log.exception("could not write the refusal to the site's audit log")
+        raise
+    if tightened:
+        report_tightened(tightened, phase=phase, round_id=round_id, audit=audit())
+    return floored
+
+
+def floor_dp(
+    train: TrainConfig, settings: SiteSettings, *, n_patients: int, delta: float
+) -> tuple[TrainConfig, list[str]]:
+    """``train`` tightened to the site's noise floors at this round's real sampling rate.
+
+    Used by every training path (:func:`client.site.train_local_round`, which the
+    ClientApp and ``fedsynth-site train`` both reach). Besides what
+    :func:`apply_site_floors` does in run terms, it enforces the floor of the OTHER
+    mode, which needs the patient count:
 
     * sigma given: if ``steps`` Poisson-subsampled Gaussian steps at that sigma cost
       more than ``max_epsilon_per_round`` (at ``delta``), the round is run at that
@@ -137,45 +170,42 @@ def floor_dp(
       round is run at that sigma instead (a smaller epsilon).
 
     The sampling rate is :func:`client.dp_sampling.sample_rate_for`, as
-    :func:`client.train.train_dp` charges it. A round whose epsilon target is unreachable is left for
-    ``train_dp`` to refuse. The non-private study baseline (``private=False``) is
-    never sent and is returned unchanged.
+    :func:`client.train.train_dp` charges it. A round whose epsilon target is unreachable
+    is left for ``train_dp`` to refuse, and so is one that sets neither sigma nor epsilon.
     """
-    if not dp.private:
-        return dp, []
     changes: dict[str, Any] = {}
     tightened: list[str] = []
-    if settings.require_secure_noise and not dp.secure_mode:
+    if settings.require_secure_noise and not train.secure_mode:
         changes["secure_mode"] = True
-        tightened.append("secure_mode false -> true (FEDSYNTH_SITE_REQUIRE_SECURE_NOISE)")
-    sigma, target = dp.noise_multiplier, dp.target_epsilon
-    if sigma is not None and sigma < settings.min_noise_multiplier:
+        tightened.append("train.secure-mode false -> true (FEDSYNTH_SITE_REQUIRE_SECURE_NOISE)")
+    sigma, target = train.noise_multiplier, train.epsilon_per_round  # 0 = not set
+    if 0 < sigma < settings.min_noise_multiplier:
         sigma = settings.min_noise_multiplier
-        tightened.append(f"noise_multiplier {dp.noise_multiplier:g} -> {sigma:g} "
+        tightened.append(f"train.noise-multiplier {train.noise_multiplier:g} -> {sigma:g} "
                          "(FEDSYNTH_SITE_MIN_NOISE_MULTIPLIER)")
-    if target is not None and target > settings.max_epsilon_per_round:
+    if target > settings.max_epsilon_per_round:
         target = settings.max_epsilon_per_round
-        tightened.append(f"target_epsilon {dp.target_epsilon:g} -> {target:g} "
+        tightened.append(f"train.epsilon-per-round {train.epsilon_per_round:g} -> {target:g} "
                          "(FEDSYNTH_SITE_MAX_EPSILON_PER_ROUND)")
-    if n_patients >= 1 and dp.expected_batch_size >= 1:
-        q = sample_rate_for(n_patients, dp.expected_batch_size)
-        if sigma is not None:
-            eps = compute_epsilon([(sigma, q, dp.steps)], delta=delta, accountant=dp.accountant)
+    if n_patients >= 1 and train.expected_batch_size >= 1 and (sigma > 0) != (target > 0):
+        q = sample_rate_for(n_patients, train.expected_batch_size)
+        if sigma > 0:
+            eps = compute_epsilon([(sigma, q, train.steps)], delta=delta, accountant=train.accountant)
             if eps > settings.max_epsilon_per_round:
-                tightened.append(f"noise_multiplier {sigma:g} costs epsilon {eps:.3g} per round -> "
-                                 f"target_epsilon {settings.max_epsilon_per_round:g} "
+                tightened.append(f"train.noise-multiplier {sigma:g} costs epsilon {eps:.3g} per round -> "
+                                 f"train.epsilon-per-round {settings.max_epsilon_per_round:g} "
                                  "(FEDSYNTH_SITE_MAX_EPSILON_PER_ROUND)")
-                sigma, target = None, settings.max_epsilon_per_round
-        elif target is not None:
-            solved = _sigma_for(target, q, dp.steps, delta=delta, accountant=dp.accountant)
+                sigma, target = 0.0, settings.max_epsilon_per_round
+        else:
+            solved = _sigma_for(target, q, train.steps, delta=delta, accountant=train.accountant)
             if solved is not None and solved < settings.min_noise_multiplier:
-                tightened.append(f"target_epsilon {target:g} needs noise_multiplier {solved:.3g} -> "
-                                 f"noise_multiplier {settings.min_noise_multiplier:g} "
+                tightened.append(f"train.epsilon-per-round {target:g} needs noise multiplier {solved:.3g} -> "
+                                 f"train.noise-multiplier {settings.min_noise_multiplier:g} "
                                  "(FEDSYNTH_SITE_MIN_NOISE_MULTIPLIER)")
-                sigma, target = settings.min_noise_multiplier, None
-    if (sigma, target) != (dp.noise_multiplier, dp.target_epsilon):
-        changes.update(noise_multiplier=sigma, target_epsilon=target)
-    return (dataclasses.replace(dp, **changes) if changes else dp), tightened
+                sigma, target = settings.min_noise_multiplier, 0.0
+    if (sigma, target) != (train.noise_multiplier, train.epsilon_per_round):
+        changes.update(noise_multiplier=sigma, epsilon_per_round=target)
+    return (dataclasses.replace(train, **changes) if changes else train), tightened
 
 
 def _sigma_for(target: float, q: float, steps: int, *, delta: float, accountant: str) -> float | None:

@@ -32,6 +32,7 @@ from client.ledger import Ledger, LedgerEntry, compute_epsilon
 from client.model import model_identity
 from shared.audit import AuditLog
 from shared.errors import InputError, PrivacyError
+from shared.privacy_scalars import PrivacyScalars
 from shared.report import (
     Canaries,
     HistoryPoint,
@@ -96,22 +97,21 @@ def ledger_privacy(
         [(e.noise_multiplier, e.sample_rate, e.steps) for e in this_round], delta=delta, accountant=accountant
     ) if this_round else 0.0
     shown = this_round[-1] if this_round else last
-    return Privacy(
+    scalars = PrivacyScalars(
         epsilon=epsilon,
         epsilon_round=min(epsilon_round, epsilon),  # accountant round-off only
         delta=delta,
-        epsilon_ceiling=epsilon_ceiling,
-        epsilon_remaining=max(0.0, epsilon_ceiling - epsilon),
         noise_multiplier=shown.noise_multiplier,
         sample_rate=shown.sample_rate,
         steps=sum(e.steps for e in this_round),
         max_grad_norm=max_grad_norm,
         accountant=accountant,
         secure_mode=secure_mode,
-        noise_source=shown.noise_source,
+        patients_bucket=None,  # the ledger does not record it, and the report does not show it
         ledger_seq=head.seq,
-        ledger_head=head.hash or None,
+        ledger_head=head.hash,
     )
+    return Privacy.from_scalars(scalars, epsilon_ceiling=epsilon_ceiling, noise_source=shown.noise_source)
 
 
 def release_gate_counts(gate: Any) -> ReleaseGate | None:

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from client.adapter_files import write_peft_adapter
-from client.dp_config import DPConfig, TrainResult
+from client.dp_config import TrainResult
 from client.dp_sampling import patients_bucket
 from client.ledger import Ledger
 from client.model import (
@@ -49,19 +49,10 @@ from shared.atomic import write_atomic
 from shared.audit import AuditLog
 from shared.dp_defaults import default_delta  # noqa: F401  (re-exported: bench, tests)
 from shared.errors import BudgetExceededError, LedgerError, PrivacyError
-from shared.run_config import RunConfig
+from shared.privacy_scalars import PrivacyScalars
+from shared.run_config import LoraConfig, RunConfig
 from shared.settings import SiteSettings
 from shared.signing import load_private_key
-
-
-@dataclass(frozen=True, kw_only=True)
-class LoraParams:
-    """LoRA shape knobs (a run-config choice; the same for every site in a run)."""
-
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    targets: tuple[str, ...] | None = None  # None: the family default
 
 
 @dataclass(frozen=True)
@@ -125,16 +116,17 @@ def open_ledger(settings: SiteSettings) -> Ledger:
 def build_site_model(
     settings: SiteSettings,
     *,
-    lora: LoraParams,
+    lora: LoraConfig,
     global_adapter: Mapping[str, np.ndarray | torch.Tensor] | None = None,
 ):
     """Base model on the site's device, LoRA on top, then the global adapter (if any).
 
     The model is built on its target device before PEFT and Opacus wrap it.
+    ``lora.targets`` () is the family default (attention and MLP projections).
     """
     model, tokenizer = load_model(settings.model_dir, device=settings.resolved_device())
     peft_model = add_lora(
-        model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets
+        model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets or None
     )
     if global_adapter is not None:
         load_adapter_state(peft_model, global_adapter)
@@ -152,82 +144,58 @@ def adapter_folder(settings: SiteSettings, round_id: int | str) -> Path:
 
 def train_local_round(
     settings: SiteSettings,
+    run: RunConfig,
     *,
-    dp: DPConfig,
-    lora: LoraParams,
     round_id: int | str,
     global_adapter: Mapping[str, np.ndarray | torch.Tensor] | None = None,
     data: SiteData | None = None,
     progress: Callable[[int, int, float], None] | None = None,
+    private: bool = True,
 ) -> TrainResult:
-    """One DP-LoRA round on this site's training patients.
+    """One DP-LoRA round of ``run`` on this site's training patients.
 
-    The ledger reservation happens inside :func:`client.train.train_dp` before the
-    first step; the trained adapter is saved under ``adapters/`` at the site.
+    The one training path: the ClientApp (:func:`site_train`) and ``fedsynth-site
+    train`` both come here with a :class:`RunConfig` already floored by
+    :func:`client.policy.floor_run`; the count-dependent noise floors
+    (:func:`client.policy.floor_dp`) are applied here. Round 1 (no global adapter)
+    initialises LoRA from the run's ``lora.init-seed``, so every site starts from
+    the same A matrices. The ledger reservation happens inside
+    :func:`client.train.train_dp` before the first step; the trained adapter is
+    saved under ``adapters/`` at the site. ``private=False`` is the study's
+    non-private baseline (:mod:`client.baseline`); no run config reaches it.
     """
     data = data or load_site_data(settings)
     delta = site_delta(settings, data.train_patients)
-    # The site's noise floors, for the ClientApp and `fedsynth-site train` alike (client/policy.py).
-    dp, tightened = floor_dp(dp, settings, n_patients=data.train_patients, delta=delta)
-    if tightened:
-        report_tightened(tightened, phase="train", round_id=round_id, audit=audit_log(settings))
-    model, tokenizer = build_site_model(settings, lora=lora, global_adapter=global_adapter)
+    train = run.train
+    if private:  # the non-private baseline is never sent: no noise floor applies to it
+        train, tightened = floor_dp(train, settings, n_patients=data.train_patients, delta=delta)
+        if tightened:
+            report_tightened(tightened, phase="train", round_id=round_id, audit=audit_log(settings))
+    torch.manual_seed(run.lora.init_seed)
+    model, tokenizer = build_site_model(settings, lora=run.lora, global_adapter=global_adapter)
     result = train_dp(
         model,
         tokenizer,
         data.train,
-        config=dp,
+        config=train,
         ledger=open_ledger(settings),
         round_id=str(round_id),
         delta=delta,
         epsilon_ceiling=settings.epsilon_ceiling,
         progress=progress,
+        private=private,
     )
     path = adapter_path(settings, round_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, safetensors_bytes({k: v.contiguous() for k, v in result.adapter.items()}))
     write_peft_adapter(
-        adapter_folder(settings, round_id), result.adapter, r=lora.r, alpha=lora.alpha,
-        dropout=lora.dropout, base_model=str(settings.model_dir) if settings.model_dir else "embedded",
+        adapter_folder(settings, round_id), result.adapter, r=run.lora.r, alpha=run.lora.alpha,
+        dropout=run.lora.dropout, base_model=str(settings.model_dir) if settings.model_dir else "embedded",
     )
     return result
 
 
 # --- one federated round, as the ClientApp calls it -------------------------------------
-
-
-def lora_params(run: RunConfig) -> LoraParams:
-    """The run's LoRA shape (validated by RunConfig; targets () = family default)."""
-    return LoraParams(
-        r=run.lora.r,
-        alpha=run.lora.alpha,
-        dropout=run.lora.dropout,
-        targets=tuple(run.lora.targets) or None,
-    )
-
-
-def dp_config(run: RunConfig) -> DPConfig:
-    """The run's DP-SGD knobs. Exactly one of noise multiplier / ε per round is set (> 0).
-
-    Always private: a run config (the coordinator's choice) can never switch DP
-    off. The non-private baseline (``DPConfig(private=False)``) exists only for
-    the privacy-utility study, which builds it itself and never sends it.
-    """
-    t = run.train
-    return DPConfig(
-        private=True,
-        noise_multiplier=t.noise_multiplier if t.noise_multiplier > 0 else None,
-        target_epsilon=t.epsilon_per_round if t.epsilon_per_round > 0 else None,
-        max_grad_norm=t.max_grad_norm,
-        expected_batch_size=t.expected_batch_size,
-        max_physical_batch_size=t.max_physical_batch_size,
-        steps=t.steps,
-        learning_rate=t.learning_rate,
-        max_length=t.max_length,
-        accountant=t.accountant,
-        secure_mode=t.secure_mode,
-        clipping=t.clipping,
-    )
 
 
 def audit_log(settings: SiteSettings) -> AuditLog:
@@ -237,19 +205,19 @@ def audit_log(settings: SiteSettings) -> AuditLog:
 
 
 @functools.lru_cache(maxsize=8)
-def _spec_for(model_dir: str | None, lora: LoraParams, dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:
+def _spec_for(model_dir: str | None, lora: LoraConfig, dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:
     # The same derivation as the coordinator's (shared/adapter_spec.py): config.json only.
     from client.pretrain import ensure_embedded_model
     from shared.adapter_spec import load_model_config, spec_from_config
 
     path = Path(model_dir) if model_dir else ensure_embedded_model()
-    return spec_from_config(load_model_config(path), r=lora.r, targets=lora.targets, dtype=dtype)
+    return spec_from_config(load_model_config(path), r=lora.r, targets=lora.targets or None, dtype=dtype)
 
 
 def adapter_spec(settings: SiteSettings, run: RunConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     """Name -> (shape, wire dtype) of this run's LoRA adapter on this site's model."""
     return _spec_for(
-        str(settings.model_dir) if settings.model_dir else None, lora_params(run), run.lora.dtype
+        str(settings.model_dir) if settings.model_dir else None, run.lora, run.lora.dtype
     )
 
 
@@ -259,37 +227,32 @@ def site_train(
     *,
     global_adapter: Mapping[str, np.ndarray] | None,
     round_id: int,
-) -> tuple[dict[str, np.ndarray], dict[str, float | int | str | bool]]:
-    """One federated training round: (adapter tensors, privacy scalars) to send.
+) -> tuple[dict[str, np.ndarray], dict[str, float | int | str | bool | None]]:
+    """One federated training round: (adapter tensors, privacy scalars' wire form) to send.
 
     Nothing is marked released here: the caller does that with
     :func:`release_update` once the reply passed :func:`shared.wire.check_reply`.
-    Round 1 (no global adapter) initialises LoRA from the run's ``lora.init-seed``
-    so every site starts from the same A matrices. Raises
+    ``run`` is already floored (:func:`client.policy.floor_run`). Raises
     :class:`~shared.errors.BudgetExceededError` (nothing trained) when the round
     would take the site past its ε ceiling.
     """
     log = audit_log(settings)
-    torch.manual_seed(run.lora.init_seed)
     try:
-        result = train_local_round(
-            settings, dp=dp_config(run), lora=lora_params(run), round_id=round_id,
-            global_adapter=global_adapter,
-        )
+        result = train_local_round(settings, run, round_id=round_id, global_adapter=global_adapter)
     except BudgetExceededError as exc:
         log.append("budget_refusal", {"round": round_id, "projected_epsilon": round(exc.projected_epsilon, 4),
                                       "ceiling": exc.ceiling})
         raise
     entry = result.ledger_entry
     # The reservation's ledger position travels with the update: the coordinator's anchor.
-    privacy = dataclasses.replace(result.privacy, ledger_seq=entry.seq, ledger_head=entry.hash).as_dict()
+    privacy = dataclasses.replace(result.privacy, ledger_seq=entry.seq, ledger_head=entry.hash).to_record()
     log.append("round", {"round": round_id, "phase": "train", "epsilon": round(result.privacy.epsilon, 6),
                          "adapter_sha256": adapter_hash(result.adapter)})
     adapter = {k: v.detach().to(torch.float32).cpu().numpy() for k, v in result.adapter.items()}
     return adapter, privacy
 
 
-def release_update(settings: SiteSettings, privacy: Mapping[str, object]) -> None:
+def release_update(settings: SiteSettings, privacy: PrivacyScalars) -> None:
     """Record that the update with these (checked) privacy scalars is leaving the site.
 
     Called by the ClientApp only after :func:`shared.wire.check_reply` passed: the
@@ -299,7 +262,7 @@ def release_update(settings: SiteSettings, privacy: Mapping[str, object]) -> Non
     (the reservation already counted). LedgerError when no such reservation exists.
     """
     ledger = open_ledger(settings)
-    seq, head = privacy.get("ledger_seq"), privacy.get("ledger_head")
+    seq, head = privacy.ledger_seq, privacy.ledger_head
     entry = next((e for e in ledger.entries() if e.kind == "reserve" and (e.seq, e.hash) == (seq, head)), None)
     if entry is None:
         raise LedgerError(f"{ledger.path}: the update names ledger record {seq!r}, which is not a "
@@ -343,7 +306,7 @@ def site_evaluate(
         log.append("budget_refusal", {"round": round_id, "phase": "evaluate", "reason": type(exc).__name__})
         raise
     torch.manual_seed(run.lora.init_seed)
-    model, tokenizer = build_site_model(settings, lora=lora_params(run), global_adapter=global_adapter)
+    model, tokenizer = build_site_model(settings, lora=run.lora, global_adapter=global_adapter)
     model.eval()
     g = run.generate
     # Codes are public (the run's) or every primary code at the site (train and held-out): then

@@ -29,13 +29,14 @@ Order of operations (each step only runs if the one before succeeded):
 5. check the accountant saw exactly what was reserved and that every LoRA
    tensor moved; return the adapter and the privacy scalars.
 
-``DPConfig(private=False)`` is the one exception, and it is NOT private: the
+``train_dp(..., private=False)`` is the one exception, and it is NOT private: the
 non-private baseline of the privacy-utility study (``docs/results.md``). The
 same patients, the same Poisson sampling and the same optimizer, but no
 clipping, no noise, no accountant and no ledger entry; its privacy scalars say
 epsilon = +inf and sigma = 0, which the wire contract refuses, so such an
 adapter can never leave a site through the ClientApp. No run config can ask
-for it (:func:`client.site.dp_config` always builds a private config).
+for it: the knobs are the run's :class:`~shared.run_config.TrainConfig`, which has no such
+switch, and :func:`client.site.site_train` never passes ``private``.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from torch.utils.data import DataLoader
 
 from client.baseline import train_nonprivate
-from client.dp_config import DPConfig, PrivacyScalars, TrainResult, config_problems
+from client.dp_config import TrainResult, config_problems
 from client.dp_noise import GaussianNoise, noise_source_name, note_window_rng, use_noise
 from client.dp_sampling import patients_bucket, poisson_loader, sample_rate_for
 from client.dp_steps import bookkeeping_steps, opacus_steps
@@ -62,6 +63,8 @@ from client.model import adapter_state
 from client.notes import group_by_patient
 from shared.accounting import compute_epsilon
 from shared.errors import ConfigError, PrivacyError, Problem, TrainingError
+from shared.privacy_scalars import PrivacyScalars
+from shared.run_config import TrainConfig
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -86,12 +89,13 @@ def train_dp(
     tokenizer: Any,
     notes: Sequence[Note],
     *,
-    config: DPConfig,
+    config: TrainConfig,
     ledger: Ledger,
     round_id: str,
     delta: float,
     epsilon_ceiling: float,
     progress: Callable[[int, int, float], None] | None = None,
+    private: bool = True,
 ) -> TrainResult:
     """Train the LoRA weights of ``model`` with DP-SGD on ``notes`` (patient-level DP).
 
@@ -101,7 +105,9 @@ def train_dp(
     ``<= 1/n_patients``; ``epsilon_ceiling`` is the site's cap on cumulative
     epsilon, checked by the ledger before anything is trained.
     ``progress(step, total, loss)`` is called after each noisy step with the mean
-    (non-private, local-only) loss of that logical batch.
+    (non-private, local-only) loss of that logical batch. ``private=False`` is the
+    study's NON-PRIVATE baseline (module docstring): ``config`` must then have
+    ``noise_multiplier`` and ``epsilon_per_round`` both 0, and nothing is charged.
 
     Raises :class:`ConfigError` (bad knobs), :class:`PrivacyError` (too few
     patients, delta too large, unreachable target epsilon),
@@ -111,7 +117,7 @@ def train_dp(
     """
     # 1. Validate everything, raise once per kind of error.
     problems = config_problems(
-        config, delta=delta, epsilon_ceiling=epsilon_ceiling, round_id=round_id
+        config, private=private, delta=delta, epsilon_ceiling=epsilon_ceiling, round_id=round_id
     )
     trainable = _trainable(model)
     if not trainable:
@@ -165,16 +171,16 @@ def train_dp(
         secure=config.secure_mode,
     )
     steps = config.steps
-    if not config.private:
+    if not private:
         return train_nonprivate(
             model, poisson, config=config, trainable=trainable, delta=delta, n_patients=n_patients,
             progress=progress,
         )
-    if config.noise_multiplier is not None:
+    if config.noise_multiplier > 0:
         sigma = float(config.noise_multiplier)
     else:
         sigma = noise_multiplier_for(
-            target_epsilon=config.target_epsilon,
+            target_epsilon=config.epsilon_per_round,
             delta=delta,
             sample_rate=sample_rate,
             steps=steps,
@@ -296,7 +302,7 @@ def _opacus_round(
     optimizer: torch.optim.Optimizer,
     loader: DataLoader,
     *,
-    config: DPConfig,
+    config: TrainConfig,
     sigma: float,
     sample_rate: float,
     params: list[torch.nn.Parameter],

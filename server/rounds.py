@@ -202,7 +202,7 @@ def aggregate(got: Classified, global_adapter: Adapter | None, run: RunConfig) -
     nodes = sorted(got.accepted)
     updates = [got.accepted[n].adapter for n in nodes]
     weights = strategy.site_weights(
-        [int(got.accepted[n].privacy["patients_bucket"]) for n in nodes],
+        [got.accepted[n].privacy.patients_bucket for n in nodes],
         scheme=run.weighting, cap=run.weight_cap,
     )
     norms = [adapter_delta.update_norm(adapter_delta.update_delta(u, global_adapter)) for u in updates]
@@ -214,7 +214,7 @@ def aggregate(got: Classified, global_adapter: Adapter | None, run: RunConfig) -
         replies=got.replies, site_budget=got.anchored, adapter=new,
         weights={str(n): w for n, w in zip(nodes, weights, strict=True)},
         update_norms={str(n): v for n, v in zip(nodes, norms, strict=True)},
-        privacy={str(n): dict(got.accepted[n].privacy) for n in nodes},
+        privacy={str(n): got.accepted[n].privacy.to_record() for n in nodes},
     )
 
 

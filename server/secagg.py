@@ -137,7 +137,7 @@ def train_round(
     return TrainOutcome(
         replies=checked.replies(), site_budget=dict(checked.anchored), adapter=new,
         weights={str(n): r.weight for n, r in accepted},
-        privacy={str(n): dict(r.privacy or {}) for n, r in accepted},
+        privacy={str(n): r.privacy.to_record() if r.privacy is not None else {} for n, r in accepted},
         secagg={"clipping_range": run.secagg_clipping_range, "max_weight": wire_secagg.secagg_max_weight(run),
                 "num_shares": run.secagg_num_shares, "reconstruction_threshold": run.secagg_threshold},
     )

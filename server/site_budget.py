@@ -48,6 +48,7 @@ from server.site_names import registered_nodes
 from shared.accounting import epsilon_lower_bound, epsilon_tolerance
 from shared.atomic import PRIVATE, write_atomic
 from shared.errors import LedgerError, Problem
+from shared.privacy_scalars import PrivacyScalars
 
 STATE_NAME = "site-budgets.json"
 FORMAT_VERSION = 1
@@ -75,7 +76,7 @@ class Admitted:
     epsilon_recomputed: float
 
 
-Anchor = Callable[[int, Mapping[str, Any]], "Admitted | BudgetRefusal"]
+Anchor = Callable[[int, PrivacyScalars], "Admitted | BudgetRefusal"]
 """One round's budget check: (node id, its wire-checked privacy scalars) -> admitted or refused."""
 
 
@@ -85,7 +86,7 @@ def round_anchor(registry: SiteBudgetRegistry, keys: Mapping[int, str], *, run_n
 
     An admitted update is recorded (and saved) in the registry; a refused one is not.
     """
-    def admit(node: int, privacy: Mapping[str, Any]) -> Admitted | BudgetRefusal:
+    def admit(node: int, privacy: PrivacyScalars) -> Admitted | BudgetRefusal:
         return registry.admit(key_for(node, keys), privacy, run_name=run_name, round_id=round_id, node=node)
 
     return admit
@@ -127,15 +128,14 @@ class SiteBudgetRegistry:
         return json.loads(json.dumps(rec)) if rec is not None else None
 
     def admit(
-        self, site_key: str, privacy: Mapping[str, Any], *, run_name: str, round_id: int, node: int
+        self, site_key: str, privacy: PrivacyScalars, *, run_name: str, round_id: int, node: int
     ) -> Admitted | BudgetRefusal:
         """Check one wire-checked privacy record against the anchor; on success record and save it.
 
         ``privacy`` passed :func:`shared.wire.check_reply` (types and ranges are
         known good). Nothing is recorded for a refused update.
         """
-        seq, head = int(privacy["ledger_seq"]), str(privacy["ledger_head"])
-        eps = float(privacy["epsilon"])
+        seq, head, eps = privacy.ledger_seq, privacy.ledger_head, privacy.epsilon
         prev = self.sites.get(site_key)
         codes: list[str] = []
         problems: list[Problem] = []
@@ -157,11 +157,9 @@ class SiteBudgetRegistry:
                 problems.append(Problem("privacy['epsilon']",
                                         f"{eps:.6g} < anchored {float(prev['epsilon']):.6g}"))
         history = [tuple(h) for h in (prev or {}).get("history", [])]
-        history.append((float(privacy["noise_multiplier"]), float(privacy["sample_rate"]),
-                        int(privacy["steps"])))
+        history.append((privacy.noise_multiplier, privacy.sample_rate, privacy.steps))
         try:
-            recomputed = epsilon_lower_bound(history, delta=float(privacy["delta"]),
-                                             accountant=str(privacy["accountant"]))
+            recomputed = epsilon_lower_bound(history, delta=privacy.delta, accountant=privacy.accountant)
         except Exception as exc:  # noqa: BLE001 - an accountant failure refuses, never crashes
             codes.append("accounting_failed")
             problems.append(Problem("privacy", f"epsilon recomputation failed ({type(exc).__name__})"))
@@ -176,7 +174,7 @@ class SiteBudgetRegistry:
         nodes = sorted({*(prev or {}).get("nodes", []), int(node)})
         self.sites[site_key] = {
             "ledger_seq": seq, "ledger_head": head, "epsilon": eps, "epsilon_recomputed": recomputed,
-            "delta": float(privacy["delta"]), "accountant": str(privacy["accountant"]),
+            "delta": privacy.delta, "accountant": privacy.accountant,
             "history": [list(h) for h in history], "nodes": nodes[-16:],
             "last_run": str(run_name)[:200], "last_round": int(round_id),
             "updated": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -13,7 +13,8 @@ patient, or a 64 MB "LoRA" pair, is refused like any other wire violation.
 
 The spec is built the way the site builds its adapter: a causal LM on PyTorch's
 ``meta`` device (shapes only, nothing allocated or read) wrapped by PEFT LoRA with
-rank ``r`` on ``targets`` (default: the family's, :data:`DEFAULT_LORA_TARGETS`).
+rank ``r`` on ``targets`` (default: the family's attention and MLP projections,
+:data:`DEFAULT_LORA_TARGETS`).
 """
 
 from __future__ import annotations
@@ -41,24 +42,26 @@ MODEL_TYPE_FAMILY: dict[str, str] = {
     "qwen3_next": "qwen3_next",
     "mistral": "mistral",
 }
-# Default LoRA targets: the attention projections only. Attention-only LoRA keeps the
-# adapter small, which matters twice: DP-SGD noise is added per trainable coordinate
-# (fewer coordinates, better signal-to-noise at the same epsilon) and the adapter is
-# what crosses the wire. ``lora.targets`` / ``--lora-targets`` add the MLP.
+# Default LoRA targets (``lora.targets = ""``): the attention and the MLP projections. The
+# privacy-utility study (issue #15, docs/results.md) found attention-only LoRA too weak to
+# learn code-specific content (F1 0.18 at 200 steps against 0.54+ with the MLP); DP-SGD noise
+# is added per trainable coordinate, so ``lora.targets`` can still narrow the adapter.
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
 DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
-    "llama": _ATTENTION,
-    "qwen2": _ATTENTION,
-    "qwen3": _ATTENTION,
+    "llama": (*_ATTENTION, *_MLP),
+    "qwen2": (*_ATTENTION, *_MLP),
+    "qwen3": (*_ATTENTION, *_MLP),
     # Qwen3.5 is hybrid: Gated-DeltaNet linear-attention layers (in_proj_qkv, in_proj_z,
     # out_proj; in_proj_a/in_proj_b are per-head gates, too small to matter) beside
-    # full-attention layers (q/k/v/o_proj). Both kinds are adapted.
-    "qwen3_5": (*_ATTENTION, "in_proj_qkv", "in_proj_z", "out_proj"),
-    # Mistral: Llama-style attention projections.
-    "mistral": _ATTENTION,
+    # full-attention layers (q/k/v/o_proj); every layer has a dense MLP. All are adapted.
+    "qwen3_5": (*_ATTENTION, "in_proj_qkv", "in_proj_z", "out_proj", *_MLP),
+    # Mistral: Llama-style attention and MLP projections.
+    "mistral": (*_ATTENTION, *_MLP),
     # Qwen3-Next is hybrid too: Gated-DeltaNet layers project q/k/v/z together
-    # (in_proj_qkvz; in_proj_ba are per-head gates) and back (out_proj); its MLPs are
-    # mixture-of-experts, left frozen like every other family's MLP.
+    # (in_proj_qkvz; in_proj_ba are per-head gates) and back (out_proj). Its MLPs are
+    # mixture-of-experts: adapting every expert would multiply the adapter (and the noise
+    # dimension) by the expert count, so they stay frozen; set lora.targets to adapt them.
     "qwen3_next": (*_ATTENTION, "in_proj_qkvz", "out_proj"),
 }
 

@@ -28,6 +28,7 @@ from shared.dp_defaults import (
     sample_rate_for,
 )
 from shared.errors import ConfigError, PrivacyError, Problem
+from shared.run_config import LoraConfig, TrainConfig
 from shared.whitelist import ACCOUNTANTS
 
 MEASURED_PATH = Path(__file__).with_name("measured_fidelity.json")
@@ -36,8 +37,8 @@ MEASURED_PATH = Path(__file__).with_name("measured_fidelity.json")
 NEAR_FACTOR = 2.0
 """A measurement is "near" when ε, patients, total steps and batch are each within this factor."""
 
-DEFAULT_STEPS = 50  # shared.run_config.TrainConfig.steps
-DEFAULT_LORA_R = 8  # shared.run_config.LoraConfig.r
+DEFAULT_STEPS = TrainConfig().steps  # the run config's defaults: one definition (shared/run_config.py)
+DEFAULT_LORA_R = LoraConfig().r
 MAX_ROWS = 10  # rounds shown in the per-round table (evenly spaced, the last one always)
 
 

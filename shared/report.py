@@ -37,6 +37,7 @@ from pydantic import (
 from shared.accounting import epsilon_tolerance
 from shared.atomic import write_atomic
 from shared.errors import InputError, Problem
+from shared.privacy_scalars import PrivacyScalars
 from shared.signing import sign_file, signature_path
 from shared.whitelist import ACCOUNTANTS, METRIC_NAMES
 
@@ -86,7 +87,12 @@ Metrics = Annotated[dict[str, float], AfterValidator(_check_metric_names)]
 
 
 class Privacy(BaseModel):
-    """Patient-level DP-SGD accounting for one site, cumulative up to this round."""
+    """Patient-level DP-SGD accounting for one site, cumulative up to this round.
+
+    Built from the round's :class:`~shared.privacy_scalars.PrivacyScalars`
+    (:meth:`from_scalars`) plus what only the site knows: its ceiling and the noise
+    source. The patients bucket is not part of the report.
+    """
 
     model_config = _STRICT
     unit_of_privacy: Literal["patient"] = "patient"
@@ -112,6 +118,28 @@ class Privacy(BaseModel):
                                       "later, lowered or rewritten ledger cannot match")
     what_epsilon_covers: Annotated[str, Field(min_length=1, max_length=2000)] = EPSILON_COVERS
     what_epsilon_does_not_cover: list[str] = Field(default_factory=lambda: list(EPSILON_DOES_NOT_COVER))
+
+    @classmethod
+    def from_scalars(cls, scalars: PrivacyScalars, *, epsilon_ceiling: float, noise_source: str) -> Privacy:
+        """The report's accounting: ``scalars`` (epsilon, delta, sigma, q, steps, C, accountant,
+        secure mode, ledger position) with the site's ``epsilon_ceiling`` and ``noise_source``;
+        ``epsilon_remaining`` is derived. Validated like any report (pydantic ValidationError)."""
+        return cls(
+            epsilon=scalars.epsilon,
+            epsilon_round=scalars.epsilon_round,
+            delta=scalars.delta,
+            epsilon_ceiling=epsilon_ceiling,
+            epsilon_remaining=max(0.0, epsilon_ceiling - scalars.epsilon),
+            noise_multiplier=scalars.noise_multiplier,
+            sample_rate=scalars.sample_rate,
+            steps=scalars.steps,
+            max_grad_norm=scalars.max_grad_norm,
+            accountant=scalars.accountant,
+            secure_mode=scalars.secure_mode,
+            noise_source=noise_source,
+            ledger_seq=scalars.ledger_seq,
+            ledger_head=scalars.ledger_head,
+        )
 
     @model_validator(mode="after")
     def _consistent(self) -> Privacy:

@@ -20,7 +20,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from shared import icd10
 from shared.errors import ConfigError, Problem
 from shared.whitelist import ACCOUNTANTS
 
@@ -34,10 +33,14 @@ _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 @dataclass(frozen=True, kw_only=True)
 class LoraConfig:
-    """LoRA shape: rank ``r``, scale ``alpha``/r, dropout, target module names (() = family default)."""
+    """LoRA shape: rank ``r``, scale ``alpha``/r, dropout, target module names.
 
-    r: int = 8
-    alpha: float = 16.0
+    ``targets`` () means the model family's default: its attention and MLP
+    projections (:data:`shared.adapter_spec.DEFAULT_LORA_TARGETS`).
+    """
+
+    r: int = 16
+    alpha: float = 32.0
     dropout: float = 0.0
     targets: tuple[str, ...] = ()
     dtype: str = "float32"  # dtype of the tensors on the wire
@@ -46,19 +49,31 @@ class LoraConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """DP-SGD knobs for one round at one site.
+    """DP-SGD knobs for one round at one site: what :func:`client.train.train_dp` takes.
 
-    Privacy meaning: exactly one of ``noise_multiplier`` (sigma, > 0) and
-    ``epsilon_per_round`` (> 0, the site solves for sigma) is set, the other is 0.
+    Privacy meaning: exactly one of ``noise_multiplier`` (sigma: noise std /
+    ``max_grad_norm``, > 0) and ``epsilon_per_round`` (> 0: this round's epsilon
+    alone at the site's delta; the site solves for sigma) is set, the other is 0.
     ``max_grad_norm`` is the per-patient clipping bound C. ``expected_batch_size``
-    / n_patients is the Poisson sample rate q the accountant assumes.
+    (patients per logical batch, in expectation) / n_patients is the Poisson
+    sample rate q the accountant assumes; ``max_physical_batch_size`` only bounds
+    memory. ``steps`` is the number of noisy optimizer steps charged per round.
+    ``max_length`` is in tokens (prompt + report). ``clipping``: "flat" (Opacus
+    per-sample gradients), "ghost" (Opacus ghost clipping) or "bk" (book-keeping,
+    :mod:`client.dp_bookkeeping`); all clip the whole per-patient gradient and add
+    the same noise. There is deliberately no seed, and no switch that turns DP
+    off: the study's non-private baseline is a separate argument of ``train_dp``.
+
+    The defaults are the recipe the privacy-utility study measured (issue #15,
+    docs/results.md); ``[tool.flwr.app.config]`` in pyproject.toml repeats them
+    and a test keeps the two equal.
     """
 
-    steps: int = 50
-    expected_batch_size: int = 32
+    steps: int = 100
+    expected_batch_size: int = 64
     max_physical_batch_size: int = 8
-    learning_rate: float = 2e-4
-    max_length: int = 512
+    learning_rate: float = 5e-3
+    max_length: int = 448
     noise_multiplier: float = 1.0
     epsilon_per_round: float = 0.0
     max_grad_norm: float = 1.0
@@ -152,6 +167,10 @@ def _targets(v: str) -> tuple[tuple[str, ...], str | None]:
 
 def _codes(v: str) -> tuple[tuple[str, ...], str | None]:
     items = [t.strip() for t in v.split(",") if t.strip()]
+    if not items:
+        return (), None
+    from shared import icd10  # the catalogue loads in ~70 ms: only when a run names codes
+
     bad = [t for t in items if not icd10.is_code(t)]
     if bad:
         return (), f"unknown ICD-10 codes: {bad}"
@@ -206,6 +225,24 @@ _SPEC: dict[str, tuple[str, str, type, Check | None]] = {
 }
 
 KNOWN_KEYS: frozenset[str] = frozenset(_SPEC)
+
+
+def to_flower(run: RunConfig) -> dict[str, bool | int | float | str]:
+    """``run`` as Flower run-config keys and scalars: the inverse of :meth:`RunConfig.from_flower`.
+
+    Tuples (``lora.targets``, ``generate.codes``) become comma-separated strings.
+    ``to_flower(RunConfig())`` is the default run config (pyproject.toml repeats it).
+    """
+    out: dict[str, bool | int | float | str] = {}
+    for key, (section, field, _typ, _check) in _SPEC.items():
+        value = getattr(getattr(run, section) if section else run, field)
+        out[key] = ",".join(value) if isinstance(value, tuple) else value
+    return out
+
+
+def with_overrides(run: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
+    """``run`` with some Flower keys replaced, validated like any run config (ConfigError)."""
+    return _parse({**to_flower(run), **overrides})
 
 
 def _coerce(value: Any, typ: type) -> tuple[Any, str | None]:

@@ -1,7 +1,8 @@
 """The names that may cross the wire, with no dependencies (auditor tools import this).
 
 :mod:`shared.wire` checks messages against these sets; :mod:`shared.report`
-checks report metric names against them.
+checks report metric names against them. The privacy scalars' keys are the fields
+of their one type (:data:`shared.privacy_scalars.PRIVACY_KEYS`).
 """
 
 from __future__ import annotations
@@ -31,21 +32,4 @@ METRIC_NAMES: frozenset[str] = frozenset(
     }
 )
 
-# Privacy scalars a site sends with each adapter update.
-PRIVACY_KEYS: frozenset[str] = frozenset(
-    {
-        "epsilon",  # cumulative epsilon over every round this site trained (from its ledger)
-        "epsilon_round",  # this round's increment
-        "delta",
-        "noise_multiplier",
-        "sample_rate",
-        "steps",
-        "max_grad_norm",
-        "accountant",  # one of ACCOUNTANTS
-        "secure_mode",
-        "patients_bucket",  # number of training patients rounded down to a multiple of 10
-        "ledger_seq",  # seq of this round's reservation in the site's privacy ledger
-        "ledger_head",  # that record's chain hash (64 hex): the coordinator's anchor of the ledger
-    }
-)
 ACCOUNTANTS: frozenset[str] = frozenset({"prv", "rdp"})

@@ -45,7 +45,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.constant import SType
 
 from shared.errors import Problem, WireError
-from shared.whitelist import ACCOUNTANTS, METRIC_NAMES, PRIVACY_KEYS
+from shared.privacy_scalars import PRIVACY_KEYS, PrivacyScalars
+from shared.whitelist import ACCOUNTANTS, METRIC_NAMES
 from shared.wire_numbers import (
     MAX_COUNT_BUCKET,
     MAX_METRIC_ABS,
@@ -124,7 +125,7 @@ class Reply:
 
     kind: str
     adapter: dict[str, np.ndarray] | None = None
-    privacy: dict[str, float | int | str | bool] | None = None
+    privacy: PrivacyScalars | None = None  # checked and typed (shared.privacy_scalars)
     metrics: dict[str, float] | None = None
     decline: str | None = None
 
@@ -161,7 +162,10 @@ def spec_of(tensors: Mapping[str, np.ndarray]) -> AdapterSpec:
 def pack_train_reply(
     adapter: Mapping[str, np.ndarray], privacy: Mapping[str, float | int | str | bool]
 ) -> RecordDict:
-    """The train reply layout, privacy floats rounded (check it with :func:`check_reply` before sending)."""
+    """The train reply layout, privacy floats rounded (check it with :func:`check_reply` before sending).
+
+    ``privacy`` is the scalars' wire form (:meth:`PrivacyScalars.to_record`).
+    """
     return RecordDict({ADAPTER_KEY: pack_adapter(adapter), PRIVACY_KEY: ConfigRecord(round_privacy(privacy)),
                        WIRE_KEY: wire_record()})
 
@@ -279,7 +283,8 @@ def check_reply(content: RecordDict, *, kind: str, spec: AdapterSpec | None, run
         if PRIVACY_KEY in content:
             privacy = _check_privacy(content[PRIVACY_KEY], run, problems)
         _raise(problems)
-        return Reply(kind=kind, adapter=adapter, privacy=privacy)
+        return Reply(kind=kind, adapter=adapter,
+                     privacy=PrivacyScalars.from_record(privacy) if privacy is not None else None)
     metrics = _check_metrics(content[METRICS_KEY], problems) if METRICS_KEY in content else None
     _raise(problems)
     return Reply(kind=kind, metrics=metrics)

@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from shared.adapter_delta import site_contribution
 from shared.errors import Problem, WireError
+from shared.privacy_scalars import PrivacyScalars
 from shared.wire import (
     ADAPTER_KEY,
     INSTRUCTION_KEY,
@@ -71,7 +72,7 @@ class SecAggReply:
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
     weight: int
-    privacy: dict[str, float | int | str | bool] | None = None
+    privacy: PrivacyScalars | None = None  # checked and typed (shared.privacy_scalars)
     decline: str | None = None
     contribution: dict[str, np.ndarray] | None = None  # site side (masked=False) only
 
@@ -264,7 +265,8 @@ def check_secagg_reply(
     if problems:
         raise WireError("secagg reply refused by the wire contract", problems)
     contribution = None if masked else dict(zip(names, arrays, strict=True))
-    return SecAggReply(names=names, shapes=shapes, weight=weight, privacy=privacy, decline=decline,
+    return SecAggReply(names=names, shapes=shapes, weight=weight, decline=decline,
+                       privacy=PrivacyScalars.from_record(privacy) if privacy is not None else None,
                        contribution=contribution)
 
 

@@ -151,7 +151,7 @@ def make_fake_site(calls):
         return fake_update(settings, run, global_adapter, spec=fake_spec(run))
 
     def fake_release_update(settings, privacy):  # after the site's wire check (kept apart from calls)
-        mod.released.append((settings.site_id, privacy["ledger_seq"]))
+        mod.released.append((settings.site_id, privacy.ledger_seq))
 
     def fake_site_evaluate(settings, run, *, global_adapter, round_id):
         calls.append(("evaluate", settings.site_id, round_id, global_adapter))

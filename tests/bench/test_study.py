@@ -35,3 +35,15 @@ def test_training_patients_mirrors_the_site_split(tmp_path):
     notes.write_text("".join(json.dumps({"patient_id": f"p{i % 7}", "text": "x"}) + "\n" for i in range(20)))
     assert training_patients(notes, heldout_fraction=0.2) == 7 - 1  # round(1.4) = 1 held out
     assert training_patients(notes, heldout_fraction=0.5) == 7 - 4  # round(3.5) = 4
+
+
+def test_study_config_is_the_defaults_plus_real_overrides():
+    """Every key the study sets changes a run-config default (the seeds too, at a non-zero seed)."""
+    from bench.study import plan
+    from shared.run_config import RunConfig, to_flower, with_overrides
+
+    defaults = to_flower(RunConfig())
+    for reduced in (False, True):
+        config = plan(reduced=reduced, seed=1).run_config
+        with_overrides(RunConfig(), config)  # valid
+        assert [k for k, v in config.items() if defaults[k] == v] == []

@@ -33,7 +33,9 @@ def test_site_peft_folder_loads_with_peft_and_reads_back(tmp_path, trained):
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "/models/llama3"
     assert (config["r"], config["lora_alpha"], config["peft_type"]) == (4, 8, "LORA")
-    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    # the default targets the adapter was trained on: attention and MLP projections
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                             "gate_proj", "up_proj", "down_proj"}
     # PEFT itself loads the folder onto a fresh base model, tensors unchanged.
     base, _ = tiny_random_model("llama", seed=1)
     loaded = PeftModel.from_pretrained(base, folder)

@@ -51,7 +51,7 @@ def real_site(monkeypatch):
     site = importlib.import_module("client.site")
     trained, specs = [], []
 
-    def train_local_round(settings, **kwargs):
+    def train_local_round(settings, run=None, **kwargs):
         trained.append(kwargs.get("round_id"))
         raise AssertionError("training ran")
 

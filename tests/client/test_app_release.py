@@ -14,8 +14,9 @@ import torch
 from flwr.app import Context, Message, RecordDict
 
 from client.app import app as client_app
-from client.dp_config import PrivacyScalars, TrainResult
+from client.dp_config import TrainResult
 from shared import wire
+from shared.privacy_scalars import PrivacyScalars
 from tests.fake_site import A, B
 from tests.federation import SECAGG_RC
 from tests.federation import run_over_wire as run
@@ -35,7 +36,8 @@ def site(monkeypatch):
         monkeypatch.setattr(TaskIdentity, attr, value)
     mod = importlib.import_module("client.site")
 
-    def train_local_round(settings, *, dp, lora, round_id, global_adapter=None, **_):
+    def train_local_round(settings, run, *, round_id, global_adapter=None, **_):
+        dp = run.train
         ledger = mod.open_ledger(settings)
         entry = ledger.reserve(round_id=str(round_id), noise_multiplier=1.0, sample_rate=0.1, steps=3,
                                delta=1e-5, accountant=dp.accountant, epsilon_ceiling=settings.epsilon_ceiling)

@@ -64,11 +64,11 @@ def test_generate_missing_adapter_is_a_clear_error(tmp_path, monkeypatch, staged
     assert result.exception is None or isinstance(result.exception, SystemExit)  # typer.Exit
 
 
-def test_train_lora_targets_reach_the_lora_params(tmp_path, monkeypatch):
+def test_train_lora_targets_reach_the_run_config(tmp_path, monkeypatch):
     seen = {}
 
-    def fake_round(settings, *, dp, lora, round_id, progress):
-        seen["targets"] = lora.targets
+    def fake_round(settings, run, *, round_id, progress):
+        seen["targets"] = run.lora.targets
         raise ConfigError("stop here")
 
     monkeypatch.setattr("client.site.train_local_round", fake_round)
@@ -79,7 +79,7 @@ def test_train_lora_targets_reach_the_lora_params(tmp_path, monkeypatch):
     result = runner.invoke(cli.app, [*base, "--lora-targets", "q_proj, v_proj,q_proj"])
     assert result.exit_code == 2 and seen["targets"] == ("q_proj", "v_proj"), result.output
     runner.invoke(cli.app, base)
-    assert seen["targets"] is None  # the family default
+    assert seen["targets"] == ()  # the family default
     seen.clear()
     bad = runner.invoke(cli.app, [*base, "--lora-targets", " , "])
     assert bad.exit_code == 2 and "invalid --lora-targets" in bad.output and not seen

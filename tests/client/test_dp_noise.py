@@ -21,7 +21,6 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import client.dp_noise as dp_noise
 import client.train as train_mod
-from client.dp_config import DPConfig
 from client.dp_noise import (
     GaussianNoise,
     box_muller,
@@ -33,6 +32,7 @@ from client.ledger import Ledger
 from client.model import add_lora, tiny_random_model
 from client.notes import Note
 from client.train import train_dp
+from shared.run_config import TrainConfig
 
 TEXT = "The patient reports low mood and poor sleep for two months. Plan: review in two weeks."
 SIGMA = 30.0  # noise dominates the clipped sum: the gradients' correlation is the noise's
@@ -84,7 +84,7 @@ def run_round(ledger_path: Path, round_id: str, *, clipping: str, monkeypatch) -
     try:
         train_dp(
             model, tok, make_notes(8),
-            config=DPConfig(noise_multiplier=SIGMA, expected_batch_size=2, max_physical_batch_size=2,
+            config=TrainConfig(noise_multiplier=SIGMA, expected_batch_size=2, max_physical_batch_size=2,
                             steps=6, max_length=64, accountant="rdp", clipping=clipping),
             ledger=Ledger(ledger_path, site_id=ledger_path.stem), round_id=round_id, delta=1e-3,
             epsilon_ceiling=1e9,
@@ -180,11 +180,11 @@ def test_uniforms_and_box_muller():
 
 
 def test_nothing_in_a_run_can_seed_noise_or_sampling():
-    """No DPConfig or run-config train knob is a seed, and the test hook is referenced
+    """No train knob (the run config's TrainConfig, what train_dp takes) is a seed, and the test hook is referenced
     nowhere outside client/dp_noise.py (no config key, setting or env var reaches it)."""
     from shared.run_config import RunConfig
 
-    assert not [f.name for f in dataclasses.fields(DPConfig) if "seed" in f.name]
+    assert not [f.name for f in dataclasses.fields(TrainConfig) if "seed" in f.name]
     train_knobs = dataclasses.fields(type(RunConfig.from_flower({}).train))
     assert not [f.name for f in train_knobs if "seed" in f.name]
     root = Path(dp_noise.__file__).resolve().parents[1]
@@ -194,7 +194,7 @@ def test_nothing_in_a_run_can_seed_noise_or_sampling():
             encoding="utf-8")
     ]
     assert users == [root / "client" / "dp_noise.py"]
-    assert DPConfig().secure_mode is True and RunConfig.from_flower({}).train.secure_mode is True
+    assert TrainConfig().secure_mode is True and RunConfig.from_flower({}).train.secure_mode is True
 
 
 def test_the_ledger_and_the_privacy_report_name_the_noise_source(tmp_path):

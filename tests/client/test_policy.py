@@ -14,11 +14,10 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 
 from client import policy
-from client.dp_config import DPConfig
 from shared import wire
 from shared.audit import AuditLog
 from shared.errors import ConfigError, PrivacyError
-from shared.run_config import RunConfig
+from shared.run_config import RunConfig, TrainConfig
 from shared.settings import SiteSettings, load_settings
 
 A, B = "base.layer.lora_A.weight", "base.layer.lora_B.weight"
@@ -118,30 +117,30 @@ def test_all_loose_knobs_at_once_and_a_tight_run_is_untouched():
 
 
 def test_sigma_that_costs_more_than_the_epsilon_cap_becomes_the_cap():
-    dp = DPConfig(noise_multiplier=0.6, steps=200, expected_batch_size=50, accountant="rdp")
+    dp = TrainConfig(noise_multiplier=0.6, steps=200, expected_batch_size=50, accountant="rdp")
     out, tightened = policy.floor_dp(dp, _settings(require_secure_noise=False), n_patients=100, delta=1e-5)
-    assert out.noise_multiplier is None and out.target_epsilon == 2.0
+    assert out.noise_multiplier == 0 and out.epsilon_per_round == 2.0
     assert any("costs epsilon" in t for t in tightened)
     # a big sigma is below the cap already: untouched
-    big = DPConfig(noise_multiplier=50.0, steps=10, expected_batch_size=10, accountant="rdp")
+    big = TrainConfig(noise_multiplier=50.0, steps=10, expected_batch_size=10, accountant="rdp")
     assert policy.floor_dp(big, _settings(require_secure_noise=False), n_patients=1000, delta=1e-5) == (big, [])
 
 
 def test_epsilon_target_that_needs_too_little_noise_becomes_the_sigma_floor():
     # many patients, few steps: epsilon 8 (under a cap of 10) needs sigma ~0.32 < 0.5
-    dp = DPConfig(target_epsilon=8.0, steps=2, expected_batch_size=10, accountant="rdp")
+    dp = TrainConfig(noise_multiplier=0.0, epsilon_per_round=8.0, steps=2, expected_batch_size=10, accountant="rdp")
     site = _settings(require_secure_noise=False, max_epsilon_per_round=10.0)
     out, tightened = policy.floor_dp(dp, site, n_patients=10_000, delta=1e-5)
-    assert out.noise_multiplier == 0.5 and out.target_epsilon is None
-    assert any("needs noise_multiplier" in t for t in tightened)
+    assert out.noise_multiplier == 0.5 and out.epsilon_per_round == 0
+    assert any("needs noise multiplier" in t for t in tightened)
 
 
 def test_floor_dp_forces_secure_noise_and_caps_epsilon():
-    dp = DPConfig(target_epsilon=1000.0, steps=20, expected_batch_size=10, accountant="rdp",
+    dp = TrainConfig(noise_multiplier=0.0, epsilon_per_round=1000.0, steps=20, expected_batch_size=10, accountant="rdp",
                   secure_mode=False)
     out, tightened = policy.floor_dp(dp, _settings(), n_patients=100, delta=1e-5)
-    assert out.secure_mode is True and (out.target_epsilon or 0) <= 2.0
-    assert any("secure_mode" in t for t in tightened)
+    assert out.secure_mode is True and out.epsilon_per_round <= 2.0
+    assert any("secure-mode" in t for t in tightened)
 
 
 # ---- node config: only tighten -------------------------------------------------------
@@ -332,9 +331,11 @@ def test_fedsynth_site_train_by_hand_gets_the_site_floors(monkeypatch, tmp_path)
     assert isinstance(out.exception, Stop), out.output
     [(config, delta)] = seen
     # sigma 0.01 -> 0.5 (floor), and 0.5 at q = 1/6 over 5 steps costs ~12.7 > 2: run at epsilon 2
-    assert config.noise_multiplier is None and config.target_epsilon == 2.0 and config.secure_mode is True
+    assert config.noise_multiplier == 0 and config.epsilon_per_round == 2.0 and config.secure_mode is True
     assert delta == 1e-5  # the bucketed default, not 1/(10 * 96)
-    [entry] = _audit(tmp_path)
-    assert entry["kind"] == "policy_tightened" and entry["data"]["round"] == "local-1"
-    knobs = entry["data"]["knobs"]
-    assert any("noise_multiplier 0.01 -> 0.5" in k for k in knobs) and any("costs epsilon" in k for k in knobs)
+    # as in a federated round: the run's floors (floor_run), then the count-dependent one (floor_dp)
+    entries = _audit(tmp_path)
+    assert [e["kind"] for e in entries] == ["policy_tightened"] * 2
+    assert all(e["data"]["round"] == "local-1" for e in entries)
+    knobs = [k for e in entries for k in e["data"]["knobs"]]
+    assert any("noise-multiplier 0.01 -> 0.5" in k for k in knobs) and any("costs epsilon" in k for k in knobs)

@@ -11,12 +11,13 @@ from client.demo_data import write_demo
 from client.model import tiny_random_model
 from shared.audit import verify_log
 from shared.errors import BudgetExceededError, PrivacyError
+from shared.privacy_scalars import PRIVACY_KEYS, PrivacyScalars
 from shared.report import SiteRoundReport, read_report, write_schemas
 from shared.run_config import RunConfig
 from shared.settings import SiteSettings, load_settings
 from shared.signing import generate_key, load_public_key
 from shared.verify import EXIT_FAILED, EXIT_OK, exit_code, verify_paths
-from shared.wire import METRIC_NAMES, PRIVACY_KEYS
+from shared.wire import METRIC_NAMES
 
 pytestmark = pytest.mark.integration
 
@@ -74,7 +75,7 @@ def test_train_then_evaluate_round(world):
     entries = site.open_ledger(settings).entries()
     assert [e.kind for e in entries] == ["reserve"]
     assert (privacy["ledger_seq"], privacy["ledger_head"]) == (entries[0].seq, entries[0].hash)
-    site.release_update(settings, privacy)
+    site.release_update(settings, PrivacyScalars.from_record(privacy))  # as the ClientApp, after its check
     assert [e.kind for e in site.open_ledger(settings).entries()] == ["reserve", "released"]
     # the round's adapter is also a PEFT folder naming the base model
     from client.adapter_files import read_adapter

@@ -11,6 +11,7 @@ from peft import PeftModel
 from client import site
 from client.adapter_files import read_adapter
 from client.model import adapter_hash, adapter_state, add_lora, tiny_random_model
+from shared.run_config import RunConfig
 from shared.settings import SiteSettings, load_settings
 
 
@@ -25,13 +26,14 @@ def test_train_local_round_writes_a_peft_folder(tmp_path, monkeypatch):
     # Everything but the saving is stubbed: the data, noise floors, ledger and DP training.
     data = SimpleNamespace(train_patients=40, train=[])
     monkeypatch.setattr(site, "site_delta", lambda settings, n: 1e-5)
-    monkeypatch.setattr(site, "floor_dp", lambda dp, settings, **kw: (dp, []))
+    monkeypatch.setattr(site, "floor_dp", lambda train, settings, **kw: (train, []))
     monkeypatch.setattr(site, "build_site_model", lambda settings, **kw: (peft, tok))
     monkeypatch.setattr(site, "open_ledger", lambda settings: None)
     monkeypatch.setattr(site, "train_dp", lambda *a, **kw: SimpleNamespace(adapter=trained))
     model_dir = tmp_path / "models" / "qwen3"
     settings = load_settings(SiteSettings, output_dir=tmp_path / "out", model_dir=model_dir)
-    site.train_local_round(settings, dp=None, lora=site.LoraParams(r=4, alpha=8), round_id=7, data=data)
+    run = RunConfig.from_flower({"lora.r": 4, "lora.alpha": 8})
+    site.train_local_round(settings, run, round_id=7, data=data)
 
     folder = site.adapter_folder(settings, 7)
     assert folder == tmp_path / "out" / "adapters" / "round-7"

@@ -15,14 +15,14 @@ import torch
 from opacus.accountants import create_accountant
 
 import client.train as train_mod
-from client.dp_config import DPConfig
 from client.dp_noise import deterministic_for_tests
 from client.ledger import Ledger
 from client.model import FAMILIES, adapter_state, add_lora, tiny_random_model
 from client.notes import Note
 from client.train import noise_multiplier_for, train_dp
 from shared.errors import BudgetExceededError, ConfigError, PrivacyError
-from shared.wire import PRIVACY_KEYS
+from shared.privacy_scalars import PRIVACY_KEYS
+from shared.run_config import TrainConfig
 
 TEXT = "The patient reports low mood and poor sleep for two months. Plan: review in two weeks."
 
@@ -52,7 +52,7 @@ def lora_model(family: str = "llama"):
     return add_lora(model, r=4, alpha=8), tokenizer
 
 
-def config(**overrides) -> DPConfig:
+def config(**overrides) -> TrainConfig:
     knobs = dict(
         noise_multiplier=1.0,
         expected_batch_size=2,
@@ -63,7 +63,7 @@ def config(**overrides) -> DPConfig:
         learning_rate=1e-2,
     )
     knobs.update(overrides)
-    return DPConfig(**knobs)
+    return TrainConfig(**knobs)
 
 
 def independent_epsilon(history, *, delta: float, accountant: str) -> float:
@@ -135,7 +135,7 @@ def test_only_lora_moves_and_epsilon_accumulates_over_rounds(ledger):
         assert_opacus_gone(model)  # so the next round can wrap it again
 
         p = result.privacy
-        assert set(p.as_dict()) == PRIVACY_KEYS
+        assert set(p.to_record()) == PRIVACY_KEYS
         assert (p.noise_multiplier, p.sample_rate, p.steps) == (
             cfg.noise_multiplier,
             0.2,
@@ -354,9 +354,9 @@ def test_too_few_patients_refused(ledger):
 
 def test_all_config_problems_listed_at_once(ledger):
     model, tok = lora_model()
-    bad = DPConfig(
+    bad = TrainConfig(
         noise_multiplier=1.0,
-        target_epsilon=2.0,
+        epsilon_per_round=2.0,
         steps=0,
         max_grad_norm=-1.0,
         accountant="gdp",
@@ -375,7 +375,7 @@ def test_all_config_problems_listed_at_once(ledger):
         )
     where = {p.where for p in info.value.problems}
     assert {
-        "noise_multiplier/target_epsilon",
+        "noise_multiplier/epsilon_per_round",
         "steps",
         "max_grad_norm",
         "accountant",
@@ -410,7 +410,7 @@ def test_train_with_target_epsilon(ledger):
         model,
         tok,
         make_notes(8),
-        config=config(noise_multiplier=None, target_epsilon=3.0, accountant="prv"),
+        config=config(noise_multiplier=0.0, epsilon_per_round=3.0, accountant="prv"),
         ledger=ledger,
         round_id="r1",
         delta=1e-3,
@@ -447,10 +447,10 @@ def test_nonprivate_baseline_trains_without_ledger_and_is_refused_on_the_wire(le
 
     model, tok = lora_model()
     before = snapshot(model)
-    cfg = config(noise_multiplier=None, private=False, steps=3)
+    cfg = config(noise_multiplier=0.0, steps=3)
     result = train_dp(
         model, tok, make_notes(8), config=cfg, ledger=ledger, round_id="r1", delta=1e-3,
-        epsilon_ceiling=1.0,
+        epsilon_ceiling=1.0, private=False,
     )
     after = snapshot(model)
     assert all(not torch.equal(before[n], after[n]) for n in before if "lora_" in n)
@@ -465,7 +465,7 @@ def test_nonprivate_baseline_trains_without_ledger_and_is_refused_on_the_wire(le
     run = RunConfig.from_flower({"lora.r": 4, "train.accountant": "rdp"})
     with pytest.raises(WireError) as refused:
         wire.check_reply(
-            wire.pack_train_reply(adapter, p.as_dict()), kind="train", spec=wire.spec_of(adapter), run=run
+            wire.pack_train_reply(adapter, p.to_record()), kind="train", spec=wire.spec_of(adapter), run=run
         )
     refused_keys = {pr.where for pr in refused.value.problems}
     assert {"privacy['epsilon']", "privacy['noise_multiplier']", "privacy['accountant']"} <= refused_keys
@@ -477,7 +477,7 @@ def test_nonprivate_baseline_trains_without_ledger_and_is_refused_on_the_wire(le
     )
     adapter = {k: v.numpy().astype(np.float32) for k, v in private.adapter.items()}
     wire.check_reply(
-        wire.pack_train_reply(adapter, private.privacy.as_dict()), kind="train",
+        wire.pack_train_reply(adapter, private.privacy.to_record()), kind="train",
         spec=wire.spec_of(adapter), run=run,
     )
     assert private.privacy.private and len(ledger.history()) == 1
@@ -485,10 +485,10 @@ def test_nonprivate_baseline_trains_without_ledger_and_is_refused_on_the_wire(le
 
 def test_nonprivate_baseline_refuses_noise_knobs(ledger):
     model, tok = lora_model()
-    for knobs in ({"noise_multiplier": 1.0}, {"noise_multiplier": None, "target_epsilon": 1.0}):
+    for knobs in ({"noise_multiplier": 1.0}, {"noise_multiplier": 0.0, "epsilon_per_round": 1.0}):
         with pytest.raises(ConfigError, match="invalid DP training settings") as exc:
-            train_dp(model, tok, make_notes(8), config=config(private=False, **knobs), ledger=ledger,
-                     round_id="r1", delta=1e-3, epsilon_ceiling=1.0)
+            train_dp(model, tok, make_notes(8), config=config(**knobs), ledger=ledger,
+                     round_id="r1", delta=1e-3, epsilon_ceiling=1.0, private=False)
         assert any(p.where == "private" for p in exc.value.problems)
 
 

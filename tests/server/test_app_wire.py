@@ -90,8 +90,8 @@ def test_round_one_spec_comes_from_the_base_model_config(tmp_path, monkeypatch):
         assert got == fake_spec(run)
     monkeypatch.setenv("FEDSYNTH_COORD_BASE_MODEL_CONFIG", str(config))
     assert REAL_RUN_ADAPTER_SPEC(run) == fake_spec(run)
-    # default targets (attention): 4 modules x A/B on the one layer
-    assert len(REAL_RUN_ADAPTER_SPEC(RunConfig.from_flower(RC))) == 8
+    # default targets (attention + MLP): 7 modules x A/B on the one layer
+    assert len(REAL_RUN_ADAPTER_SPEC(RunConfig.from_flower(RC))) == 14
     with pytest.raises(ConfigError, match="no such file"):
         REAL_RUN_ADAPTER_SPEC(run, CoordinatorSettings(base_model_config=tmp_path / "missing.json"))
     with pytest.raises(ConfigError, match="gate_proj_typo"):
@@ -103,14 +103,15 @@ def test_embedded_default_spec_is_the_sites_own(monkeypatch):
     """The coordinator's default (no config set) is exactly what a site on the embedded model sends."""
     from client.model import _DEFAULT_TARGETS, _MODEL_TYPE_FAMILY
     from client.pretrain import ensure_embedded_model
-    from client.site import _spec_for, lora_params
+    from client.site import _spec_for
 
     monkeypatch.delenv("FEDSYNTH_COORD_BASE_MODEL_CONFIG", raising=False)
     built = json.loads((ensure_embedded_model() / "config.json").read_text())
     assert {k: built[k] for k in adapter_spec.EMBEDDED_MODEL_CONFIG} == adapter_spec.EMBEDDED_MODEL_CONFIG
     run = RunConfig.from_flower({"lora.r": 4})
-    site = _spec_for(None, lora_params(run), run.lora.dtype)
-    assert REAL_RUN_ADAPTER_SPEC(run, CoordinatorSettings()) == site and len(site) == 32
+    site = _spec_for(None, run.lora, run.lora.dtype)
+    # 4 layers x (4 attention + 3 MLP projections) x (A, B)
+    assert REAL_RUN_ADAPTER_SPEC(run, CoordinatorSettings()) == site and len(site) == 56
     # the family tables the two sides use agree
     assert {k: tuple(v) for k, v in _DEFAULT_TARGETS.items()} == adapter_spec.DEFAULT_LORA_TARGETS
     assert _MODEL_TYPE_FAMILY == adapter_spec.MODEL_TYPE_FAMILY

@@ -27,6 +27,7 @@ from server.site_budget import (
 from shared.accounting import compute_epsilon
 from shared.audit import AuditLog
 from shared.errors import LedgerError
+from shared.privacy_scalars import PrivacyScalars
 from shared.report import ConsortiumReport, read_report
 from shared.run_config import RunConfig
 from shared.signing import generate_key, load_private_key
@@ -56,7 +57,7 @@ def privacy(seq, *, runs=None, epsilon=None, head_tag=None, **over):
 
 
 def admit(reg, p, key="node:7", rnd=1):
-    return reg.admit(key, p, run_name="r", round_id=rnd, node=7)
+    return reg.admit(key, PrivacyScalars(**p), run_name="r", round_id=rnd, node=7)
 
 
 def test_honest_site_is_admitted_round_after_round(tmp_path):

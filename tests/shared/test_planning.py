@@ -134,10 +134,11 @@ def test_measured_table_is_the_one_in_results_md():
 
 
 def test_embedded_adapter_params_is_the_lora_size():
-    """4 layers × 4 attention projections (192 → 192) × (r·192 + 192·r) at r = 8."""
+    """4 layers × (4 attention projections 192 → 192, (r·192 + 192·r) each, and 3 MLP projections
+    192 ↔ 512, (r·192 + 512·r) each) at r = 8: the family default targets."""
     from shared.planning import embedded_adapter_params
 
-    assert embedded_adapter_params(8) == 4 * 4 * 2 * 192 * 8 == 49152
+    assert embedded_adapter_params(8) == 4 * (4 * 2 * 192 + 3 * (192 + 512)) * 8 == 116736
 
 
 def test_planning_imports_no_site_or_coordinator_code():

@@ -73,3 +73,46 @@ def test_pyproject_config_parses():
     walk("", cfg)
     assert set(flat) <= KNOWN_KEYS
     RunConfig.from_flower(flat)
+
+
+# ---- one definition per default: pyproject.toml repeats the code's defaults --------------
+
+
+def _pyproject_run_config() -> dict:
+    import tomllib
+    from pathlib import Path
+
+    data = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    return data["tool"]["flwr"]["app"]["config"]
+
+
+def test_pyproject_run_config_is_exactly_the_code_defaults():
+    from shared.run_config import KNOWN_KEYS, to_flower
+
+    cfg = _pyproject_run_config()
+    assert set(cfg) == KNOWN_KEYS  # every knob listed, none unknown
+    assert RunConfig.from_flower(cfg) == RunConfig()
+    assert cfg == to_flower(RunConfig())
+    # types too (a float written as an int would still compare equal above)
+    assert {k: type(v) for k, v in cfg.items()} == {k: type(v) for k, v in to_flower(RunConfig()).items()}
+
+
+def test_the_recipe_defaults():
+    """The defaults the privacy-utility study chose (issue #15 item 4)."""
+    run = RunConfig()
+    t, lora = run.train, run.lora
+    assert (t.steps, t.expected_batch_size, t.max_physical_batch_size) == (100, 64, 8)
+    assert (t.learning_rate, t.max_length) == (5e-3, 448)
+    assert (lora.r, lora.alpha, lora.targets) == (16, 32.0, ())  # () = attention + MLP of the family
+    assert (run.num_rounds, run.generate.max_new_tokens) == (3, 256)
+
+
+def test_with_overrides_validates_and_round_trips():
+    from shared.errors import ConfigError
+    from shared.run_config import to_flower, with_overrides
+
+    run = with_overrides(RunConfig(), {"train.steps": 7, "lora.targets": "q_proj,v_proj"})
+    assert run.train.steps == 7 and run.lora.targets == ("q_proj", "v_proj")
+    assert RunConfig.from_flower(to_flower(run)) == run
+    with pytest.raises(ConfigError):
+        with_overrides(RunConfig(), {"train.steps": 0})

@@ -42,7 +42,7 @@ def refused(content, kind="train", spec=SPEC, match=None):
 def test_honest_replies_pass():
     r = wire.check_reply(wire.pack_train_reply(adapter(), privacy()), kind="train", spec=SPEC, run=RUN)
     np.testing.assert_array_equal(r.adapter[A], adapter()[A])
-    assert r.privacy["patients_bucket"] == 120
+    assert r.privacy.patients_bucket == 120 and r.privacy.to_record() == privacy()
     m = wire.check_reply(wire.pack_evaluate_reply({"diversity.distinct_2": 0.123456789}),
                          kind="evaluate", spec=None, run=RUN)
     assert m.metrics == {"diversity.distinct_2": 0.123457}
@@ -161,7 +161,7 @@ def test_instruction_checked_on_receipt():
 
 def test_ledger_seq_and_head_are_strictly_checked():
     ok = wire.check_reply(wire.pack_train_reply(adapter(), privacy()), kind="train", spec=SPEC, run=RUN)
-    assert ok.privacy["ledger_seq"] == 3 and ok.privacy["ledger_head"] == "ab" * 32
+    assert ok.privacy.ledger_seq == 3 and ok.privacy.ledger_head == "ab" * 32
     for seq in (0, -1, 10**12 + 1, 1.0, True, "3", [3]):
         refused(wire.pack_train_reply(adapter(), privacy(ledger_seq=seq)), match="ledger_seq")
     for head in ("AB" * 32, "ab" * 31, "ab" * 33, "ab" * 32 + "\n", "zz" * 32, SECRET, b"ab" * 32,
@@ -178,7 +178,7 @@ def test_site_may_be_stricter_on_secure_mode_never_looser():
     # run says False, site used secure noise anyway: accepted, and reported as used
     ok = wire.check_reply(wire.pack_train_reply(adapter(), privacy(secure_mode=True)), kind="train",
                           spec=SPEC, run=RUN)
-    assert ok.privacy["secure_mode"] is True
+    assert ok.privacy.secure_mode is True
     # run says True: True passes, False (looser) is refused
     wire.check_reply(wire.pack_train_reply(adapter(), privacy(secure_mode=True)), kind="train",
                      spec=SPEC, run=strict_run)

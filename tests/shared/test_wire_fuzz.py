@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from shared import wire, wire_secagg
 from shared.errors import WireError
+from shared.privacy_scalars import PRIVACY_KEYS
 from shared.run_config import RunConfig
-from shared.whitelist import PRIVACY_KEYS
 
 RUN = RunConfig.from_flower({"lora.r": 2})
 SECURE_RUN = RunConfig.from_flower({"lora.r": 2, "train.secure-mode": True, "aggregation.weighting": "uniform"})

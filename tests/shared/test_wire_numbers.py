@@ -83,9 +83,9 @@ def test_privacy_floats_have_six_significant_digits():
 def test_site_rounds_privacy_before_sending_and_never_under_reports_epsilon():
     raw = privacy(epsilon=1.2345641, epsilon_round=1.2345641, delta=9.9999991e-6, noise_multiplier=1.23456789)
     got = wire.check_reply(wire.pack_train_reply(adapter(), raw), kind="train", spec=SPEC, run=RUN).privacy
-    assert got["epsilon"] == 1.23457 >= raw["epsilon"]  # rounded up, not to nearest (1.23456)
-    assert got["epsilon_round"] <= got["epsilon"]
-    assert got["delta"] >= raw["delta"] and got["noise_multiplier"] == 1.23457
+    assert got.epsilon == 1.23457 >= raw["epsilon"]  # rounded up, not to nearest (1.23456)
+    assert got.epsilon_round <= got.epsilon
+    assert got.delta >= raw["delta"] and got.noise_multiplier == 1.23457
     for v in (0.1, 3.0, 9.999995, 1e-7 + 1e-13, 123456.7):
         up = wire.round_sig_up(v)
         assert up >= v and wire.round_sig(up) == up
@@ -102,14 +102,14 @@ def test_privacy_ints_are_bounded(key, value, match):
 
 def test_privacy_ints_at_their_bounds_pass():
     ok = raw_train(privacy(steps=10**6, patients_bucket=10**7, delta=1e-9))
-    assert wire.check_reply(ok, kind="train", spec=SPEC, run=RUN).privacy["steps"] == 10**6
+    assert wire.check_reply(ok, kind="train", spec=SPEC, run=RUN).privacy.steps == 10**6
     # six digits: the largest buckets and step counts are representable
     for steps, bucket in ((999_999, 9_999_990), (123_456, 1_234_560)):
         wire.check_reply(raw_train(privacy(steps=steps, patients_bucket=bucket, delta=1e-9)),
                          kind="train", spec=SPEC, run=RUN)
     # the ledger position is an exact counter (monotonic at the anchor), bounded by 10^12
     got = wire.check_reply(raw_train(privacy(ledger_seq=1_234_567)), kind="train", spec=SPEC, run=RUN)
-    assert got.privacy["ledger_seq"] == 1_234_567
+    assert got.privacy.ledger_seq == 1_234_567
     refused(raw_train(privacy(ledger_seq=10**12 + 1)), match="ledger_seq")
 
 
