@@ -72,7 +72,7 @@ def test_a_train_update_the_budget_anchor_refuses_is_a_typed_refusal():
     def anchor(node, privacy):
         if node == 101:
             return BudgetRefusal(("rollback",), (Problem("privacy['ledger_seq']", "rolled back"),))
-        return Admitted(f"node:{node}", int(privacy["ledger_seq"]), str(privacy["ledger_head"]), 1.0, 0.9)
+        return Admitted(f"node:{node}", privacy.ledger_seq, privacy.ledger_head, 1.0, 0.9)
 
     got = rounds.classify([reply(100, content), reply(101, content)], [100, 101], kind="train", spec=SPEC,
                           run=RUN, anchor=anchor)

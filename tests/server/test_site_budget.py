@@ -266,7 +266,7 @@ def test_round_anchor_admits_under_the_nodes_site_key(tmp_path):
 
     reg = SiteBudgetRegistry.open(tmp_path)
     anchor = round_anchor(reg, {7: "pubkey:ab"}, run_name="r", round_id=3)
-    assert isinstance(anchor(7, privacy(1)), Admitted)
+    assert isinstance(anchor(7, PrivacyScalars(**privacy(1))), Admitted)
     assert reg.get("pubkey:ab")["last_round"] == 3 and reg.get("node:7") is None
-    assert isinstance(anchor(8, privacy(1)), Admitted) and reg.get("node:8") is not None  # no key: node id
-    assert isinstance(anchor(7, privacy(1)), BudgetRefusal)  # the same ledger state again: replay
+    assert isinstance(anchor(8, PrivacyScalars(**privacy(1))), Admitted) and reg.get("node:8") is not None  # no key: node id
+    assert isinstance(anchor(7, PrivacyScalars(**privacy(1))), BudgetRefusal)  # the same ledger state again: replay

@@ -79,7 +79,7 @@ def test_weights_follow_the_run_weighting_and_are_clamped():
 
 def test_a_good_reply_and_a_good_decline_pass():
     ok = check_secagg_reply(_reply(), spec=SPEC, run=RUN, masked=False)
-    assert ok.weight == 30 and ok.privacy["patients_bucket"] == 30 and ok.decline is None
+    assert ok.weight == 30 and ok.privacy.patients_bucket == 30 and ok.decline is None
     np.testing.assert_array_equal(ok.contribution[A], GOOD[A])
     zeros = {k: np.zeros_like(v) for k, v in GOOD.items()}
     no = check_secagg_reply(_reply(zeros, weight=0, privacy=None, decline="budget_exceeded"),
