@@ -10,6 +10,7 @@ bytes, so its temp dir is a short one under /tmp.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.errors import FedsynthError
+from shared.errors import ConfigError, FedsynthError
 
 BIN = Path(sys.executable).parent
 PROJECT = Path(__file__).resolve().parents[1]
@@ -32,6 +33,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def client_cpus(n_sites: int, cpus: int | None = None) -> float:
+    """CPUs to reserve per ClientApp (Flower's ``client-resources.num-cpus``) so sites run at once.
+
+    Each simulated site trains and evaluates with one torch thread
+    (``OMP_NUM_THREADS=1``). Reserving one whole CPU per site leaves a 2-core
+    machine running 2 of 3 sites and then the third alone, one core idle; a
+    fractional share lets Ray start every site together (up to two per core,
+    to bound memory: each holds its own model and embedder). ``cpus`` defaults
+    to the CPUs this process may run on.
+    """
+    if isinstance(n_sites, bool) or not isinstance(n_sites, int) or n_sites < 1:
+        raise ConfigError(f"n_sites must be a positive integer, got {n_sites!r}")
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    concurrent = min(n_sites, 2 * cpus)
+    if concurrent <= cpus:
+        return 1.0
+    # Rounded down, so Ray's int(cpus / share) is at least `concurrent`.
+    return math.floor(100 * cpus / concurrent) / 100
 
 
 def config_arg(config: dict[str, Any]) -> str:
@@ -82,7 +104,8 @@ def run_simulation(
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{federation}"\n\n[superlink.{federation}]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n'
-        f"options.num-supernodes = {n_sites}\noptions.backend.client-resources.num-cpus = 1\n"
+        f"options.num-supernodes = {n_sites}\n"
+        f"options.backend.client-resources.num-cpus = {client_cpus(n_sites)}\n"
     )
     ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     env = env | {"RAY_TMPDIR": ray_dir, "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"}
