@@ -251,8 +251,8 @@ def _choose_threads(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> i
 
     On a CPU shared with other busy processes one thread is often several times
     faster than two (OpenMP threads waiting on each other); on an idle machine
-    the default wins. Timed on a throwaway forward/backward of a full training
-    batch (a smaller one undersells the threads): no weight changes.
+    the default wins. Timed on a throwaway forward/backward of one batch of the
+    size the build trains on: no weight changes.
     """
     default = torch.get_num_threads()
     if default == 1:
