@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.errors import FedsynthError
+from shared.errors import ConfigError, FedsynthError
 
 BIN = Path(sys.executable).parent
 PROJECT = Path(__file__).resolve().parents[1]
@@ -32,6 +32,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def ray_cpus(n_sites: int, cpus: int | None = None) -> int:
+    """Logical CPUs to declare to Ray (Flower's ``init-args.num-cpus``) so all sites run at once.
+
+    Each simulated site reserves one logical CPU (``client-resources.num-cpus =
+    1``) and trains and evaluates with one torch thread (``OMP_NUM_THREADS=1``).
+    With Ray's default of one logical CPU per core, a 2-core machine runs 2 of 3
+    sites and then the third alone, one core idle. Declaring one logical CPU per
+    site, up to two per core (each site holds its own model and embedder in
+    memory), starts them together. ``cpus`` defaults to the CPUs this process
+    may run on. (Flower 1.39 sends ``client-resources.num-cpus`` as an integer,
+    so a fractional share per site is not an option.)
+    """
+    if isinstance(n_sites, bool) or not isinstance(n_sites, int) or n_sites < 1:
+        raise ConfigError(f"n_sites must be a positive integer, got {n_sites!r}")
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(cpus, min(n_sites, 2 * cpus))
 
 
 def config_arg(config: dict[str, Any]) -> str:
@@ -82,7 +101,9 @@ def run_simulation(
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{federation}"\n\n[superlink.{federation}]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n'
-        f"options.num-supernodes = {n_sites}\noptions.backend.client-resources.num-cpus = 1\n"
+        f"options.num-supernodes = {n_sites}\n"
+        "options.backend.client-resources.num-cpus = 1\n"
+        f"options.backend.init-args.num-cpus = {ray_cpus(n_sites)}\n"
     )
     ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     env = env | {"RAY_TMPDIR": ray_dir, "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"}

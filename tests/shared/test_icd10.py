@@ -33,3 +33,11 @@ def test_normalize_all_lists_every_bad_code():
 def test_chapter_f_codes_are_categories():
     codes = icd10.chapter_f_codes()
     assert "F32" in codes and "F41" in codes and all(c.startswith("F") for c in codes)
+
+
+def test_catalogue_titles_cover_every_chapter():
+    titles = icd10.catalogue_titles()
+    assert len(titles) > 10_000 and titles == sorted(set(titles))
+    for code in ("A00.0", "F41.1", "I10", "E11.9", "J45.9", "Z99.9"):
+        assert icd10.describe(code) in titles
+    assert "Certain infectious and parasitic diseases" in titles  # a chapter's title
