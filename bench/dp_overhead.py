@@ -7,11 +7,11 @@ fixed batch of random tokens (throughput does not depend on the weights):
 - ``hooks`` : Opacus per-sample gradients via hooks, flat clipping, Gaussian noise;
 - ``ghost`` : Opacus ghost clipping (per-sample norms without per-sample gradients,
   two backward passes), Gaussian noise;
-- ``bk``    : book-keeping clipping for LoRA only (``client.dp_bookkeeping``): per-sample
+- ``bk``    : book-keeping clipping for LoRA only (``client.dp.bookkeeping``): per-sample
   norms and the clipped sum from one forward and one backward pass, hooks on the
   LoRA Linears only, Gaussian noise.
 
-The noise of the DP modes is what a run draws (``--noise``, :mod:`client.dp_noise`):
+The noise of the DP modes is what a run draws (``--noise``, :mod:`client.dp.noise`):
 ``chacha20`` (default, ``secure_mode=True``): a ChaCha20 keystream keyed from
 ``os.urandom``, generated for the next step in a background thread while this one
 computes, Box-Muller and Opacus' four-draw mitigation on the device; ``torch``:
@@ -103,7 +103,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, float]:
     from torch.utils.data import DataLoader, TensorDataset
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from client.dp_noise import GaussianNoise, _KeyStream, box_muller, uniforms, use_noise
+    from client.dp.noise import GaussianNoise, _KeyStream, box_muller, uniforms, use_noise
     from client.model import add_lora
 
     warnings.filterwarnings("ignore")
@@ -135,7 +135,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, float]:
     step_model, criterion = model, None
     bk, noise = None, None
     if mode == "bk":
-        from client.dp_bookkeeping import LoraBookkeeping, noisy_step
+        from client.dp.bookkeeping import LoraBookkeeping, noisy_step
 
         bk = LoraBookkeeping(model).__enter__()  # hooks stay on for the whole (short) process
         if args.noise == "opacus":  # a stand-in with Opacus' plain draw from a fixed seed

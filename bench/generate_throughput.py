@@ -5,7 +5,7 @@ exactly ``--new-tokens`` tokens (no EOS), sampling with temperature 0.8 and
 top-p 0.95 (top-k off) in both paths:
 
 - ``hf``   : ``model.generate(do_sample=True)``, dynamic cache: the baseline;
-- ``fast`` : :func:`client.fast_generate.generate_token_ids` (static ring
+- ``fast`` : :func:`client.generation.fast.generate_token_ids` (static ring
   cache, decode step compiled with ``mode="reduce-overhead"`` on CUDA,
   top-k-prefiltered exact top-p).
 
@@ -173,7 +173,7 @@ def compare_with_eager(model, prompts, compiled: list[list[int]], n: int) -> dic
     uniforms, same model, so tokens agree until rounding differences between the
     fused and the eager kernels flip a draw; a bug shows as early divergence.
     """
-    from client.fast_generate import generate_token_ids
+    from client.generation.fast import generate_token_ids
 
     eager = generate_token_ids(
         model, prompts.tolist(), max_new_tokens=n, temperature=TEMPERATURE, top_p=TOP_P,
@@ -203,7 +203,7 @@ def run_batch(
     """Time each mode at batch size ``batch``; ``emit(results)`` after each mode."""
     import torch
 
-    from client.fast_generate import generate_token_ids
+    from client.generation.fast import generate_token_ids
 
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(batch)

@@ -156,7 +156,7 @@ def per_round_epsilon(
     from opacus.accountants import create_accountant
     from opacus.accountants.utils import get_noise_multiplier
 
-    from client.dp_sampling import patients_bucket, sample_rate_for
+    from client.dp.sampling import patients_bucket, sample_rate_for
     from client.site import default_delta
 
     delta = default_delta(patients_bucket(n_train))  # the site default

@@ -109,7 +109,7 @@ def demo_data(
     canaries: Annotated[str, typer.Option(help="Canary repetitions, e.g. '1,5,10' ('' = none).")] = "",
 ) -> None:
     """Write the fictional demo consortium (three hospitals + a public split)."""
-    from client.demo_data import write_demo
+    from client.demo.data import write_demo
 
     reps = tuple(int(x) for x in canaries.split(",") if x.strip())
     manifest = write_demo(out, seed=seed, patients_per_site=patients_per_site, canary_repetitions=reps)
@@ -321,7 +321,7 @@ def generate(
 ) -> None:
     """Generate ICD-10-conditioned reports, zero-shot or with an adapter, with provenance per report."""
     from client.adapter_files import read_adapter
-    from client.generate import SamplingConfig, generate_reports, write_reports
+    from client.generation.generate import SamplingConfig, generate_reports, write_reports
     from client.model import adapter_hash, add_lora, load_adapter_state, load_model
     from shared import icd10
 
@@ -368,11 +368,11 @@ def evaluate(
 ) -> None:
     """Evaluate reports against this site's private notes: JSON + self-contained HTML report (stays at the site)."""
     from client.evaluate.embeddings import Embedder
+    from client.evaluate.release import GateConfig
     from client.evaluate.suite import evaluate_site, load_canaries
     from client.evaluate.write import write_evaluation
-    from client.generate import SyntheticReport, read_reports
+    from client.generation.generate import SyntheticReport, read_reports
     from client.notes import load_notes
-    from client.release import GateConfig
     from client.site import load_site_data
     from shared.errors import ConfigError, InputError, Problem
 
@@ -445,7 +445,7 @@ app.add_typer(ledger_app, name="ledger")
 @expected_errors
 def ledger_recover(output_dir: OutOpt = None) -> None:
     """Rebuild a missing, cut or damaged ledger from the audit log's anchors (ε never lowered; audited)."""
-    from client.ledger_recovery import recover_ledger
+    from client.dp.ledger_recovery import recover_ledger
 
     r = recover_ledger(_settings(output_dir=output_dir))
     eps = f"ε {r.epsilon:.4f} (δ={r.delta:g}, {r.accountant})" if r.delta is not None else "ε 0"
@@ -457,14 +457,14 @@ def ledger_recover(output_dir: OutOpt = None) -> None:
 @expected_errors
 def ledger_rotate_key(output_dir: OutOpt = None) -> None:
     """Re-authenticate every ledger record under a fresh ledger key (anchors unchanged; audited)."""
-    from client.ledger_recovery import rotate_key
+    from client.dp.ledger_recovery import rotate_key
 
     old, new = rotate_key(_settings(output_dir=output_dir))
     console.print(f"ledger key rotated: {old} -> {new}; back up the new key now")
 
 
 def _register_doctor() -> None:
-    from client.doctor import doctor_command
+    from client.doctor.run import doctor_command
 
     app.command("doctor")(expected_errors(doctor_command))
 

@@ -169,7 +169,7 @@ def floor_dp(
     * epsilon given: if the solved sigma would be below ``min_noise_multiplier``, the
       round is run at that sigma instead (a smaller epsilon).
 
-    The sampling rate is :func:`client.dp_sampling.sample_rate_for`, as
+    The sampling rate is :func:`client.dp.sampling.sample_rate_for`, as
     :func:`client.train.train_dp` charges it. A round whose epsilon target is unreachable
     is left for ``train_dp`` to refuse, and so is one that sets neither sigma nor epsilon.
     """

@@ -4,12 +4,12 @@ The demo and the tests need a model that writes something report-shaped
 without any hub download. This module builds one on first use: a byte-level
 BPE tokenizer and a few-million-parameter Llama trained with AdamW on
 
-* the public demo split (:func:`client.demo_data.public_texts`, fictional
+* the public demo split (:func:`client.demo.data.public_texts`, fictional
   reports written for this purpose), as prompt -> report examples built by
   :func:`client.prompt.training_example` (the same format generation and DP
   fine-tuning use), and
 * public notes in the layouts and shorthand clinicians use
-  (:func:`client.demo_data.styled_public_texts`: a separate fictional
+  (:func:`client.demo.data.styled_public_texts`: a separate fictional
   population, wording from a random other code), because a real base model
   has read such notes and a site's few DP steps should go to what is
   site-specific, not to learning what "MSE:" means, and
@@ -148,7 +148,7 @@ def _title_texts() -> list[str]:
 
 
 def _public_corpus(seed: int) -> list[tuple[str, str]]:
-    from client.demo_data import public_texts, styled_public_texts
+    from client.demo.data import public_texts, styled_public_texts
 
     styled = styled_public_texts(seed=seed, n=RECIPE["n_styled"])
     return list(public_texts(seed=seed, n=RECIPE["n_public"])) + styled

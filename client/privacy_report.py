@@ -28,7 +28,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from client.ledger import Ledger, LedgerEntry, compute_epsilon
+from client.dp.ledger import Ledger, LedgerEntry, compute_epsilon
 from client.model import model_identity
 from shared.audit import AuditLog
 from shared.errors import InputError, PrivacyError
@@ -79,7 +79,7 @@ def ledger_privacy(
     the site trained with; the noise source is the ledger's (this round's
     reservation, else the last one). ``ledger_seq``/``ledger_head`` name the ledger's last
     record, so the signed report anchors the ledger: a later ledger that lacks
-    that record is refused at start-up (:mod:`client.ledger_anchor`).
+    that record is refused at start-up (:mod:`client.dp.ledger_anchor`).
     PrivacyError when the ledger holds no reservation (nothing was trained, so
     there is no ε to report).
     """
@@ -115,7 +115,7 @@ def ledger_privacy(
 
 
 def release_gate_counts(gate: Any) -> ReleaseGate | None:
-    """The gate's counts (``client.release.GateResult``: kept, removed, total), or None."""
+    """The gate's counts (``client.evaluate.release.GateResult``: kept, removed, total), or None."""
     if gate is None:
         return None
     config = getattr(gate, "config", None)

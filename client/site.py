@@ -33,9 +33,9 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from client.adapter_files import write_peft_adapter
-from client.dp_config import TrainResult
-from client.dp_sampling import patients_bucket
-from client.ledger import Ledger
+from client.dp.config import TrainResult
+from client.dp.ledger import Ledger
+from client.dp.sampling import patients_bucket
 from client.model import (
     adapter_hash,
     add_lora,
@@ -106,9 +106,9 @@ def open_ledger(settings: SiteSettings) -> Ledger:
 
     Raises :class:`~shared.errors.LedgerError` — and so stops training — when the
     ledger is missing, truncated, edited or forked relative to the site's signed
-    audit log or privacy reports (:func:`client.ledger_anchor.open_site_ledger`).
+    audit log or privacy reports (:func:`client.dp.ledger_anchor.open_site_ledger`).
     """
-    from client.ledger_anchor import open_site_ledger
+    from client.dp.ledger_anchor import open_site_ledger
 
     return open_site_ledger(settings, audit_log(settings))
 
@@ -162,7 +162,7 @@ def train_local_round(
     the same A matrices. The ledger reservation happens inside
     :func:`client.train.train_dp` before the first step; the trained adapter is
     saved under ``adapters/`` at the site. ``private=False`` is the study's
-    non-private baseline (:mod:`client.baseline`); no run config reaches it.
+    non-private baseline (:mod:`client.dp.baseline`); no run config reaches it.
     """
     data = data or load_site_data(settings)
     delta = site_delta(settings, data.train_patients)
@@ -289,11 +289,11 @@ def site_evaluate(
     """
     from client.evaluate.embeddings import Embedder
     from client.evaluate.eval_policy import charge_evaluation, evaluation_sampling
+    from client.evaluate.release import GateConfig
     from client.evaluate.suite import evaluate_site, load_canaries
     from client.evaluate.write import write_evaluation
-    from client.generate import generate_reports, write_reports
+    from client.generation.generate import generate_reports, write_reports
     from client.privacy_report import issue_round_report
-    from client.release import GateConfig
     from shared.errors import EvaluationBudgetError
 
     data = load_site_data(settings)

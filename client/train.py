@@ -20,10 +20,10 @@ Order of operations (each step only runs if the one before succeeded):
 4. DP-SGD: Poisson sampling, per-patient clipping, Gaussian noise -- through
    Opacus' ``make_private`` (``clipping`` "flat" or "ghost", physical batches
    through ``BatchMemoryManager``) or through book-keeping clipping of the LoRA
-   weights (``clipping="bk"``, :mod:`client.dp_bookkeeping`, Opacus'
+   weights (``clipping="bk"``, :mod:`client.dp.bookkeeping`, Opacus'
    accountant) -- exactly ``steps`` noisy steps, each one seen by the
    accountant. Sampling, the note picked for a sampled patient and the noise
-   all come from fresh ``os.urandom`` keys each round (:mod:`client.dp_noise`;
+   all come from fresh ``os.urandom`` keys each round (:mod:`client.dp.noise`;
    ChaCha20 by default): nothing in any config seeds them, and torch's global
    RNG (seeded by the site with the run's LoRA init seed) is never used;
 5. check the accountant saw exactly what was reserved and that every LoRA
@@ -53,12 +53,12 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from torch.utils.data import DataLoader
 
-from client.baseline import train_nonprivate
-from client.dp_config import TrainResult, config_problems
-from client.dp_noise import GaussianNoise, noise_source_name, note_window_rng, use_noise
-from client.dp_sampling import patients_bucket, poisson_loader, sample_rate_for
-from client.dp_steps import bookkeeping_steps, opacus_steps
-from client.examples import IGNORE_INDEX, PatientExamples, collate
+from client.dp.baseline import train_nonprivate
+from client.dp.config import TrainResult, config_problems
+from client.dp.examples import IGNORE_INDEX, PatientExamples, collate
+from client.dp.noise import GaussianNoise, noise_source_name, note_window_rng, use_noise
+from client.dp.sampling import patients_bucket, poisson_loader, sample_rate_for
+from client.dp.steps import bookkeeping_steps, opacus_steps
 from client.model import adapter_state
 from client.notes import group_by_patient
 from shared.accounting import compute_epsilon
@@ -69,7 +69,7 @@ from shared.run_config import TrainConfig
 if TYPE_CHECKING:
     from peft import PeftModel
 
-    from client.ledger import Ledger
+    from client.dp.ledger import Ledger
     from client.notes import Note
 
 log = logging.getLogger("fedsynth.train")
@@ -154,7 +154,7 @@ def train_dp(
         raise PrivacyError("privacy preconditions do not hold", privacy_problems)
 
     # 2. Sampling rate and noise. Each patient is sampled with q = B / bucket(n)
-    # (client.dp_sampling.sample_rate_for): q leaves the site with every update, so it
+    # (client.dp.sampling.sample_rate_for): q leaves the site with every update, so it
     # depends on the bucketed count only; the accountant is charged with that same q.
     dataset = PatientExamples(
         [by_patient[pid] for pid in patient_ids], tokenizer, max_length=config.max_length,
@@ -310,9 +310,9 @@ def _opacus_round(
 ) -> tuple[Any, float]:
     """``steps`` noisy steps through Opacus' ``make_private`` (flat or ghost clipping).
 
-    ``loader`` is already the secret Poisson loader (:func:`client.dp_sampling.poisson_loader`),
+    ``loader`` is already the secret Poisson loader (:func:`client.dp.sampling.poisson_loader`),
     so Opacus is told not to re-sample; its noise draw is replaced by the
-    round's secret :class:`~client.dp_noise.GaussianNoise`. Opacus' own
+    round's secret :class:`~client.dp.noise.GaussianNoise`. Opacus' own
     ``secure_mode`` (torchcsprng, unmaintained) is never used.
     Returns Opacus' accountant (what it was charged) and the mean local loss.
     The model is unwrapped again before returning, errors included, so it can be
@@ -346,7 +346,7 @@ def _opacus_round(
         )
         dp_model.forbid_grad_accumulation()  # what make_private does under poisson_sampling=True
         # make_private derived q = 1/len(loader); the loader samples with the bucket-based q
-        # (client.dp_sampling.sample_rate_for), so the accountant and the mean are told that q.
+        # (client.dp.sampling.sample_rate_for), so the accountant and the mean are told that q.
         dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
         dp_optimizer.expected_batch_size = max(1, int(len(loader.dataset) * sample_rate))  # as bk
         use_noise(dp_optimizer, noise)

@@ -1,6 +1,6 @@
 """A site's DP defaults as pure formulas: patients bucket, Poisson rate q, default δ, evaluation σ.
 
-One definition for the site (``client/dp_sampling.py``, ``client/site.py`` import
+One definition for the site (``client/dp/sampling.py``, ``client/site.py`` import
 these) and for planning tools that must not import the site
 (:mod:`shared.planning`, ``fedsynth-coordinator plan``). Pure arithmetic: no
 torch, no Opacus.

@@ -60,7 +60,7 @@ class TrainConfig:
     memory. ``steps`` is the number of noisy optimizer steps charged per round.
     ``max_length`` is in tokens (prompt + report). ``clipping``: "flat" (Opacus
     per-sample gradients), "ghost" (Opacus ghost clipping) or "bk" (book-keeping,
-    :mod:`client.dp_bookkeeping`); all clip the whole per-patient gradient and add
+    :mod:`client.dp.bookkeeping`); all clip the whole per-patient gradient and add
     the same noise. There is deliberately no seed, and no switch that turns DP
     off: the study's non-private baseline is a separate argument of ``train_dp``.
 
@@ -78,7 +78,7 @@ class TrainConfig:
     epsilon_per_round: float = 0.0
     max_grad_norm: float = 1.0
     accountant: str = "prv"
-    secure_mode: bool = True  # ChaCha20 DP noise (client.dp_noise); False: urandom-seeded torch
+    secure_mode: bool = True  # ChaCha20 DP noise (client.dp.noise); False: urandom-seeded torch
     clipping: str = "flat"
 
 

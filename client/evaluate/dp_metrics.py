@@ -196,11 +196,11 @@ def standard_normal(n: int) -> np.ndarray:
 
     No seed, setting or run config reaches this: DP noise must be unpredictable
     to whoever chose the inputs. The same source as training's noise
-    (:mod:`client.dp_noise`, ``chacha20-gaussian``): Box–Muller on 53-bit uniforms,
+    (:mod:`client.dp.noise`, ``chacha20-gaussian``): Box–Muller on 53-bit uniforms,
     then Opacus' floating-point-attack mitigation (one draw thrown away, four
     summed and halved).
     """
-    from client.dp_noise import _KeyStream, box_muller, mitigated, uniforms
+    from client.dp.noise import _KeyStream, box_muller, mitigated, uniforms
 
     draws = 1 + 4 * n
     words = _KeyStream().words(draws + (draws % 2))

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from client.generate import SamplingConfig
-from client.ledger import Ledger, LedgerEntry, compute_epsilon
+from client.dp.ledger import Ledger, LedgerEntry, compute_epsilon
+from client.generation.generate import SamplingConfig
 from shared.errors import EvaluationBudgetError
 from shared.run_config import GenerateConfig, RunConfig, config_hash
 from shared.settings import SiteSettings

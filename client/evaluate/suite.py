@@ -53,11 +53,11 @@ from client.evaluate.privacy import (
     phi_echo,
     privacy_cells,
 )
+from client.evaluate.release import GateConfig, GateResult, release_gate
 from client.evaluate.summary import Cell, build_summary, suppressed_names
 from client.evaluate.tokens import word_tokens
-from client.generate import SyntheticReport
+from client.generation.generate import SyntheticReport
 from client.notes import Note
-from client.release import GateConfig, GateResult, release_gate
 from shared.dp_defaults import DEFAULT_EVAL_NOISE_MULTIPLIER
 from shared.errors import InputError, Problem
 

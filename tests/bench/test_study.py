@@ -19,7 +19,7 @@ def test_per_round_epsilon_composes_to_at_most_the_whole_run_target():
     # independently: the site's own sigma for e, composed over the rounds as its ledger does
     from opacus.accountants.utils import get_noise_multiplier
 
-    from client.dp_sampling import patients_bucket, sample_rate_for
+    from client.dp.sampling import patients_bucket, sample_rate_for
     from client.site import default_delta
 
     q, delta = sample_rate_for(n, batch), default_delta(patients_bucket(n))  # what the site uses

@@ -14,7 +14,7 @@ import torch
 from flwr.app import Context, Message, RecordDict
 
 from client.app import app as client_app
-from client.dp_config import TrainResult
+from client.dp.config import TrainResult
 from shared import wire
 from shared.privacy_scalars import PrivacyScalars
 from tests.fake_site import A, B

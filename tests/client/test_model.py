@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.generate import SamplingConfig, generate_reports
+from client.generation.generate import SamplingConfig, generate_reports
 from client.model import (
     FAMILIES,
     adapter_hash,

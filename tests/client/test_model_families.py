@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from client.generate import SamplingConfig, generate_reports
+from client.generation.generate import SamplingConfig, generate_reports
 from client.model import add_lora, default_lora_targets, eos_token_ids, family_of, load_model
 from client.prompt import build_prompt, opens_reasoning
 from tests.client.model_families import RELEASES, script_model, write_release

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from client import pretrain
-from client.demo_data import public_texts
-from client.generate import SamplingConfig, generate_reports
+from client.demo.data import public_texts
+from client.generation.generate import SamplingConfig, generate_reports
 from client.model import load_model
 from client.prompt import SECTIONS
 from shared import icd10

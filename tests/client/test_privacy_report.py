@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from client import privacy_report as pr
-from client.ledger import Ledger, compute_epsilon
-from client.release import GateResult
+from client.dp.ledger import Ledger, compute_epsilon
+from client.evaluate.release import GateResult
 from shared.audit import AuditLog, verify_log
 from shared.errors import PrivacyError
 from shared.report import SiteRoundReport, read_report
@@ -206,7 +206,7 @@ def test_config_hash_changes_with_any_knob():
 
 
 def test_signed_report_names_the_noise_source(site):
-    """The ledger's noise source (client.dp_noise) is in the signed report and its HTML."""
+    """The ledger's noise source (client.dp.noise) is in the signed report and its HTML."""
     settings, ledger, _ = site
     ledger.reserve(round_id="1", noise_multiplier=1.0, sample_rate=0.1, steps=20, delta=DELTA,
                    accountant="rdp", epsilon_ceiling=100.0, noise_source="chacha20-gaussian")

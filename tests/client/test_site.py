@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from client import site
-from client.demo_data import write_demo
+from client.demo.data import write_demo
 from client.model import tiny_random_model
 from shared.audit import verify_log
 from shared.errors import BudgetExceededError, PrivacyError

@@ -15,8 +15,8 @@ import torch
 from opacus.accountants import create_accountant
 
 import client.train as train_mod
-from client.dp_noise import deterministic_for_tests
-from client.ledger import Ledger
+from client.dp.ledger import Ledger
+from client.dp.noise import deterministic_for_tests
 from client.model import FAMILIES, adapter_state, add_lora, tiny_random_model
 from client.notes import Note
 from client.train import noise_multiplier_for, train_dp
@@ -98,7 +98,7 @@ def assert_opacus_gone(model) -> None:
 def test_only_lora_moves_and_epsilon_accumulates_over_rounds(ledger):
     """Round 1 flat clipping, round 2 ghost, round 3 book-keeping: same model, same ledger."""
     model, tok = lora_model()
-    notes = make_notes(8)  # B=2, n=8 (bucket 0 -> 10): q = 2/10 (client.dp_sampling.sample_rate_for)
+    notes = make_notes(8)  # B=2, n=8 (bucket 0 -> 10): q = 2/10 (client.dp.sampling.sample_rate_for)
     delta = 1e-3
     rounds = [
         ("r1", config(clipping="flat")),
@@ -495,7 +495,7 @@ def test_nonprivate_baseline_refuses_noise_knobs(ledger):
 def test_long_notes_train_on_random_windows_covering_the_whole_note():
     import random
 
-    from client.examples import IGNORE_INDEX, PatientExamples
+    from client.dp.examples import IGNORE_INDEX, PatientExamples
     from client.prompt import prompt_and_body
 
     _, tokenizer = tiny_random_model("llama", seed=0)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from client.demo_data import write_demo
+from client.demo.data import write_demo
 from client.model import tiny_random_model
 from shared.audit import verify_log
 from shared.signing import generate_key, load_public_key
@@ -228,7 +228,7 @@ def test_deploy_scripts_real_site_secagg_round(tmp_path):
         assert not (data / "audit.jsonl").exists()  # the launcher refused nothing
 
     # Nothing of any note reaches the coordinator's disk. Windows that also occur in
-    # the released source (phrase banks in client/demo_text.py) are public text,
+    # the released source (phrase banks in client/demo/text.py) are public text,
     # not patient data: the SuperExec unpacks the bundle under FLWR_HOME.
     public = set().union(*(harness.windows(p.read_text(errors="replace"))
                            for p in install.rglob("*") if p.is_file() and p.suffix != ".pyc"))

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import pytest
 
-from client.demo_data import write_demo
+from client.demo.data import write_demo
 from client.model import tiny_random_model
 from tests.e2e import harness
 from tests.e2e.test_deploy_scripts import RUN_CONFIG

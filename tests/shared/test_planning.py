@@ -28,7 +28,8 @@ def _quiet():
 
 def test_site_defaults_are_the_sites_own():
     """The site imports these formulas (one definition); known answers."""
-    from client import dp_sampling, site
+    from client import site
+    from client.dp import sampling as dp_sampling
 
     assert dp_sampling.sample_rate_for is dp_defaults.sample_rate_for
     assert dp_sampling.patients_bucket is dp_defaults.patients_bucket

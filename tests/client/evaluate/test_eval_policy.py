@@ -9,7 +9,8 @@ import json
 import pytest
 
 from client import site
-from client.demo_data import write_demo
+from client.demo.data import write_demo
+from client.dp.ledger import Ledger, compute_epsilon
 from client.evaluate import eval_policy
 from client.evaluate.eval_policy import (
     charge_evaluation,
@@ -18,7 +19,6 @@ from client.evaluate.eval_policy import (
     evaluation_sampling,
     evaluations_used,
 )
-from client.ledger import Ledger, compute_epsilon
 from shared.errors import BudgetExceededError, EvaluationBudgetError
 from shared.run_config import RunConfig
 from shared.settings import SiteSettings, load_settings
@@ -51,8 +51,8 @@ def test_the_largest_site_seed_still_seeds_both_generation_paths():
 
     largest = 2**eval_policy.EVAL_SEED_BITS - 1
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(largest * 1_000_003 + 10_000)  # client/generate.py: seed * 1_000_003 + batch
-    torch.Generator().manual_seed(largest)  # client/fast_generate.py
+        torch.manual_seed(largest * 1_000_003 + 10_000)  # client/generation/generate.py: seed * 1_000_003 + batch
+    torch.Generator().manual_seed(largest)  # client/generation/fast.py
 
 
 def test_an_evaluation_is_reserved_in_the_ledger_with_its_epsilon(tmp_path):
@@ -130,9 +130,9 @@ def test_site_evaluate_end_to_end_with_a_crafted_generator(tmp_path, monkeypatch
     import numpy as np
 
     import client.evaluate.embeddings as embeddings
-    import client.generate as generate
+    import client.generation.generate as generate
     import client.privacy_report as privacy_report
-    from client.generate import SyntheticReport
+    from client.generation.generate import SyntheticReport
     from shared.report import ModelInfo, SiteRoundReport, read_report
     from shared.whitelist import METRIC_NAMES
 

@@ -12,7 +12,7 @@ import pytest
 
 from client.evaluate.heldout import contrast_cells, heldout_reference
 from client.evaluate.privacy import lexical_privacy
-from client.release import GateConfig, release_gate
+from client.evaluate.release import GateConfig, release_gate
 from shared.errors import ConfigError, InputError
 from tests.client.evaluate.second_generator import BagOfWordsEmbedder, make_notes
 

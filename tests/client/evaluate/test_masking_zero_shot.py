@@ -14,7 +14,7 @@ import pytest
 from client.evaluate import fidelity
 from client.evaluate.embeddings import Embedder
 from client.evaluate.masking import mask_all
-from client.generate import SamplingConfig, generate_reports
+from client.generation.generate import SamplingConfig, generate_reports
 from client.model import load_model
 from client.notes import load_notes
 from shared import icd10
@@ -26,7 +26,7 @@ REPORTS_PER_CODE = 3
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from client.demo_data import write_demo
+    from client.demo.data import write_demo
 
     out = write_demo(tmp_path_factory.mktemp("demo"), seed=0, patients_per_site=60, public_reports=13)
     site_dir = out.sites[sorted(out.sites)[0]]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from client.evaluate.suite import REFERENCE_CANARIES_SCORED, evaluate_site, load_canaries
-from client.generate import SyntheticReport
+from client.generation.generate import SyntheticReport
 from client.notes import Note
 from shared.errors import InputError
 
@@ -115,8 +115,8 @@ def test_long_reports_against_short_notes_do_not_crash(tmp_path):
 
 def test_empty_reports_are_never_evaluated_or_released(tmp_path):
     """A generation that came back empty is set aside and counted as removed, in the caller's order."""
+    from client.evaluate.release import GateConfig
     from client.evaluate.write import write_evaluation
-    from client.release import GateConfig
     from tests.client.evaluate.second_generator import make_notes
 
     train, held = make_notes(30, seed=1, prefix="t"), make_notes(8, seed=2, prefix="h")
