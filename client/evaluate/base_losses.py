@@ -33,11 +33,12 @@ from typing import Any
 
 import numpy as np
 
-from client.evaluate.embeddings import _file_sha256, _write_private
 from client.evaluate.membership import per_note_losses
 from client.model import adapter_hash
 from client.prompt import training_example
+from shared.atomic import PRIVATE, write_atomic
 from shared.errors import InputError, Problem
+from shared.signing import sha256_file
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 _VERSION = b"fedsynth-base-losses-v1\0"
@@ -73,7 +74,7 @@ def _load(npy: Path, manifest: Path, key: str, n: int) -> np.ndarray | None:
         meta = json.loads(manifest.read_text(encoding="utf-8"))
         if not isinstance(meta, dict) or meta.get("key") != key or meta.get("n") != n:
             return None
-        if meta.get("npy_sha256") != _file_sha256(npy):
+        if meta.get("npy_sha256") != sha256_file(npy):
             return None  # truncated or altered after it was written
         arr = np.load(npy, allow_pickle=False)
     except (OSError, ValueError, json.JSONDecodeError):
@@ -131,7 +132,7 @@ def base_note_losses(
         losses = per_note_losses(model, tokenizer, notes, batch_size=batch_size, max_length=max_length)
     buf = io.BytesIO()
     np.save(buf, np.asarray(losses, dtype=np.float64), allow_pickle=False)
-    _write_private(npy, buf.getvalue())
-    meta = {"key": key, **key_parts, "n": len(notes), "npy_sha256": _file_sha256(npy)}
-    _write_private(manifest, json.dumps(meta, indent=1).encode("utf-8"))
+    write_atomic(npy, buf.getvalue(), mode=PRIVATE)
+    meta = {"key": key, **key_parts, "n": len(notes), "npy_sha256": sha256_file(npy)}
+    write_atomic(manifest, json.dumps(meta, indent=1).encode("utf-8"), mode=PRIVATE)
     return losses
