@@ -74,10 +74,7 @@ RECIPE: dict[str, Any] = {
     "min_lr_ratio": 0.1,
     "weight_decay": 0.01,
     "warmup_steps": 20,
-    # Enough for the layout and for copying the prompt's code (builds of 280-370 steps
-    # did both); an idle 2-core machine gets there in ~3 minutes instead of filling the
-    # whole time budget with steps.
-    "max_steps": 600,
+    "max_steps": 3000,
 }
 
 TRAINED_ON = (
