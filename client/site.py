@@ -42,7 +42,8 @@ from client.model import (
     load_adapter_state,
     load_model,
 )
-from client.notes import Note, NotesLoad, group_by_patient, load_notes, split_by_patient
+from client.notes import Note, NotesLoad, load_notes
+from client.patient_split import group_by_patient, split_by_patient
 from client.policy import floor_dp, report_tightened
 from client.train import train_dp
 from shared.atomic import write_atomic
