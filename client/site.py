@@ -293,7 +293,8 @@ def site_evaluate(
     from client.evaluate.release import GateConfig
     from client.evaluate.suite import evaluate_site, load_canaries
     from client.evaluate.write import write_evaluation
-    from client.generation.generate import generate_reports, write_reports
+    from client.generation.generate import generate_reports
+    from client.generation.reports import write_reports
     from client.privacy_report import issue_round_report
     from shared.errors import EvaluationBudgetError
 
