@@ -8,6 +8,7 @@ with the error's code; only bugs show a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -321,11 +322,15 @@ def generate(
 ) -> None:
     """Generate ICD-10-conditioned reports, zero-shot or with an adapter, with provenance per report."""
     from client.adapter_files import read_adapter
-    from client.generation.generate import SamplingConfig, generate_reports, write_reports
+    from client.generation.generate import check_sampling, generate_reports
+    from client.generation.reports import write_reports
     from client.model import adapter_hash, add_lora, load_adapter_state, load_model
     from shared import icd10
 
     code_list = icd10.normalize_all([c for c in codes.split(",") if c.strip()], where="--codes")
+    sampling = dataclasses.replace(_RUN.generate, temperature=temperature, top_p=top_p,
+                                   max_new_tokens=max_new_tokens, seed=seed)
+    check_sampling(sampling)  # before the slow model load
     settings = _settings(model_dir=model_dir)  # --model-dir, else FEDSYNTH_SITE_MODEL_DIR
     model_dir = settings.model_dir
     loaded = read_adapter(adapter) if adapter is not None else None  # before the slow model load
@@ -335,7 +340,6 @@ def generate(
         tensors = loaded.tensors
         model = add_lora(model, r=loaded.r, alpha=loaded.alpha, targets=list(loaded.targets))
         load_adapter_state(model, tensors)
-    sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
     with progress_bar() as bar:
         task = bar.add_task("generating", total=len(code_list) * n_per_code, info="")
         reports = generate_reports(
@@ -371,7 +375,7 @@ def evaluate(
     from client.evaluate.release import GateConfig
     from client.evaluate.suite import evaluate_site, load_canaries
     from client.evaluate.write import write_evaluation
-    from client.generation.generate import SyntheticReport, read_reports
+    from client.generation.reports import SyntheticReport, read_reports
     from client.notes import load_notes
     from client.site import load_site_data
     from shared.errors import ConfigError, InputError, Problem

@@ -11,18 +11,17 @@ huge line costs one record, not the file (nor the memory). Problems name the
 field, line and reason but never a field's value: notes are PHI and problems go
 to logs. Every bad record is reported as a
 :class:`~shared.errors.Problem` with its 1-based line number and reason; nothing
-is dropped silently. The unit of privacy is the patient, so the train/held-out
-split is by patient and never puts one patient on both sides.
+is dropped silently. The unit of privacy is the patient: the train/held-out
+split (:mod:`client.patient_split`) never puts one patient on both sides.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import statistics
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -33,12 +32,9 @@ from shared.errors import ConfigError, InputError, Problem
 __all__ = [
     "Note",
     "NotesLoad",
-    "PatientSplit",
     "NotesSummary",
     "iter_records",
     "load_notes",
-    "group_by_patient",
-    "split_by_patient",
     "summarize",
 ]
 
@@ -76,14 +72,6 @@ class NotesLoad:
     problems: list[Problem]
     skipped: int
     path: Path
-
-
-@dataclass(frozen=True)
-class PatientSplit:
-    """Notes split by patient: no patient has notes on both sides."""
-
-    train: list[Note]
-    heldout: list[Note]
 
 
 @dataclass(frozen=True)
@@ -382,58 +370,6 @@ def load_notes(
         raise InputError(f"{path}: {len(problems)} bad record(s) in notes file", problems)
     skipped = sum(1 for p in problems if p.line is not None)
     return NotesLoad(notes=notes, problems=problems, skipped=skipped, path=path)
-
-
-# --------------------------------------------------------------------------- grouping
-
-
-def group_by_patient(notes: Iterable[Note]) -> dict[str, list[Note]]:
-    """Notes per ``patient_id``, patients in first-seen order, notes in input order."""
-    groups: dict[str, list[Note]] = {}
-    for note in notes:
-        groups.setdefault(note.patient_id, []).append(note)
-    return groups
-
-
-def _patient_rank(seed: int, patient_id: str) -> str:
-    return hashlib.sha256(f"{seed}\x00{patient_id}".encode()).hexdigest()
-
-
-def split_by_patient(
-    notes: Sequence[Note], *, heldout_fraction: float = 0.2, seed: int = 0
-) -> PatientSplit:
-    """Split notes into train and held-out sets by patient.
-
-    Patients are ordered by sha256(seed, patient_id) and the first
-    ``round(heldout_fraction * n_patients)`` (at least 1, at most n-1) are held
-    out, so the split depends only on the set of patients and the seed, not on
-    note order. Held-out patients are never trained on: membership and
-    distance-to-closest-record metrics compare against them.
-    """
-    if isinstance(heldout_fraction, bool) or not isinstance(heldout_fraction, (int, float)) or not (
-        0 < heldout_fraction < 1
-    ):
-        raise ConfigError(f"heldout_fraction must be in (0, 1), got {heldout_fraction!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"split seed must be an integer, got {seed!r}")
-    heldout = heldout_patients(group_by_patient(notes), heldout_fraction=heldout_fraction, seed=seed)
-    return PatientSplit(
-        train=[n for n in notes if n.patient_id not in heldout],
-        heldout=[n for n in notes if n.patient_id in heldout],
-    )
-
-
-def heldout_patients(
-    patient_ids: Iterable[str], *, heldout_fraction: float = 0.2, seed: int = 0
-) -> set[str]:
-    """The patients :func:`split_by_patient` holds out (needs at least 2 patients)."""
-    patients = sorted(set(patient_ids), key=lambda p: _patient_rank(seed, p))
-    if len(patients) < 2:
-        raise InputError(
-            f"cannot split {len(patients)} patient(s) into train and held-out sets: need at least 2"
-        )
-    n_heldout = min(max(round(heldout_fraction * len(patients)), 1), len(patients) - 1)
-    return set(patients[:n_heldout])
 
 
 def summarize(notes: Sequence[Note]) -> NotesSummary:

@@ -42,7 +42,8 @@ from client.model import (
     load_adapter_state,
     load_model,
 )
-from client.notes import Note, NotesLoad, group_by_patient, load_notes, split_by_patient
+from client.notes import Note, NotesLoad, load_notes
+from client.patient_split import group_by_patient, split_by_patient
 from client.policy import floor_dp, report_tightened
 from client.train import train_dp
 from shared.atomic import write_atomic
@@ -292,7 +293,8 @@ def site_evaluate(
     from client.evaluate.release import GateConfig
     from client.evaluate.suite import evaluate_site, load_canaries
     from client.evaluate.write import write_evaluation
-    from client.generation.generate import generate_reports, write_reports
+    from client.generation.generate import generate_reports
+    from client.generation.reports import write_reports
     from client.privacy_report import issue_round_report
     from shared.errors import EvaluationBudgetError
 

@@ -60,7 +60,7 @@ from client.dp.noise import GaussianNoise, noise_source_name, note_window_rng, u
 from client.dp.sampling import patients_bucket, poisson_loader, sample_rate_for
 from client.dp.steps import bookkeeping_steps, opacus_steps
 from client.model import adapter_state
-from client.notes import group_by_patient
+from client.patient_split import group_by_patient
 from shared.accounting import compute_epsilon
 from shared.errors import ConfigError, PrivacyError, Problem, TrainingError
 from shared.privacy_scalars import PrivacyScalars

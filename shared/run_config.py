@@ -84,13 +84,20 @@ class TrainConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class GenerateConfig:
-    """Generation knobs; ``codes`` () means the codes present in the site's own notes."""
+    """Generation knobs; ``codes`` () means the codes present in the site's own notes.
+
+    ``temperature`` 0 is greedy; ``top_p`` is nucleus mass in (0, 1]; ``top_k`` 0
+    is off; ``repetition_penalty`` > 1 discourages repeats (1 = off);
+    ``max_new_tokens`` bounds a report's length in tokens. A site's evaluation
+    rounds bound these and draw their own seed (:mod:`client.evaluate.eval_policy`).
+    """
 
     reports_per_code: int = 20
     codes: tuple[str, ...] = ()
     temperature: float = 0.8
     top_p: float = 0.95
     top_k: int = 0
+    repetition_penalty: float = 1.0
     max_new_tokens: int = 256
     seed: int = 0
 
@@ -220,6 +227,7 @@ _SPEC: dict[str, tuple[str, str, type, Check | None]] = {
     "generate.temperature": ("generate", "temperature", float, _rng(0, 10)),
     "generate.top-p": ("generate", "top_p", float, _rng(0, 1, lo_open=True)),
     "generate.top-k": ("generate", "top_k", int, _rng(0, 1_000_000)),
+    "generate.repetition-penalty": ("generate", "repetition_penalty", float, _rng(0, 10, lo_open=True)),
     "generate.max-new-tokens": ("generate", "max_new_tokens", int, _rng(1, 32_768)),
     "generate.seed": ("generate", "seed", int, _rng(0, 2**32 - 1)),
 }

@@ -71,7 +71,7 @@ from client.demo.text import (
     render_public,
     slots,
 )
-from client.notes import heldout_patients
+from client.patient_split import heldout_patients
 from shared import icd10
 from shared.errors import ConfigError, Problem
 

@@ -145,7 +145,8 @@ def check_model(settings: SiteSettings) -> Check:
 
 def check_notes(settings: SiteSettings) -> Check:
     """The notes file passes the same validation a round runs; δ ≤ 1/n_patients holds."""
-    from client.notes import group_by_patient, load_notes
+    from client.notes import load_notes
+    from client.patient_split import group_by_patient
 
     name = "notes"
     path = Path(settings.notes_path)

@@ -10,7 +10,7 @@ training round (``client/evaluate/eval_policy.py`` charges it before anything
 is computed).
 
 The released vector. Each private patient p of group g (``train`` or
-``heldout``, as split by :func:`client.notes.split_by_patient`) contributes a
+``heldout``, as split by :func:`client.patient_split.split_by_patient`) contributes a
 row of numbers in [0, 1] that depend only on p's own notes, the synthetic
 reports and the models — never on another patient:
 

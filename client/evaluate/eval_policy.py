@@ -18,13 +18,13 @@ The site decides the rest, whatever the run config says:
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from dataclasses import dataclass
 
 import numpy as np
 
 from client.dp.ledger import Ledger, LedgerEntry, compute_epsilon
-from client.generation.generate import SamplingConfig
 from shared.errors import EvaluationBudgetError
 from shared.run_config import GenerateConfig, RunConfig, config_hash
 from shared.settings import SiteSettings
@@ -32,6 +32,8 @@ from shared.settings import SiteSettings
 # top_k of 1..MIN_EVAL_TOP_K-1 is raised to this; top_p below MIN_EVAL_TOP_P is raised to it.
 MIN_EVAL_TOP_K = 20
 MIN_EVAL_TOP_P = 0.5
+# A repetition penalty below 1 favours repeating tokens already seen (the prompt's included): raised to 1 (off).
+MIN_EVAL_REPETITION_PENALTY = 1.0
 EVAL_PREFIX = "eval-"
 # Bits of OS entropy in an evaluation's sampling seed. Not 63: the HF generation path seeds torch
 # with seed * 1_000_003 + batch, which must stay below 2**63 (torch.manual_seed overflows above).
@@ -41,18 +43,21 @@ EVAL_SEED_BITS = 40
 METRICS_NOISE_SOURCE = "chacha20-gaussian"  # client.evaluate.dp_metrics.standard_normal
 
 
-def evaluation_sampling(settings: SiteSettings, generate: GenerateConfig) -> SamplingConfig:
+def evaluation_sampling(settings: SiteSettings, generate: GenerateConfig) -> GenerateConfig:
     """The sampling an evaluation actually uses: site-drawn seed, site-bounded temperature.
 
-    Only the run's length and repetition knobs pass through unchanged; the seed
-    is :data:`EVAL_SEED_BITS` bits from :func:`secrets.randbits`, fresh on every call.
+    The run's ``generate`` section with temperature, top-p, top-k and repetition
+    penalty raised to the site's bounds; only the length (and the request's codes
+    and counts) pass through unchanged. The seed is :data:`EVAL_SEED_BITS` bits
+    from :func:`secrets.randbits`, fresh on every call.
     """
     top_k = generate.top_k if generate.top_k == 0 else max(generate.top_k, MIN_EVAL_TOP_K)
-    return SamplingConfig(
+    return dataclasses.replace(
+        generate,
         temperature=max(float(generate.temperature), settings.min_eval_temperature),
         top_p=max(float(generate.top_p), MIN_EVAL_TOP_P),
         top_k=top_k,
-        max_new_tokens=generate.max_new_tokens,
+        repetition_penalty=max(float(generate.repetition_penalty), MIN_EVAL_REPETITION_PENALTY),
         seed=secrets.randbits(EVAL_SEED_BITS),
     )
 

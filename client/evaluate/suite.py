@@ -56,7 +56,7 @@ from client.evaluate.privacy import (
 from client.evaluate.release import GateConfig, GateResult, release_gate
 from client.evaluate.summary import Cell, build_summary, suppressed_names
 from client.evaluate.tokens import word_tokens
-from client.generation.generate import SyntheticReport
+from client.generation.reports import SyntheticReport
 from client.notes import Note
 from shared.dp_defaults import DEFAULT_EVAL_NOISE_MULTIPLIER
 from shared.errors import InputError, Problem

@@ -64,6 +64,7 @@ from client.generation.decode_engine import (
 from client.generation.ring_decoder import parts_problem
 from client.generation.sampling import DEFAULT_CANDIDATES, redraw_rows
 from client.model import eos_token_ids
+from shared.run_config import GenerateConfig
 
 __all__ = ["generate_texts", "generate_token_ids", "merged_lora", "release_engines",
            "unsupported_reason"]  # fmt: skip
@@ -264,13 +265,13 @@ def generate_texts(
     tokenizer: Any,
     prompts: Sequence[str],
     *,
-    sampling: Any,
+    sampling: GenerateConfig,
     batch_size: int,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
     """Decoded new text (special tokens skipped) for each prompt string, in order.
 
-    ``sampling`` is a :class:`client.generation.generate.SamplingConfig`; a PEFT adapter
+    ``sampling`` is the run's :class:`shared.run_config.GenerateConfig`; a PEFT adapter
     on ``model`` is merged for the run and the caller's weights restored
     (:func:`merged_lora`). ``progress(done, total)`` counts finished prompts.
     """

@@ -4,9 +4,10 @@ The prompt is :func:`client.prompt.build_prompt`, the same one DP fine-tuning
 trains on. Generation is batched with left padding and the KV cache, only the
 new tokens are decoded, and DeepSeek-R1 style ``<think>`` traces are removed.
 
-Synthetic reports stay on the site: they are written to local JSONL with their
-provenance (model, adapter hash, sampling settings, seed) and never cross the
-wire; only metric summaries computed from them do.
+Synthetic reports stay on the site: they carry their provenance (model,
+adapter hash, sampling settings, seed) and are written to local JSONL by
+:mod:`client.generation.reports`; they never cross the wire, only metric
+summaries computed from them do.
 """
 
 from __future__ import annotations
@@ -18,23 +19,19 @@ import logging
 import re
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from client.generation.reports import SETTINGS, SyntheticReport
 from client.model import eos_token_ids
 from client.prompt import build_prompt, opens_reasoning
 from shared import icd10
-from shared.atomic import PRIVATE, write_atomic
-from shared.errors import ConfigError, InputError, Problem
+from shared.errors import ConfigError, Problem
 from shared.run_config import GenerateConfig
 
 _log = logging.getLogger(__name__)
 
-SETTINGS = ("zero-shot", "adapter")
-_RUN_GENERATE = GenerateConfig()  # the defaults' one definition: shared/run_config.py
 MAX_NEW_TOKENS_LIMIT = 32768
 
 
@@ -46,61 +43,38 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-@dataclass(frozen=True, kw_only=True)
-class SamplingConfig:
-    """How tokens are drawn. ``temperature=0`` means greedy decoding.
+# The provenance written with each report: how its tokens were drawn (GenerateConfig's
+# sampling fields; reports_per_code and codes describe the request, not the draw).
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "seed")
 
-    ``top_p`` is nucleus mass in (0, 1]; ``top_k=0`` disables top-k;
-    ``repetition_penalty`` > 1 discourages repeats (1 = off); ``max_new_tokens``
-    bounds each report's length in tokens; ``seed`` makes a run reproducible
-    for a given batch size. Invalid values raise one :class:`ConfigError`. The
-    defaults are the run config's ``generate.*`` defaults (:class:`GenerateConfig`).
+
+def check_sampling(sampling: GenerateConfig) -> None:
+    """Raise one :class:`ConfigError` listing every sampling knob generation cannot use.
+
+    ``temperature=0`` means greedy decoding; ``top_p`` is nucleus mass in (0, 1];
+    ``top_k=0`` disables top-k; ``repetition_penalty`` > 1 discourages repeats
+    (1 = off); ``max_new_tokens`` bounds each report's length in tokens; ``seed``
+    makes a run reproducible for a given batch size. These are generation's own
+    limits: a site-drawn evaluation seed may exceed the run config's seed range.
     """
-
-    temperature: float = _RUN_GENERATE.temperature
-    top_p: float = _RUN_GENERATE.top_p
-    top_k: int = _RUN_GENERATE.top_k
-    repetition_penalty: float = 1.0  # not a run knob
-    max_new_tokens: int = _RUN_GENERATE.max_new_tokens
-    seed: int = _RUN_GENERATE.seed
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not _is_number(self.temperature) or not 0 <= self.temperature <= 100:
-            problems.append(Problem("temperature", f"must be a number in [0, 100], got {self.temperature!r}"))
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            problems.append(Problem("top_p", f"must be in (0, 1], got {self.top_p!r}"))
-        if not _is_int(self.top_k) or self.top_k < 0:
-            problems.append(Problem("top_k", f"must be an integer >= 0, got {self.top_k!r}"))
-        if not _is_number(self.repetition_penalty) or not 0 < self.repetition_penalty <= 10:
-            problems.append(
-                Problem("repetition_penalty", f"must be in (0, 10], got {self.repetition_penalty!r}")
-            )
-        if not _is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-            problems.append(
-                Problem(
-                    "max_new_tokens",
-                    f"must be an integer in [1, {MAX_NEW_TOKENS_LIMIT}], got {self.max_new_tokens!r}",
-                )
-            )
-        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
-            problems.append(Problem("seed", f"must be an integer in [0, 2**63), got {self.seed!r}"))
-        if problems:
-            raise ConfigError("invalid sampling settings", problems)
-
-
-@dataclass(frozen=True)
-class SyntheticReport:
-    """One generated report and its provenance (stays on site)."""
-
-    report_id: str
-    code: str
-    text: str
-    setting: str
-    model_id: str
-    adapter_hash: str | None
-    sampling: dict
-    seed: int
+    s = sampling
+    problems = []
+    if not _is_number(s.temperature) or not 0 <= s.temperature <= 100:
+        problems.append(Problem("temperature", f"must be a number in [0, 100], got {s.temperature!r}"))
+    if not _is_number(s.top_p) or not 0 < s.top_p <= 1:
+        problems.append(Problem("top_p", f"must be in (0, 1], got {s.top_p!r}"))
+    if not _is_int(s.top_k) or s.top_k < 0:
+        problems.append(Problem("top_k", f"must be an integer >= 0, got {s.top_k!r}"))
+    if not _is_number(s.repetition_penalty) or not 0 < s.repetition_penalty <= 10:
+        problems.append(Problem("repetition_penalty", f"must be in (0, 10], got {s.repetition_penalty!r}"))
+    if not _is_int(s.max_new_tokens) or not 1 <= s.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+        problems.append(Problem(
+            "max_new_tokens", f"must be an integer in [1, {MAX_NEW_TOKENS_LIMIT}], got {s.max_new_tokens!r}"
+        ))
+    if not _is_int(s.seed) or not 0 <= s.seed < 2**63:
+        problems.append(Problem("seed", f"must be an integer in [0, 2**63), got {s.seed!r}"))
+    if problems:
+        raise ConfigError("invalid sampling settings", problems)
 
 
 _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
@@ -200,7 +174,7 @@ def generate_reports(
     codes: Sequence[str],
     *,
     n_per_code: int,
-    sampling: SamplingConfig,
+    sampling: GenerateConfig,
     batch_size: int | None = 16,
     setting: Literal["zero-shot", "adapter"],
     model_id: str,
@@ -209,6 +183,10 @@ def generate_reports(
     fast: bool = False,
 ) -> list[SyntheticReport]:
     """Generate ``n_per_code`` reports for each code, in code order.
+
+    ``sampling`` is the run's :class:`GenerateConfig` (its ``codes`` and
+    ``reports_per_code`` are not read here: ``codes`` and ``n_per_code`` are);
+    invalid knobs raise one :class:`ConfigError` (:func:`check_sampling`).
 
     Each batch reseeds a forked RNG with ``sampling.seed`` and the batch index,
     so a run is reproducible for a given seed and batch size without touching
@@ -236,13 +214,14 @@ def generate_reports(
     left out of the returned list (so fewer than ``n_per_code`` reports come
     back for that code) and a warning says how many.
     """
+    check_sampling(sampling)
     batch_size = generation_batch_size(batch_size, _model_device(model).type)
     canon = _validate_request(codes, n_per_code, batch_size, setting, model_id, adapter_hash)
     if tokenizer.pad_token_id is None:
         raise ConfigError("tokenizer has no pad token", [Problem("tokenizer", "set pad_token (e.g. to eos)")])
     jobs = [(code, k) for code in canon for k in range(n_per_code)]
     prompts = {code: build_prompt(code, tokenizer) for code in dict.fromkeys(canon)}
-    sampling_dict = dataclasses.asdict(sampling)
+    sampling_dict = {name: getattr(sampling, name) for name in SAMPLING_FIELDS}
     texts = _generate_texts(
         model, tokenizer, [prompts[code] for code, _ in jobs],
         sampling=sampling, batch_size=batch_size, progress=progress, fast=fast,
@@ -297,7 +276,7 @@ def _generate_texts(
     tokenizer: Any,
     prompts: list[str],
     *,
-    sampling: SamplingConfig,
+    sampling: GenerateConfig,
     batch_size: int,
     progress: Callable[[int, int], None] | None,
     fast: bool,
@@ -360,121 +339,3 @@ def _generate_texts(
         if was_training:
             model.train()
     return texts
-
-
-def write_reports(reports: Sequence[SyntheticReport], path: Path) -> None:
-    """Write reports as JSONL (one report with its provenance per line), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = (json.dumps(dataclasses.asdict(r), ensure_ascii=False, sort_keys=True) + "\n" for r in reports)
-    write_atomic(path, "".join(lines), mode=PRIVATE)
-
-
-_FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    "report_id": (str,),
-    "code": (str,),
-    "text": (str,),
-    "setting": (str,),
-    "model_id": (str,),
-    "adapter_hash": (str, type(None)),
-    "sampling": (dict,),
-    "seed": (int,),
-}
-
-
-# At most this many line problems are listed (the rest are counted).
-MAX_LINE_PROBLEMS = 20
-# The plain report format: just the code and the text (reports from any other generator).
-PLAIN_FIELDS = ("icd10", "text")
-PLAIN_OPTIONAL = ("report_id",)
-_FORMAT_HINT = (
-    'expected {"icd10": "F32.1", "text": "..."} (plain) or a line written by `fedsynth-site '
-    'generate` with fields ' + ", ".join(_FIELD_TYPES)
-)
-
-
-def _parse_plain(obj: dict, where: str, lineno: int) -> tuple[SyntheticReport | None, list[str]]:
-    """A plain ``{"icd10": code or [codes], "text": ..., "report_id"?: ...}`` report."""
-    reasons = [f"unknown field {k!r} in a plain report" for k in obj if k not in PLAIN_FIELDS + PLAIN_OPTIONAL]
-    code = obj.get("icd10")
-    if isinstance(code, list) and code and all(isinstance(c, str) for c in code):
-        code = code[0]  # the first code is the primary, as in a notes file
-    if not isinstance(code, str):
-        reasons.append("field 'icd10' must be a code or a non-empty list of codes")
-    elif not icd10.is_code(code):
-        reasons.append(f"unknown ICD-10 code {code!r}")
-    if not isinstance(obj.get("text"), str):
-        reasons.append("field 'text' must be a string")
-    rid = obj.get("report_id", f"{where}:{lineno}")
-    if not isinstance(rid, str) or not rid.strip():
-        reasons.append("field 'report_id' must be a non-empty string")
-    if reasons:
-        return None, reasons
-    return SyntheticReport(report_id=rid, code=icd10.normalize(code), text=obj["text"], setting="zero-shot",
-                           model_id=f"plain:{where}", adapter_hash=None, sampling={}, seed=0), []
-
-
-def _parse_line(raw: str, where: str = "", lineno: int = 0) -> tuple[SyntheticReport | None, list[str]]:
-    try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        return None, [f"invalid JSON: {exc.msg}"]
-    if not isinstance(obj, dict):
-        return None, ["not a JSON object"]
-    if "icd10" in obj and "code" not in obj:
-        report, reasons = _parse_plain(obj, where, lineno)
-    else:
-        reasons = [f"missing field {k!r}" for k in _FIELD_TYPES if k not in obj]
-        reasons += [f"unknown field {k!r}" for k in obj if k not in _FIELD_TYPES]
-        for k, types in _FIELD_TYPES.items():
-            if k in obj and (not isinstance(obj[k], types) or isinstance(obj[k], bool)):
-                reasons.append(f"field {k!r} has wrong type {type(obj[k]).__name__}")
-        if not reasons:
-            if obj["setting"] not in SETTINGS:
-                reasons.append(f"setting must be one of {SETTINGS}, got {obj['setting']!r}")
-            if not icd10.is_code(obj["code"]):
-                reasons.append(f"unknown ICD-10 code {obj['code']!r}")
-        report = None
-        if not reasons:
-            obj["code"] = icd10.normalize(obj["code"])
-            report = SyntheticReport(**obj)
-    if report is not None and not report.text.strip():
-        return None, ["field 'text' is empty (an empty report is never evaluated or released)"]
-    return report, reasons
-
-
-def read_reports(path: Path) -> list[SyntheticReport]:
-    """Read a JSONL reports file: lines written by :func:`write_reports`, or plain
-    ``{"icd10": "F32.1", "text": "..."}`` lines (optional ``report_id``, default
-    ``<file>:<line>``; ``icd10`` may be a list, the first code is the primary) from
-    any other generator. Both may be mixed.
-
-    Blank lines are ignored; a report with empty text is refused; every bad line is
-    reported (file and line number) in one :class:`InputError`, which ends with the
-    expected format when any line was bad.
-    """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise InputError(f"cannot read reports file {path}", [Problem(str(path), str(exc))]) from None
-    reports: list[SyntheticReport] = []
-    problems: list[Problem] = []
-    for lineno, line in enumerate(data.split(b"\n"), start=1):
-        try:
-            raw = line.decode("utf-8")
-        except UnicodeDecodeError:
-            problems.append(Problem(str(path), "not valid UTF-8", lineno))
-            continue
-        if not raw.strip():
-            continue
-        report, reasons = _parse_line(raw, path.name, lineno)
-        problems += [Problem(str(path), reason, lineno) for reason in reasons]
-        if report is not None:
-            reports.append(report)
-    if problems:
-        if len(problems) > MAX_LINE_PROBLEMS:
-            more = len(problems) - MAX_LINE_PROBLEMS
-            problems = problems[:MAX_LINE_PROBLEMS] + [Problem(str(path), f"... and {more} more problems")]
-        raise InputError(f"invalid reports file {path} ({_FORMAT_HINT})", problems)
-    return reports

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from client.cli import app
-from client.notes import split_by_patient
+from client.patient_split import split_by_patient
 from tests.client.evaluate.second_generator import make_notes, write_notes, write_plain_reports
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.generation.generate import SamplingConfig, generate_reports
+from client.generation.generate import generate_reports
 from client.model import (
     FAMILIES,
     adapter_hash,
@@ -22,6 +22,7 @@ from client.model import (
     tiny_random_model,
 )
 from shared.errors import ConfigError, ModelError
+from shared.run_config import GenerateConfig
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_family_builds_lora_and_generates(family):
         tok,
         ["F32.1", "F41.1"],
         n_per_code=2,
-        sampling=SamplingConfig(max_new_tokens=8),
+        sampling=GenerateConfig(max_new_tokens=8),
         setting="zero-shot",
         model_id=f"tiny-{family}",
     )

@@ -10,12 +10,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from client.generation.generate import SamplingConfig, generate_reports
+from client.generation.generate import generate_reports
 from client.model import add_lora, default_lora_targets, eos_token_ids, family_of, load_model
 from client.prompt import build_prompt, opens_reasoning
+from shared.run_config import GenerateConfig
 from tests.client.model_families import RELEASES, script_model, write_release
 
-GREEDY = SamplingConfig(temperature=0, max_new_tokens=6)
+GREEDY = GenerateConfig(temperature=0, max_new_tokens=6)
 EXPECTED_FAMILY = {
     "llama3-instruct": "llama", "llama3-base": "llama", "openbiollm": "llama",
     "r1-distill-llama": "llama", "r1-distill-qwen": "qwen2", "qwen2.5": "qwen2",
@@ -108,7 +109,7 @@ def test_generation_stops_at_eot_listed_in_generation_config(name, fast, release
     model, tok = _scripted(name, release_dirs, [a, b, "<|eot_id|>", c], loop=c)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        (report,) = _gen(model, tok, sampling=SamplingConfig(temperature=0, max_new_tokens=8), fast=fast)
+        (report,) = _gen(model, tok, sampling=GenerateConfig(temperature=0, max_new_tokens=8), fast=fast)
     expected = tok.convert_tokens_to_string([a, b]).strip()
     assert report.text == expected  # nothing after <|eot_id|>
     assert tok.convert_tokens_to_string([c]).strip() not in report.text
@@ -150,7 +151,7 @@ def test_r1_distill_cut_off_trace_gets_twice_the_room(long_trace):
     # 4 new tokens cut the trace off; the retry with 8 reaches </think> and the report.
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "failed" warning: the retry succeeded
-        (r,) = _gen(model, tok, sampling=SamplingConfig(temperature=0, max_new_tokens=4))
+        (r,) = _gen(model, tok, sampling=GenerateConfig(temperature=0, max_new_tokens=4))
     assert r.text == tok.convert_tokens_to_string([report]).strip()
 
 

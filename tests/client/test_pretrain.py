@@ -10,11 +10,12 @@ import torch
 
 from client import pretrain
 from client.demo.data import public_texts
-from client.generation.generate import SamplingConfig, generate_reports
+from client.generation.generate import generate_reports
 from client.model import load_model
 from client.prompt import SECTIONS
 from shared import icd10
 from shared.errors import ConfigError, UnknownCodeError
+from shared.run_config import GenerateConfig
 
 
 def test_build_is_cached_and_described(tmp_path):
@@ -84,7 +85,7 @@ def test_default_model_writes_reports():
         tok,
         codes,
         n_per_code=2,
-        sampling=SamplingConfig(temperature=0.7, max_new_tokens=320, seed=0),
+        sampling=GenerateConfig(temperature=0.7, max_new_tokens=320, seed=0),
         setting="zero-shot",
         model_id="embedded",
     )

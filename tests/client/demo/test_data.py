@@ -25,7 +25,7 @@ from client.demo.data import (
 )
 from client.demo.text import CODE_VOCAB
 from client.evaluate.tokens import word_tokens
-from client.notes import heldout_patients
+from client.patient_split import heldout_patients
 from shared import icd10
 from shared.errors import ConfigError
 

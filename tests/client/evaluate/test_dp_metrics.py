@@ -25,8 +25,9 @@ from client.evaluate.dp_metrics import (
 )
 from client.evaluate.suite import evaluate_site
 from client.evaluate.summary import build_summary
-from client.generation.generate import SyntheticReport
-from client.notes import Note, split_by_patient
+from client.generation.reports import SyntheticReport
+from client.notes import Note
+from client.patient_split import split_by_patient
 from shared.errors import ConfigError, InputError
 from shared.whitelist import METRIC_NAMES
 

@@ -44,6 +44,11 @@ def test_no_greedy_probe_and_the_seed_is_the_sites(tmp_path):
     c = evaluation_sampling(_settings(tmp_path, min_eval_temperature=1.0), hot.generate)
     assert (c.temperature, c.top_k) == (1.3, 50)  # the run may only be hotter / wider
     assert evaluation_sampling(settings, hot.generate).max_new_tokens == hot.generate.max_new_tokens
+    # a penalty below 1 favours repeating seen tokens (the prompt's too): raised to 1 (off)
+    sticky = RunConfig.from_flower({"generate.repetition-penalty": 0.2})
+    assert evaluation_sampling(settings, sticky.generate).repetition_penalty == 1.0
+    damped = RunConfig.from_flower({"generate.repetition-penalty": 1.3})
+    assert evaluation_sampling(settings, damped.generate).repetition_penalty == 1.3
 
 
 def test_the_largest_site_seed_still_seeds_both_generation_paths():
@@ -132,7 +137,7 @@ def test_site_evaluate_end_to_end_with_a_crafted_generator(tmp_path, monkeypatch
     import client.evaluate.embeddings as embeddings
     import client.generation.generate as generate
     import client.privacy_report as privacy_report
-    from client.generation.generate import SyntheticReport
+    from client.generation.reports import SyntheticReport
     from shared.report import ModelInfo, SiteRoundReport, read_report
     from shared.whitelist import METRIC_NAMES
 

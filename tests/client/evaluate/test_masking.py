@@ -8,7 +8,7 @@ import pytest
 from client.evaluate import dp_metrics, fidelity
 from client.evaluate.masking import CODE_TOKEN, TITLE_TOKEN, mask_all, mask_codes, title_phrases
 from client.evaluate.suite import evaluate_site
-from client.generation.generate import SyntheticReport
+from client.generation.reports import SyntheticReport
 from client.notes import Note
 from shared import icd10
 

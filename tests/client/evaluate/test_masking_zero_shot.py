@@ -14,10 +14,11 @@ import pytest
 from client.evaluate import fidelity
 from client.evaluate.embeddings import Embedder
 from client.evaluate.masking import mask_all
-from client.generation.generate import SamplingConfig, generate_reports
+from client.generation.generate import generate_reports
 from client.model import load_model
 from client.notes import load_notes
 from shared import icd10
+from shared.run_config import GenerateConfig
 
 pytestmark = pytest.mark.integration
 LENGTHS = (32, 128, 256)
@@ -43,7 +44,7 @@ def test_zero_shot_is_near_chance_after_masking(setup, length):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reports = generate_reports(model, tok, codes, n_per_code=REPORTS_PER_CODE,
-                                   sampling=SamplingConfig(max_new_tokens=length, seed=length),
+                                   sampling=GenerateConfig(max_new_tokens=length, seed=length),
                                    setting="zero-shot", model_id="embedded")
     texts = [r.text for r in reports]
     real_codes = [n.primary_code for n in notes]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from client.evaluate.suite import REFERENCE_CANARIES_SCORED, evaluate_site, load_canaries
-from client.generation.generate import SyntheticReport
+from client.generation.reports import SyntheticReport
 from client.notes import Note
 from shared.errors import InputError
 

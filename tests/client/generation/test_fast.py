@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from client.generation.fast import generate_token_ids, merged_lora, unsupported_reason
-from client.generation.generate import SamplingConfig, generate_reports
+from client.generation.generate import generate_reports
 from client.model import add_lora, tiny_random_model
 from client.prompt import build_prompt
+from shared.run_config import GenerateConfig
 
 CODES = ["F32.1", "F20", "F41.1", "F31", "F10.2"]
 
@@ -114,7 +115,7 @@ def test_adapter_merged_for_generation_and_caller_model_unchanged():
 def test_generate_reports_fast_switch_and_fallback():
     model, tok = _sharp("qwen2")
     kw = dict(n_per_code=2, setting="zero-shot", model_id="tiny", batch_size=3)
-    greedy = SamplingConfig(temperature=0, max_new_tokens=8)
+    greedy = GenerateConfig(temperature=0, max_new_tokens=8)
     seen = []
     fast = generate_reports(
         model,
@@ -128,7 +129,7 @@ def test_generate_reports_fast_switch_and_fallback():
     plain = generate_reports(model, tok, CODES[:3], sampling=greedy, **kw)
     assert fast == plain  # same texts, ids, provenance
     assert seen[-1] == (6, 6) and [d for d, _ in seen] == sorted(d for d, _ in seen)
-    sampled = SamplingConfig(max_new_tokens=8, seed=1)
+    sampled = GenerateConfig(max_new_tokens=8, seed=1)
     a = generate_reports(model, tok, CODES[:3], sampling=sampled, fast=True, **kw)
     assert a == generate_reports(model, tok, CODES[:3], sampling=sampled, fast=True, **kw)
     assert [r.text for r in a] != [r.text for r in fast]
