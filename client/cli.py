@@ -21,6 +21,7 @@ from rich.table import Table
 
 from shared.about import version_option
 from shared.cli_errors import expected_errors
+from shared.cli_keygen import KeyPathArg, OverwriteKeyOpt, create_key_pair
 from shared.run_config import RunConfig
 from shared.settings import SiteSettings, load_settings
 
@@ -142,17 +143,11 @@ def build_model(
 
 @app.command()
 @expected_errors
-def keygen(
-    path: Annotated[Path, typer.Argument(help="Private key file to create (the public key goes to PATH.pub).")],
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing key (orphans its signatures).")] = False,
-) -> None:
+def keygen(path: KeyPathArg, overwrite: OverwriteKeyOpt = False) -> None:
     """Create the site's Ed25519 signing key for its audit log and privacy reports."""
-    from shared.signing import generate_key, key_id, load_public_key
-
-    pub = generate_key(path, overwrite=overwrite)
-    console.print(f"private key: {path} (mode 600; set FEDSYNTH_SITE_SIGNING_KEY={path})")
-    console.print(f"public key:  {pub} (give it to auditors out of band)")
-    console.print(f"key id:      {key_id(load_public_key(pub))}")
+    for line in create_key_pair(path, overwrite=overwrite, env_var="FEDSYNTH_SITE_SIGNING_KEY",
+                                public_key_note="give it to auditors out of band"):
+        console.print(line)
 
 
 LoraTargetsOpt = Annotated[
