@@ -9,21 +9,27 @@ with the error's code; only bugs show a traceback.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from client.cli_ledger import budget, ledger_app
+from client.cli_options import (
+    ModelOpt,
+    NotesOpt,
+    OutOpt,
+    cli_settings,
+    console,
+    err_console,
+    progress_bar,
+)
 from shared.about import version_option
 from shared.cli_errors import expected_errors
+from shared.cli_keygen import KeyPathArg, OverwriteKeyOpt, create_key_pair
 from shared.run_config import RunConfig
-from shared.settings import SiteSettings, load_settings
 
 app = typer.Typer(
     name="fedsynth-site",
@@ -35,9 +41,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-err_console = Console(stderr=True)
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 @app.callback()
@@ -47,32 +50,8 @@ def _root(
     """fedsynth site client (exit codes: see the epilog and docs/hospital-it.md)."""
 
 
-def progress_bar() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=False,
-    )
-
-
-def _settings(**overrides: Any) -> SiteSettings:
-    return load_settings(SiteSettings, **overrides)
-
-
 # The run config's defaults (their one definition: shared/run_config.py), for options and --help.
 _RUN = RunConfig()
-
-
-NotesOpt = Annotated[Path | None, typer.Option("--notes", help="Notes file (JSONL or CSV).")]
-OutOpt = Annotated[Path | None, typer.Option("--output-dir", help="Site output directory.")]
-ModelOpt = Annotated[
-    Path | None, typer.Option("--model-dir", help="Local HF model directory (default: embedded).")
-]
 
 
 @app.command()
@@ -143,17 +122,11 @@ def build_model(
 
 @app.command()
 @expected_errors
-def keygen(
-    path: Annotated[Path, typer.Argument(help="Private key file to create (the public key goes to PATH.pub).")],
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing key (orphans its signatures).")] = False,
-) -> None:
+def keygen(path: KeyPathArg, overwrite: OverwriteKeyOpt = False) -> None:
     """Create the site's Ed25519 signing key for its audit log and privacy reports."""
-    from shared.signing import generate_key, key_id, load_public_key
-
-    pub = generate_key(path, overwrite=overwrite)
-    console.print(f"private key: {path} (mode 600; set FEDSYNTH_SITE_SIGNING_KEY={path})")
-    console.print(f"public key:  {pub} (give it to auditors out of band)")
-    console.print(f"key id:      {key_id(load_public_key(pub))}")
+    for line in create_key_pair(path, overwrite=overwrite, env_var="FEDSYNTH_SITE_SIGNING_KEY",
+                                public_key_note="give it to auditors out of band"):
+        console.print(line)
 
 
 LoraTargetsOpt = Annotated[
@@ -242,7 +215,7 @@ def train(
     from client import policy
     from client.site import audit_log, train_local_round
 
-    settings = _settings(notes_path=notes, output_dir=output_dir, model_dir=model_dir)
+    settings = cli_settings(notes_path=notes, output_dir=output_dir, model_dir=model_dir)
     run = train_run_config(steps=steps, batch=batch, noise_multiplier=noise_multiplier,
                            epsilon_per_round=epsilon_per_round,
                            lora_targets=parse_lora_targets(lora_targets))
@@ -263,42 +236,7 @@ def train(
     )
 
 
-@app.command()
-@expected_errors
-def budget(
-    output_dir: OutOpt = None,
-    notes: NotesOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-) -> None:
-    """Show ε spent (recomputed from the whole ledger) and what is left under the ceiling."""
-    from client.site import load_site_data, open_ledger, site_delta
-
-    settings = _settings(notes_path=notes, output_dir=output_dir)
-    ledger = open_ledger(settings)
-    delta = settings.delta
-    if delta is None:
-        delta = site_delta(settings, load_site_data(settings).train_patients)
-    entries = [e for e in ledger.entries() if e.kind == "reserve"]
-    accountant = entries[-1].accountant if entries else "prv"
-    eps = ledger.epsilon(delta=delta, accountant=accountant)
-    out = {
-        "epsilon_spent": eps,
-        "epsilon_ceiling": settings.epsilon_ceiling,
-        "epsilon_remaining": max(0.0, settings.epsilon_ceiling - eps),
-        "delta": delta,
-        "rounds": len(entries),
-        "accountant": accountant,
-        "ledger_seq": ledger.head()[0],  # compare with the coordinator's record of this site
-        "ledger_head": ledger.head()[1],
-    }
-    if as_json:
-        console.print_json(json.dumps(out))
-        return
-    table = Table(title=f"privacy budget of {settings.site_id} (unit: patient)")
-    for key in out:
-        table.add_column(key)
-    table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in out.values()))
-    console.print(table)
+app.command()(budget)  # client/cli_ledger.py: ε spent and left, from the whole ledger
 
 
 @app.command()
@@ -331,7 +269,7 @@ def generate(
     sampling = dataclasses.replace(_RUN.generate, temperature=temperature, top_p=top_p,
                                    max_new_tokens=max_new_tokens, seed=seed)
     check_sampling(sampling)  # before the slow model load
-    settings = _settings(model_dir=model_dir)  # --model-dir, else FEDSYNTH_SITE_MODEL_DIR
+    settings = cli_settings(model_dir=model_dir)  # --model-dir, else FEDSYNTH_SITE_MODEL_DIR
     model_dir = settings.model_dir
     loaded = read_adapter(adapter) if adapter is not None else None  # before the slow model load
     model, tokenizer = load_model(model_dir, device=settings.resolved_device())
@@ -383,7 +321,7 @@ def evaluate(
     if model_dir is not None and adapter is None:
         raise ConfigError("cannot evaluate", [Problem("--model-dir", "needs --adapter: membership inference "
                                                       "and canary exposure are measured on the adapter")])
-    settings = _settings(notes_path=notes, output_dir=output_dir, k_min=k_min)
+    settings = cli_settings(notes_path=notes, output_dir=output_dir, k_min=k_min)
     # The reports are read and checked before any model or note is loaded.
     if as_notes:
         batch = [
@@ -438,33 +376,7 @@ def evaluate(
                   f"report: {paths['html']}")
 
 
-ledger_app = typer.Typer(
-    help="The privacy ledger: rebuild it from the signed audit log, rotate its key.",
-    no_args_is_help=True,
-)
-app.add_typer(ledger_app, name="ledger")
-
-
-@ledger_app.command("recover")
-@expected_errors
-def ledger_recover(output_dir: OutOpt = None) -> None:
-    """Rebuild a missing, cut or damaged ledger from the audit log's anchors (ε never lowered; audited)."""
-    from client.dp.ledger_recovery import recover_ledger
-
-    r = recover_ledger(_settings(output_dir=output_dir))
-    eps = f"ε {r.epsilon:.4f} (δ={r.delta:g}, {r.accountant})" if r.delta is not None else "ε 0"
-    console.print(f"ledger {r.path}: {r.records} records ({r.from_anchors} from the audit log), {eps}")
-    console.print(f"old file kept as {r.previous}" if r.previous else "there was no old ledger file")
-
-
-@ledger_app.command("rotate-key")
-@expected_errors
-def ledger_rotate_key(output_dir: OutOpt = None) -> None:
-    """Re-authenticate every ledger record under a fresh ledger key (anchors unchanged; audited)."""
-    from client.dp.ledger_recovery import rotate_key
-
-    old, new = rotate_key(_settings(output_dir=output_dir))
-    console.print(f"ledger key rotated: {old} -> {new}; back up the new key now")
+app.add_typer(ledger_app, name="ledger")  # client/cli_ledger.py: recover, rotate-key
 
 
 def _register_doctor() -> None:

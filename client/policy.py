@@ -3,7 +3,7 @@
 Who chooses what (docs/privacy-model.md, "Site floors"):
 
 * The run config is the coordinator's (``context.run_config``), and the bundle pin
-  (:mod:`client.launcher`) covers code, not these values.
+  (:mod:`client.bundle_trust`) covers code, not these values.
 * The node config (``flower-supernode --node-config``) reaches the ClientApp over the
   SuperNode's local runtime API; a local process that binds that port first can feed
   any node config. It is treated as untrusted too.

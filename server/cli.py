@@ -26,9 +26,10 @@ from rich.table import Table
 from server.simulation import BIN, config_arg, run_command, run_simulation
 from shared.about import version_option
 from shared.cli_errors import expected_errors
+from shared.cli_keygen import KeyPathArg, OverwriteKeyOpt, create_key_pair
 from shared.errors import ConfigError, FedsynthError, RunFailedError
 from shared.run_config import RunConfig, with_overrides
-from shared.signing import generate_key, key_id, load_public_key, public_key_path
+from shared.signing import generate_key, public_key_path
 
 app = typer.Typer(
     name="fedsynth-coordinator",
@@ -110,15 +111,11 @@ def demo(
 
 @app.command()
 @expected_errors
-def keygen(
-    path: Annotated[Path, typer.Argument(help="Private key file to create (the public key goes to PATH.pub).")],
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing key (orphans its signatures).")] = False,
-) -> None:
+def keygen(path: KeyPathArg, overwrite: OverwriteKeyOpt = False) -> None:
     """Create the coordinator's Ed25519 key for its audit log and consortium report."""
-    pub = generate_key(path, overwrite=overwrite)
-    console.print(f"private key: {path} (mode 600; set FEDSYNTH_COORD_SIGNING_KEY={path})", highlight=False)
-    console.print(f"public key:  {pub} (give it to auditors, named coordinator.key.pub)", highlight=False)
-    console.print(f"key id:      {key_id(load_public_key(pub))}", highlight=False)
+    for line in create_key_pair(path, overwrite=overwrite, env_var="FEDSYNTH_COORD_SIGNING_KEY",
+                                public_key_note="give it to auditors, named coordinator.key.pub"):
+        console.print(line, highlight=False)
 
 
 def _demo(out: Path | None, rounds: int, seed: int) -> None:

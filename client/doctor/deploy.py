@@ -24,7 +24,7 @@ from shared.settings import SiteSettings
 
 def check_pin(pin: Path | None, install_dir: Path | None) -> Check:
     """The launcher's pin exists, parses, and matches the bundle built from the installed tree."""
-    from client.launcher import build_bundle, bundle_id, load_pin
+    from client.bundle_trust import build_bundle, bundle_id, load_pin
 
     name = "release pin"
     make = "cd /opt/fedsynth && .venv/bin/python -m client.launcher pin /opt/fedsynth --out /srv/site/pin.json"

@@ -6,7 +6,6 @@ a traceback in the output would mean an expected error was treated as a bug.
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 
@@ -94,14 +93,6 @@ def test_keygen_writes_a_private_key_and_refuses_to_overwrite_it(tmp_path):
     assert invoke("keygen", str(key), "--overwrite").exit_code == 0 and key.read_bytes() != before
 
 
-def test_budget_of_a_new_site_is_zero(tmp_path):
-    result = invoke("budget", "--output-dir", str(tmp_path / "out"), "--json",
-                    env={"FEDSYNTH_SITE_DELTA": "1e-5", "FEDSYNTH_SITE_EPSILON_CEILING": "4"})
-    assert result.exit_code == 0, result.output
-    got = json.loads(result.output)
-    assert got["epsilon_spent"] == 0 and got["epsilon_remaining"] == 4 and got["rounds"] == 0
-
-
 def test_a_bad_setting_exits_2_naming_it(tmp_path):
     result = invoke("budget", "--output-dir", str(tmp_path / "out"),
                     env={"FEDSYNTH_SITE_EPSILON_CEILING": "-1", "FEDSYNTH_SITE_DELTA": "1e-5"})
@@ -114,13 +105,3 @@ def test_train_refuses_bad_lora_targets_before_anything_is_spent(tmp_path, demo)
                     "--lora-targets", "q_proj,../../etc")
     assert result.exit_code == 2 and "--lora-targets" in result.output
     assert not (out / "privacy-ledger.jsonl").exists()
-
-
-def test_ledger_rotate_key_then_a_damaged_key_exits_7(tmp_path):
-    out = tmp_path / "out"
-    rotated = invoke("ledger", "rotate-key", "--output-dir", str(out))
-    assert rotated.exit_code == 0 and "ledger key rotated" in rotated.output
-    assert list(out.glob("ledger.key.retired-*"))
-    (out / "ledger.key").write_text("not a key\n")
-    damaged = invoke("ledger", "rotate-key", "--output-dir", str(out))
-    assert damaged.exit_code == 7 and "error:" in damaged.output and "ledger key" in damaged.output

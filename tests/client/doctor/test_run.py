@@ -154,7 +154,7 @@ def _failed(checks: list[doctor_checks.Check]) -> dict[str, doctor_checks.Check]
 
 def pinned_release(tmp_path: Path) -> tuple[Path, Path]:
     """A minimal app tree and the launcher's pin of it."""
-    from client.launcher import write_pin
+    from client.bundle_trust import write_pin
 
     app = tmp_path / "release"
     (app / "client").mkdir(parents=True)
