@@ -58,7 +58,7 @@ class PrivacyScalars:
     ledger_head: str = NO_LEDGER_HEAD
 
     def to_record(self) -> dict[str, Scalar | None]:
-        """The wire form: exactly :data:`PRIVACY_KEYS`, plain scalars (rounding: ``wire.pack_train_reply``)."""
+        """The wire form: exactly :data:`PRIVACY_KEYS`, plain scalars (rounding: ``wire_pack.pack_train_reply``)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod

@@ -17,7 +17,7 @@ from shared.run_config import RunConfig
 from shared.settings import SiteSettings, load_settings
 from shared.signing import generate_key, load_public_key
 from shared.verify import EXIT_FAILED, EXIT_OK, exit_code, verify_paths
-from shared.wire import METRIC_NAMES
+from shared.whitelist import METRIC_NAMES
 
 pytestmark = pytest.mark.integration
 
