@@ -40,20 +40,18 @@ from pydantic import ValidationError
 
 from server.site_budget import BudgetRefusal
 from shared.audit import MAX_STRING, AuditLog
-from shared.report import (
-    SITE_ID_PATTERN,
+from shared.report import SITE_ID_PATTERN
+from shared.report_consortium import (
     Aggregation,
     Checkpoint,
     ConsortiumReport,
-    IssuedReport,
     Participation,
     RoundMetrics,
     SitePrivacySummary,
     SiteRoundPrivacy,
-    issue_report,
-    software_versions,
 )
 from shared.report_html import render_html
+from shared.report_io import IssuedReport, issue_report, software_versions
 from shared.run_config import RunConfig, config_hash
 from shared.signing import sha256_file
 from shared.verdict import consortium_verdict

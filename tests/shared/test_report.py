@@ -6,15 +6,10 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from shared.errors import InputError
-from shared.report import (
-    ConsortiumReport,
-    SiteRoundReport,
-    parse_report,
-    read_report,
-    write_report,
-    write_schemas,
-)
+from shared.report import SiteRoundReport
+from shared.report_consortium import ConsortiumReport
 from shared.report_html import render_html
+from shared.report_io import parse_report, read_report, write_report, write_schemas
 from shared.signing import generate_key, load_private_key, load_public_key, verify_file
 from tests.shared.reports import HASH, consortium_report, site_report
 
