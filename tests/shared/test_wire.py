@@ -1,42 +1,13 @@
 """The wire contract refuses every smuggling attempt, and lets honest replies through."""
 
-import io
-
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from shared import wire, wire_adapter, wire_pack, wire_version
+from shared import wire, wire_pack, wire_version
 from shared.errors import WireError
 from shared.run_config import RunConfig
-
-RUN = RunConfig.from_flower({"lora.r": 2})
-A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
-B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
-SPEC = {A: ((2, 8), "float32"), B: ((8, 2), "float32")}
-SECRET = "Patient John Doe, MRN 123456, attempted suicide"
-
-
-def adapter():
-    return {A: np.full((2, 8), 0.5, np.float32), B: np.zeros((8, 2), np.float32)}
-
-
-def privacy(**over):
-    p = dict(epsilon=1.5, epsilon_round=0.5, delta=1e-5, noise_multiplier=1.1, sample_rate=0.01,
-             steps=50, max_grad_norm=1.0, accountant="prv", secure_mode=True, patients_bucket=120,
-             ledger_seq=3, ledger_head="ab" * 32)
-    p.update(over)
-    return p
-
-
-def refused(content, kind="train", spec=SPEC, match=None):
-    if isinstance(content, RecordDict) and wire_version.WIRE_KEY not in content:
-        content[wire_version.WIRE_KEY] = wire_version.wire_record()  # a current peer: the check reads on past the version
-    with pytest.raises(WireError) as err:
-        wire.check_reply(content, kind=kind, spec=spec, run=RUN)
-    if match:
-        assert match in str(err.value), str(err.value)
-    return err.value
+from tests.shared.wire_samples import RUN, SECRET, SPEC, A, B, adapter, privacy, refused
 
 
 def test_honest_replies_pass():
@@ -92,47 +63,6 @@ def test_text_in_config_echo_and_extra_records():
     refused(RecordDict({"decline": ConfigRecord({"reason": "budget_exceeded", "why": SECRET})}))
     # a train layout under an evaluate reply, and vice versa
     refused(wire_pack.pack_train_reply(adapter(), privacy()), "evaluate", match="not allowed")
-
-
-def test_tensor_smuggling():
-    # a string as uint8 tensor bytes under an unexpected key
-    text = np.frombuffer(SECRET.encode(), dtype=np.uint8).copy()
-    tensors = adapter() | {"notes.text": text}
-    refused(wire_pack.pack_train_reply(tensors, privacy()), match="unexpected tensor name")
-    # same bytes under an expected name: wrong dtype and shape
-    refused(wire_pack.pack_train_reply(adapter() | {A: text}, privacy()), match="dtype")
-    refused(wire_pack.pack_train_reply(adapter() | {A: np.zeros((3, 8), np.float32)}, privacy()), match="shape")
-    refused(wire_pack.pack_train_reply(adapter() | {A: np.zeros((2, 8), np.float64)}, privacy()), match="dtype")
-    refused(wire_pack.pack_train_reply({A: adapter()[A]}, privacy()), match="missing tensor")
-    for bad in (np.nan, np.inf):
-        a = adapter()
-        a[B][0, 0] = bad
-        refused(wire_pack.pack_train_reply(a, privacy()), match="non-finite")
-
-
-def test_bytes_appended_after_the_array_refused():
-    buf = io.BytesIO()
-    np.save(buf, adapter()[A], allow_pickle=False)
-    record = wire_adapter.pack_adapter(adapter())
-    record[A] = Array(dtype="float32", shape=(2, 8), stype="numpy.ndarray",
-                      data=buf.getvalue() + SECRET.encode())
-    content = RecordDict({"adapter": record, "privacy": ConfigRecord(privacy())})
-    refused(content, match="canonical")
-    # declared metadata that lies about the payload
-    record = wire_adapter.pack_adapter(adapter())
-    record[A] = Array(dtype="float32", shape=(2, 8), stype="numpy.ndarray",
-                      data=Array(np.zeros((4, 4), np.float32)).data)
-    refused(RecordDict({"adapter": record, "privacy": ConfigRecord(privacy())}), match="declared")
-
-
-def test_coordinator_side_without_spec_checks_lora_structure():
-    ok = wire.check_reply(wire_pack.pack_train_reply(adapter(), privacy()), kind="train", spec=None, run=RUN)
-    assert set(ok.adapter) == {A, B}
-    refused(wire_pack.pack_train_reply(adapter() | {"lm_head.weight": np.zeros((2, 2), np.float32)}, privacy()),
-            spec=None, match="not a PEFT LoRA tensor name")
-    refused(wire_pack.pack_train_reply({A: adapter()[A]}, privacy()), spec=None, match="no matching")
-    refused(wire_pack.pack_train_reply(adapter() | {A: np.zeros((3, 8), np.float32)}, privacy()), spec=None,
-            match="rows")
 
 
 def test_every_violation_listed_at_once():

@@ -2,30 +2,12 @@
 contract carries a version both sides check. Each test plays a site (or coordinator) that
 tries to smuggle bits through a number, or speaks another version."""
 
-import numpy as np
 import pytest
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from shared import wire, wire_adapter, wire_numbers, wire_pack, wire_version
 from shared.errors import WireError
-from shared.run_config import RunConfig
-
-RUN = RunConfig.from_flower({"lora.r": 2})
-A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
-B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
-SPEC = {A: ((2, 8), "float32"), B: ((8, 2), "float32")}
-
-
-def adapter():
-    return {A: np.full((2, 8), 0.5, np.float32), B: np.zeros((8, 2), np.float32)}
-
-
-def privacy(**over):
-    p = dict(epsilon=1.5, epsilon_round=0.5, delta=1e-5, noise_multiplier=1.1, sample_rate=0.01,
-             steps=50, max_grad_norm=1.0, accountant="prv", secure_mode=True, patients_bucket=120,
-             ledger_seq=3, ledger_head="ab" * 32)
-    p.update(over)
-    return p
+from tests.shared.wire_samples import RUN, SPEC, adapter, privacy
 
 
 def raw_train(priv):
