@@ -2,7 +2,7 @@
 
 Three measurements, each reported against a baseline measured in the same run:
 
-- **bytes** -- the reply a site sends per round (``shared.wire.pack_train_reply``
+- **bytes** -- the reply a site sends per round (``shared.wire_pack.pack_train_reply``
   of a random adapter of the given shape + the privacy scalars) serialised the
   way Flower 1.39 moves it, divided by the raw adapter size in its wire dtype
   (target <= 1.05x). Two serialisations: Flower's protobuf serde of the whole
@@ -53,7 +53,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shared import wire, wire_secagg  # noqa: E402
+from shared import wire_pack, wire_secagg  # noqa: E402
+from shared.adapter_spec import AdapterSpec  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
     # client/pretrain.py RECIPE: the embedded demo model at r=8 (the measured shape; the run default is 16)
@@ -75,7 +76,7 @@ def device_name() -> str:
 # ---- adapters --------------------------------------------------------------
 
 
-def adapter_spec(shape: str, dtype: str = "float32") -> wire.AdapterSpec:
+def adapter_spec(shape: str, dtype: str = "float32") -> AdapterSpec:
     """PEFT state-dict names and shapes of LoRA on q/k/v/o for ``shape`` (meta device: no memory)."""
     import torch
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
@@ -100,7 +101,7 @@ def analytic_params(shape: str) -> int:
     return layers * per_layer
 
 
-def random_adapter(spec: wire.AdapterSpec, seed: int) -> dict[str, np.ndarray]:
+def random_adapter(spec: AdapterSpec, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {k: (rng.standard_normal(s) * 0.01).astype(d) for k, (s, d) in spec.items()}
 
@@ -118,10 +119,10 @@ def reply_message(content: Any, node_id: int = 7_382_916_514_009_112_345, run_id
     """A reply Message as the ClientApp returns it (to a train instruction of a realistic run/node id)."""
     from flwr.app import Message
 
-    from shared import wire
+    from shared import wire_pack
 
     _task_identity(run_id)
-    ins = Message(wire.pack_instruction(round_id=3, adapter=None), dst_node_id=node_id,
+    ins = Message(wire_pack.pack_instruction(round_id=3, adapter=None), dst_node_id=node_id,
                   message_type="train", group_id="3")
     return Message(content, reply_to=ins)
 
@@ -171,7 +172,7 @@ def bytes_plain(shape: str, dtype: str) -> dict[str, Any]:
     spec = adapter_spec(shape, dtype)
     adapter = random_adapter(spec, seed=1)
     raw = sum(a.nbytes for a in adapter.values())
-    msg = reply_message(wire.pack_train_reply(adapter, privacy_scalars()))
+    msg = reply_message(wire_pack.pack_train_reply(adapter, privacy_scalars()))
     params = sum(int(np.prod(s)) for s, _ in spec.values())
     return {"shape": shape, "dtype": dtype, "tensors": len(spec), "params": params,
             "analytic_params": analytic_params(shape), "raw_bytes": raw,
@@ -235,7 +236,7 @@ def bytes_secagg(shape: str, sites: int) -> dict[str, Any]:
             "masked_ratio": stages.get("collect_masked_vectors", 0.0) / raw, "round_s": seconds}
 
 
-def _bench_site(spec: wire.AdapterSpec) -> types.ModuleType:
+def _bench_site(spec: AdapterSpec) -> types.ModuleType:
     """Stand-in for client/site.py in the in-process SecAgg+ round: a random adapter of ``spec``."""
     site = types.ModuleType("client.site")
     site.adapter_spec = lambda settings, run: spec

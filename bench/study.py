@@ -223,7 +223,7 @@ import numpy as np
 from client import site
 from client.node_config import site_settings
 from server.strategy import aggregate, site_weights
-from shared import wire
+from shared import wire, wire_pack
 from shared.errors import WireError
 from shared.run_config import RunConfig
 
@@ -246,7 +246,7 @@ for rnd in range(1, run.num_rounds + 1 if args["mode"] != "zero-shot" else 1):
             privacy = res.privacy.to_record()
         update = {k: v.astype(run.lora.dtype) for k, v in update.items()}
         try:
-            reply = wire.check_reply(wire.pack_train_reply(update, privacy), kind="train",
+            reply = wire.check_reply(wire_pack.pack_train_reply(update, privacy), kind="train",
                                      spec=site.adapter_spec(s, run), run=run)
             report["wire_refused"][s.site_id] = False
             if args["mode"] == "dp":  # as the ClientApp: released only after the wire check

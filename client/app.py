@@ -58,7 +58,7 @@ from flwr.clientapp import ClientApp
 
 from client import policy, secagg_guard, site
 from client.node_config import site_settings
-from shared import wire, wire_secagg
+from shared import adapter_spec, wire, wire_pack, wire_secagg, wire_version
 from shared.errors import (
     BudgetExceededError,
     ConfigError,
@@ -71,7 +71,7 @@ log = logging.getLogger("fedsynth.site")
 
 app = ClientApp()
 
-def _spec(settings: SiteSettings, run: RunConfig) -> wire.AdapterSpec:
+def _spec(settings: SiteSettings, run: RunConfig) -> adapter_spec.AdapterSpec:
     raw = site.adapter_spec(settings, run)
     return {str(k): (tuple(int(d) for d in shape), str(dtype)) for k, (shape, dtype) in raw.items()}
 
@@ -87,7 +87,7 @@ def _to_wire_dtype(adapter: dict[str, np.ndarray], dtype: str) -> dict[str, np.n
 def _claimed_round(message: Message) -> int | None:
     # For the local log and audit entry only: the instruction is not checked (no adapter spec
     # is built for a refused round), so anything but a plausible round number is dropped.
-    record = message.content.config_records.get(wire.INSTRUCTION_KEY)
+    record = message.content.config_records.get(wire_version.INSTRUCTION_KEY)
     value = record.get("round") if record is not None else None
     if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 1_000_000:
         return value
@@ -126,16 +126,16 @@ def refuse_plain_round(message: Message, settings: SiteSettings) -> RecordDict:
         site.audit_log(settings).append("update_rejected", data)
     except Exception:  # the decline stands; the warning above is the record of last resort
         log.exception("could not write the secagg_required refusal to the site's audit log")
-    return wire.pack_decline("secagg_required")
+    return wire_pack.pack_decline("secagg_required")
 
 
 def version_decline(content: RecordDict, *, phase: str) -> str | None:
     """``"wire_version"`` when the coordinator speaks another wire version, logged; else None.
 
     Checked before anything else: nothing is trained or evaluated for a peer whose
-    messages this site cannot read with certainty (:data:`shared.wire.WIRE_VERSION`).
+    messages this site cannot read with certainty (:data:`shared.wire_version.WIRE_VERSION`).
     """
-    problem = wire.version_problem(content, side="instruction")
+    problem = wire_version.version_problem(content, side="instruction")
     if problem is None:
         return None
     log.warning("%s round declined (wire_version): %s", phase, problem.reason)
@@ -160,7 +160,7 @@ def train_reply(message: Message, context: Context) -> RecordDict:
     This is the plain (non-SecAgg+) path: a site with ``require_secagg`` declines here.
     """
     if version_decline(message.content, phase="train"):
-        return wire.pack_decline("wire_version")
+        return wire_pack.pack_decline("wire_version")
     try:
         settings = site_settings(dict(context.node_config))
         if settings.require_secagg:
@@ -174,16 +174,16 @@ def train_reply(message: Message, context: Context) -> RecordDict:
         got = wire.check_instruction(message.content, spec=spec, run=run)
         trained = _train_within_budget(settings, run, got)
         if trained is None:
-            return wire.pack_decline("budget_exceeded")
+            return wire_pack.pack_decline("budget_exceeded")
         adapter, privacy = trained
-        content = wire.pack_train_reply(_to_wire_dtype(adapter, run.lora.dtype), privacy)
+        content = wire_pack.pack_train_reply(_to_wire_dtype(adapter, run.lora.dtype), privacy)
         reply = wire.check_reply(content, kind="train", spec=spec, run=run)
         # Only now is the update leaving: the ledger's "released" record comes after the check.
         site.release_update(settings, reply.privacy)
         return content
     except Exception:  # fail closed: no exception text may reach the coordinator
         log.exception("train failed at this site; replying with a typed decline")
-        return wire.pack_decline("site_error")
+        return wire_pack.pack_decline("site_error")
 
 
 class SiteDeclinedError(Exception):
@@ -217,7 +217,7 @@ def secagg_train_reply(message: Message, context: Context) -> RecordDict:
         if not run.secagg:
             raise ConfigError("a SecAgg+ train message but the run config says secagg = false")
         cfg = message.content.config_records.get("fitins.config")
-        if version_decline(RecordDict({wire.INSTRUCTION_KEY: cfg if cfg is not None else ConfigRecord()}),
+        if version_decline(RecordDict({wire_version.INSTRUCTION_KEY: cfg if cfg is not None else ConfigRecord()}),
                            phase="secagg train"):
             return _checked_secagg(wire_secagg.pack_secagg_reply(zeros, weight=0, decline="wire_version"),
                                    spec, run)
@@ -228,7 +228,7 @@ def secagg_train_reply(message: Message, context: Context) -> RecordDict:
                                    spec, run)
         adapter, privacy = trained
         adapter = _to_wire_dtype(adapter, run.lora.dtype)
-        reply = wire.check_reply(wire.pack_train_reply(adapter, privacy), kind="train", spec=spec, run=run)
+        reply = wire.check_reply(wire_pack.pack_train_reply(adapter, privacy), kind="train", spec=spec, run=run)
         contribution, clipped = wire_secagg.secagg_contribution(reply.adapter, got.adapter, run)
         if clipped:  # logged here only: the count is not on the wire whitelist
             log.warning("secagg: %d coordinates outside ±%g clipped (raise secagg-clipping-range?)",
@@ -248,7 +248,7 @@ def secagg_train_reply(message: Message, context: Context) -> RecordDict:
             raise SiteDeclinedError() from exc
 
 
-def _checked_secagg(content: RecordDict, spec: wire.AdapterSpec, run: RunConfig) -> RecordDict:
+def _checked_secagg(content: RecordDict, spec: adapter_spec.AdapterSpec, run: RunConfig) -> RecordDict:
     wire_secagg.check_secagg_reply(content, spec=spec, run=run, masked=False)
     return content
 
@@ -260,7 +260,7 @@ def _secagg_train(message: Message, context: Context) -> Message:
 def evaluate_reply(message: Message, context: Context) -> RecordDict:
     """Generate and evaluate at this site; return the checked metric summary."""
     if version_decline(message.content, phase="evaluate"):
-        return wire.pack_decline("wire_version")
+        return wire_pack.pack_decline("wire_version")
     try:
         settings = site_settings(dict(context.node_config))
         run = floored_run(RunConfig.from_flower(dict(context.run_config)), settings,
@@ -271,15 +271,15 @@ def evaluate_reply(message: Message, context: Context) -> RecordDict:
             metrics = site.site_evaluate(settings, run, global_adapter=got.adapter, round_id=got.round_id)
         except (BudgetExceededError, EvaluationBudgetError) as exc:  # the metric release is a DP spend
             log.warning("evaluate round %d declined: %s", got.round_id, exc)
-            return wire.pack_decline(
+            return wire_pack.pack_decline(
                 "evaluation_budget" if isinstance(exc, EvaluationBudgetError) else "budget_exceeded"
             )
-        content = wire.pack_evaluate_reply(metrics)
+        content = wire_pack.pack_evaluate_reply(metrics)
         wire.check_reply(content, kind="evaluate", spec=None, run=run)
         return content
     except Exception:
         log.exception("evaluate failed at this site; replying with a typed decline")
-        return wire.pack_decline("site_error")
+        return wire_pack.pack_decline("site_error")
 
 
 @app.train()

@@ -36,17 +36,14 @@ from shared.privacy_scalars import PrivacyScalars
 from shared.report import (
     Canaries,
     HistoryPoint,
-    IssuedReport,
     Membership,
     ModelInfo,
     Privacy,
     ReleaseGate,
     SiteRoundReport,
-    issue_report,
-    read_report,
-    software_versions,
 )
 from shared.report_html import render_html
+from shared.report_io import IssuedReport, issue_report, read_report, software_versions
 from shared.run_config import RunConfig, config_hash
 from shared.settings import SiteSettings
 from shared.signing import sha256_file

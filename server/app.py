@@ -45,7 +45,7 @@ from flwr.serverapp import Grid, ServerApp
 from server import checkpoint, report, rounds, site_budget, site_names
 from server.rounds import progress
 from server.run_summary import SUMMARY_NAME, RunSummary, run_status, start_summary, write_summary
-from shared import adapter_spec, wire
+from shared import adapter_spec, wire_adapter
 from shared.audit import AuditLog
 from shared.errors import ConfigError, Problem
 from shared.run_config import RunConfig
@@ -66,7 +66,7 @@ def main(grid: Grid, context: Context) -> None:
                    spec=run_adapter_spec(run, settings))
 
 
-def run_adapter_spec(run: RunConfig, settings: CoordinatorSettings | None = None) -> wire.AdapterSpec:
+def run_adapter_spec(run: RunConfig, settings: CoordinatorSettings | None = None) -> adapter_spec.AdapterSpec:
     """The run's adapter spec (tensor name -> shape, wire dtype), known from round 1.
 
     From the base model's ``config.json`` (``FEDSYNTH_COORD_BASE_MODEL_CONFIG``; unset: the
@@ -80,7 +80,7 @@ def run_adapter_spec(run: RunConfig, settings: CoordinatorSettings | None = None
               if settings.base_model_config is not None else adapter_spec.EMBEDDED_MODEL_CONFIG)
     spec = adapter_spec.spec_from_config(config, r=run.lora.r, targets=run.lora.targets or None,
                                          dtype=run.lora.dtype)
-    problems = wire.check_lora_structure(spec, r=run.lora.r) if spec else [Problem("spec", "no tensors")]
+    problems = wire_adapter.check_lora_structure(spec, r=run.lora.r) if spec else [Problem("spec", "no tensors")]
     if problems:
         raise ConfigError("the run's adapter spec is not a LoRA adapter", problems)
     return spec
@@ -89,7 +89,7 @@ def run_adapter_spec(run: RunConfig, settings: CoordinatorSettings | None = None
 def run_federation(
     grid: Grid, run: RunConfig, *, run_dir: Path, sleep: Callable[[float], None] = time.sleep,
     key: Ed25519PrivateKey | None = None, state_dir: Path | None = None,
-    spec: wire.AdapterSpec | None = None,
+    spec: adapter_spec.AdapterSpec | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the federation; returns the consortium summary also written to run_dir.
 
@@ -106,7 +106,7 @@ def run_federation(
     latest = checkpoint.load_latest(ckpt_root)
     start, global_adapter = latest if latest is not None else (0, None)
     shapes = {name: tuple(shape) for name, (shape, _dtype) in spec.items()}
-    if global_adapter is not None and {k: s for k, (s, _d) in wire.spec_of(global_adapter).items()} != shapes:
+    if global_adapter is not None and {k: s for k, (s, _d) in wire_adapter.spec_of(global_adapter).items()} != shapes:
         raise ConfigError("cannot resume", [Problem(str(ckpt_root), "the checkpoint's adapter does not "
                                                     "match the run's adapter spec (another base model or LoRA)")])
     summary = start_summary(run_dir / SUMMARY_NAME, run, start)

@@ -40,20 +40,18 @@ from pydantic import ValidationError
 
 from server.site_budget import BudgetRefusal
 from shared.audit import MAX_STRING, AuditLog
-from shared.report import (
-    SITE_ID_PATTERN,
+from shared.report import SITE_ID_PATTERN
+from shared.report_consortium import (
     Aggregation,
     Checkpoint,
     ConsortiumReport,
-    IssuedReport,
     Participation,
     RoundMetrics,
     SitePrivacySummary,
     SiteRoundPrivacy,
-    issue_report,
-    software_versions,
 )
 from shared.report_html import render_html
+from shared.report_io import IssuedReport, issue_report, software_versions
 from shared.run_config import RunConfig, config_hash
 from shared.signing import sha256_file
 from shared.verdict import consortium_verdict
@@ -89,12 +87,12 @@ def refusal_record(kind: str, digest: str, problems: int, codes: tuple[str, ...]
 def wire_refusal(node: int, what: str, content: Any, exc: Exception) -> dict[str, Any]:
     """Log and record a reply the wire checks refused (``exc``: WireError, or anything they
     raised): a hash of the content and a problem count; only typed codes' text is logged."""
-    from shared import wire
+    from shared import wire, wire_version
     from shared.errors import WireError
 
     digest = wire.refusal_digest(content)
     count = len(exc.problems) if isinstance(exc, WireError) else 1
-    codes = wire.refusal_codes(exc)
+    codes = wire_version.refusal_codes(exc)
     if codes:  # the one refusal whose text is safe to log: it quotes only bounded ints
         log.warning("site %d: %s", node, exc.problems[0].reason)  # type: ignore[attr-defined]
     log.warning("site %d: %s reply refused by the wire contract (%d problems, sha256 %s)",

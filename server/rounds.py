@@ -33,7 +33,7 @@ from flwr.serverapp import Grid
 from server import checkpoint, report, secagg, site_names, strategy
 from server.round_state import Adapter, EvaluateOutcome, PhaseReplies, RoundRecord, TrainOutcome
 from server.site_budget import Anchor, BudgetRefusal
-from shared import adapter_delta, wire
+from shared import adapter_delta, adapter_spec, wire, wire_pack
 from shared.run_config import RunConfig
 
 log = logging.getLogger("fedsynth.coordinator")
@@ -47,7 +47,7 @@ def progress(fmt: str, *args: Any) -> None:
 
 def play_round(
     grid: Grid, run: RunConfig, *, round_id: int, nodes: list[int], names: Mapping[str, str],
-    global_adapter: Adapter | None, spec: wire.AdapterSpec, anchor: Anchor, ckpt_root: Path,
+    global_adapter: Adapter | None, spec: adapter_spec.AdapterSpec, anchor: Anchor, ckpt_root: Path,
 ) -> RoundRecord:
     """Train (plain or SecAgg+), checkpoint a new global adapter, evaluate: the round's record.
 
@@ -70,7 +70,7 @@ def play_round(
 
 
 def train_phase(
-    grid: Grid, run: RunConfig, *, nodes: list[int], round_id: int, spec: wire.AdapterSpec,
+    grid: Grid, run: RunConfig, *, nodes: list[int], round_id: int, spec: adapter_spec.AdapterSpec,
     global_adapter: Adapter | None, anchor: Anchor, names: Mapping[str, str],
 ) -> TrainOutcome:
     """Ask ``nodes`` to train on the global adapter; aggregate what is accepted.
@@ -133,7 +133,7 @@ def send(grid: Grid, nodes: list[int], kind: str, round_id: int, adapter: Adapte
          timeout: float) -> list[Message]:
     """Send this round's instruction (the global adapter, None in round 1) to ``nodes``; the replies."""
     messages = [
-        Message(wire.pack_instruction(round_id=round_id, adapter=adapter), dst_node_id=n,
+        Message(wire_pack.pack_instruction(round_id=round_id, adapter=adapter), dst_node_id=n,
                 message_type=kind, group_id=str(round_id))
         for n in nodes
     ]
@@ -150,7 +150,7 @@ class Classified:
 
 
 def classify(
-    replies: list[Message], sent: list[int], *, kind: str, spec: wire.AdapterSpec | None, run: RunConfig,
+    replies: list[Message], sent: list[int], *, kind: str, spec: adapter_spec.AdapterSpec | None, run: RunConfig,
     anchor: Anchor | None = None,
 ) -> Classified:
     """Sort replies into accepted / declined / refused / failed / missing (by node id).

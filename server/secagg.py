@@ -73,7 +73,7 @@ from flwr.serverapp import Grid
 from server.report import ledger_refusal, refusal_record, wire_refusal
 from server.round_state import Adapter, PhaseReplies, TrainOutcome
 from server.site_budget import Anchor, BudgetRefusal
-from shared import wire, wire_secagg
+from shared import adapter_spec, wire_adapter, wire_secagg, wire_version
 from shared.adapter_delta import add_to_reference
 from shared.errors import Problem, WireError
 from shared.run_config import RunConfig
@@ -90,7 +90,7 @@ def train_round(
     round_id: int,
     global_adapter: Adapter | None,
     anchor: Anchor | None = None,
-    spec: wire.AdapterSpec | None = None,
+    spec: adapter_spec.AdapterSpec | None = None,
 ) -> TrainOutcome:
     """One SecAgg+ train round over ``nodes``: the train phase's outcome, with the new global
     adapter, or None (unchanged), as its ``adapter``.
@@ -107,7 +107,7 @@ def train_round(
     adapter's own spec, or LoRA structure only in round 1).
     """
     if spec is None:
-        spec = wire.spec_of(global_adapter) if global_adapter is not None else None
+        spec = wire_adapter.spec_of(global_adapter) if global_adapter is not None else None
     names = sorted(global_adapter) if global_adapter is not None else []
     params = ndarrays_to_parameters([global_adapter[n] for n in names]) if global_adapter is not None \
         else Parameters(tensors=[], tensor_type="numpy.ndarray")
@@ -175,7 +175,7 @@ class _CheckedGrid:
     remain, all are dropped so the protocol halts before unmasking.
     """
 
-    def __init__(self, grid: Grid, run: RunConfig, spec: wire.AdapterSpec | None, sent: list[int],
+    def __init__(self, grid: Grid, run: RunConfig, spec: adapter_spec.AdapterSpec | None, sent: list[int],
                  anchor: Anchor | None = None, round_id: int | None = None):
         self._grid, self._run, self._spec, self._sent = grid, run, spec, sent
         self._anchor = anchor
@@ -266,7 +266,7 @@ class _RoundStrategy(Strategy):
     def __init__(self, grid: Grid, nodes: list[int], parameters: Parameters, round_id: int):
         self._proxies = [GridClientProxy(n, grid, run_id=0) for n in nodes]
         self._fitins = FitIns(parameters, {"round": int(round_id),
-                                               wire.WIRE_VERSION_FIELD: wire.WIRE_VERSION})
+                                               wire_version.WIRE_VERSION_FIELD: wire_version.WIRE_VERSION})
         self.mean: list[np.ndarray] | None = None
         self.contributors: set[int] = set()
 

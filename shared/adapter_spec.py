@@ -28,7 +28,7 @@ from typing import Any
 from shared.errors import ConfigError, Problem
 
 AdapterSpec = dict[str, tuple[tuple[int, ...], str]]
-"""Adapter tensor name (PEFT state-dict key) -> (shape, wire dtype); as :data:`shared.wire.AdapterSpec`."""
+"""Adapter tensor name (PEFT state-dict key) -> (shape, wire dtype)."""
 
 # config.model_type -> fedsynth family: the one definition (client/model.py uses it too).
 # Qwen3.5 checkpoints are multimodal wrappers ("qwen3_5") whose text part is

@@ -58,33 +58,24 @@ class PrivacyScalars:
     ledger_head: str = NO_LEDGER_HEAD
 
     def to_record(self) -> dict[str, Scalar | None]:
-        """The wire form: exactly :data:`PRIVACY_KEYS`, plain scalars (rounding: ``wire.pack_train_reply``)."""
+        """The wire form: exactly :data:`PRIVACY_KEYS`, plain scalars (rounding: ``wire_pack.pack_train_reply``)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_record(cls, record: Mapping[str, Scalar]) -> PrivacyScalars:
         """A record with exactly :data:`PRIVACY_KEYS`, typed; the caller has checked it
         (:func:`shared.wire.check_reply`): this only converts ints and floats, it validates nothing."""
-        return cls(
-            epsilon=float(record["epsilon"]),
-            epsilon_round=float(record["epsilon_round"]),
-            delta=float(record["delta"]),
-            noise_multiplier=float(record["noise_multiplier"]),
-            sample_rate=float(record["sample_rate"]),
-            steps=int(record["steps"]),
-            max_grad_norm=float(record["max_grad_norm"]),
-            accountant=str(record["accountant"]),
-            secure_mode=bool(record["secure_mode"]),
-            patients_bucket=int(record["patients_bucket"]),
-            ledger_seq=int(record["ledger_seq"]),
-            ledger_head=str(record["ledger_head"]),
-        )
+        return cls(**{name: convert(record[name]) for name, convert in _FROM_RECORD.items()})
 
     @property
     def private(self) -> bool:
         """False for the non-private baseline (no noise, unbounded epsilon)."""
         return self.noise_multiplier > 0 and math.isfinite(self.epsilon)
 
+
+# Field annotation -> how a checked wire value becomes it (``patients_bucket`` is an int on the wire).
+_CONVERT: dict[str, type] = {"float": float, "int": int, "str": str, "bool": bool, "int | None": int}
+_FROM_RECORD = {f.name: _CONVERT[f.type] for f in dataclasses.fields(PrivacyScalars)}  # KeyError: a new type
 
 PRIVACY_KEYS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(PrivacyScalars))
 """The keys of a train reply's ``privacy`` record: exactly the fields of :class:`PrivacyScalars`."""

@@ -17,7 +17,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from shared.report import ConsortiumReport, SiteRoundReport, Verdict
+from shared.report import SiteRoundReport, Verdict
+from shared.report_consortium import ConsortiumReport
 
 # Metrics plotted over rounds (all present metrics are listed in the table).
 HEADLINE_METRICS: tuple[str, ...] = (

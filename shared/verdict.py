@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from shared.report import ConsortiumReport, SiteRoundReport, Verdict, VerdictCheck
+from shared.report import SiteRoundReport, Verdict, VerdictCheck
+from shared.report_consortium import ConsortiumReport
 
 # dp.train.<stat> may exceed dp.heldout.<stat> by at most this (same units as the statistic).
 MEMORIZATION_MARGINS: dict[str, tuple[float, str]] = {

@@ -33,7 +33,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from shared.about import version_line
 from shared.audit import last_hash, verify_log
 from shared.errors import FedsynthError, InputError, VerificationError
-from shared.report import SiteRoundReport, parse_report
+from shared.report import SiteRoundReport
+from shared.report_io import parse_report
 from shared.signing import key_id, key_names, load_public_key, signature_path, verify_file
 from shared.verdict import consortium_verdict, site_verdict
 from shared.verify_trail import check_trail

@@ -34,7 +34,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from shared.audit import GENESIS
 from shared.errors import InputError
-from shared.report import ConsortiumReport, SiteRoundReport, parse_report
+from shared.report import SiteRoundReport
+from shared.report_consortium import ConsortiumReport
+from shared.report_io import parse_report
 from shared.signing import key_names, sha256_file
 
 LAUNCHER_LOG = "launcher.audit.jsonl"

@@ -29,6 +29,10 @@ Every check is total: whatever it is given (wrong types, nesting, huge or NaN
 numbers, odd unicode), it returns or raises :class:`~shared.errors.WireError`,
 never another exception, so one site's malformed reply is a typed refusal of
 that reply and never ends the run (:func:`_fail_closed`).
+
+The record layout and its packers: :mod:`shared.wire_pack`; the adapter record:
+:mod:`shared.wire_adapter`; number rules: :mod:`shared.wire_numbers`; the version:
+:mod:`shared.wire_version`.
 """
 
 from __future__ import annotations
@@ -36,17 +40,18 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from flwr.common.constant import SType
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
+from shared.adapter_spec import AdapterSpec
 from shared.errors import Problem, WireError
 from shared.privacy_scalars import PRIVACY_KEYS, PrivacyScalars
 from shared.whitelist import ACCOUNTANTS, METRIC_NAMES
+from shared.wire_adapter import check_adapter_record
 from shared.wire_numbers import (
     MAX_COUNT_BUCKET,
     MAX_METRIC_ABS,
@@ -56,67 +61,23 @@ from shared.wire_numbers import (
     MIN_PRIVACY_ABS,
     PRIVACY_REAL_KEYS,
     SIG_DIGITS,
-    count_bucket,
     is_count_bucket,
     is_int,
     is_num,
-    round_privacy,
-    round_sig,
-    round_sig_up,
     six_digits,
 )
-from shared.wire_version import (
-    INSTRUCTION_KEY,
-    VERSION_WHERE,
-    WIRE_KEY,
-    WIRE_VERSION,
-    WIRE_VERSION_FIELD,
-    refusal_codes,
-    version_problem,
-    wire_record,
-)
+from shared.wire_pack import ADAPTER_KEY, DECLINE_KEY, DECLINE_REASONS, METRICS_KEY, PRIVACY_KEY
+from shared.wire_version import INSTRUCTION_KEY, WIRE_KEY, WIRE_VERSION_FIELD, version_problem
 
 if TYPE_CHECKING:
     from shared.run_config import RunConfig
 
-
-# ---- record layout ---------------------------------------------------------
-# A reply's RecordDict holds exactly one of these layouts, nothing else:
-#   train    : {"adapter": ArrayRecord, "privacy": ConfigRecord}
-#   evaluate : {"metrics": MetricRecord}
-#   either   : {"decline": ConfigRecord{"reason": one of DECLINE_REASONS}}
-# and every reply also {"wire": ConfigRecord{"version": WIRE_VERSION}}.
-# An instruction (coordinator -> site) holds
-# {"instruction": ConfigRecord{"round": int, "wire_version": WIRE_VERSION}}
-# and, once a global adapter exists, {"adapter": ArrayRecord}.
-ADAPTER_KEY = "adapter"
-PRIVACY_KEY = "privacy"
-METRICS_KEY = "metrics"
-DECLINE_KEY = "decline"
-# INSTRUCTION_KEY, WIRE_KEY, WIRE_VERSION(_FIELD): shared.wire_version (the version check)
-
-# Why a site did not send an update: a typed flag, never free text. "site_error"
-# replaces any exception message, which could quote private data; "secagg_required":
-# the site's policy (FEDSYNTH_SITE_REQUIRE_SECAGG) refuses a plain, unmasked train round;
-# "evaluation_budget": the run has used the site's FEDSYNTH_SITE_MAX_EVALUATIONS_PER_RUN;
-# "wire_version": the coordinator's instruction speaks another wire version.
-DECLINE_REASONS: frozenset[str] = frozenset(
-    {"budget_exceeded", "evaluation_budget", "secagg_required", "site_error", "wire_version"}
-)
-
 REPLY_KINDS = ("train", "evaluate")
-LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
-_LORA_NAME_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*\.lora_[AB]\.weight$")
 _MAX_ROUND = 1_000_000
-_METRIC_SIG_DIGITS = SIG_DIGITS  # number rules: shared.wire_numbers
 _MAX_LEDGER_SEQ = 10**12
 _LEDGER_HEAD_RE = re.compile(r"[0-9a-f]{64}")  # used with fullmatch: no trailing newline
-_is_int, _is_num, _six_digits = is_int, is_num, six_digits  # kept: shared.wire_secagg imports _is_int
 INTERNAL_FAILURE = "check failed on malformed input"
 """Reason of the fallback refusal :func:`_fail_closed` gives when a check itself raised."""
-
-AdapterSpec = dict[str, tuple[tuple[int, ...], str]]
-"""Adapter tensor name (PEFT state-dict key) -> (shape, wire dtype)."""
 
 
 @dataclass(frozen=True)
@@ -136,67 +97,6 @@ class Instruction:
 
     round_id: int
     adapter: dict[str, np.ndarray] | None
-
-
-# ---- packing ---------------------------------------------------------------
-
-
-def pack_adapter(tensors: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """numpy dict -> ArrayRecord, names sorted (no casting: the checks decide)."""
-    record = ArrayRecord()
-    for name in sorted(tensors):
-        record[name] = Array(np.ascontiguousarray(tensors[name]))
-    return record
-
-
-def unpack_adapter(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """ArrayRecord -> numpy dict, unchecked: use :func:`check_reply`/:func:`check_instruction`."""
-    return {name: arr.numpy() for name, arr in record.items()}
-
-
-def spec_of(tensors: Mapping[str, np.ndarray]) -> AdapterSpec:
-    """The spec (name -> (shape, dtype)) an adapter dict has."""
-    return {k: (tuple(int(d) for d in v.shape), str(v.dtype)) for k, v in tensors.items()}
-
-
-def pack_train_reply(
-    adapter: Mapping[str, np.ndarray], privacy: Mapping[str, float | int | str | bool]
-) -> RecordDict:
-    """The train reply layout, privacy floats rounded (check it with :func:`check_reply` before sending).
-
-    ``privacy`` is the scalars' wire form (:meth:`PrivacyScalars.to_record`).
-    """
-    return RecordDict({ADAPTER_KEY: pack_adapter(adapter), PRIVACY_KEY: ConfigRecord(round_privacy(privacy)),
-                       WIRE_KEY: wire_record()})
-
-
-def pack_evaluate_reply(metrics: Mapping[str, float]) -> RecordDict:
-    """The evaluate reply; floats rounded to 6 significant digits, ``count.*`` floored to a multiple of 10.
-
-    Both limit covert bandwidth: the check refuses anything else.
-    """
-    packed: dict[str, Any] = {}
-    for k, v in metrics.items():
-        if k.startswith("count."):
-            v = count_bucket(v)
-        elif isinstance(v, float):
-            v = round_sig(v)
-        packed[k] = v
-    return RecordDict({METRICS_KEY: MetricRecord(packed), WIRE_KEY: wire_record()})
-
-
-def pack_decline(reason: str) -> RecordDict:
-    """A typed decline (``reason`` in DECLINE_REASONS); the round goes on without this site."""
-    return RecordDict({DECLINE_KEY: ConfigRecord({"reason": reason}), WIRE_KEY: wire_record()})
-
-
-def pack_instruction(*, round_id: int, adapter: Mapping[str, np.ndarray] | None) -> RecordDict:
-    """Coordinator -> site: the round number, the wire version and, when one exists, the global adapter."""
-    content = RecordDict({INSTRUCTION_KEY: ConfigRecord(
-        {"round": int(round_id), WIRE_VERSION_FIELD: WIRE_VERSION})})
-    if adapter is not None:
-        content[ADAPTER_KEY] = pack_adapter(adapter)
-    return content
 
 
 # ---- checking --------------------------------------------------------------
@@ -279,7 +179,7 @@ def check_reply(content: RecordDict, *, kind: str, spec: AdapterSpec | None, run
     if kind == "train":
         adapter = privacy = None
         if ADAPTER_KEY in content:
-            adapter = _check_adapter(content[ADAPTER_KEY], spec, run, problems, ADAPTER_KEY)
+            adapter = check_adapter_record(content[ADAPTER_KEY], spec, run, problems, ADAPTER_KEY)
         if PRIVACY_KEY in content:
             privacy = _check_privacy(content[PRIVACY_KEY], run, problems)
         _raise(problems)
@@ -310,99 +210,22 @@ def check_instruction(content: RecordDict, *, spec: AdapterSpec, run: RunConfig)
         if extra:
             problems.append(Problem("instruction", f"unexpected keys {extra!r:.120}"))
         value = rec.get("round")
-        if not _is_int(value) or not 1 <= value <= _MAX_ROUND:
+        if not is_int(value) or not 1 <= value <= _MAX_ROUND:
             problems.append(Problem("instruction['round']", f"must be an int in [1, {_MAX_ROUND}]"))
         else:
             round_id = value
     adapter = None
     if ADAPTER_KEY in content:
-        adapter = _check_adapter(content[ADAPTER_KEY], spec, run, problems, ADAPTER_KEY)
+        adapter = check_adapter_record(content[ADAPTER_KEY], spec, run, problems, ADAPTER_KEY)
     if problems:
         raise WireError("instruction refused by the wire contract", problems)
     return Instruction(round_id=round_id, adapter=adapter)
-
-
-def check_lora_structure(spec: AdapterSpec, *, r: int) -> list[Problem]:
-    """Problems with a spec as a LoRA adapter of rank ``r``: PEFT names, A/B pairs, 2-D shapes."""
-    problems: list[Problem] = []
-    for name, (shape, _dtype) in sorted(spec.items()):
-        where = f"adapter[{name!r:.120}]"
-        if not _LORA_NAME_RE.match(name):
-            problems.append(Problem(where, "not a PEFT LoRA tensor name (…lora_A.weight/lora_B.weight)"))
-            continue
-        base, part = name.rsplit(".lora_", 1)
-        other = f"{base}.lora_{'B' if part.startswith('A') else 'A'}.weight"
-        if other not in spec:
-            problems.append(Problem(where, f"has no matching {other.rsplit('.', 2)[-2]}"))
-        if len(shape) != 2:
-            problems.append(Problem(where, f"LoRA tensors are 2-D, got shape {shape}"))
-        elif part.startswith("A") and shape[0] != r:
-            problems.append(Problem(where, f"lora_A must have {r} rows (lora.r), got {shape}"))
-        elif part.startswith("B") and shape[1] != r:
-            problems.append(Problem(where, f"lora_B must have {r} columns (lora.r), got {shape}"))
-    return problems
 
 
 def _raise(problems: list[Problem]) -> None:
     if problems:
         raise WireError("reply refused by the wire contract", problems)
 
-
-def _check_adapter(
-    record: Any, spec: AdapterSpec | None, run: RunConfig, problems: list[Problem], where: str
-) -> dict[str, np.ndarray] | None:
-    if not isinstance(record, ArrayRecord):
-        problems.append(Problem(f"record[{where!r}]", "must be an ArrayRecord"))
-        return None
-    dtype = run.lora.dtype
-    got_spec = {k: (tuple(a.shape), a.dtype) for k, a in record.items()}
-    if spec is None:
-        if not got_spec:
-            problems.append(Problem(where, "empty adapter"))
-        problems.extend(check_lora_structure(got_spec, r=run.lora.r))
-        expected = {k: (s, dtype) for k, (s, _d) in got_spec.items()}
-    else:
-        for name, (_shape, sdtype) in sorted(spec.items()):
-            if sdtype != dtype:
-                problems.append(Problem(f"spec[{name!r}]", f"dtype {sdtype} != lora.dtype {dtype}"))
-                break
-        expected = {k: (tuple(s), dtype) for k, (s, _d) in spec.items()}
-        for name in sorted(set(expected) - set(got_spec)):
-            problems.append(Problem(f"adapter[{name!r:.120}]", "missing tensor"))
-    out: dict[str, np.ndarray] = {}
-    for name, arr in sorted(record.items()):
-        loc = f"adapter[{name!r:.120}]"
-        if name not in expected:
-            problems.append(Problem(loc, "unexpected tensor name (not in the run's adapter spec)"))
-            continue
-        shape, want = expected[name]
-        before = len(problems)
-        if arr.stype != SType.NUMPY:
-            problems.append(Problem(loc, f"serialization {arr.stype!r:.40} is not numpy"))
-        if arr.dtype != want:
-            problems.append(Problem(loc, f"dtype {arr.dtype!r:.40} != {want}"))
-        if tuple(arr.shape) != shape:
-            problems.append(Problem(loc, f"shape {tuple(arr.shape)!r:.80} != {shape}"))
-        if len(problems) > before:
-            continue
-        try:
-            value = arr.numpy()
-        except Exception as exc:  # any decoding failure is a refusal, not a crash
-            problems.append(Problem(loc, f"cannot decode ({type(exc).__name__})"))
-            continue
-        if str(value.dtype) != want or tuple(value.shape) != shape:
-            problems.append(Problem(loc, "payload dtype/shape differ from its declared ones"))
-            continue
-        # Bytes after the array (np.load ignores them) or a non-canonical header
-        # would be a side channel: the payload must be exactly what we would write.
-        if Array(value).data != arr.data:
-            problems.append(Problem(loc, "payload bytes are not the canonical encoding of the array"))
-            continue
-        if not np.isfinite(value).all():
-            problems.append(Problem(loc, "non-finite values (NaN/Inf)"))
-            continue
-        out[name] = value
-    return out
 
 
 def _check_privacy(record: Any, run: RunConfig, problems: list[Problem]) -> dict | None:
@@ -420,10 +243,10 @@ def _check_privacy(record: Any, run: RunConfig, problems: list[Problem]) -> dict
         if key in v and not ok:
             problems.append(Problem(f"privacy[{key!r}]", f"{why} (got {v[key]!r:.40})"))
 
-    num = {k: _is_num(v[k]) for k in v}
+    num = {k: is_num(v[k]) for k in v}
     # ledger_seq is a counter the anchor checks for monotonicity (server/site_budget.py): an
     # exact int in [1, 10^12], not a measurement; every other number has six digits at most.
-    for key in sorted(k for k in v if num[k] and k != "ledger_seq" and not _six_digits(v[k])):
+    for key in sorted(k for k in v if num[k] and k != "ledger_seq" and not six_digits(v[k])):
         problems.append(Problem(f"privacy[{key!r}]", f"more than {SIG_DIGITS} significant digits"))
     for key in sorted(k for k in v if num[k] and k in PRIVACY_REAL_KEYS and v[k] != 0
                       and not MIN_PRIVACY_ABS <= abs(v[k]) <= MAX_PRIVACY_ABS):
@@ -437,16 +260,16 @@ def _check_privacy(record: Any, run: RunConfig, problems: list[Problem]) -> dict
          "must be > 0 (zero noise is not DP)")
     need("sample_rate", num.get("sample_rate", False) and 0 < v["sample_rate"] <= 1,
          "must be in (0, 1]")
-    need("steps", _is_int(v.get("steps")) and 1 <= v["steps"] <= MAX_STEPS,
+    need("steps", is_int(v.get("steps")) and 1 <= v["steps"] <= MAX_STEPS,
          f"must be an int in [1, {MAX_STEPS}]")
     need("max_grad_norm", num.get("max_grad_norm", False) and v["max_grad_norm"] > 0, "must be > 0")
     accountant = v.get("accountant") if isinstance(v.get("accountant"), str) else None
     need("accountant", accountant in ACCOUNTANTS, f"must be one of {sorted(ACCOUNTANTS)}")
     need("secure_mode", isinstance(v.get("secure_mode"), bool), "must be a boolean")
-    bucket_ok = (_is_int(v.get("patients_bucket")) and 0 <= v["patients_bucket"] <= MAX_PATIENTS_BUCKET
+    bucket_ok = (is_int(v.get("patients_bucket")) and 0 <= v["patients_bucket"] <= MAX_PATIENTS_BUCKET
                  and v["patients_bucket"] % 10 == 0)
     need("patients_bucket", bucket_ok, f"must be an int in [0, {MAX_PATIENTS_BUCKET}], a multiple of 10")
-    need("ledger_seq", _is_int(v.get("ledger_seq")) and 1 <= v["ledger_seq"] <= _MAX_LEDGER_SEQ,
+    need("ledger_seq", is_int(v.get("ledger_seq")) and 1 <= v["ledger_seq"] <= _MAX_LEDGER_SEQ,
          f"must be an int in [1, {_MAX_LEDGER_SEQ}]")
     need("ledger_head", isinstance(v.get("ledger_head"), str)
          and _LEDGER_HEAD_RE.fullmatch(v["ledger_head"]) is not None, "must be 64 lowercase hex chars")
@@ -476,10 +299,10 @@ def _check_metrics(record: Any, problems: list[Problem]) -> dict[str, float] | N
         loc = f"metrics[{name!r:.60}]"
         if name not in METRIC_NAMES:
             problems.append(Problem(loc, "not a whitelisted metric name"))
-        elif not _is_num(value):
+        elif not is_num(value):
             problems.append(Problem(loc, f"must be a finite scalar number (got {type(value).__name__})"))
-        elif not _six_digits(value):
-            problems.append(Problem(loc, f"more than {_METRIC_SIG_DIGITS} significant digits"))
+        elif not six_digits(value):
+            problems.append(Problem(loc, f"more than {SIG_DIGITS} significant digits"))
         elif abs(value) > MAX_METRIC_ABS:
             problems.append(Problem(loc, f"magnitude above {MAX_METRIC_ABS:g}"))
         elif name.startswith("count.") and not is_count_bucket(value):
@@ -499,7 +322,3 @@ def _check_decline(record: Any, problems: list[Problem]) -> str | None:
         return None
     return reason
 
-
-__all__ = [  # re-exported names of shared.whitelist, shared.wire_numbers and shared.wire_version
-    "METRIC_NAMES", "PRIVACY_KEYS", "round_sig_up", "refusal_codes", "VERSION_WHERE",
-]

@@ -15,24 +15,14 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from shared.adapter_delta import site_contribution
+from shared.adapter_spec import AdapterSpec
 from shared.errors import Problem, WireError
 from shared.privacy_scalars import PrivacyScalars
-from shared.wire import (
-    ADAPTER_KEY,
-    INSTRUCTION_KEY,
-    WIRE_KEY,
-    AdapterSpec,
-    Instruction,
-    _check_decline,
-    _check_privacy,
-    _fail_closed,
-    _is_int,
-    check_instruction,
-    check_lora_structure,
-    pack_adapter,
-    version_problem,
-    wire_record,
-)
+from shared.wire import Instruction, _check_decline, _check_privacy, _fail_closed, check_instruction
+from shared.wire_adapter import check_lora_structure, pack_adapter
+from shared.wire_numbers import is_int
+from shared.wire_pack import ADAPTER_KEY
+from shared.wire_version import INSTRUCTION_KEY, WIRE_KEY, version_problem, wire_record
 
 if TYPE_CHECKING:
     from shared.run_config import RunConfig
@@ -179,7 +169,7 @@ def check_secagg_reply(
     weight = -1
     rec = content[FITRES_NUM_EXAMPLES]
     if not isinstance(rec, MetricRecord) or set(rec.keys()) != {"num_examples"} or not (
-        _is_int(rec["num_examples"]) and 0 <= rec["num_examples"] <= secagg_max_weight(run)
+        is_int(rec["num_examples"]) and 0 <= rec["num_examples"] <= secagg_max_weight(run)
     ):
         problems.append(Problem("fitres.num_examples",
                                 f"must be {{'num_examples': int in [0, {secagg_max_weight(run)}]}}"))
@@ -194,7 +184,7 @@ def check_secagg_reply(
     else:
         privacy = _check_privacy(metrics, run, problems)
         bucket = (privacy or {}).get("patients_bucket")
-        if _is_int(bucket) and weight >= 0 and weight != secagg_weight(bucket, run):
+        if is_int(bucket) and weight >= 0 and weight != secagg_weight(bucket, run):
             problems.append(Problem("fitres.num_examples",
                                     f"{weight} != secagg_weight(patients_bucket={bucket})"))
     names: tuple[str, ...] = ()

@@ -4,7 +4,7 @@ Every metric module produces :class:`Cell` values (a scalar plus the number of
 reports/notes it aggregates). :func:`build_summary` turns them into the flat
 ``{name: float}`` mapping that goes on the wire, and enforces:
 
-- names: only those in :data:`shared.wire.METRIC_NAMES` (``dp.*`` Gaussian-mechanism
+- names: only those in :data:`shared.whitelist.METRIC_NAMES` (``dp.*`` Gaussian-mechanism
   releases and synthetic-only metrics; see :mod:`client.evaluate.dp_metrics`);
 - values: finite scalars only (no arrays, strings, NaN/inf, booleans);
 - small cells: a value aggregating fewer than ``k_min`` items is left out
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shared.errors import ConfigError, Problem, WireError
-from shared.wire import METRIC_NAMES
+from shared.whitelist import METRIC_NAMES
 
 COUNT_NAMES = frozenset({"count.reports", "count.notes"})
 COUNT_BUCKET = 10

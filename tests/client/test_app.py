@@ -16,7 +16,7 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 
 from client.app import app as client_app
-from shared import wire
+from shared import wire, wire_pack
 from shared.audit import verify_log
 from shared.run_config import RunConfig
 from tests.fake_site import A, B
@@ -32,7 +32,7 @@ def clean_env(clean_site_env):
 
 
 def _train_message(round_id: int = 3) -> Message:
-    return Message(wire.pack_instruction(round_id=round_id, adapter=None), dst_node_id=100,
+    return Message(wire_pack.pack_instruction(round_id=round_id, adapter=None), dst_node_id=100,
                    message_type="train", group_id=str(round_id))
 
 
@@ -138,7 +138,7 @@ def test_evaluate_is_unaffected_by_the_setting(tmp_path, monkeypatch, calls):
     # Metric summaries of the GLOBAL adapter: sent in the clear under SecAgg+ as well.
     monkeypatch.setenv(ENV, "true")
     rc = {"lora.r": 2, "secagg": False}
-    msg = Message(wire.pack_instruction(round_id=1, adapter=None), dst_node_id=100,
+    msg = Message(wire_pack.pack_instruction(round_id=1, adapter=None), dst_node_id=100,
                   message_type="evaluate", group_id="1")
     reply = client_app(msg, contexts(tmp_path, rc, n=1)[100])
     got = wire.check_reply(reply.content, kind="evaluate", spec=None, run=RunConfig.from_flower(rc))
@@ -166,7 +166,7 @@ def test_a_refused_evaluation_is_a_typed_decline(tmp_path, monkeypatch, error, r
     fake.adapter_spec = lambda settings, run: {}
     fake.site_evaluate = site_evaluate
     monkeypatch.setattr("client.app.site", fake)
-    msg = Message(wire.pack_instruction(round_id=2, adapter=None), dst_node_id=100,
+    msg = Message(wire_pack.pack_instruction(round_id=2, adapter=None), dst_node_id=100,
                   message_type="evaluate", group_id="2")
     reply = client_app(msg, _context(tmp_path, {"lora.r": 2}))
     got = wire.check_reply(reply.content, kind="evaluate", spec=None, run=RunConfig.from_flower({"lora.r": 2}))

@@ -15,7 +15,7 @@ from flwr.app import Context, Message, RecordDict
 
 from client.app import app as client_app
 from client.dp.config import TrainResult
-from shared import wire
+from shared import wire_pack
 from shared.privacy_scalars import PrivacyScalars
 from tests.fake_site import A, B
 from tests.federation import SECAGG_RC
@@ -54,7 +54,7 @@ def site(monkeypatch):
 
 
 def _round(tmp_path):
-    msg = Message(wire.pack_instruction(round_id=1, adapter=None), dst_node_id=100,
+    msg = Message(wire_pack.pack_instruction(round_id=1, adapter=None), dst_node_id=100,
                   message_type="train", group_id="1")
     ctx = Context(run_id=1, node_id=100, state=RecordDict(), run_config={"lora.r": 2},
                   node_config={"site-id": "site-a", "output-dir": str(tmp_path / "out")})

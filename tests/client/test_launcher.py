@@ -186,18 +186,18 @@ def test_log_names_phase_round_and_epsilon_not_polls(agreed, tmp_path, monkeypat
     import numpy as np
     from flwr.supercore.task_identity import TaskIdentity
 
-    from shared import wire
+    from shared import wire_pack
 
     for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # as the Flower runtime
         monkeypatch.setattr(TaskIdentity, attr, value)
 
-    msg = Message(wire.pack_instruction(round_id=3, adapter=None), dst_node_id=1,
+    msg = Message(wire_pack.pack_instruction(round_id=3, adapter=None), dst_node_id=1,
                   message_type="train", group_id="3")
     assert launcher.task_phase(msg) == ("3", "train")
-    ok = Message(wire.pack_train_reply({"a": np.zeros((1, 1), np.float32)},
+    ok = Message(wire_pack.pack_train_reply({"a": np.zeros((1, 1), np.float32)},
                                        {"epsilon": 1.25, "epsilon_round": 0.5, "delta": 1e-5}), reply_to=msg)
     assert launcher.reply_outcome(ok) == "update sent, ε spent 1.25, this round 0.5"
-    no = Message(wire.pack_decline("budget_exceeded"), reply_to=msg)
+    no = Message(wire_pack.pack_decline("budget_exceeded"), reply_to=msg)
     assert launcher.reply_outcome(no) == "declined (budget_exceeded)"
     stage = Message(RecordDict({"secagg": ConfigRecord({"stage": "setup"})}), dst_node_id=1,
                     message_type="train", group_id="3")

@@ -14,7 +14,7 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 
 from client import policy
-from shared import wire
+from shared import wire_pack
 from shared.audit import AuditLog
 from shared.errors import ConfigError, PrivacyError
 from shared.run_config import RunConfig, TrainConfig
@@ -227,7 +227,7 @@ def _ctx(tmp_path, rc, node=None):
 
 
 def _msg(kind, round_id=1):
-    return Message(wire.pack_instruction(round_id=round_id, adapter=None), dst_node_id=100,
+    return Message(wire_pack.pack_instruction(round_id=round_id, adapter=None), dst_node_id=100,
                    message_type=kind, group_id=str(round_id))
 
 

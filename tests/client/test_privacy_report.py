@@ -12,7 +12,8 @@ from client.dp.ledger import Ledger, compute_epsilon
 from client.evaluate.release import GateResult
 from shared.audit import AuditLog, verify_log
 from shared.errors import PrivacyError
-from shared.report import SiteRoundReport, read_report
+from shared.report import SiteRoundReport
+from shared.report_io import read_report
 from shared.run_config import RunConfig
 from shared.settings import SiteSettings, load_settings
 from shared.signing import generate_key, load_private_key, load_public_key, sha256_file

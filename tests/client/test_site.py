@@ -12,12 +12,13 @@ from client.model import tiny_random_model
 from shared.audit import verify_log
 from shared.errors import BudgetExceededError, PrivacyError
 from shared.privacy_scalars import PRIVACY_KEYS, PrivacyScalars
-from shared.report import SiteRoundReport, read_report, write_schemas
+from shared.report import SiteRoundReport
+from shared.report_io import read_report, write_schemas
 from shared.run_config import RunConfig
 from shared.settings import SiteSettings, load_settings
 from shared.signing import generate_key, load_public_key
 from shared.verify import EXIT_FAILED, EXIT_OK, exit_code, verify_paths
-from shared.wire import METRIC_NAMES
+from shared.whitelist import METRIC_NAMES
 
 pytestmark = pytest.mark.integration
 

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from client import cli
 from client import site as site_mod
 from client.app import train_reply
-from shared import wire
+from shared import wire, wire_pack
 from shared.run_config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,7 +72,7 @@ def _by_client_app(tmp_path: Path, overrides: dict) -> None:
                       run_config=PYPROJECT_RUN_CONFIG | overrides,
                       node_config={"notes-path": str(tmp_path / "notes.jsonl"),
                                    "output-dir": str(tmp_path / "app")})
-    message = Message(wire.pack_instruction(round_id=1, adapter=None), dst_node_id=100,
+    message = Message(wire_pack.pack_instruction(round_id=1, adapter=None), dst_node_id=100,
                       message_type="train", group_id="1")
     reply = train_reply(message, context)  # training stopped: the app declines with site_error
     assert wire.check_reply(reply, kind="train", spec=None, run=RunConfig()).decline == "site_error"

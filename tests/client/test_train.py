@@ -441,7 +441,7 @@ def test_nonprivate_baseline_trains_without_ledger_and_is_refused_on_the_wire(le
     """The study's no-DP arm: LoRA moves, nothing is reserved, and the wire refuses the result."""
     import numpy as np
 
-    from shared import wire
+    from shared import wire, wire_adapter, wire_pack
     from shared.errors import WireError
     from shared.run_config import RunConfig
 
@@ -465,7 +465,7 @@ def test_nonprivate_baseline_trains_without_ledger_and_is_refused_on_the_wire(le
     run = RunConfig.from_flower({"lora.r": 4, "train.accountant": "rdp"})
     with pytest.raises(WireError) as refused:
         wire.check_reply(
-            wire.pack_train_reply(adapter, p.to_record()), kind="train", spec=wire.spec_of(adapter), run=run
+            wire_pack.pack_train_reply(adapter, p.to_record()), kind="train", spec=wire_adapter.spec_of(adapter), run=run
         )
     refused_keys = {pr.where for pr in refused.value.problems}
     assert {"privacy['epsilon']", "privacy['noise_multiplier']", "privacy['accountant']"} <= refused_keys
@@ -477,8 +477,8 @@ def test_nonprivate_baseline_trains_without_ledger_and_is_refused_on_the_wire(le
     )
     adapter = {k: v.numpy().astype(np.float32) for k, v in private.adapter.items()}
     wire.check_reply(
-        wire.pack_train_reply(adapter, private.privacy.to_record()), kind="train",
-        spec=wire.spec_of(adapter), run=run,
+        wire_pack.pack_train_reply(adapter, private.privacy.to_record()), kind="train",
+        spec=wire_adapter.spec_of(adapter), run=run,
     )
     assert private.privacy.private and len(ledger.history()) == 1
 

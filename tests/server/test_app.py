@@ -16,7 +16,7 @@ from client.app import app as client_app
 from server import checkpoint
 from server.app import run_federation
 from server.run_summary import SUMMARY_NAME
-from shared import wire
+from shared import wire, wire_pack
 from shared.errors import ConfigError
 from shared.run_config import RunConfig
 from tests.fake_site import SECRET, A, B
@@ -58,7 +58,7 @@ def test_resume_from_last_checkpoint(tmp_path, calls):
 
 def test_server_refuses_hostile_reply_and_goes_on(tmp_path, calls):
     def hostile(msg, context):
-        content = wire.pack_train_reply({A: np.ones((2, 4), np.float32), B: np.ones((4, 2), np.float32)},
+        content = wire_pack.pack_train_reply({A: np.ones((2, 4), np.float32), B: np.ones((4, 2), np.float32)},
                                         dict(epsilon=1.0, epsilon_round=1.0, delta=1e-5, noise_multiplier=1.0,
                                              sample_rate=0.1, steps=1, max_grad_norm=1.0, accountant="prv",
                                              secure_mode=False, patients_bucket=10,
@@ -89,7 +89,7 @@ def test_too_few_sites_leaves_global_unchanged(tmp_path, calls):
 
 def test_client_refuses_bad_instruction_and_run_config(tmp_path, calls):
     ctx = contexts(tmp_path, RC, n=1)[100]
-    content = wire.pack_instruction(round_id=1, adapter=None)
+    content = wire_pack.pack_instruction(round_id=1, adapter=None)
     content["cmd"] = ConfigRecord({"upload": "notes.jsonl"})
     msg = Message(content, dst_node_id=100, message_type="train", group_id="1")
     reply = client_app(msg, ctx)
@@ -97,7 +97,7 @@ def test_client_refuses_bad_instruction_and_run_config(tmp_path, calls):
     assert calls == []  # the site functions never ran
     bad = Context(run_id=1, node_id=100, state=RecordDict(), node_config=dict(ctx.node_config),
                   run_config={"num-rounds": 1, "data-exfil": "yes"})
-    ok_msg = Message(wire.pack_instruction(round_id=1, adapter=None), dst_node_id=100,
+    ok_msg = Message(wire_pack.pack_instruction(round_id=1, adapter=None), dst_node_id=100,
                      message_type="evaluate", group_id="1")
     assert dict(client_app(ok_msg, bad).content["decline"]) == {"reason": "site_error"}
 
@@ -116,7 +116,7 @@ def test_malformed_reply_is_a_typed_refusal_and_the_run_goes_on(tmp_path, calls,
         p = dict(epsilon=1.0, epsilon_round=1.0, delta=1e-5, noise_multiplier=1.0, sample_rate=0.1,
                  steps=1, max_grad_norm=1.0, accountant=["prv", SECRET], secure_mode=False,
                  patients_bucket=10, ledger_seq=1, ledger_head="ab" * 32)
-        content = wire.pack_train_reply({A: np.ones((2, 4), np.float32), B: np.ones((4, 2), np.float32)}, p)
+        content = wire_pack.pack_train_reply({A: np.ones((2, 4), np.float32), B: np.ones((4, 2), np.float32)}, p)
         return Message(content, reply_to=msg)
 
     rc = RC | {"num-rounds": 2}

@@ -15,7 +15,7 @@ from flwr.app import Message
 
 import server.app
 from server.app import run_federation
-from shared import adapter_spec, wire, wire_secagg
+from shared import adapter_spec, wire_pack, wire_secagg, wire_version
 from shared.errors import ConfigError, WireError
 from shared.run_config import RunConfig
 from shared.settings import CoordinatorSettings
@@ -48,7 +48,7 @@ def covert_site(adapter):
         from client.node_config import site_settings
         settings = site_settings(dict(context.node_config))
         p = fake_privacy(settings, run, patients_bucket=30)
-        return Message(wire.pack_train_reply(adapter, p), reply_to=msg)
+        return Message(wire_pack.pack_train_reply(adapter, p), reply_to=msg)
     return handler
 
 
@@ -133,7 +133,7 @@ def test_site_of_another_wire_version_is_refused_with_a_clear_message(tmp_path, 
     def old_site(msg, context):  # a site from before wire versioning: no "wire" record
         reply = client_app(msg, context)
         content = reply.content
-        del content[wire.WIRE_KEY]
+        del content[wire_version.WIRE_KEY]
         return Message(content, reply_to=msg)
 
     grid = InProcessGrid(contexts(tmp_path, RC, n=3), handlers={102: old_site})
@@ -153,7 +153,7 @@ def test_secagg_round_one_layout_is_checked_against_the_spec():
     content = wire_secagg.pack_secagg_reply(covert, weight=30, privacy=p)
     with pytest.raises(WireError, match="differ from the adapter spec") as err:
         wire_secagg.check_secagg_reply(content, spec=fake_spec(run), run=run, masked=False)
-    assert "John_Doe" not in repr(wire.refusal_codes(err.value))
+    assert "John_Doe" not in repr(wire_version.refusal_codes(err.value))
     honest = wire_secagg.pack_secagg_reply({A: np.zeros((2, 4)), B: np.zeros((4, 2))}, weight=30, privacy=p)
     assert wire_secagg.check_secagg_reply(honest, spec=fake_spec(run), run=run, masked=False).weight == 30
 

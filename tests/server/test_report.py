@@ -7,7 +7,8 @@ import pytest
 from server import report as rep
 from server.app import run_federation
 from shared.audit import AuditLog, verify_log
-from shared.report import ConsortiumReport, read_report
+from shared.report_consortium import ConsortiumReport
+from shared.report_io import read_report
 from shared.run_config import RunConfig
 from shared.signing import generate_key, load_private_key, load_public_key, sha256_file
 from shared.verify import EXIT_FAILED, EXIT_OK, exit_code, verify_paths

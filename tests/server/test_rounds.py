@@ -10,7 +10,7 @@ from flwr.app import Error, Message, RecordDict
 
 from server import rounds
 from server.site_budget import Admitted, BudgetRefusal
-from shared import wire
+from shared import wire_pack
 from shared.errors import Problem
 from shared.run_config import RunConfig
 
@@ -46,12 +46,12 @@ def test_sample_is_seeded_sorted_and_at_least_min_sites():
 
 
 def test_classify_sorts_every_reply_and_ignores_unasked_and_duplicates():
-    good = wire.pack_evaluate_reply({"diversity.distinct_1": 0.5})
+    good = wire_pack.pack_evaluate_reply({"diversity.distinct_1": 0.5})
     replies = [
         reply(102, good),
-        reply(100, wire.pack_evaluate_reply({"diversity.distinct_1": 0.25})),
-        reply(100, wire.pack_evaluate_reply({"diversity.distinct_1": 0.99})),  # a second reply: ignored
-        reply(101, wire.pack_decline("budget_exceeded")),
+        reply(100, wire_pack.pack_evaluate_reply({"diversity.distinct_1": 0.25})),
+        reply(100, wire_pack.pack_evaluate_reply({"diversity.distinct_1": 0.99})),  # a second reply: ignored
+        reply(101, wire_pack.pack_decline("budget_exceeded")),
         reply(103, RecordDict()),  # not the wire contract
         reply(104, Error(code=1, reason="boom")),
         reply(999, good),  # never asked
@@ -67,7 +67,7 @@ def test_classify_sorts_every_reply_and_ignores_unasked_and_duplicates():
 
 def test_a_train_update_the_budget_anchor_refuses_is_a_typed_refusal():
     adapter = {A: np.zeros((2, 4), np.float32), B: np.zeros((4, 2), np.float32)}
-    content = wire.pack_train_reply(adapter, PRIVACY)
+    content = wire_pack.pack_train_reply(adapter, PRIVACY)
 
     def anchor(node, privacy):
         if node == 101:
@@ -84,7 +84,7 @@ def test_a_train_update_the_budget_anchor_refuses_is_a_typed_refusal():
 
 def test_aggregate_weights_by_patients_and_records_each_site():
     base = {A: np.zeros((2, 4), np.float32), B: np.zeros((4, 2), np.float32)}
-    replies = [reply(100 + k, wire.pack_train_reply({n: v + (k + 1) for n, v in base.items()},
+    replies = [reply(100 + k, wire_pack.pack_train_reply({n: v + (k + 1) for n, v in base.items()},
                                                     PRIVACY | {"patients_bucket": 10 * (k + 1)}))
                for k in range(2)]
     got = rounds.classify(replies, [100, 101], kind="train", spec=SPEC, run=RUN)

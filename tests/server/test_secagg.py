@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from client.app import app as client_app
 from server import checkpoint
 from server.app import run_federation
-from shared import wire, wire_secagg
+from shared import wire_pack, wire_secagg, wire_version
 from shared.errors import ConfigError, WireError
 from shared.run_config import RunConfig
 from tests.fake_site import SECRET, A, B
@@ -108,7 +108,7 @@ def test_site_bounds_its_own_update(tmp_path, calls):
 
 def test_plain_message_refused_when_run_says_secagg(tmp_path, calls):
     ctx = contexts(tmp_path, RC, n=1)[100]
-    msg = Message(wire.pack_instruction(round_id=1, adapter=None), dst_node_id=100,
+    msg = Message(wire_pack.pack_instruction(round_id=1, adapter=None), dst_node_id=100,
                   message_type="train", group_id="1")
     assert dict(client_app(msg, ctx).content["decline"]) == {"reason": "site_error"}
     assert calls == []
@@ -177,7 +177,7 @@ def test_secagg_instruction_is_checked_like_a_plain_one():
 
     run = RunConfig.from_flower({"lora.r": 2})
     glob = {A: np.ones((2, 4), np.float32), B: np.full((4, 2), 2, np.float32)}
-    v = {"wire_version": wire.WIRE_VERSION}
+    v = {"wire_version": wire_version.WIRE_VERSION}
     content = fitins_to_recorddict(FitIns(ndarrays_to_parameters([glob[A], glob[B]]), {"round": 3} | v), True)
     content[wire_secagg.SECAGG_CONFIGS_KEY] = ConfigRecord({})
     got = wire_secagg.unpack_secagg_instruction(content, spec=SPEC, run=run)

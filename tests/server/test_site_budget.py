@@ -28,7 +28,8 @@ from shared.accounting import compute_epsilon
 from shared.audit import AuditLog
 from shared.errors import LedgerError
 from shared.privacy_scalars import PrivacyScalars
-from shared.report import ConsortiumReport, read_report
+from shared.report_consortium import ConsortiumReport
+from shared.report_io import read_report
 from shared.run_config import RunConfig
 from shared.signing import generate_key, load_private_key
 from tests.federation import RC, InProcessGrid, contexts
@@ -241,7 +242,7 @@ def test_old_summaries_without_anchor_still_make_a_report(tmp_path):
 def test_report_schema_refuses_what_the_anchor_refuses():
     from pydantic import ValidationError
 
-    from shared.report import SitePrivacySummary, SiteRoundPrivacy
+    from shared.report_consortium import SitePrivacySummary, SiteRoundPrivacy
 
     def rnd(r, seq, e, rec):
         return SiteRoundPrivacy(round=r, epsilon=e, epsilon_round=0.5, delta=1e-5, noise_multiplier=1.0,

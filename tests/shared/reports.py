@@ -5,7 +5,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from shared.audit import AuditLog
-from shared.report import ConsortiumReport, SiteRoundReport, software_versions, write_report
+from shared.report import SiteRoundReport
+from shared.report_consortium import ConsortiumReport
+from shared.report_io import software_versions, write_report
 from shared.verify import main
 
 HASH = "ab" * 32

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from shared import wire
+from shared import wire, wire_adapter, wire_pack
 from shared.privacy_scalars import PRIVACY_KEYS, PrivacyScalars
 from shared.report import Privacy
 from shared.run_config import RunConfig
@@ -25,15 +25,15 @@ def test_the_keys_are_the_fields():
 
 
 def test_wire_form_round_trips_through_the_wire_check():
-    got = wire.check_reply(wire.pack_train_reply(ADAPTER, SCALARS.to_record()), kind="train",
-                           spec=wire.spec_of(ADAPTER), run=RUN).privacy
+    got = wire.check_reply(wire_pack.pack_train_reply(ADAPTER, SCALARS.to_record()), kind="train",
+                           spec=wire_adapter.spec_of(ADAPTER), run=RUN).privacy
     assert isinstance(got, PrivacyScalars) and got == SCALARS
     assert PrivacyScalars.from_record(SCALARS.to_record()) == SCALARS
 
 
 def test_the_wire_refuses_scalars_without_a_patients_bucket():
     with pytest.raises(TypeError):  # Flower's ConfigRecord takes no None: it cannot even be packed
-        wire.pack_train_reply(ADAPTER, dataclasses.replace(SCALARS, patients_bucket=None).to_record())
+        wire_pack.pack_train_reply(ADAPTER, dataclasses.replace(SCALARS, patients_bucket=None).to_record())
 
 
 def test_non_private_baseline_is_not_private():

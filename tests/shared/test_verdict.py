@@ -2,7 +2,7 @@
 
 import re
 
-from shared.report import Participation
+from shared.report_consortium import Participation
 from shared.report_html import metric_direction, render_html
 from shared.verdict import MAX_MIA_AUC, MEMORIZATION_MARGINS, consortium_verdict, site_verdict
 from shared.whitelist import METRIC_NAMES
@@ -93,7 +93,7 @@ def test_consortium_html_has_a_participation_table():
 
 
 def test_verify_fails_a_verdict_that_does_not_follow_from_the_numbers(tmp_path, capsys):
-    from shared.report import write_report
+    from shared.report_io import write_report
     from shared.signing import generate_key, load_private_key
     from shared.verify import main
 

@@ -1,63 +1,34 @@
 """The wire contract refuses every smuggling attempt, and lets honest replies through."""
 
-import io
-
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from shared import wire
+from shared import wire, wire_pack, wire_version
 from shared.errors import WireError
 from shared.run_config import RunConfig
-
-RUN = RunConfig.from_flower({"lora.r": 2})
-A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
-B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
-SPEC = {A: ((2, 8), "float32"), B: ((8, 2), "float32")}
-SECRET = "Patient John Doe, MRN 123456, attempted suicide"
-
-
-def adapter():
-    return {A: np.full((2, 8), 0.5, np.float32), B: np.zeros((8, 2), np.float32)}
-
-
-def privacy(**over):
-    p = dict(epsilon=1.5, epsilon_round=0.5, delta=1e-5, noise_multiplier=1.1, sample_rate=0.01,
-             steps=50, max_grad_norm=1.0, accountant="prv", secure_mode=True, patients_bucket=120,
-             ledger_seq=3, ledger_head="ab" * 32)
-    p.update(over)
-    return p
-
-
-def refused(content, kind="train", spec=SPEC, match=None):
-    if isinstance(content, RecordDict) and wire.WIRE_KEY not in content:
-        content[wire.WIRE_KEY] = wire.wire_record()  # a current peer: the check reads on past the version
-    with pytest.raises(WireError) as err:
-        wire.check_reply(content, kind=kind, spec=spec, run=RUN)
-    if match:
-        assert match in str(err.value), str(err.value)
-    return err.value
+from tests.shared.wire_samples import RUN, SECRET, SPEC, A, B, adapter, privacy, refused
 
 
 def test_honest_replies_pass():
-    r = wire.check_reply(wire.pack_train_reply(adapter(), privacy()), kind="train", spec=SPEC, run=RUN)
+    r = wire.check_reply(wire_pack.pack_train_reply(adapter(), privacy()), kind="train", spec=SPEC, run=RUN)
     np.testing.assert_array_equal(r.adapter[A], adapter()[A])
     assert r.privacy.patients_bucket == 120 and r.privacy.to_record() == privacy()
-    m = wire.check_reply(wire.pack_evaluate_reply({"diversity.distinct_2": 0.123456789}),
+    m = wire.check_reply(wire_pack.pack_evaluate_reply({"diversity.distinct_2": 0.123456789}),
                          kind="evaluate", spec=None, run=RUN)
     assert m.metrics == {"diversity.distinct_2": 0.123457}
-    d = wire.check_reply(wire.pack_decline("budget_exceeded"), kind="train", spec=SPEC, run=RUN)
+    d = wire.check_reply(wire_pack.pack_decline("budget_exceeded"), kind="train", spec=SPEC, run=RUN)
     assert d.decline == "budget_exceeded" and d.adapter is None
 
 
 @pytest.mark.parametrize("reason", ["budget_exceeded", "evaluation_budget", "secagg_required", "site_error",
                                     "wire_version"])
 def test_every_typed_decline_passes_and_nothing_else(reason):
-    assert wire.DECLINE_REASONS == {"budget_exceeded", "evaluation_budget", "secagg_required", "site_error",
+    assert wire_pack.DECLINE_REASONS == {"budget_exceeded", "evaluation_budget", "secagg_required", "site_error",
                                     "wire_version"}
     for kind, spec in (("train", SPEC), ("evaluate", None)):
-        assert wire.check_reply(wire.pack_decline(reason), kind=kind, spec=spec, run=RUN).decline == reason
-    refused(wire.pack_decline(reason.upper()), match="reason")
+        assert wire.check_reply(wire_pack.pack_decline(reason), kind=kind, spec=spec, run=RUN).decline == reason
+    refused(wire_pack.pack_decline(reason.upper()), match="reason")
 
 
 def test_text_in_metric_names_and_values():
@@ -76,137 +47,96 @@ def test_text_in_metric_names_and_values():
 
 
 def test_text_in_config_echo_and_extra_records():
-    content = wire.pack_train_reply(adapter(), privacy())
+    content = wire_pack.pack_train_reply(adapter(), privacy())
     content["echo"] = ConfigRecord({"note_id": "n-0042", "text": SECRET})
     err = refused(content, match="not allowed")
     assert any("echo" in p.where for p in err.problems)
-    refused(wire.pack_train_reply(adapter(), privacy(note=SECRET)), match="not a privacy key")
-    refused(wire.pack_train_reply(adapter(), privacy(accountant=SECRET)), match="accountant")
-    refused(wire.pack_train_reply(adapter(), privacy(steps="50")), match="steps")
-    refused(wire.pack_train_reply(adapter(), privacy(secure_mode=1)), match="secure_mode")
-    refused(wire.pack_train_reply(adapter(), privacy(patients_bucket=123)), match="multiple of 10")
-    refused(wire.pack_train_reply(adapter(), privacy(noise_multiplier=0.0)), match="not DP")
-    refused(wire.pack_train_reply(adapter(), privacy(accountant="rdp")), match="differs from the run")
+    refused(wire_pack.pack_train_reply(adapter(), privacy(note=SECRET)), match="not a privacy key")
+    refused(wire_pack.pack_train_reply(adapter(), privacy(accountant=SECRET)), match="accountant")
+    refused(wire_pack.pack_train_reply(adapter(), privacy(steps="50")), match="steps")
+    refused(wire_pack.pack_train_reply(adapter(), privacy(secure_mode=1)), match="secure_mode")
+    refused(wire_pack.pack_train_reply(adapter(), privacy(patients_bucket=123)), match="multiple of 10")
+    refused(wire_pack.pack_train_reply(adapter(), privacy(noise_multiplier=0.0)), match="not DP")
+    refused(wire_pack.pack_train_reply(adapter(), privacy(accountant="rdp")), match="differs from the run")
     bad_decline = RecordDict({"decline": ConfigRecord({"reason": SECRET})})
     refused(bad_decline, match="reason")
     refused(RecordDict({"decline": ConfigRecord({"reason": "budget_exceeded", "why": SECRET})}))
     # a train layout under an evaluate reply, and vice versa
-    refused(wire.pack_train_reply(adapter(), privacy()), "evaluate", match="not allowed")
-
-
-def test_tensor_smuggling():
-    # a string as uint8 tensor bytes under an unexpected key
-    text = np.frombuffer(SECRET.encode(), dtype=np.uint8).copy()
-    tensors = adapter() | {"notes.text": text}
-    refused(wire.pack_train_reply(tensors, privacy()), match="unexpected tensor name")
-    # same bytes under an expected name: wrong dtype and shape
-    refused(wire.pack_train_reply(adapter() | {A: text}, privacy()), match="dtype")
-    refused(wire.pack_train_reply(adapter() | {A: np.zeros((3, 8), np.float32)}, privacy()), match="shape")
-    refused(wire.pack_train_reply(adapter() | {A: np.zeros((2, 8), np.float64)}, privacy()), match="dtype")
-    refused(wire.pack_train_reply({A: adapter()[A]}, privacy()), match="missing tensor")
-    for bad in (np.nan, np.inf):
-        a = adapter()
-        a[B][0, 0] = bad
-        refused(wire.pack_train_reply(a, privacy()), match="non-finite")
-
-
-def test_bytes_appended_after_the_array_refused():
-    buf = io.BytesIO()
-    np.save(buf, adapter()[A], allow_pickle=False)
-    record = wire.pack_adapter(adapter())
-    record[A] = Array(dtype="float32", shape=(2, 8), stype="numpy.ndarray",
-                      data=buf.getvalue() + SECRET.encode())
-    content = RecordDict({"adapter": record, "privacy": ConfigRecord(privacy())})
-    refused(content, match="canonical")
-    # declared metadata that lies about the payload
-    record = wire.pack_adapter(adapter())
-    record[A] = Array(dtype="float32", shape=(2, 8), stype="numpy.ndarray",
-                      data=Array(np.zeros((4, 4), np.float32)).data)
-    refused(RecordDict({"adapter": record, "privacy": ConfigRecord(privacy())}), match="declared")
-
-
-def test_coordinator_side_without_spec_checks_lora_structure():
-    ok = wire.check_reply(wire.pack_train_reply(adapter(), privacy()), kind="train", spec=None, run=RUN)
-    assert set(ok.adapter) == {A, B}
-    refused(wire.pack_train_reply(adapter() | {"lm_head.weight": np.zeros((2, 2), np.float32)}, privacy()),
-            spec=None, match="not a PEFT LoRA tensor name")
-    refused(wire.pack_train_reply({A: adapter()[A]}, privacy()), spec=None, match="no matching")
-    refused(wire.pack_train_reply(adapter() | {A: np.zeros((3, 8), np.float32)}, privacy()), spec=None,
-            match="rows")
+    refused(wire_pack.pack_train_reply(adapter(), privacy()), "evaluate", match="not allowed")
 
 
 def test_every_violation_listed_at_once():
-    content = wire.pack_train_reply(adapter() | {"x": np.zeros(1, np.float32)}, privacy(note="x"))
+    content = wire_pack.pack_train_reply(adapter() | {"x": np.zeros(1, np.float32)}, privacy(note="x"))
     content["extra"] = ArrayRecord()
     err = refused(content)
     assert len(err.problems) >= 3
 
 
 def test_instruction_checked_on_receipt():
-    got = wire.check_instruction(wire.pack_instruction(round_id=3, adapter=adapter()), spec=SPEC, run=RUN)
+    got = wire.check_instruction(wire_pack.pack_instruction(round_id=3, adapter=adapter()), spec=SPEC, run=RUN)
     assert got.round_id == 3 and set(got.adapter) == {A, B}
-    assert wire.check_instruction(wire.pack_instruction(round_id=1, adapter=None), spec=SPEC,
+    assert wire.check_instruction(wire_pack.pack_instruction(round_id=1, adapter=None), spec=SPEC,
                                   run=RUN).adapter is None
-    bad = wire.pack_instruction(round_id=1, adapter=adapter() | {A: np.full((2, 8), np.inf, np.float32)})
+    bad = wire_pack.pack_instruction(round_id=1, adapter=adapter() | {A: np.full((2, 8), np.inf, np.float32)})
     bad["cmd"] = ConfigRecord({"exec": "upload notes"})
     with pytest.raises(WireError) as err:
         wire.check_instruction(bad, spec=SPEC, run=RUN)
     assert "non-finite" in str(err.value) and "cmd" in str(err.value)
     with pytest.raises(WireError, match="round"):
-        wire.check_instruction(RecordDict({"instruction": ConfigRecord({"round": True, "wire_version": wire.WIRE_VERSION})}), spec=SPEC, run=RUN)
+        wire.check_instruction(RecordDict({"instruction": ConfigRecord({"round": True, "wire_version": wire_version.WIRE_VERSION})}), spec=SPEC, run=RUN)
 
 
 # ---- ledger anchor (issue #12 §2) and a site stricter than the run (§5) ----
 
 
 def test_ledger_seq_and_head_are_strictly_checked():
-    ok = wire.check_reply(wire.pack_train_reply(adapter(), privacy()), kind="train", spec=SPEC, run=RUN)
+    ok = wire.check_reply(wire_pack.pack_train_reply(adapter(), privacy()), kind="train", spec=SPEC, run=RUN)
     assert ok.privacy.ledger_seq == 3 and ok.privacy.ledger_head == "ab" * 32
     for seq in (0, -1, 10**12 + 1, 1.0, True, "3", [3]):
-        refused(wire.pack_train_reply(adapter(), privacy(ledger_seq=seq)), match="ledger_seq")
+        refused(wire_pack.pack_train_reply(adapter(), privacy(ledger_seq=seq)), match="ledger_seq")
     for head in ("AB" * 32, "ab" * 31, "ab" * 33, "ab" * 32 + "\n", "zz" * 32, SECRET, b"ab" * 32,
                  ["ab" * 32], "\u0661" * 64):
-        refused(wire.pack_train_reply(adapter(), privacy(ledger_head=head)), match="ledger_head")
+        refused(wire_pack.pack_train_reply(adapter(), privacy(ledger_head=head)), match="ledger_head")
     for key in ("ledger_seq", "ledger_head"):
         p = privacy()
         del p[key]
-        refused(wire.pack_train_reply(adapter(), p), match="missing")
+        refused(wire_pack.pack_train_reply(adapter(), p), match="missing")
 
 
 def test_site_may_be_stricter_on_secure_mode_never_looser():
     strict_run = RunConfig.from_flower({"lora.r": 2, "train.secure-mode": True})
     # run says False, site used secure noise anyway: accepted, and reported as used
-    ok = wire.check_reply(wire.pack_train_reply(adapter(), privacy(secure_mode=True)), kind="train",
+    ok = wire.check_reply(wire_pack.pack_train_reply(adapter(), privacy(secure_mode=True)), kind="train",
                           spec=SPEC, run=RUN)
     assert ok.privacy.secure_mode is True
     # run says True: True passes, False (looser) is refused
-    wire.check_reply(wire.pack_train_reply(adapter(), privacy(secure_mode=True)), kind="train",
+    wire.check_reply(wire_pack.pack_train_reply(adapter(), privacy(secure_mode=True)), kind="train",
                      spec=SPEC, run=strict_run)
     with pytest.raises(WireError, match="secure-mode is true"):
-        wire.check_reply(wire.pack_train_reply(adapter(), privacy(secure_mode=False)), kind="train",
+        wire.check_reply(wire_pack.pack_train_reply(adapter(), privacy(secure_mode=False)), kind="train",
                          spec=SPEC, run=strict_run)
 
 
 def test_accountant_must_be_the_runs():
     rdp_run = RunConfig.from_flower({"lora.r": 2, "train.accountant": "rdp"})
-    wire.check_reply(wire.pack_train_reply(adapter(), privacy(accountant="rdp")), kind="train",
+    wire.check_reply(wire_pack.pack_train_reply(adapter(), privacy(accountant="rdp")), kind="train",
                      spec=SPEC, run=rdp_run)
-    refused(wire.pack_train_reply(adapter(), privacy(accountant="rdp")), match="differs from the run")
-    refused(wire.pack_train_reply(adapter(), privacy(accountant=["prv"])), match="accountant")
+    refused(wire_pack.pack_train_reply(adapter(), privacy(accountant="rdp")), match="differs from the run")
+    refused(wire_pack.pack_train_reply(adapter(), privacy(accountant=["prv"])), match="accountant")
 
 
 def test_delta_is_bounded_by_the_patients_bucket():
     # bucket 120: delta must be < 1/1200
-    wire.check_reply(wire.pack_train_reply(adapter(), privacy(delta=1 / 1200 * 0.999)), kind="train",
+    wire.check_reply(wire_pack.pack_train_reply(adapter(), privacy(delta=1 / 1200 * 0.999)), kind="train",
                      spec=SPEC, run=RUN)
-    refused(wire.pack_train_reply(adapter(), privacy(delta=1 / 1200)), match="patients_bucket")
-    refused(wire.pack_train_reply(adapter(), privacy(delta=0.5)), match="patients_bucket")
+    refused(wire_pack.pack_train_reply(adapter(), privacy(delta=1 / 1200)), match="patients_bucket")
+    refused(wire_pack.pack_train_reply(adapter(), privacy(delta=0.5)), match="patients_bucket")
     # a bucket of 0 is floored at 10: delta < 1/100
-    wire.check_reply(wire.pack_train_reply(adapter(), privacy(patients_bucket=0, delta=0.009)),
+    wire.check_reply(wire_pack.pack_train_reply(adapter(), privacy(patients_bucket=0, delta=0.009)),
                      kind="train", spec=SPEC, run=RUN)
-    refused(wire.pack_train_reply(adapter(), privacy(patients_bucket=0, delta=0.01)),
+    refused(wire_pack.pack_train_reply(adapter(), privacy(patients_bucket=0, delta=0.01)),
             match="patients_bucket")
-    refused(wire.pack_train_reply(adapter(), privacy(patients_bucket=10_000, delta=1e-5)),
+    refused(wire_pack.pack_train_reply(adapter(), privacy(patients_bucket=10_000, delta=1e-5)),
             match="patients_bucket")
 
 
@@ -215,7 +145,7 @@ def test_malformed_values_are_refused_not_raised():
     for over in ({"accountant": ["prv", "rdp"]}, {"epsilon": 10**400}, {"patients_bucket": 10**30},
                  {"secure_mode": [True]}, {"ledger_head": ["x"]}):
         try:
-            content = wire.pack_train_reply(adapter(), privacy(**over))
+            content = wire_pack.pack_train_reply(adapter(), privacy(**over))
         except Exception:  # Flower itself refuses to build the record: nothing to check
             continue
         err = refused(content)

@@ -15,7 +15,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from shared import wire, wire_secagg
+from shared import wire, wire_adapter, wire_secagg, wire_version
 from shared.errors import WireError
 from shared.privacy_scalars import PRIVACY_KEYS
 from shared.run_config import RunConfig
@@ -128,9 +128,9 @@ def train_replies(draw):
     # Mostly a current peer (so the checks past the version gate are fuzzed), sometimes any record.
     version = draw(st.sampled_from(["current", "current", "current", "fuzzed", "absent"]))
     if version == "current":
-        content[wire.WIRE_KEY] = wire.wire_record()
+        content[wire_version.WIRE_KEY] = wire_version.wire_record()
     elif version == "fuzzed":
-        content[wire.WIRE_KEY] = draw(records)
+        content[wire_version.WIRE_KEY] = draw(records)
     for key, strategy in base:
         if draw(st.booleans()):
             content[key] = draw(strategy)
@@ -158,9 +158,9 @@ def test_check_reply_never_raises(content, kind, spec, run):
 @FUZZ
 @given(privacy=privacy_records())
 def test_privacy_record_alone_never_raises(privacy):
-    content = RecordDict({"adapter": wire.pack_adapter({A: np.zeros((2, 8), np.float32),
+    content = RecordDict({"adapter": wire_adapter.pack_adapter({A: np.zeros((2, 8), np.float32),
                                                         B: np.zeros((8, 2), np.float32)}),
-                          "privacy": privacy, wire.WIRE_KEY: wire.wire_record()})
+                          "privacy": privacy, wire_version.WIRE_KEY: wire_version.wire_record()})
     _no_crash(wire.check_reply, content, kind="train", spec=SPEC, run=RUN)
 
 
@@ -169,7 +169,7 @@ def test_privacy_record_alone_never_raises(privacy):
        extra=st.lists(odd_text, max_size=2), data=st.data())
 def test_check_instruction_never_raises(instruction, adapter, extra, data):
     if data.draw(st.booleans()):  # a current coordinator, so the checks past the version gate are fuzzed
-        instruction = {**instruction, wire.WIRE_VERSION_FIELD: wire.WIRE_VERSION}
+        instruction = {**instruction, wire_version.WIRE_VERSION_FIELD: wire_version.WIRE_VERSION}
     content = RecordDict({"instruction": _config(instruction)})
     if adapter is not None:
         content["adapter"] = adapter
@@ -183,7 +183,7 @@ def secagg_replies(draw):
     good = {A: np.full((2, 8), 0.25), B: np.zeros((8, 2))}
     content = wire_secagg.pack_secagg_reply(good, weight=120, privacy=GOOD_PRIVACY)
     targets = [wire_secagg.FITRES_METRICS, wire_secagg.FITRES_NUM_EXAMPLES, wire_secagg.FITRES_STATUS,
-               wire_secagg.SECAGG_LAYOUT_KEY, wire.WIRE_KEY, wire_secagg.FITRES_PARAMETERS, wire_secagg.SECAGG_CONFIGS_KEY]
+               wire_secagg.SECAGG_LAYOUT_KEY, wire_version.WIRE_KEY, wire_secagg.FITRES_PARAMETERS, wire_secagg.SECAGG_CONFIGS_KEY]
     for key in draw(st.lists(st.sampled_from(targets), min_size=1, max_size=3, unique=True)):
         choice = draw(st.integers(0, 3))
         if choice == 0:
@@ -208,7 +208,7 @@ def test_check_secagg_reply_never_raises(content, masked, spec):
 @given(params=adapters(), cfg=st.dictionaries(keys, config_values, max_size=3),
        numbered=st.booleans())
 def test_unpack_secagg_instruction_never_raises(params, cfg, numbered):
-    cfg = {**cfg, wire.WIRE_VERSION_FIELD: wire.WIRE_VERSION} if numbered else cfg
+    cfg = {**cfg, wire_version.WIRE_VERSION_FIELD: wire_version.WIRE_VERSION} if numbered else cfg
     if numbered:  # the legacy "0".."n-1" keys, so the arrays are decoded and re-labelled
         renamed = ArrayRecord()
         for i, (_name, arr) in enumerate(params.items()):

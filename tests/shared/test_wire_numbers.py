@@ -2,40 +2,22 @@
 contract carries a version both sides check. Each test plays a site (or coordinator) that
 tries to smuggle bits through a number, or speaks another version."""
 
-import numpy as np
 import pytest
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from shared import wire
+from shared import wire, wire_adapter, wire_numbers, wire_pack, wire_version
 from shared.errors import WireError
-from shared.run_config import RunConfig
-
-RUN = RunConfig.from_flower({"lora.r": 2})
-A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
-B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
-SPEC = {A: ((2, 8), "float32"), B: ((8, 2), "float32")}
-
-
-def adapter():
-    return {A: np.full((2, 8), 0.5, np.float32), B: np.zeros((8, 2), np.float32)}
-
-
-def privacy(**over):
-    p = dict(epsilon=1.5, epsilon_round=0.5, delta=1e-5, noise_multiplier=1.1, sample_rate=0.01,
-             steps=50, max_grad_norm=1.0, accountant="prv", secure_mode=True, patients_bucket=120,
-             ledger_seq=3, ledger_head="ab" * 32)
-    p.update(over)
-    return p
+from tests.shared.wire_samples import RUN, SPEC, adapter, privacy
 
 
 def raw_train(priv):
     """A train reply packed WITHOUT the site's rounding: what a covert site would send."""
-    return RecordDict({"adapter": wire.pack_adapter(adapter()), "privacy": ConfigRecord(priv),
-                       "wire": wire.wire_record()})
+    return RecordDict({"adapter": wire_adapter.pack_adapter(adapter()), "privacy": ConfigRecord(priv),
+                       "wire": wire_version.wire_record()})
 
 
 def metrics(**values):
-    return RecordDict({"metrics": MetricRecord(values), "wire": wire.wire_record()})
+    return RecordDict({"metrics": MetricRecord(values), "wire": wire_version.wire_record()})
 
 
 def refused(content, kind="train", match=""):
@@ -63,7 +45,7 @@ def test_counts_are_buckets():
     for good in (0, 10, 120, 40.0):
         wire.check_reply(metrics(**{"count.reports": good}), kind="evaluate", spec=None, run=RUN)
     # the site's packer floors a raw count to its bucket, so an honest site passes
-    packed = wire.pack_evaluate_reply({"count.reports": 47, "diversity.mtld": 12.3456789})
+    packed = wire_pack.pack_evaluate_reply({"count.reports": 47, "diversity.mtld": 12.3456789})
     got = wire.check_reply(packed, kind="evaluate", spec=None, run=RUN).metrics
     assert got == {"count.reports": 40.0, "diversity.mtld": 12.3457}
 
@@ -82,13 +64,13 @@ def test_privacy_floats_have_six_significant_digits():
 
 def test_site_rounds_privacy_before_sending_and_never_under_reports_epsilon():
     raw = privacy(epsilon=1.2345641, epsilon_round=1.2345641, delta=9.9999991e-6, noise_multiplier=1.23456789)
-    got = wire.check_reply(wire.pack_train_reply(adapter(), raw), kind="train", spec=SPEC, run=RUN).privacy
+    got = wire.check_reply(wire_pack.pack_train_reply(adapter(), raw), kind="train", spec=SPEC, run=RUN).privacy
     assert got.epsilon == 1.23457 >= raw["epsilon"]  # rounded up, not to nearest (1.23456)
     assert got.epsilon_round <= got.epsilon
     assert got.delta >= raw["delta"] and got.noise_multiplier == 1.23457
     for v in (0.1, 3.0, 9.999995, 1e-7 + 1e-13, 123456.7):
-        up = wire.round_sig_up(v)
-        assert up >= v and wire.round_sig(up) == up
+        up = wire_numbers.round_sig_up(v)
+        assert up >= v and wire_numbers.round_sig(up) == up
 
 
 @pytest.mark.parametrize("key,value,match", [
@@ -117,18 +99,18 @@ def test_privacy_ints_at_their_bounds_pass():
 
 
 def test_coordinator_refuses_a_site_of_another_version_with_a_clear_message():
-    old = wire.pack_train_reply(adapter(), privacy())
+    old = wire_pack.pack_train_reply(adapter(), privacy())
     del old["wire"]  # a v1 site sends no version
     msg = refused(old, match="wire version mismatch")
     assert "site speaks wire v1 (unversioned), this side v2: upgrade the site" in msg
-    newer = wire.pack_train_reply(adapter(), privacy())
-    newer["wire"] = ConfigRecord({"version": wire.WIRE_VERSION + 1})
-    assert f"site speaks wire v{wire.WIRE_VERSION + 1}" in refused(newer, match="upgrade the coordinator")
-    odd = wire.pack_decline("site_error")
+    newer = wire_pack.pack_train_reply(adapter(), privacy())
+    newer["wire"] = ConfigRecord({"version": wire_version.WIRE_VERSION + 1})
+    assert f"site speaks wire v{wire_version.WIRE_VERSION + 1}" in refused(newer, match="upgrade the coordinator")
+    odd = wire_pack.pack_decline("site_error")
     odd["wire"] = ConfigRecord({"version": "Jane Roe MRN 998877"})
     assert "Jane" not in refused(odd, match="unreadable version")
-    extra = wire.pack_decline("site_error")
-    extra["wire"] = ConfigRecord({"version": wire.WIRE_VERSION, "note": "Jane Roe"})
+    extra = wire_pack.pack_decline("site_error")
+    extra["wire"] = ConfigRecord({"version": wire_version.WIRE_VERSION, "note": "Jane Roe"})
     assert "Jane" not in refused(extra, match="site speaks wire an unreadable version")
 
 
@@ -137,14 +119,14 @@ def test_site_refuses_a_coordinator_of_another_version_with_a_clear_message():
     with pytest.raises(WireError, match="coordinator speaks wire v1 \\(unversioned\\), this side v2: "
                                         "upgrade the coordinator"):
         wire.check_instruction(old, spec=SPEC, run=RUN)
-    newer = RecordDict({"instruction": ConfigRecord({"round": 1, "wire_version": wire.WIRE_VERSION + 1})})
+    newer = RecordDict({"instruction": ConfigRecord({"round": 1, "wire_version": wire_version.WIRE_VERSION + 1})})
     with pytest.raises(WireError, match="upgrade the site"):
         wire.check_instruction(newer, spec=SPEC, run=RUN)
-    assert wire.check_instruction(wire.pack_instruction(round_id=1, adapter=None), spec=SPEC,
+    assert wire.check_instruction(wire_pack.pack_instruction(round_id=1, adapter=None), spec=SPEC,
                                   run=RUN).round_id == 1
 
 
 def test_every_packed_reply_carries_the_version():
-    for content in (wire.pack_train_reply(adapter(), privacy()), wire.pack_evaluate_reply({}),
-                    wire.pack_decline("wire_version")):
-        assert dict(content["wire"]) == {"version": wire.WIRE_VERSION}
+    for content in (wire_pack.pack_train_reply(adapter(), privacy()), wire_pack.pack_evaluate_reply({}),
+                    wire_pack.pack_decline("wire_version")):
+        assert dict(content["wire"]) == {"version": wire_version.WIRE_VERSION}

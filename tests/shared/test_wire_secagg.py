@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from shared import wire
+from shared import wire_version
 from shared.errors import WireError
 from shared.run_config import RunConfig
 from shared.wire_secagg import (
@@ -91,7 +91,7 @@ def test_not_a_recorddict_and_another_wire_version_are_refused():
     with pytest.raises(WireError, match="not a RecordDict"):
         check_secagg_reply({"fitres.parameters": 1}, spec=SPEC, run=RUN, masked=False)
     content = _reply()
-    content[wire.WIRE_KEY] = ConfigRecord({"version": wire.WIRE_VERSION + 1})
+    content[wire_version.WIRE_KEY] = ConfigRecord({"version": wire_version.WIRE_VERSION + 1})
     with pytest.raises(WireError, match="wire version mismatch"):
         check_secagg_reply(content, spec=SPEC, run=RUN, masked=False)
 
@@ -224,7 +224,7 @@ def _fitins(arrays, config):
     return content
 
 
-V = {"wire_version": wire.WIRE_VERSION}
+V = {"wire_version": wire_version.WIRE_VERSION}
 
 
 def test_round_one_instruction_has_no_adapter():

@@ -18,7 +18,8 @@ from client.dp.ledger_recovery import recover_ledger, rotate_key, site_audit_log
 from client.privacy_report import ledger_privacy, write_site_report
 from shared.audit import verify_log
 from shared.errors import BudgetExceededError, LedgerError
-from shared.report import ModelInfo, SiteRoundReport, software_versions
+from shared.report import ModelInfo, SiteRoundReport
+from shared.report_io import software_versions
 from shared.settings import SiteSettings, load_settings
 from shared.signing import generate_key, load_public_key
 

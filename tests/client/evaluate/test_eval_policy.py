@@ -138,7 +138,8 @@ def test_site_evaluate_end_to_end_with_a_crafted_generator(tmp_path, monkeypatch
     import client.generation.generate as generate
     import client.privacy_report as privacy_report
     from client.generation.reports import SyntheticReport
-    from shared.report import ModelInfo, SiteRoundReport, read_report
+    from shared.report import ModelInfo, SiteRoundReport
+    from shared.report_io import read_report
     from shared.whitelist import METRIC_NAMES
 
     manifest = write_demo(tmp_path / "data", seed=3, patients_per_site=30)

@@ -7,7 +7,7 @@ import pytest
 
 from client.evaluate.summary import Cell, build_summary, suppressed_names
 from shared.errors import ConfigError, WireError
-from shared.wire import METRIC_NAMES
+from shared.whitelist import METRIC_NAMES
 
 
 def test_small_cells_are_suppressed_and_listed():
