@@ -25,7 +25,7 @@ temporary directory and renamed, so a crash never leaves a half model), with a
 ``BUILD.json`` describing how it was made. Step count adapts to the machine:
 a short calibration fixes the planned number of steps to fit ``max_seconds``;
 for a given planned step count (and thread count, which the build also picks
-by timing, see :func:`_choose_threads`) the build is deterministic.
+by timing, see :func:`client.pretrain_steps.choose_threads`) the build is deterministic.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import math
 import random
 import shutil
 import tempfile
@@ -45,6 +44,7 @@ from typing import Any
 import torch
 
 from client.model_build import build_tokenizer, causal_lm_from_config, family_config
+from client.pretrain_steps import batches, choose_threads, collate, lr_at, weighted_loss
 from client.prompt import SECTIONS, build_prompt, training_example
 from shared import icd10
 from shared.atomic import replace_dir
@@ -190,76 +190,6 @@ def _weighted_example(code: str, text: str, tokenizer: Any) -> dict[str, list]:
     return example
 
 
-def _loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
-    """(weighted loss to optimise, plain mean token cross-entropy to report)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    ce = torch.nn.functional.cross_entropy(
-        logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=-100, reduction="none"
-    )
-    valid = (labels != -100).float()
-    weights = batch["weights"][:, 1:] * valid
-    return (ce * weights).sum() / weights.sum(), float((ce.detach() * valid).sum() / valid.sum())
-
-
-def _lr_at(step: int, planned: int) -> float:
-    """Linear warmup, then cosine decay to ``min_lr_ratio`` at ``planned`` steps."""
-    lr, warm, floor = RECIPE["lr"], RECIPE["warmup_steps"], RECIPE["min_lr_ratio"]
-    if step < warm:
-        return lr * (step + 1) / warm
-    frac = min(1.0, (step - warm) / max(1, planned - warm))
-    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-def _collate(examples: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    weights = torch.zeros((len(examples), width), dtype=torch.float32)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n] = torch.tensor(e["input_ids"])
-        labels[i, :n] = torch.tensor(e["labels"])
-        mask[i, :n] = 1
-        weights[i, :n] = torch.tensor(e.get("weights", [1.0] * n))
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "weights": weights}
-
-
-def _batches(examples: list[dict[str, list[int]]], batch_size: int, rng: random.Random):
-    while True:
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield [examples[j] for j in order[i : i + batch_size]]
-
-
-def _fwd_bwd_seconds(model: torch.nn.Module, batch: dict[str, torch.Tensor], threads: int) -> float:
-    torch.set_num_threads(threads)
-    t0 = time.monotonic()
-    _loss(model, batch)[0].backward()
-    seconds = time.monotonic() - t0
-    model.zero_grad(set_to_none=True)
-    return seconds
-
-
-def _choose_threads(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
-    """The faster torch thread count for training, 1 or the default.
-
-    On a CPU shared with other busy processes one thread is often several times
-    faster than two (OpenMP threads waiting on each other); on an idle machine
-    the default wins. Timed on a throwaway forward/backward of one batch of the
-    size the build trains on: no weight changes.
-    """
-    default = torch.get_num_threads()
-    if default == 1:
-        return 1
-    _fwd_bwd_seconds(model, batch, 1)  # warm-up (allocator, kernels)
-    one = _fwd_bwd_seconds(model, batch, 1)
-    many = _fwd_bwd_seconds(model, batch, default)
-    return 1 if one < many else default
-
-
 def build_embedded(
     public: Sequence[tuple[str, str]],
     out_dir: Path,
@@ -300,8 +230,8 @@ def build_embedded(
         lr=RECIPE["lr"],
         betas=(0.9, 0.95),
     )
-    reports = _batches(examples, RECIPE["batch_size"], rng)
-    title_batches = _batches(title_examples, RECIPE["title_batch_size"], rng)
+    reports = batches(examples, RECIPE["batch_size"], rng)
+    title_batches = batches(title_examples, RECIPE["title_batch_size"], rng)
     pad = tokenizer.pad_token_id
     default_threads = torch.get_num_threads()
     planned = RECIPE["max_steps"]
@@ -311,14 +241,15 @@ def build_embedded(
     losses: list[float] = []
     step = 0
     try:
-        threads = _choose_threads(model, _collate(examples[: RECIPE["batch_size"]], pad))
+        threads = choose_threads(model, collate(examples[: RECIPE["batch_size"]], pad))
         torch.set_num_threads(threads)
         while step < planned and (step < 1 or time.monotonic() < deadline):
             is_title = step % RECIPE["title_every"] == RECIPE["title_every"] - 1
-            batch = _collate(next(title_batches if is_title else reports), pad)
+            batch = collate(next(title_batches if is_title else reports), pad)
             for group in optim.param_groups:
-                group["lr"] = _lr_at(step, planned)
-            loss, plain = _loss(model, batch)
+                group["lr"] = lr_at(step, planned, lr=RECIPE["lr"], warmup_steps=RECIPE["warmup_steps"],
+                                    min_lr_ratio=RECIPE["min_lr_ratio"])
+            loss, plain = weighted_loss(model, batch)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -50,15 +50,13 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, timedelta
-from functools import partial
 from pathlib import Path
 
+from client.demo.patients import Patient, make_patients, unique
 from client.demo.text import (
-    AGES,
     CODE_VOCAB,
-    COMORBID,
     DOCTORS,
     FICTIONAL_MARKER,
     GENERIC,
@@ -96,20 +94,6 @@ STYLE_MARKERS: dict[str, tuple[str, ...]] = {
     "site-c": ("CORRIN BAY SPECIALIST CLINIC", "FORM MH-EVAL-3", "Medical Record Number:", "Risk Level:"),
 }
 
-# Relative weight of each primary code per site (1 when not listed): non-IID on purpose.
-_SITE_WEIGHTS: dict[str, dict[str, int]] = {
-    "site-a": {"F20": 9, "F25": 6, "F31": 7, "F10.2": 8},
-    "site-b": {"F32": 8, "F33": 7, "F41.1": 6, "F43.1": 6, "F60.3": 5},
-    "site-c": {"F90.0": 9, "F50.0": 8, "F42": 6, "F41.0": 6},
-}
-
-_FEMALE = ("Aldith", "Brenna", "Carys", "Delphine", "Edda", "Fenella", "Gwenith", "Honora", "Isolde", "Jessamy", "Kerensa", "Linnet", "Maelis", "Nerys", "Oriel", "Perpetua", "Rowenna", "Seren", "Tamsin", "Ursula", "Verity", "Wenna", "Yselda", "Zillah")
-_MALE = ("Alaric", "Bartram", "Cadoc", "Dorian", "Emrys", "Fitzroy", "Gawain", "Hollis", "Ivor", "Jago", "Kester", "Lorcan", "Madoc", "Niall", "Osric", "Peregrine", "Quentin", "Rhodri", "Silas", "Tobiah", "Ulric", "Vaughan", "Wystan", "Zeb")
-_LAST = ("Ambrosell", "Brackwater", "Corriveau", "Dunhollow", "Eskerby", "Farthingale", "Glenwhistle", "Harrowmont", "Ilsworth", "Juniperry", "Kettleborne", "Larkspurr", "Marrowdyke", "Nettlecombe", "Oakenshaw", "Pennywhistle", "Quillfeather", "Rookhaven", "Saltmarrow", "Thistlegrave", "Underbough", "Vellacott", "Wickensham", "Yarrowby", "Brindlecote", "Coldharbour", "Dewberrow", "Fennimoor", "Gorseway", "Hazelwick", "Inglethorn", "Mossgiel", "Pollendine", "Ravenmere", "Starlingford", "Tumbledown", "Wrenfield", "Ashgrove", "Copperbeech", "Duskwater")
-_STREETS = ("Quillby Lane", "Marrowgate Road", "Tansley Close", "Hob Hollow", "Wrenthorpe Street", "Cobble Row", "Fernhallow Avenue", "Lantern Walk", "Gorsebrook Drive", "Pipers Yard", "Kittiwake Crescent", "Oxbow Terrace")
-_TOWNS = ("Ashcombe Vale", "Brindlemoor", "Corrin Bay", "Dunmere", "Elsworth Cross", "Fallowmead")
-
-
 @dataclass(frozen=True)
 class DemoManifest:
     """Where :func:`write_demo` put things. ``canaries`` is empty when none were planted."""
@@ -119,28 +103,6 @@ class DemoManifest:
     public: Path
     canaries: dict[str, Path]
     seed: int
-
-
-@dataclass
-class _Patient:
-    site: str
-    patient_id: str
-    female: bool
-    codes: list[str]
-    name: str
-    mrn: str
-    address: str
-    phone: str
-    dob: date
-    first_date: date
-    n_notes: int
-    med: str
-    canary: str | None = None
-    canary_note: int = 0  # which of the patient's notes carries ``canary``
-    note_ids: list[str] = field(default_factory=list)
-
-    def phi(self) -> list[str]:
-        return [self.name, self.mrn, self.address, self.phone, dob_text(self.site, self.dob)]
 
 
 def canary_text(secret: str) -> str:
@@ -153,63 +115,7 @@ def _secret(rng: random.Random) -> str:
 
 
 
-def _unique(rng: random.Random, seen: set[str], make) -> str:
-    while True:
-        value = make(rng)
-        if value not in seen:
-            seen.add(value)
-            return value
-
-
-def _make_name(rng: random.Random, female: bool, attempt: list[int], *, always_middle: bool = False) -> str:
-    first = rng.choice(_FEMALE if female else _MALE)
-    attempt[0] += 1
-    # Past ~1000 draws collisions get likely, so a middle initial widens the space.
-    middle = f" {chr(65 + rng.randrange(26))}." if always_middle or attempt[0] > 1000 else ""
-    return f"{first}{middle} {rng.choice(_LAST)}"
-
-
-_MRN = {
-    "site-a": lambda r: f"{r.randrange(10, 100)}-{r.randrange(1000, 10000)}-{r.randrange(10)}",
-    "site-b": lambda r: f"HB-{r.randrange(100000, 1000000)}",
-    "site-c": lambda r: f"CV {r.randrange(100, 1000)} {r.randrange(100, 1000)}",
-}
-_PHONE = {  # ranges reserved by the UK regulator for fiction
-    "site-a": lambda r: f"07700 900{r.randrange(1000):03d}",
-    "site-b": lambda r: f"01632 960{r.randrange(1000):03d}",
-    "site-c": lambda r: f"+44 20 7946 0{r.randrange(1000):03d}",
-}
-
-
-def _make_patients(site: str, seed: int, n: int, seen: set[str], *, public: bool = False) -> list[_Patient]:
-    rng = random.Random(f"fedsynth-demo:{seed}:{'public-styled:' if public else ''}{site}:patients")
-    weights = [_SITE_WEIGHTS[site].get(code, 1) for code in CODES]
-    # Every code at least once when there is room, so each site can be evaluated on every code.
-    primaries = list(CODES[:n]) + rng.choices(CODES, weights, k=max(0, n - len(CODES)))
-    rng.shuffle(primaries)
-    names_drawn = [0]
-    patients = []
-    for i, primary in enumerate(primaries):
-        female = rng.random() < 0.5
-        codes = [primary]
-        if rng.random() < 0.25:
-            codes.append(rng.choice(COMORBID[primary]))
-        first = date(2019, 1, 1) + timedelta(days=rng.randrange(1600))
-        lo, hi = AGES[primary]
-        dob = first - timedelta(days=rng.randrange(lo * 365 + 1, hi * 365 + 300))
-        street = lambda r: f"{r.randrange(1, 200)} {r.choice(_STREETS)}, {r.choice(_TOWNS)}"  # noqa: E731
-        patients.append(_Patient(
-            site=site, patient_id=f"{site}-p{i + 1:04d}", female=female, codes=codes,
-            name=_unique(rng, seen, partial(_make_name, female=female, attempt=names_drawn, always_middle=public)),
-            mrn=_unique(rng, seen, _MRN[site]), address=_unique(rng, seen, street),
-            phone=_unique(rng, seen, _PHONE[site]), dob=dob, first_date=first,
-            n_notes=rng.choices((1, 2, 3, 4), (45, 30, 15, 10))[0],
-            med=rng.choice(CODE_VOCAB[primary]["meds"]),
-        ))
-    return patients
-
-
-def _content(rng: random.Random, p: _Patient, k: int, when: date, *, vocab_code: str | None = None) -> dict:
+def _content(rng: random.Random, p: Patient, k: int, when: date, *, vocab_code: str | None = None) -> dict:
     """Everything one note says, before a site's style lays it out.
 
     ``vocab_code`` (styled public texts only) takes the clinical wording from
@@ -250,7 +156,7 @@ def _render(site: str, c: dict, rng: random.Random) -> str:
     return render_c(c)
 
 
-def _site_records(patients: list[_Patient], seed: int) -> list[dict]:
+def _site_records(patients: list[Patient], seed: int) -> list[dict]:
     records = []
     for p in patients:
         rng = random.Random(f"fedsynth-demo:{seed}:{p.patient_id}:notes")
@@ -300,7 +206,8 @@ def styled_public_texts(*, seed: int = 0, n: int = 900) -> list[tuple[str, str]]
         raise ConfigError("invalid styled public request", problems)
     rng = random.Random(f"fedsynth-demo:{seed}:public-styled")
     seen: set[str] = set()
-    pools = {site: _make_patients(site, seed, -(-n // len(SITE_IDS)), seen, public=True) for site in SITE_IDS}
+    pools = {site: make_patients(site, seed, -(-n // len(SITE_IDS)), seen, codes=CODES, public=True)
+             for site in SITE_IDS}
     out = []
     for i in range(n):
         site = SITE_IDS[i % len(SITE_IDS)]
@@ -378,13 +285,13 @@ def write_demo(out_dir: Path, *, seed: int = 0, patients_per_site: int = 120,
     canaries: dict[str, Path] = {}
     _write_readme(out_dir, seed)
     for site in SITE_IDS:
-        patients = _make_patients(site, seed, patients_per_site, seen)
+        patients = make_patients(site, seed, patients_per_site, seen, codes=CODES)
         held = heldout_patients([p.patient_id for p in patients]) if reps else set()
         pool = canary_rng.sample([p for p in patients if p.patient_id not in held], sum(reps))
-        chosen: list[list[_Patient]] = []
+        chosen: list[list[Patient]] = []
         for r in reps:
             holders, pool = pool[:r], pool[r:]
-            text = canary_text(_unique(canary_rng, used_secrets, _secret))
+            text = canary_text(unique(canary_rng, used_secrets, _secret))
             for p in holders:
                 p.canary, p.canary_note = text, canary_rng.randrange(p.n_notes)
             chosen.append(holders)
@@ -393,7 +300,7 @@ def write_demo(out_dir: Path, *, seed: int = 0, patients_per_site: int = 120,
         _write_readme(out_dir / site, seed)
         _write_jsonl(sites[site], records)
         if reps:
-            refs = [_unique(canary_rng, used_secrets, _secret) for _ in range(REFERENCE_CANARIES)]
+            refs = [unique(canary_rng, used_secrets, _secret) for _ in range(REFERENCE_CANARIES)]
             canaries[site] = out_dir / site / "canaries.json"
             canaries[site].write_text(json.dumps(_canary_doc(site, seed, chosen, reps, refs), indent=2) + "\n",
                                       encoding="utf-8", newline="\n")
@@ -409,7 +316,7 @@ def write_demo(out_dir: Path, *, seed: int = 0, patients_per_site: int = 120,
     return DemoManifest(root=out_dir, sites=sites, public=public, canaries=canaries, seed=seed)
 
 
-def _canary_doc(site: str, seed: int, chosen: list[list[_Patient]], reps: list[int], refs: list[str]) -> dict:
+def _canary_doc(site: str, seed: int, chosen: list[list[Patient]], reps: list[int], refs: list[str]) -> dict:
     def entry(secret: str) -> dict:
         return {"text": canary_text(secret), "prefix": CANARY_PREFIX, "secret": secret, "suffix": CANARY_SUFFIX}
 

@@ -45,7 +45,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 import torch
 
@@ -312,27 +312,24 @@ def add_noise(
         p.grad = (summed + z.to(summed.dtype)).view_as(p) / expected_batch_size
 
 
+class NoiseKnobs(TypedDict):
+    """:func:`add_noise`'s keyword arguments, as :func:`noisy_step` passes them on."""
+
+    noise_multiplier: float  # sigma
+    max_grad_norm: float  # C, the per-patient clipping bound
+    expected_batch_size: int  # the divisor, in patients
+    noise: GaussianNoise  # the round's secret source, std sigma * C
+
+
 def noisy_step(
-    optimizer: torch.optim.Optimizer,
-    params: Sequence[torch.nn.Parameter],
-    *,
-    noise_multiplier: float,
-    max_grad_norm: float,
-    expected_batch_size: int,
-    noise: GaussianNoise,
+    optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter], **knobs: Unpack[NoiseKnobs]
 ) -> None:
-    """End one logical batch: :func:`add_noise`, ``optimizer.step()``, then clear ``p.grad``.
+    """End one logical batch: :func:`add_noise` (with ``knobs``), ``optimizer.step()``, then clear ``p.grad``.
 
     Works for an empty Poisson batch too (no ``p.grad``: an all-noise step).
     The caller charges the accountant once per call (``accountant.step``).
     """
-    add_noise(
-        params,
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm,
-        expected_batch_size=expected_batch_size,
-        noise=noise,
-    )
+    add_noise(params, **knobs)
     optimizer.step()
     for p in params:
         p.grad = None

@@ -35,7 +35,7 @@ raises :class:`LedgerError`: the ledger is never silently read as a smaller spen
 Format 1 ledgers (a plain sha256 per line, no MAC) are migrated on first open:
 every verified record is rewritten authenticated with the same sigma, q and
 steps (epsilon unchanged), the old file is kept as ``<ledger>.pre-mac`` and the
-migration is audited.
+migration is audited (:mod:`client.dp.ledger_v1`).
 """
 
 from __future__ import annotations
@@ -54,26 +54,23 @@ from client.dp.ledger_key import default_key_path, key_id, mac_ok, read_key, wri
 from client.dp.ledger_records import (
     GENESIS,
     LINE_KEYS,
-    NOISE_SOURCE,
     NOT_JSON,
     RECORD_KEYS,
-    ROUND_ID_MAX,
     V1_LINE_KEYS,
     AuditSink,
     LedgerEntry,
-    V1Reader,
     check_query,
     compute_epsilon,
     entry_from,
     entry_record,
-    is_num,
     record_hash,
     record_line,
     record_problems,
+    request_problems,
     stamp,
-    value_problems,
 )
-from shared.atomic import PRIVATE, write_atomic, write_new
+from client.dp.ledger_v1 import migrate_v1
+from shared.atomic import PRIVATE, write_new
 from shared.errors import BudgetExceededError, ConfigError, LedgerError, Problem
 
 __all__ = ["LedgerEntry", "Ledger", "GENESIS", "RECORD_KEYS", "compute_epsilon", "record_hash"]
@@ -123,7 +120,7 @@ class Ledger:
             raise LedgerError(f"cannot create privacy ledger {self.path}: {exc.strerror}") from None
         with self._locked() as fh:
             self._key = self._load_key(fh)
-            migrated = self._migrate_v1(fh)
+            migrated = migrate_v1(self, fh)
         if not migrated:
             self.entries()  # verify now: a corrupt ledger should stop a site at start-up
         else:
@@ -267,37 +264,6 @@ class Ledger:
         fh.flush()
         os.fsync(fh.fileno())
 
-    def _migrate_v1(self, fh: IO[bytes]) -> str | None:
-        """Rewrite a format-1 ledger authenticated (same values); the backup's name, or None."""
-        fh.seek(0)
-        first = fh.read().split(b"\n", 1)[0]
-        try:
-            head = json.loads(first)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return None
-        if not isinstance(head, dict) or set(head) != V1_LINE_KEYS:
-            return None
-        if not self._migrate:
-            raise self._fail(1, f"a format-1 record (plain checksum, no MAC), but {self._anchored_where} "
-                             "already anchors authenticated records: an old copy or a forgery, not "
-                             "migrated")
-        old = V1Reader(self).read(fh)
-        fh.seek(0)
-        backup = self.path.with_name(f"{self.path.name}.pre-mac")
-        if backup.exists():
-            backup = self.path.with_name(f"{self.path.name}.pre-mac-{stamp()}")
-        write_new(backup, fh.read())
-        records, prev = [], GENESIS
-        for entry in old:
-            rec = {**entry_record(entry, site_id=self.site_id, prev=prev)}
-            rec["hash"] = record_hash(rec)
-            records.append(rec)
-            prev = rec["hash"]
-        write_atomic(self.path, b"".join(record_line(r, self._key) for r in records), mode=PRIVATE)
-        for rec in records:
-            self._emit("ledger_anchor", {**rec, "cause": "migration"})
-        return backup.name
-
     def _append(self, fh: IO[bytes], entries: list[LedgerEntry], fields: dict[str, Any],
                 *, cause: str, extra: Mapping[str, Any] | None = None) -> LedgerEntry:
         prev = entries[-1].hash if entries else GENESIS
@@ -357,19 +323,7 @@ class Ledger:
         )
 
     def _check_run(self, sigma: Any, q: Any, steps: Any, delta: Any, accountant: Any, **more: Any) -> None:
-        reasons = value_problems(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta, accountant=accountant)
-        problems = [Problem("privacy", r) for r in reasons]
-        if "round_id" in more and (
-            not isinstance(more["round_id"], str) or not more["round_id"].strip()
-            or len(more["round_id"]) > ROUND_ID_MAX or not more["round_id"].isprintable()
-        ):
-            problems.append(Problem("round_id", f"must be a non-empty printable string of at most "
-                                    f"{ROUND_ID_MAX} characters, got {more['round_id']!r:.140}"))
-        if "ceiling" in more and not (is_num(more["ceiling"]) and more["ceiling"] > 0):
-            problems.append(Problem("epsilon_ceiling", f"must be a finite number > 0, got {more['ceiling']!r}"))
-        source = more.get("noise_source", "unspecified")
-        if not isinstance(source, str) or not NOISE_SOURCE.match(source):
-            problems.append(Problem("noise_source", f"must match {NOISE_SOURCE.pattern}, got {source!r:.80}"))
+        problems = request_problems(sigma, q, steps, delta, accountant, **more)
         if problems:
             raise ConfigError("invalid privacy ledger request", problems)
 

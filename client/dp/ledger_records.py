@@ -6,7 +6,7 @@ included: a hash chain) and ``mac`` = HMAC-SHA256 of the hash under the site's
 ledger secret (:mod:`client.dp.ledger_key`). The hash does not depend on the key,
 so audit-log anchors (which carry whole records and their hashes) stay valid
 across a key rotation. Format 1 (a plain sha256 per line) is read only to
-migrate it (:class:`V1Reader`).
+migrate it (:mod:`client.dp.ledger_v1`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
 from client.dp.ledger_key import mac
 from shared.errors import ConfigError, Problem
@@ -109,11 +109,6 @@ def record_hash(record: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _v1_checksum(record: dict[str, Any]) -> str:
-    body = {k: v for k, v in record.items() if k != "sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
 def record_problems(rec: Mapping[str, Any], *, site_id: str, seq: int, prev: str) -> list[str]:
     """Why ``rec`` (its :data:`RECORD_KEYS` and ``hash``) is not record ``seq`` of ``site_id``'s
     chain after ``prev`` (empty when it is). The MAC is checked by the caller."""
@@ -167,43 +162,21 @@ def stamp() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
 
 
-class V1Reader:
-    """Reads a format-1 ledger (plain sha256 per line) for migration, with the same torn-tail rule."""
-
-    def __init__(self, ledger: Any) -> None:
-        self.ledger = ledger
-
-    def _parse(self, raw: bytes, expected_seq: int) -> LedgerEntry | str:
-        try:
-            rec = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return NOT_JSON
-        if not isinstance(rec, dict) or set(rec) != V1_LINE_KEYS:
-            return "not a format-1 ledger record (unexpected fields)"
-        if rec["sha256"] != _v1_checksum(rec):
-            return "checksum mismatch"
-        rec = {**rec, "noise_source": "unspecified", "prev": GENESIS, "hash": ""}
-        rec["hash"] = record_hash(rec)  # placeholder chain: only the values are checked here
-        bad = record_problems(rec, site_id=self.ledger.site_id, seq=expected_seq, prev=GENESIS)
-        return "; ".join(bad) if bad else entry_from(rec)
-
-    def read(self, fh: IO[bytes]) -> list[LedgerEntry]:
-        fh.seek(0)
-        data = fh.read()
-        lines = data.split(b"\n")
-        tail_open = lines[-1] != b""
-        if not tail_open:
-            lines.pop()
-        entries: list[LedgerEntry] = []
-        offset = 0
-        for i, raw in enumerate(lines):
-            number, last = i + 1, i == len(lines) - 1
-            parsed = self._parse(raw, len(entries) + 1)
-            if isinstance(parsed, LedgerEntry):
-                entries.append(parsed)
-            elif last and (tail_open or parsed == NOT_JSON):
-                self.ledger._move_aside(fh, offset, data[offset:])
-            else:
-                raise self.ledger._fail(number, f"format-1 record: {parsed}")
-            offset += len(raw) + 1
-        return entries
+def request_problems(sigma: Any, q: Any, steps: Any, delta: Any, accountant: Any, **more: Any) -> list[Problem]:
+    """What is wrong with a ledger request: its privacy values (noise multiplier ``sigma``, sample
+    rate ``q``, ``steps``, ``delta``, ``accountant``) and, when given, ``round_id``, ``ceiling``
+    (the epsilon ceiling) and ``noise_source``; empty when it may be recorded."""
+    reasons = value_problems(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta, accountant=accountant)
+    problems = [Problem("privacy", r) for r in reasons]
+    if "round_id" in more and (
+        not isinstance(more["round_id"], str) or not more["round_id"].strip()
+        or len(more["round_id"]) > ROUND_ID_MAX or not more["round_id"].isprintable()
+    ):
+        problems.append(Problem("round_id", f"must be a non-empty printable string of at most "
+                                f"{ROUND_ID_MAX} characters, got {more['round_id']!r:.140}"))
+    if "ceiling" in more and not (is_num(more["ceiling"]) and more["ceiling"] > 0):
+        problems.append(Problem("epsilon_ceiling", f"must be a finite number > 0, got {more['ceiling']!r}"))
+    source = more.get("noise_source", "unspecified")
+    if not isinstance(source, str) or not NOISE_SOURCE.match(source):
+        problems.append(Problem("noise_source", f"must match {NOISE_SOURCE.pattern}, got {source!r:.80}"))
+    return problems

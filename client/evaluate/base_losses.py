@@ -24,7 +24,6 @@ embedding caches, and are never sent anywhere: only the DP-noised statistics of
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 from collections.abc import Sequence
@@ -33,12 +32,11 @@ from typing import Any
 
 import numpy as np
 
+from client.evaluate.array_cache import load_cached, save_cached
 from client.evaluate.membership import per_note_losses
 from client.model import adapter_hash
 from client.prompt import training_example
-from shared.atomic import PRIVATE, write_atomic
 from shared.errors import InputError, Problem
-from shared.signing import sha256_file
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 _VERSION = b"fedsynth-base-losses-v1\0"
@@ -66,22 +64,6 @@ def _scored_hash(tokenizer: Any, notes: Sequence[tuple[str, str]], max_length: i
         ex = training_example(code, text, tokenizer, max_length=max_length)
         digest.update(json.dumps([ex["input_ids"], ex["labels"]]).encode() + b"\0")
     return digest.hexdigest()
-
-
-def _load(npy: Path, manifest: Path, key: str, n: int) -> np.ndarray | None:
-    """The cached losses when present, intact and made for exactly this key; else None."""
-    try:
-        meta = json.loads(manifest.read_text(encoding="utf-8"))
-        if not isinstance(meta, dict) or meta.get("key") != key or meta.get("n") != n:
-            return None
-        if meta.get("npy_sha256") != sha256_file(npy):
-            return None  # truncated or altered after it was written
-        arr = np.load(npy, allow_pickle=False)
-    except (OSError, ValueError, json.JSONDecodeError):
-        return None
-    if arr.dtype != np.float64 or arr.shape != (n,) or not np.isfinite(arr).all():
-        return None
-    return arr
 
 
 def base_note_losses(
@@ -125,14 +107,11 @@ def base_note_losses(
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     npy, manifest = cache_dir / f"{name}.npy", cache_dir / f"{name}.json"
-    cached = _load(npy, manifest, key, len(notes))
+    cached = load_cached(npy, manifest, key_field="key", key=key, n=len(notes),
+                         valid=lambda a: a.dtype == np.float64 and a.shape == (len(notes),))
     if cached is not None:
         return cached
     with model.disable_adapter():
         losses = per_note_losses(model, tokenizer, notes, batch_size=batch_size, max_length=max_length)
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(losses, dtype=np.float64), allow_pickle=False)
-    write_atomic(npy, buf.getvalue(), mode=PRIVATE)
-    meta = {"key": key, **key_parts, "n": len(notes), "npy_sha256": sha256_file(npy)}
-    write_atomic(manifest, json.dumps(meta, indent=1).encode("utf-8"), mode=PRIVATE)
+    save_cached(npy, manifest, np.asarray(losses, dtype=np.float64), {"key": key, **key_parts, "n": len(notes)})
     return losses

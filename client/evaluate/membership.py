@@ -15,7 +15,7 @@ prompt as training (:func:`client.prompt.training_example`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,6 +174,23 @@ def _check_batching(batch_size: int, max_length: int | None) -> list[Problem]:
     return problems
 
 
+def _scored_rows(
+    model: Any, rows: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int,
+    reduce: Callable[[Any], float],
+) -> np.ndarray:
+    """One float per (input_ids, labels) row: ``reduce`` of its label tokens' log-probabilities
+    (natural log), scored ``batch_size`` rows at a time in eval mode without gradients."""
+    import torch
+
+    model.eval()
+    out = np.zeros(len(rows), dtype=np.float64)
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            for j, lp in enumerate(_token_logprobs(model, rows[start : start + batch_size], pad_id)):
+                out[start + j] = reduce(lp)
+    return out
+
+
 def per_note_losses(
     model: Any,
     tokenizer: Any,
@@ -191,7 +208,6 @@ def per_note_losses(
     model is put in eval mode and run without gradients. Raises
     :class:`InputError` when a note has no report token left after truncation.
     """
-    import torch
 
     problems = _check_batching(batch_size, max_length)
     if isinstance(notes_codes_texts, str) or not isinstance(notes_codes_texts, Sequence):
@@ -212,16 +228,8 @@ def per_note_losses(
     ]
     if empty:
         raise InputError("notes cannot be scored (the prompt fills max_length)", empty)
-    model.eval()
-    pad = _pad_id(tokenizer)
-    out = np.zeros(len(examples), dtype=np.float64)
-    with torch.no_grad():
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            rows = [(ex["input_ids"], ex["labels"]) for ex in chunk]
-            for j, lp in enumerate(_token_logprobs(model, rows, pad)):
-                out[start + j] = float(-lp.double().mean())
-    return out
+    rows = [(ex["input_ids"], ex["labels"]) for ex in examples]
+    return _scored_rows(model, rows, _pad_id(tokenizer), batch_size, lambda lp: float(-lp.double().mean()))
 
 
 def sequence_logprob(
@@ -240,7 +248,6 @@ def sequence_logprob(
     score the true secret and the random candidates with the same prefix and
     hand the array to the exposure computation (higher = more likely).
     """
-    import torch
 
     problems = _check_batching(batch_size, None)
     if not isinstance(prefix, str):
@@ -265,11 +272,4 @@ def sequence_logprob(
         rows.append((prefix_ids + cont_ids, [-100] * len(prefix_ids) + cont_ids))
     if empty:
         raise InputError("invalid continuations", empty)
-    model.eval()
-    pad = _pad_id(tokenizer)
-    out = np.zeros(len(rows), dtype=np.float64)
-    with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            for j, lp in enumerate(_token_logprobs(model, rows[start : start + batch_size], pad)):
-                out[start + j] = float(lp.double().sum())
-    return out
+    return _scored_rows(model, rows, _pad_id(tokenizer), batch_size, lambda lp: float(lp.double().sum()))

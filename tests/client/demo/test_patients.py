@@ -1,0 +1,36 @@
+"""The demo's fictional patients: same seed, same people; identifiers never shared; every code covered."""
+
+from __future__ import annotations
+
+import random
+
+from client.demo.data import CODES, SITE_IDS
+from client.demo.patients import make_patients, unique
+
+
+def test_same_seed_same_patients_and_identifiers_unique_across_sites() -> None:
+    def draw() -> list:
+        seen: set[str] = set()
+        return [p for site in SITE_IDS for p in make_patients(site, 7, 40, seen, codes=CODES)]
+
+    first, again = draw(), draw()
+    assert [p.phi() for p in first] == [p.phi() for p in again]
+    ids = [x for p in first for x in (p.name, p.mrn, p.address, p.phone)]
+    assert len(ids) == len(set(ids))  # a PHI string names one patient
+
+
+def test_every_code_is_a_primary_when_there_is_room() -> None:
+    patients = make_patients("site-b", 0, len(CODES) + 5, set(), codes=CODES)
+    assert {p.codes[0] for p in patients} == set(CODES)
+    assert all(1 <= p.n_notes <= 4 and p.dob < p.first_date for p in patients)
+
+
+def test_public_population_names_carry_a_middle_initial() -> None:
+    patients = make_patients("site-a", 0, 12, set(), codes=CODES, public=True)
+    assert all(". " in p.name for p in patients)
+
+
+def test_unique_redraws_until_unseen() -> None:
+    seen = {"0", "1"}
+    value = unique(random.Random(0), seen, lambda r: str(r.randrange(3)))
+    assert value == "2" and seen == {"0", "1", "2"}
