@@ -24,6 +24,8 @@ from shared.errors import BudgetExceededError, ConfigError, PrivacyError
 from shared.privacy_scalars import PRIVACY_KEYS
 from shared.run_config import TrainConfig
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TEXT = "The patient reports low mood and poor sleep for two months. Plan: review in two weeks."
 
 
@@ -74,15 +76,6 @@ def independent_epsilon(history, *, delta: float, accountant: str) -> float:
 
 def snapshot(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # Tiny models on a shared CPU: one thread avoids OpenMP spin contention and is faster.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture

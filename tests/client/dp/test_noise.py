@@ -34,16 +34,10 @@ from client.notes import Note
 from client.train import train_dp
 from shared.run_config import TrainConfig
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TEXT = "The patient reports low mood and poor sleep for two months. Plan: review in two weeks."
 SIGMA = 30.0  # noise dominates the clipped sum: the gradients' correlation is the noise's
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def make_notes(n_patients: int) -> list[Note]:

@@ -12,19 +12,13 @@ from client.evaluate.membership import per_note_losses
 from client.model import add_lora, tiny_random_model
 from shared.errors import InputError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 NOTES = [
     ("F32", "Presenting complaint\nLow mood for six weeks, poor sleep, withdrawn from friends."),
     ("F41.1", "Presenting complaint\nWorry most days, restless, tense, trouble concentrating."),
     ("F20", "Presenting complaint\nHears voices commenting, believes neighbours watch him."),
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -17,14 +17,7 @@ from client.evaluate.membership import (
 from client.prompt import build_prompt, training_example
 from shared.errors import InputError
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models are dominated by thread hand-off; on a shared machine 1 thread is ~10x faster.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_auc_separated_equal_and_ties():
