@@ -163,12 +163,13 @@ def nearest_measurement(
 
     Compared knobs: whole-run ε (achieved), training patients per site, total
     steps (rounds × steps) and expected batch; distance = Σ |ln(plan/measured)|.
+    An arm's own ``setting`` (a proxy-site measurement) overrides the table's.
     None when the table has no DP arm.
     """
     data = load_measurements() if data is None else data
-    s = data["setting"]
     best: Measurement | None = None
     for arm in data["arms"]:
+        s = {**data["setting"], **arm.get("setting", {})}  # an arm may be measured elsewhere (the proxy)
         eps = arm["epsilon"]
         if not isinstance(eps, (int, float)) or not math.isfinite(eps):
             continue  # zero-shot and no-DP are references, not settings to plan for
@@ -278,6 +279,6 @@ def plan_lines(plan: Plan) -> list[str]:
         out.append(f"  Measured fidelity nearest this setting: '{m.name}' (ε {m.epsilon:g}, "
                    f"{s['train_patients']} patients/site, {s['rounds']}×{s['steps']} steps, batch "
                    f"{s['batch']}): {metrics}")
-        out.append("    (docs/results.md: tiny embedded model, measured before fidelity masking; "
-                   "an order of magnitude, not a promise)")
+        out.append(f"    ({s.get('source', 'docs/results.md')}; tiny embedded model: an order of magnitude, "
+                   "not a promise)")
     return out

@@ -1,0 +1,154 @@
+"""``python bench/proxy.py``: try a training recipe on a proxy site from the public population.
+
+Hyperparameters are chosen here, never on a site's notes (issue #15, item 1).
+The proxy site is drawn from the public demo generator (:mod:`client.demo`)
+with a seed no demo consortium uses (:data:`PROXY_SEED` + ``--seed``), so its
+patients, names and notes are not any demo site's; only the generator, which
+is public, is shared. One site trains for ``--rounds`` rounds with the
+functions the ClientApp calls (:func:`client.site.train_local_round`,
+aggregated by the coordinator's :func:`server.strategy.aggregate`), DP at a
+whole-run ``--epsilon`` or NON-PRIVATE with ``--no-dp``, then reports are
+generated and scored for fidelity only (code mentions masked,
+:mod:`client.evaluate.masking`): real-note classifier macro-F1, TSTR/TRTR and
+the centroid margin. No privacy metric is computed (the proxy is public).
+
+Output: one JSON object on stdout and in ``DIR/proxy.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/proxy.py` finds bench/
+
+PROXY_SEED = 7_000_000  # no demo consortium, study or test uses seeds this large
+
+
+def run_proxy(out: Path, *, patients: int, seed: int, rounds: int, epsilon: float | None,
+              overrides: dict[str, str], reports_per_code: int) -> dict:
+    """Train one proxy site and score its reports; ``epsilon`` None is the non-private arm."""
+    import numpy as np
+    import torch
+
+    from bench.study import per_round_epsilon, training_patients
+    from client import site
+    from client.demo.data import write_demo
+    from client.evaluate import fidelity
+    from client.evaluate.embeddings import Embedder
+    from client.evaluate.eval_policy import evaluation_sampling
+    from client.evaluate.masking import mask_all
+    from client.generation.generate import generate_reports
+    from client.model import adapter_hash
+    from server.strategy import aggregate
+    from shared.run_config import RunConfig, with_overrides
+    from shared.settings import SiteSettings
+
+    torch.set_num_threads(1)
+    started = time.monotonic()
+    manifest = write_demo(out / "data", seed=PROXY_SEED + seed, patients_per_site=patients)
+    notes = manifest.sites["site-a"]
+    # The proxy's site policy: its data are public, so its floors are the experiment's knobs.
+    settings = SiteSettings(site_id="proxy", notes_path=notes, output_dir=out / "output", device="cpu",
+                            epsilon_ceiling=1e6, max_epsilon_per_round=1e6)
+    run = with_overrides(RunConfig(), {"num-rounds": rounds, "min-sites": 1, **overrides})
+    n_train = training_patients(notes, heldout_fraction=settings.heldout_fraction)
+    per_round = None
+    if epsilon is not None:
+        per_round, achieved = per_round_epsilon(epsilon, n_train=n_train, batch=run.train.expected_batch_size,
+                                                steps=run.train.steps, rounds=rounds)
+        run = replace(run, train=replace(run.train, noise_multiplier=0.0, epsilon_per_round=round(per_round, 6)))
+    else:  # the NON-PRIVATE baseline takes no noise knobs (client.dp.baseline)
+        run = replace(run, train=replace(run.train, noise_multiplier=0.0, epsilon_per_round=0.0))
+    data = site.load_site_data(settings)
+    adapter = None
+    rounds_log = []
+    for rnd in range(1, rounds + 1):
+        t0 = time.monotonic()
+
+        def progress(step: int, total: int, loss: float, t0: float = t0, rnd: int = rnd) -> None:
+            if step % 25 == 0 or step == total:
+                print(f"round {rnd} step {step}/{total} loss {loss:.3f} {time.monotonic() - t0:.0f} s",
+                      file=sys.stderr, flush=True)
+
+        res = site.train_local_round(settings, run, round_id=rnd, global_adapter=adapter, data=data,
+                                     private=epsilon is not None, progress=progress)
+        update = {k: v.detach().float().cpu().numpy() for k, v in res.adapter.items()}
+        adapter = aggregate([update], weights=[1.0], reference=adapter)
+        rounds_log.append({"round": rnd, "train_s": round(time.monotonic() - t0, 1),
+                           "sigma": res.privacy.noise_multiplier, "epsilon": res.privacy.epsilon,
+                           "mean_loss": res.mean_loss})
+        print(json.dumps(rounds_log[-1]), file=sys.stderr, flush=True)
+
+    t0 = time.monotonic()
+    torch.manual_seed(run.lora.init_seed)
+    model, tokenizer = site.build_site_model(settings, lora=run.lora, global_adapter=adapter)
+    model.eval()
+    codes = sorted({n.primary_code for n in (*data.train, *data.heldout)})
+    reports = generate_reports(model, tokenizer, codes, n_per_code=reports_per_code,
+                               sampling=evaluation_sampling(settings, run.generate), setting="adapter",
+                               model_id="embedded", adapter_hash=adapter_hash(adapter), fast=True,
+                               batch_size=None)
+    gen_s = time.monotonic() - t0
+    embedder = Embedder()
+    synth = [r for r in reports if r.text.strip()]
+    s_emb = embedder.embed(mask_all([r.text for r in synth]))
+    s_codes = [r.code for r in synth]
+    tr_emb = embedder.embed(mask_all([n.text for n in data.train]))
+    tr_codes = [n.primary_code for n in data.train]
+    ho_emb = embedder.embed(mask_all([n.text for n in data.heldout]))
+    ho_codes = [n.primary_code for n in data.heldout]
+    f1 = fidelity.real_classifier_f1(tr_emb, tr_codes, s_emb, s_codes, seed=seed)
+    tstr = fidelity.tstr_trtr(tr_emb, tr_codes, ho_emb, ho_codes, s_emb, s_codes, seed=seed)
+    centroid = fidelity.centroid_similarity(tr_emb, tr_codes, s_emb, s_codes)
+    record = {
+        "patients": patients, "training_patients": n_train, "seed": seed, "rounds": rounds,
+        "epsilon_target": epsilon, "epsilon_per_round": per_round, "overrides": overrides,
+        "rounds_log": rounds_log, "reports": len(reports), "empty_reports": len(reports) - len(synth),
+        "real_classifier_f1": float(f1.macro_f1), "tstr_trtr": float(tstr.ratio),
+        "trtr_f1": float(tstr.trtr_macro_f1), "centroid_margin": float(centroid.margin_mean),
+        "generate_s": round(gen_s, 1), "wall_s": round(time.monotonic() - started, 1),
+        "sample_report": synth[0].text[:600] if synth else "",
+        "chance_f1": 1.0 / max(len(codes), 1),
+        "mean_tokens": float(np.mean([len(tokenizer(r.text)["input_ids"]) for r in synth])) if synth else 0.0,
+    }
+    (out / "proxy.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def _scalar(text: str) -> object:
+    try:
+        return json.loads(text)  # numbers and booleans as Flower's run config types them
+    except json.JSONDecodeError:
+        return text
+
+
+def proxy_command(
+    out: Annotated[Path, typer.Option(help="Run directory (must be new or empty).")],
+    patients: Annotated[int, typer.Option(help="Patients at the proxy site (80% train).")] = 1000,
+    epsilon: Annotated[float, typer.Option(help="Whole-run ε at the proxy (PRV, site default δ).")] = 8.0,
+    no_dp: Annotated[bool, typer.Option("--no-dp", help="NON-PRIVATE arm: no clipping, no noise.")] = False,
+    rounds: Annotated[int, typer.Option(help="Rounds (one site: FedAvg keeps its update).")] = 3,
+    seed: Annotated[int, typer.Option(help="Proxy population and scoring seed.")] = 0,
+    reports_per_code: Annotated[int, typer.Option(help="Reports generated per code.")] = 8,
+    set_: Annotated[list[str], typer.Option("--set", help="Run-config override KEY=VALUE (repeatable).")] = [],  # noqa: B006
+) -> None:
+    """Train and score one proxy site: the recipe's fidelity, before any site spends ε."""
+    out = out.resolve()
+    if out.exists() and any(out.iterdir()):
+        raise typer.BadParameter(f"{out} exists and is not empty", param_hint="--out")
+    out.mkdir(parents=True, exist_ok=True)
+    overrides = {k: _scalar(v) for k, v in (kv.split("=", 1) for kv in set_)}
+    record = run_proxy(out, patients=patients, seed=seed, rounds=rounds, epsilon=None if no_dp else epsilon,
+                       overrides=overrides, reports_per_code=reports_per_code)
+    print(json.dumps({k: v for k, v in record.items() if k != "sample_report"}, indent=2))
+
+
+if __name__ == "__main__":
+    typer.run(proxy_command)

@@ -1,0 +1,45 @@
+"""The proxy-site harness: a DP and a non-private arm on a public proxy population, scored for fidelity."""
+
+import json
+import math
+
+import pytest
+
+from bench.proxy import PROXY_SEED, run_proxy
+from client.demo.data import write_demo
+
+pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore:Optimal order")]
+
+TINY = {"train.steps": 2, "train.max-length": 64, "train.expected-batch-size": 16,
+        "train.max-physical-batch-size": 16, "lora.r": 1, "lora.alpha": 2.0, "generate.max-new-tokens": 16}
+
+
+@pytest.mark.parametrize("epsilon", [8.0, None], ids=["dp", "no-dp"])
+def test_proxy_trains_scores_and_spends_at_most_its_epsilon(tmp_path, epsilon):
+    record = run_proxy(tmp_path, patients=100, seed=0, rounds=2, epsilon=epsilon, overrides=TINY,
+                       reports_per_code=1)
+    assert record == json.loads((tmp_path / "proxy.json").read_text())
+    assert [r["round"] for r in record["rounds_log"]] == [1, 2]
+    assert record["training_patients"] == 80
+    assert record["reports"] == 13  # one per code of the demo generator
+    for key in ("real_classifier_f1", "tstr_trtr", "centroid_margin"):
+        assert math.isfinite(record[key]), key
+    last = record["rounds_log"][-1]
+    if epsilon is None:  # the non-private arm: no noise, nothing accounted
+        assert last["sigma"] == 0 and math.isinf(last["epsilon"])
+    else:  # the ledger's composed ε over both rounds stays at or under the whole-run target
+        assert last["sigma"] > 0 and 0 < last["epsilon"] <= epsilon
+        assert record["epsilon_per_round"] < epsilon
+
+
+def test_the_proxy_population_is_not_a_demo_site(tmp_path):
+    """Hyperparameters are chosen on the proxy, so it must not hold any demo site's patients."""
+    run_proxy(tmp_path / "proxy", patients=60, seed=0, rounds=1, epsilon=None, overrides=TINY,
+              reports_per_code=1)
+    demo = write_demo(tmp_path / "demo", seed=0, patients_per_site=60)
+    proxy_texts = {json.loads(line)["text"] for line in
+                   (tmp_path / "proxy" / "data" / "site-a" / "notes.jsonl").read_text().splitlines()}
+    for notes in demo.sites.values():
+        texts = {json.loads(line)["text"] for line in notes.read_text().splitlines()}
+        assert not texts & proxy_texts
+    assert PROXY_SEED > 10**6
