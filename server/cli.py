@@ -2,7 +2,7 @@
 
 ``demo`` runs the demo consortium end to end on this machine: it asks the site
 client (``fedsynth-site``, a separate program — the coordinator never imports
-site code) to write the fictional data and build the embedded model, then runs
+site code) to write the fictional data and install the embedded model, then runs
 the federation with Flower's simulation engine through ``flwr run``, exactly
 the ServerApp/ClientApp a deployment uses. Every site and the coordinator get
 their own Ed25519 key, so audit logs and privacy reports are signed; the demo

@@ -182,11 +182,10 @@ def test_default_model_writes_reports():
         present = [s for s in SECTIONS if s in r.text]
         assert len(present) >= 5, (present, r.text)
     # Some diagnosis section names a chapter V code with its exact WHO title (the layout
-    # and the code/title pairing were learnt; a model that had not learnt them: ~0). Which code: since the corpus also teaches the
-    # sites' layouts, copying the prompt's code is build-dependent (a 369-step build named
-    # it in 5 of 6 reports, a 280-step build in 0 of 6), so it is not asserted here.
+    # and the code/title pairing were learnt; a model that had not learnt them: ~0). Which
+    # code it names is not asserted here.
     named = [r for r in reports if _names_a_code_with_its_title(r.text)]
-    assert named, [r.text for r in reports]  # 1 of 6 (324 steps) to 3 of 6 (280 steps) in CI builds
+    assert named, [r.text for r in reports]
 
 
 def _names_a_code_with_its_title(text: str) -> bool:
