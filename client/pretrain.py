@@ -279,6 +279,8 @@ def build_embedded(
     # float16 on disk (half the size; loaded as float32 by client.model.load_model).
     model.to(torch.float16).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    for path in Path(out_dir).iterdir():
+        path.chmod(0o644)  # public text only, and the cache may be shared read-only
     report_losses = [v for i, v in enumerate(losses) if i % RECIPE["title_every"] != RECIPE["title_every"] - 1]
     tail = report_losses[-20:] or losses[-1:]
     import transformers
