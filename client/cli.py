@@ -118,10 +118,12 @@ def build_model(
     from client.pretrain import ensure_embedded_model
 
     with progress_bar() as bar:
-        task = bar.add_task("pretraining embedded model", total=None, info="")
+        tasks: list = []  # a bar only when it trains (installing the shipped build takes seconds)
 
         def report(step: int, total: int, loss: float) -> None:
-            bar.update(task, completed=step, total=total, info=f"loss {loss:.3f}")
+            if not tasks:
+                tasks.append(bar.add_task("pretraining embedded model", total=total, info=""))
+            bar.update(tasks[0], completed=step, total=total, info=f"loss {loss:.3f}")
 
         path = ensure_embedded_model(seed=seed, rebuild=rebuild, progress=report)
     build = read_build(path) or {}
