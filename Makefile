@@ -9,7 +9,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-fast lint venv
+.PHONY: demo test test-fast lint venv embedded-model
 
 $(BIN)/fedsynth-site: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -31,3 +31,8 @@ test-fast: venv
 
 lint: venv
 	$(BIN)/ruff check .
+
+# Rebuild the shipped embedded model (client/embedded_model/) from client/pretrain.py's RECIPE,
+# seed 0: ~10 minutes on one core. Needed after changing RECIPE (a test says so); commit the folder.
+embedded-model: venv
+	$(BIN)/python -m client.embedded_artifact

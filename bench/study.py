@@ -351,7 +351,7 @@ def run_study(out: Path, *, reduced: bool = False, seed: int = 0, flower: bool =
           str(study.patients_per_site), "--canaries", ",".join(map(str, CANARY_REPETITIONS))],
          env=env, what="writing demo data")
     shutil.rmtree(data / "public")  # the public split is not a site
-    run_command([site_cli, "build-model"], env=env, what="building the embedded model")
+    run_command([site_cli, "build-model"], env=env, what="installing the embedded model")
     site_dirs = sorted(d for d in data.iterdir() if (d / "notes.jsonl").is_file())
     heldout = float(SiteSettings.model_fields["heldout_fraction"].default)
     n_train = {d.name: training_patients(d / "notes.jsonl", heldout_fraction=heldout) for d in site_dirs}

@@ -115,8 +115,9 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a local directory, on ``device``.
 
-    ``model_dir=None`` loads the embedded default model (built on first use from
-    public text only, see :mod:`client.pretrain`). ``dtype=None`` means float32
+    ``model_dir=None`` loads the embedded default model (trained on public text
+    only and shipped with fedsynth; installed into the cache on first use, see
+    :mod:`client.pretrain`). ``dtype=None`` means float32
     on CPU and bfloat16 on a bf16-capable GPU. The tokenizer gets a pad token
     (its eos) when it has none. Raises :class:`ModelError` listing every missing
     piece (directory, config, weights, tokenizer).

@@ -20,12 +20,16 @@ Privacy meaning: the base weights have never seen a site's notes, so they
 carry no patient information; everything a site's data contributes comes
 later, through DP-SGD on the LoRA adapter.
 
-The build is cached under ``<cache>/embedded-<recipe hash>/`` (written in a
-temporary directory and renamed, so a crash never leaves a half model), with a
-``BUILD.json`` describing how it was made. Step count adapts to the machine:
-a short calibration fixes the planned number of steps to fit ``max_seconds``;
-for a given planned step count (and thread count, which the build also picks
-by timing, see :func:`client.pretrain_steps.choose_threads`) the build is deterministic.
+The build is a fixed number of AdamW steps (``RECIPE["steps"]``) on one torch
+thread, so for a recipe and seed it is deterministic on a machine (bit-identical
+weights; another CPU or torch version may round differently). Its result ships
+with fedsynth (:mod:`client.embedded_artifact`, ``client/embedded_model/``, with
+a ``BUILD.json`` recording recipe, seed, steps and the sha256 of the public
+corpus and of the weights): :func:`ensure_embedded_model` installs that folder
+into the cache and builds only when the recipe or seed differs from the shipped
+one, or when asked to (``fedsynth-site build-model --rebuild``, how an auditor
+reproduces it). The cache folder is ``<cache>/embedded-<recipe+seed hash>/``,
+written in a temporary directory and renamed, so a crash never leaves a half model.
 """
 
 from __future__ import annotations
@@ -43,16 +47,26 @@ from typing import Any
 
 import torch
 
+from client.embedded_artifact import (
+    SHIPPED_DIR,
+    WEIGHTS_FILE,
+    copy_folder,
+    file_sha256,
+    is_build_of,
+    read_build,
+    verify_weights,
+)
 from client.model_build import build_tokenizer, causal_lm_from_config, family_config
-from client.pretrain_steps import batches, choose_threads, collate, lr_at, weighted_loss
+from client.pretrain_steps import batches, collate, lr_at, weighted_loss
 from client.prompt import SECTIONS, build_prompt, training_example
 from shared import icd10
 from shared.atomic import replace_dir
 from shared.errors import ConfigError, Problem
 
-# Everything that shapes the weights. Changing any value changes the cache dir.
+# Everything that shapes the weights. Changing any value changes the cache dir, and the
+# shipped model (client/embedded_model/) no longer matches: regenerate it (make embedded-model).
 RECIPE: dict[str, Any] = {
-    "version": 6,
+    "version": 7,
     "family": "llama",
     "vocab_size": 4096,
     "hidden_size": 192,
@@ -69,12 +83,13 @@ RECIPE: dict[str, Any] = {
     "title_every": 3,
     "diagnosis_weight": 10.0,
     "recode_share": 0.5,
-    "plan_safety": 0.85,
     "lr": 3e-3,
     "min_lr_ratio": 0.1,
     "weight_decay": 0.01,
     "warmup_steps": 20,
-    "max_steps": 3000,
+    # Optimiser steps (every title_every-th on ICD-10 titles). Under the v6 wall-time budget
+    # the best build got 798 steps (final loss 0.44), load-starved ones 326-399 (0.87-1.06).
+    "steps": 800,
 }
 
 TRAINED_ON = (
@@ -82,19 +97,16 @@ TRAINED_ON = (
     "(tokenizer: also every WHO ICD-10 title); never a site's notes"
 )
 
-# The schedule's length is planned once, at this step (the last of the warmup), from the
-# speed measured since _TIME_FROM (the first steps carry one-time start-up costs).
-_PLAN_AT = 20
-_TIME_FROM = 4
-# The default wall-time budget of a build, in seconds (part of the cache key). The corpus
-# with the sites' layouts needs ~300+ steps to learn to copy the prompt's code; 420 s gives
-# that on a loaded 2-core machine (~0.9 s/step), where 300 s gave ~200.
-DEFAULT_BUILD_SECONDS = 420.0
 
 
-def _recipe_hash(seed: int, max_seconds: float) -> str:
-    blob = json.dumps({"recipe": RECIPE, "seed": seed, "max_seconds": max_seconds}, sort_keys=True)
+def _recipe_hash(seed: int) -> str:
+    blob = json.dumps({"recipe": RECIPE, "seed": seed}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def corpus_sha256(public: Sequence[tuple[str, str]]) -> str:
+    """Hex sha256 of the public (code, text) pairs a build trains on (BUILD.json's ``corpus_sha256``)."""
+    return hashlib.sha256(json.dumps([list(p) for p in public]).encode()).hexdigest()
 
 
 def _chapter_f_codes() -> list[str]:
@@ -194,18 +206,26 @@ def build_embedded(
     public: Sequence[tuple[str, str]],
     out_dir: Path,
     *,
-    max_seconds: float,
     seed: int,
+    steps: int | None = None,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> dict[str, Any]:
     """Train tokenizer and model on ``public`` (code, text) pairs plus ICD-10
-    titles and save both to ``out_dir`` (HF format). Returns the BUILD record.
+    titles and save both to ``out_dir`` (HF format, weights in float16). Returns
+    the BUILD record (without writing it; see :func:`write_build`).
 
     Every ``title_every``-th step trains on a batch of ICD-10 title texts, the
-    others on public reports. Training stops at the planned step count or at
-    80% of ``max_seconds`` (wall time, including tokenizer training).
+    others on public reports; the learning-rate schedule is planned for exactly
+    ``RECIPE["steps"]`` steps, trained on one torch thread: no wall-time budget,
+    so the weights depend only on the recipe, the corpus and ``seed``.
+    ``steps`` overrides the count for tests only (a build with another count is
+    not the recipe's model: :func:`client.embedded_artifact.is_build_of` rejects
+    it). ``progress(step, steps, loss)`` is called after each step.
     """
     started = time.monotonic()
+    total = RECIPE["steps"] if steps is None else steps
+    if not isinstance(total, int) or isinstance(total, bool) or total < 1:
+        raise ConfigError("invalid embedded-model settings", [Problem("steps", f"must be an integer >= 1, got {total!r}")])
     titles = _title_texts()
     tokenizer = embedded_tokenizer(public)
     rng = random.Random(seed)
@@ -234,20 +254,16 @@ def build_embedded(
     title_batches = batches(title_examples, RECIPE["title_batch_size"], rng)
     pad = tokenizer.pad_token_id
     default_threads = torch.get_num_threads()
-    planned = RECIPE["max_steps"]
-    # Train for 80% of the budget: tokenizer training, saving and a slower
-    # machine than the plan assumed need the rest.
-    deadline = started + 0.8 * max_seconds
     losses: list[float] = []
-    step = 0
     try:
-        threads = choose_threads(model, collate(examples[: RECIPE["batch_size"]], pad))
-        torch.set_num_threads(threads)
-        while step < planned and (step < 1 or time.monotonic() < deadline):
+        # One thread: the result does not depend on the machine's core count, and on a
+        # shared 2-core machine one thread is also the faster (OpenMP hand-off dominates).
+        torch.set_num_threads(1)
+        for step in range(total):
             is_title = step % RECIPE["title_every"] == RECIPE["title_every"] - 1
             batch = collate(next(title_batches if is_title else reports), pad)
             for group in optim.param_groups:
-                group["lr"] = lr_at(step, planned, lr=RECIPE["lr"], warmup_steps=RECIPE["warmup_steps"],
+                group["lr"] = lr_at(step, total, lr=RECIPE["lr"], warmup_steps=RECIPE["warmup_steps"],
                                     min_lr_ratio=RECIPE["min_lr_ratio"])
             loss, plain = weighted_loss(model, batch)
             optim.zero_grad(set_to_none=True)
@@ -255,32 +271,25 @@ def build_embedded(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optim.step()
             losses.append(plain)
-            step += 1
-            if step == _TIME_FROM:
-                timed_from = time.monotonic()
-            if step == _PLAN_AT:
-                # Warmup lasts _PLAN_AT steps, so no step so far depended on the
-                # schedule's length: the build is deterministic per planned count.
-                per_step = (time.monotonic() - timed_from) / (step - _TIME_FROM)
-                remaining = deadline - time.monotonic()
-                affordable = int(RECIPE["plan_safety"] * remaining / per_step)
-                planned = max(step, min(RECIPE["max_steps"], step + affordable))
             if progress is not None:
-                progress(step, planned, losses[-1])
+                progress(step + 1, total, plain)
     finally:
         torch.set_num_threads(default_threads)
     model.eval()
-    model.save_pretrained(out_dir)
+    # float16 on disk (half the size; loaded as float32 by client.model.load_model).
+    model.to(torch.float16).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    for path in Path(out_dir).iterdir():
+        path.chmod(0o644)  # public text only, and the cache may be shared read-only
     report_losses = [v for i, v in enumerate(losses) if i % RECIPE["title_every"] != RECIPE["title_every"] - 1]
     tail = report_losses[-20:] or losses[-1:]
+    import transformers
+
     return {
         "recipe": RECIPE,
         "seed": seed,
-        "max_seconds": max_seconds,
-        "planned_steps": planned,
-        "steps": step,
-        "torch_threads": threads,
+        "steps": total,
+        "torch_threads": 1,
         "final_loss": round(sum(tail) / len(tail), 4),
         "first_loss": round(losses[0], 4),
         "seconds": round(time.monotonic() - started, 1),
@@ -289,51 +298,81 @@ def build_embedded(
         "n_public_examples": len(examples),
         "n_title_examples": len(title_examples),
         "trained_on": TRAINED_ON,
-        "corpus_sha256": hashlib.sha256(json.dumps(list(public)).encode()).hexdigest(),
+        "corpus_sha256": corpus_sha256(public),
+        "weights_dtype": "float16",
+        "weights_sha256": file_sha256(Path(out_dir) / WEIGHTS_FILE),
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
     }
+
+
+def write_build(folder: Path, record: dict[str, Any]) -> None:
+    """Write ``record`` as ``folder``/BUILD.json (sorted keys, indented)."""
+    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+    (Path(folder) / "BUILD.json").write_text(text, encoding="utf-8")
+
+
+def cached_model_dir(*, cache: Path | None = None, seed: int = 0) -> Path:
+    """The cache folder :func:`ensure_embedded_model` uses for the current RECIPE and ``seed``
+    (``cache`` defaults to :func:`shared.settings.cache_dir`); it may not exist yet."""
+    if cache is None:
+        from shared.settings import cache_dir
+
+        cache = cache_dir()
+    return Path(cache) / f"embedded-{_recipe_hash(seed)}"
+
+
+def shipped_matches(seed: int = 0) -> bool:
+    """Whether the shipped model (``client/embedded_model/``) is the current RECIPE's build for ``seed``."""
+    return is_build_of(read_build(SHIPPED_DIR), RECIPE, seed)
 
 
 def ensure_embedded_model(
     *,
     cache: Path | None = None,
-    max_seconds: float = DEFAULT_BUILD_SECONDS,
     seed: int = 0,
+    rebuild: bool = False,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> Path:
-    """Path to the embedded default model, building it on first use.
+    """Path to the embedded default model in the cache, installing or building it on first use.
 
-    ``cache`` defaults to :func:`shared.settings.cache_dir`. ``max_seconds``
-    bounds the build's wall time (training stops early on slow machines; it is
-    part of the cache key). ``progress(step, planned_steps, loss)`` is called per
-    training step. Concurrent callers wait on a lock; the first builds.
+    ``cache`` defaults to :func:`shared.settings.cache_dir`. When the shipped
+    model was built from the current RECIPE with ``seed`` it is copied into the
+    cache (seconds); otherwise, or with ``rebuild=True``, the model is built
+    (``RECIPE["steps"]`` steps on one CPU thread: ~10 minutes on a loaded 2-core
+    machine) and ``progress(step, steps, loss)`` is called per step. Concurrent
+    callers wait on a lock; the first installs or builds. Raises
+    :class:`ModelError` when a cached or shipped folder's weights do not hash
+    to its BUILD.json's ``weights_sha256`` (never silently used).
     """
     problems = []
-    if not isinstance(max_seconds, int | float) or isinstance(max_seconds, bool) or not 0 < max_seconds <= 600:
-        problems.append(Problem("max_seconds", f"must be in (0, 600], got {max_seconds!r}"))
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         problems.append(Problem("seed", f"must be an integer >= 0, got {seed!r}"))
+    if not isinstance(rebuild, bool):
+        problems.append(Problem("rebuild", f"must be true or false, got {rebuild!r}"))
     if problems:
         raise ConfigError("invalid embedded-model settings", problems)
-    if cache is None:
-        from shared.settings import cache_dir
-
-        cache = cache_dir()
-    cache = Path(cache)
-    final = cache / f"embedded-{_recipe_hash(seed, float(max_seconds))}"
-    if (final / "BUILD.json").is_file():
+    final = cached_model_dir(cache=cache, seed=seed)
+    if not rebuild and (final / "BUILD.json").is_file():
+        verify_weights(final)
         return final
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / f"{final.name}.lock", "w") as lock:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f"{final.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (final / "BUILD.json").is_file():  # another process built it while we waited
+        if not rebuild and (final / "BUILD.json").is_file():  # another process made it while we waited
+            verify_weights(final)
             return final
-        public = _public_corpus(seed)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared read-only
         try:
-            record = build_embedded(public, tmp, max_seconds=max_seconds, seed=seed, progress=progress)
-            (tmp / "BUILD.json").write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
-            replace_dir(tmp, final, ["BUILD.json"])  # replaces a stale partial dir without BUILD.json
+            if not rebuild and shipped_matches(seed):
+                verify_weights(SHIPPED_DIR)
+                copy_folder(SHIPPED_DIR, tmp)
+                verify_weights(tmp)  # what lands in the cache is what was checked
+            else:
+                record = build_embedded(_public_corpus(seed), tmp, seed=seed, progress=progress)
+                write_build(tmp, record)
+            replace_dir(tmp, final, ["BUILD.json", WEIGHTS_FILE])  # replaces a stale or rebuilt dir
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -1,15 +1,14 @@
-"""Training steps of the embedded model's build: weighted loss, learning-rate schedule, batches, threads.
+"""Training steps of the embedded model's build: weighted loss, learning-rate schedule, batches.
 
 Used by :func:`client.pretrain.build_embedded` (public text only, no DP: the
 base weights never see a site's notes). ``weights`` in a batch up-weight the
-tokens of a report's code and title; the thread count is picked by timing.
+tokens of a report's code and title.
 """
 
 from __future__ import annotations
 
 import math
 import random
-import time
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -63,29 +62,3 @@ def batches(
         rng.shuffle(order)
         for i in range(0, len(order) - batch_size + 1, batch_size):
             yield [examples[j] for j in order[i : i + batch_size]]
-
-
-def _fwd_bwd_seconds(model: torch.nn.Module, batch: dict[str, torch.Tensor], threads: int) -> float:
-    torch.set_num_threads(threads)
-    t0 = time.monotonic()
-    weighted_loss(model, batch)[0].backward()
-    seconds = time.monotonic() - t0
-    model.zero_grad(set_to_none=True)
-    return seconds
-
-
-def choose_threads(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
-    """The faster torch thread count for training, 1 or the default.
-
-    On a CPU shared with other busy processes one thread is often several times
-    faster than two (OpenMP threads waiting on each other); on an idle machine
-    the default wins. Timed on a throwaway forward/backward of one batch of the
-    size the build trains on: no weight changes.
-    """
-    default = torch.get_num_threads()
-    if default == 1:
-        return 1
-    _fwd_bwd_seconds(model, batch, 1)  # warm-up (allocator, kernels)
-    one = _fwd_bwd_seconds(model, batch, 1)
-    many = _fwd_bwd_seconds(model, batch, default)
-    return 1 if one < many else default

@@ -2,7 +2,7 @@
 
 ``demo`` runs the demo consortium end to end on this machine: it asks the site
 client (``fedsynth-site``, a separate program — the coordinator never imports
-site code) to write the fictional data and build the embedded model, then runs
+site code) to write the fictional data and install the embedded model, then runs
 the federation with Flower's simulation engine through ``flwr run``, exactly
 the ServerApp/ClientApp a deployment uses. Every site and the coordinator get
 their own Ed25519 key, so audit logs and privacy reports are signed; the demo
@@ -147,8 +147,8 @@ def _demo(out: Path | None, rounds: int, seed: int) -> None:
          env=env, what="writing demo data")
     shutil.move(str(sites_dir / "public"), str(run_dir / "public"))  # not a site
     keys_dir = _demo_keys(run_dir, sites_dir, coord_dir, env=env)
-    console.rule("[bold]2/3 embedded model (built once, cached)")
-    run_command([site_cli, "build-model"], env=env, what="building the embedded model")
+    console.rule("[bold]2/3 embedded model (shipped, installed into the cache once)")
+    run_command([site_cli, "build-model"], env=env, what="installing the embedded model")
 
     console.rule(f"[bold]3/3 federation: {rounds} rounds × 3 sites (Flower simulation)")
     sim_env = env | {

@@ -64,18 +64,28 @@ def check_gpu(settings: SiteSettings) -> Check:
 
 def _embedded_model_check() -> Check:
     from client import pretrain
+    from client.embedded_artifact import verify_weights
+    from shared.errors import ModelError
 
     name = "model"
     # The exact directory load_model(None) uses: ensure_embedded_model() with its defaults.
-    built = cache_dir() / f"embedded-{pretrain._recipe_hash(0, pretrain.DEFAULT_BUILD_SECONDS)}"
+    built = pretrain.cached_model_dir()
     if (built / "BUILD.json").is_file():
-        return Check(name, True, f"embedded default model, built at {built}")
+        try:
+            verify_weights(built)
+        except ModelError as exc:
+            return fail_check(name, str(exc), f"delete {built}; it is reinstalled on next use")
+        return Check(name, True, f"embedded default model, installed at {built}")
     base = _existing_ancestor(cache_dir())
+    shipped = pretrain.shipped_matches()
     if not os.access(base, os.W_OK):
-        return fail_check(name, f"embedded default model not built and {base} is not writable",
+        return fail_check(name, f"embedded default model not installed and {base} is not writable",
                           "set FEDSYNTH_CACHE_DIR to a writable directory, then run `fedsynth-site build-model`")
-    return warn_check(name, f"embedded default model not built yet (built on first use in {cache_dir()}, "
-                            "up to 5 minutes)", "run `fedsynth-site build-model` once now")
+    if shipped:
+        return Check(name, True, f"embedded default model shipped with fedsynth; copied to {built} on first use")
+    return warn_check(name, f"embedded default model not built yet and the shipped one is another recipe "
+                            f"(built on first use in {cache_dir()}, ~10 minutes)",
+                      "run `fedsynth-site build-model` once now")
 
 
 def _lfs_pointers(model_dir: Path) -> list[str]:
@@ -102,7 +112,7 @@ def _missing_shards(model_dir: Path) -> list[str]:
 def check_model(settings: SiteSettings) -> Check:
     """Model directory complete (config, tokenizer, weights, every shard) and of a supported family.
 
-    No weights are loaded. ``model_dir`` unset means the embedded default: cached or buildable.
+    No weights are loaded. ``model_dir`` unset means the embedded default: installed (weights hash checked), shipped or buildable.
     """
     from types import SimpleNamespace
 

@@ -4,6 +4,7 @@ Certificates are made here with ``cryptography`` (tests under tests/client do no
 import server/). The coordinator check handshakes with a real local TLS server.
 """
 
+import json
 import os
 import socket
 import ssl
@@ -229,17 +230,30 @@ def test_missing_shard_in_index_fails(site, tmp_path):
     assert not check.ok and "model-00002-of-00002.safetensors" in check.detail
 
 
-def test_embedded_model_not_built_is_a_warning_then_ok_once_built(site, tmp_path, monkeypatch):
+def test_embedded_model_shipped_installed_or_to_build(site, tmp_path, monkeypatch):
     from client import pretrain
+    from client.embedded_artifact import file_sha256
 
     monkeypatch.setenv("FEDSYNTH_CACHE_DIR", str(tmp_path / "cache"))
+    # Not installed, but shipped for the current recipe: fine, copied on first use.
+    monkeypatch.setattr(pretrain, "shipped_matches", lambda seed=0: True)
+    check = doctor_site.check_model(_settings(site, tmp_path, model_dir=None))
+    assert check.ok and not check.warning and "shipped" in check.detail
+    # A recipe the shipped model is not: a build is due, a warning with the command.
+    monkeypatch.setattr(pretrain, "shipped_matches", lambda seed=0: False)
     check = doctor_site.check_model(_settings(site, tmp_path, model_dir=None))
     assert check.ok and check.warning and "build-model" in check.fix
-    built = tmp_path / "cache" / f"embedded-{pretrain._recipe_hash(0, pretrain.DEFAULT_BUILD_SECONDS)}"
+    built = pretrain.cached_model_dir()
+    assert built.parent == tmp_path / "cache"
     built.mkdir(parents=True)
-    (built / "BUILD.json").write_text("{}")
+    (built / "model.safetensors").write_bytes(b"weights")
+    (built / "BUILD.json").write_text(json.dumps({"weights_sha256": file_sha256(built / "model.safetensors")}))
     check = doctor_site.check_model(_settings(site, tmp_path, model_dir=None))
     assert check.ok and not check.warning and str(built) in check.detail
+    # Weights swapped after the build: a failure naming the file, never "ok".
+    (built / "model.safetensors").write_bytes(b"other weights")
+    check = doctor_site.check_model(_settings(site, tmp_path, model_dir=None))
+    assert not check.ok and "model.safetensors" in check.detail and "does not match" in check.detail
 
 
 # --------------------------------------------------------------------------- notes

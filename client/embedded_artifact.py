@@ -1,0 +1,145 @@
+"""The shipped embedded model: where it lives, what its BUILD.json promises, and checking it.
+
+fedsynth ships the embedded default model it builds (:mod:`client.pretrain`,
+recipe + seed 0) as package data in ``client/embedded_model/``: ``config.json``,
+``generation_config.json``, the tokenizer files, the weights in float16
+``model.safetensors`` (loaded as float32) and ``BUILD.json`` (recipe, seed,
+steps, ``corpus_sha256`` of the public text it was trained on and
+``weights_sha256`` of the weights file). They are our weights, trained by our
+code on our fictional public text only, never downloaded and never trained on a
+site's notes: an auditor checks that with ``fedsynth-site build-model --rebuild``
+(same recipe, same seed, same step count; bit-identical on one machine and torch
+version) and the hashes in BUILD.json.
+
+``python -m client.embedded_artifact`` (``make embedded-model``) rebuilds the
+shipped folder from the current RECIPE; run it after changing the recipe.
+
+Nothing here trains or imports the builder at import time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from shared.errors import ModelError
+
+#: The folder shipped with the package (its files are package data, see pyproject.toml).
+SHIPPED_DIR = Path(__file__).resolve().parent / "embedded_model"
+#: The weights file of an embedded-model folder (float16 safetensors).
+WEIGHTS_FILE = "model.safetensors"
+#: The command that regenerates :data:`SHIPPED_DIR` (named in error messages).
+REGENERATE_COMMAND = "make embedded-model  (python -m client.embedded_artifact)"
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of the bytes of ``path``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_build(folder: Path) -> dict[str, Any] | None:
+    """``folder``'s BUILD.json as a dict, or None when it has none or it is not a JSON object."""
+    path = Path(folder) / "BUILD.json"
+    try:
+        build = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return build if isinstance(build, dict) else None
+
+
+def is_build_of(build: dict[str, Any] | None, recipe: dict[str, Any], seed: int) -> bool:
+    """Whether ``build`` (a BUILD.json) records exactly ``recipe`` and ``seed``, trained for the
+    recipe's full step count (not a test's shortened build)."""
+    return (
+        build is not None
+        and build.get("recipe") == recipe
+        and build.get("seed") == seed
+        and build.get("steps") == recipe.get("steps")
+    )
+
+
+def verify_weights(folder: Path) -> dict[str, Any]:
+    """``folder``'s BUILD.json, after checking its weights file hashes to ``weights_sha256``.
+
+    Privacy meaning: BUILD.json vouches that the weights were trained on public
+    text only; weights swapped after the build (an operator's, a site-tuned
+    model's) would carry that claim falsely, so they are refused, never used.
+    Raises :class:`ModelError` naming the file and the reason.
+    """
+    folder = Path(folder)
+    build = read_build(folder)
+    if build is None:
+        raise ModelError(f"embedded model {folder}: BUILD.json is missing or unreadable")
+    expected = build.get("weights_sha256")
+    weights = folder / WEIGHTS_FILE
+    if not isinstance(expected, str):
+        raise ModelError(f"embedded model {folder / 'BUILD.json'}: no weights_sha256 recorded")
+    if not weights.is_file():
+        raise ModelError(f"embedded model {weights}: weights file missing")
+    actual = file_sha256(weights)
+    if actual != expected:
+        raise ModelError(
+            f"embedded model {weights}: sha256 {actual[:16]}... does not match BUILD.json's "
+            f"weights_sha256 {expected[:16]}... (the weights were changed after the build); "
+            "delete the folder to have it reinstalled, or run `fedsynth-site build-model --rebuild`"
+        )
+    return build
+
+
+def copy_folder(src: Path, dst: Path) -> None:
+    """Copy the files of the embedded-model folder ``src`` into the existing folder ``dst``."""
+    for path in sorted(Path(src).iterdir()):
+        if path.is_file() and not path.name.startswith("."):
+            shutil.copyfile(path, dst / path.name)
+
+
+def regenerate(out: Path = SHIPPED_DIR, *, seed: int = 0) -> dict[str, Any]:
+    """Build the embedded model from the current RECIPE (seed ``seed``) and put it in ``out``.
+
+    Builds in a temporary folder beside ``out`` and swaps it in only when
+    complete, so an interrupted run leaves the old shipped model. Returns BUILD.json.
+    """
+    from client.pretrain import _public_corpus, build_embedded, write_build
+    from shared.atomic import replace_dir
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        last = [0]
+
+        def progress(step: int, total: int, loss: float) -> None:
+            if step == total or step - last[0] >= 50:
+                last[0] = step
+                print(f"step {step}/{total} loss {loss:.3f}", flush=True)
+
+        record = build_embedded(_public_corpus(seed), tmp, seed=seed, progress=progress)
+        write_build(tmp, record)
+        replace_dir(tmp, out, ["BUILD.json", WEIGHTS_FILE])
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return record
+
+
+def main() -> int:
+    """Regenerate the shipped folder; prints the BUILD.json numbers."""
+    record = regenerate()
+    keys = ("steps", "seconds", "final_loss", "weights_sha256", "corpus_sha256")
+    print(json.dumps({k: record[k] for k in keys}, indent=2))
+    print(f"shipped embedded model: {SHIPPED_DIR}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
