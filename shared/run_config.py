@@ -82,6 +82,10 @@ class TrainConfig:
     clipping: str = "flat"
 
 
+MAX_NEW_TOKENS = 32_768
+"""The largest ``generate.max-new-tokens`` a run may ask for (tokens per report)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class GenerateConfig:
     """Generation knobs; ``codes`` () means the codes present in the site's own notes.
@@ -228,7 +232,7 @@ _SPEC: dict[str, tuple[str, str, type, Check | None]] = {
     "generate.top-p": ("generate", "top_p", float, _rng(0, 1, lo_open=True)),
     "generate.top-k": ("generate", "top_k", int, _rng(0, 1_000_000)),
     "generate.repetition-penalty": ("generate", "repetition_penalty", float, _rng(0, 10, lo_open=True)),
-    "generate.max-new-tokens": ("generate", "max_new_tokens", int, _rng(1, 32_768)),
+    "generate.max-new-tokens": ("generate", "max_new_tokens", int, _rng(1, MAX_NEW_TOKENS)),
     "generate.seed": ("generate", "seed", int, _rng(0, 2**32 - 1)),
 }
 

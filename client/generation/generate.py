@@ -28,11 +28,11 @@ from client.model import eos_token_ids
 from client.prompt import build_prompt, opens_reasoning
 from shared import icd10
 from shared.errors import ConfigError, Problem
-from shared.run_config import GenerateConfig
+from shared.run_config import MAX_NEW_TOKENS, GenerateConfig
 
 _log = logging.getLogger(__name__)
 
-MAX_NEW_TOKENS_LIMIT = 32768
+MAX_NEW_TOKENS_LIMIT = MAX_NEW_TOKENS  # the run config's range, one definition
 
 
 def _is_number(x: Any) -> bool:

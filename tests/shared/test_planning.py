@@ -140,6 +140,7 @@ def test_embedded_adapter_params_is_the_lora_size():
     from shared.planning import embedded_adapter_params
 
     assert embedded_adapter_params(8) == 4 * (4 * 2 * 192 + 3 * (192 + 512)) * 8 == 116736
+    assert embedded_adapter_params() == 2 * 116736  # the run config's default rank, r = 16
 
 
 def test_planning_imports_no_site_or_coordinator_code():
