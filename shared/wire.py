@@ -28,7 +28,7 @@ Nothing else: no free strings, no note ids, no generated text, no extra records.
 Every check is total: whatever it is given (wrong types, nesting, huge or NaN
 numbers, odd unicode), it returns or raises :class:`~shared.errors.WireError`,
 never another exception, so one site's malformed reply is a typed refusal of
-that reply and never ends the run (:func:`_fail_closed`).
+that reply and never ends the run (:func:`fail_closed`).
 
 The record layout and its packers: :mod:`shared.wire_pack`; the adapter record:
 :mod:`shared.wire_adapter`; number rules: :mod:`shared.wire_numbers`; the version:
@@ -77,7 +77,7 @@ _MAX_ROUND = 1_000_000
 _MAX_LEDGER_SEQ = 10**12
 _LEDGER_HEAD_RE = re.compile(r"[0-9a-f]{64}")  # used with fullmatch: no trailing newline
 INTERNAL_FAILURE = "check failed on malformed input"
-"""Reason of the fallback refusal :func:`_fail_closed` gives when a check itself raised."""
+"""Reason of the fallback refusal :func:`fail_closed` gives when a check itself raised."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class Instruction:
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def _fail_closed(what: str) -> Callable[[_F], _F]:
+def fail_closed(what: str) -> Callable[[_F], _F]:
     """Make a check total: any exception other than WireError becomes a WireError.
 
     The checks are written not to raise on any input (the fuzz tests in
@@ -147,7 +147,7 @@ def refusal_digest(content: Any) -> str:
     return hashlib.sha256(oid.encode("utf-8", "replace")).hexdigest()[:16]
 
 
-@_fail_closed("reply")
+@fail_closed("reply")
 def check_reply(content: RecordDict, *, kind: str, spec: AdapterSpec | None, run: RunConfig) -> Reply:
     """Check one ClientApp reply against the wire contract; fail closed.
 
@@ -168,7 +168,7 @@ def check_reply(content: RecordDict, *, kind: str, spec: AdapterSpec | None, run
         raise WireError("reply refused: wire version mismatch", [version])
     keys = set(content.keys()) - {WIRE_KEY}
     if keys == {DECLINE_KEY}:
-        reason = _check_decline(content[DECLINE_KEY], problems)
+        reason = check_decline(content[DECLINE_KEY], problems)
         _raise(problems)
         return Reply(kind=kind, decline=reason)
     allowed = {ADAPTER_KEY, PRIVACY_KEY} if kind == "train" else {METRICS_KEY}
@@ -181,7 +181,7 @@ def check_reply(content: RecordDict, *, kind: str, spec: AdapterSpec | None, run
         if ADAPTER_KEY in content:
             adapter = check_adapter_record(content[ADAPTER_KEY], spec, run, problems, ADAPTER_KEY)
         if PRIVACY_KEY in content:
-            privacy = _check_privacy(content[PRIVACY_KEY], run, problems)
+            privacy = check_privacy(content[PRIVACY_KEY], run, problems)
         _raise(problems)
         return Reply(kind=kind, adapter=adapter,
                      privacy=PrivacyScalars.from_record(privacy) if privacy is not None else None)
@@ -190,7 +190,7 @@ def check_reply(content: RecordDict, *, kind: str, spec: AdapterSpec | None, run
     return Reply(kind=kind, metrics=metrics)
 
 
-@_fail_closed("instruction")
+@fail_closed("instruction")
 def check_instruction(content: RecordDict, *, spec: AdapterSpec, run: RunConfig) -> Instruction:
     """Check what a site received (untrusted): only a round number and an adapter of ``spec``."""
     problems: list[Problem] = []
@@ -228,7 +228,11 @@ def _raise(problems: list[Problem]) -> None:
 
 
 
-def _check_privacy(record: Any, run: RunConfig, problems: list[Problem]) -> dict | None:
+def check_privacy(record: Any, run: RunConfig, problems: list[Problem]) -> dict | None:
+    """A reply's privacy scalars checked against ``run``: the record, or None with ``problems`` appended.
+
+    Shared by the plain and the SecAgg+ reply checks (:mod:`shared.wire_secagg`).
+    """
     if not isinstance(record, ConfigRecord):
         problems.append(Problem(f"record[{PRIVACY_KEY!r}]", "must be a ConfigRecord"))
         return None
@@ -312,7 +316,8 @@ def _check_metrics(record: Any, problems: list[Problem]) -> dict[str, float] | N
     return out
 
 
-def _check_decline(record: Any, problems: list[Problem]) -> str | None:
+def check_decline(record: Any, problems: list[Problem]) -> str | None:
+    """A site's typed decline: its reason, or None with ``problems`` appended (plain and SecAgg+ replies)."""
     if not isinstance(record, ConfigRecord) or set(record.keys()) != {"reason"}:
         problems.append(Problem(f"record[{DECLINE_KEY!r}]", "must be a ConfigRecord with only 'reason'"))
         return None

@@ -18,7 +18,7 @@ from shared.adapter_delta import site_contribution
 from shared.adapter_spec import AdapterSpec
 from shared.errors import Problem, WireError
 from shared.privacy_scalars import PrivacyScalars
-from shared.wire import Instruction, _check_decline, _check_privacy, _fail_closed, check_instruction
+from shared.wire import Instruction, check_decline, check_instruction, check_privacy, fail_closed
 from shared.wire_adapter import check_lora_structure, pack_adapter
 from shared.wire_numbers import is_int
 from shared.wire_pack import ADAPTER_KEY
@@ -129,7 +129,7 @@ def pack_secagg_reply(
     return content
 
 
-@_fail_closed("secagg reply")
+@fail_closed("secagg reply")
 def check_secagg_reply(
     content: RecordDict, *, spec: AdapterSpec | None, run: RunConfig, masked: bool
 ) -> SecAggReply:
@@ -178,11 +178,11 @@ def check_secagg_reply(
     privacy = decline = None
     metrics = content[FITRES_METRICS]
     if isinstance(metrics, ConfigRecord) and set(metrics.keys()) == {SECAGG_DECLINE}:
-        decline = _check_decline(ConfigRecord({"reason": metrics[SECAGG_DECLINE]}), problems)
+        decline = check_decline(ConfigRecord({"reason": metrics[SECAGG_DECLINE]}), problems)
         if weight != 0:
             problems.append(Problem("fitres.num_examples", "a decline must carry weight 0"))
     else:
-        privacy = _check_privacy(metrics, run, problems)
+        privacy = check_privacy(metrics, run, problems)
         bucket = (privacy or {}).get("patients_bucket")
         if is_int(bucket) and weight >= 0 and weight != secagg_weight(bucket, run):
             problems.append(Problem("fitres.num_examples",
@@ -270,7 +270,7 @@ def _decode_all(blobs: list[bytes], decode: Any, problems: list[Problem], what: 
     return out
 
 
-@_fail_closed("secagg instruction")
+@fail_closed("secagg instruction")
 def unpack_secagg_instruction(content: RecordDict, *, spec: AdapterSpec, run: RunConfig) -> Instruction:
     """The legacy FitIns a site receives under SecAgg+, checked as :func:`check_instruction`.
 

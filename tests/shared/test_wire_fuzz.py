@@ -4,7 +4,7 @@ Thousands of records with wrong types, lists where scalars belong, huge,
 negative and NaN numbers, long strings, odd unicode, wrong record kinds and
 random array payloads go through ``check_reply``, ``check_instruction`` and the
 SecAgg+ checks. Each must return or raise :class:`WireError`, and the refusal
-must come from the checks themselves, not from :func:`shared.wire._fail_closed`'s
+must come from the checks themselves, not from :func:`shared.wire.fail_closed`'s
 safety net (whose reason is :data:`shared.wire.INTERNAL_FAILURE`): a check that
 crashes on an input fails this test even though the run would survive it.
 """
@@ -223,7 +223,7 @@ def test_fallback_is_typed_and_drops_the_message():
     """The safety net itself: a check that raises gives a WireError without the exception text."""
     secret = "Jane Roe MRN 998877"
 
-    @wire._fail_closed("probe")
+    @wire.fail_closed("probe")
     def broken():
         raise TypeError(secret)
 
