@@ -32,8 +32,11 @@ PROXY_SEED = 7_000_000  # no demo consortium, study or test uses seeds this larg
 
 
 def run_proxy(out: Path, *, patients: int, seed: int, rounds: int, epsilon: float | None,
-              overrides: dict[str, str], reports_per_code: int) -> dict:
-    """Train one proxy site and score its reports; ``epsilon`` None is the non-private arm."""
+              overrides: dict[str, str], reports_per_code: int, zero_shot: bool = False) -> dict:
+    """Train one proxy site and score its reports; ``epsilon`` None is the non-private arm.
+
+    ``zero_shot``: no training at all (the base model's reports, the arms' common reference).
+    """
     import numpy as np
     import torch
 
@@ -60,7 +63,7 @@ def run_proxy(out: Path, *, patients: int, seed: int, rounds: int, epsilon: floa
     run = with_overrides(RunConfig(), {"num-rounds": rounds, "min-sites": 1, **overrides})
     n_train = training_patients(notes, heldout_fraction=settings.heldout_fraction)
     per_round = None
-    if epsilon is not None:
+    if epsilon is not None and not zero_shot:
         per_round, achieved = per_round_epsilon(epsilon, n_train=n_train, batch=run.train.expected_batch_size,
                                                 steps=run.train.steps, rounds=rounds)
         run = replace(run, train=replace(run.train, noise_multiplier=0.0, epsilon_per_round=round(per_round, 6)))
@@ -69,7 +72,7 @@ def run_proxy(out: Path, *, patients: int, seed: int, rounds: int, epsilon: floa
     data = site.load_site_data(settings)
     adapter = None
     rounds_log = []
-    for rnd in range(1, rounds + 1):
+    for rnd in range(1, rounds + 1 if not zero_shot else 1):
         t0 = time.monotonic()
 
         def progress(step: int, total: int, loss: float, t0: float = t0, rnd: int = rnd) -> None:
@@ -92,8 +95,9 @@ def run_proxy(out: Path, *, patients: int, seed: int, rounds: int, epsilon: floa
     model.eval()
     codes = sorted({n.primary_code for n in (*data.train, *data.heldout)})
     reports = generate_reports(model, tokenizer, codes, n_per_code=reports_per_code,
-                               sampling=evaluation_sampling(settings, run.generate), setting="adapter",
-                               model_id="embedded", adapter_hash=adapter_hash(adapter), fast=True,
+                               sampling=evaluation_sampling(settings, run.generate),
+                               setting="zero-shot" if zero_shot else "adapter", model_id="embedded",
+                               adapter_hash=None if zero_shot else adapter_hash(adapter), fast=True,
                                batch_size=None)
     gen_s = time.monotonic() - t0
     embedder = Embedder()
@@ -108,7 +112,8 @@ def run_proxy(out: Path, *, patients: int, seed: int, rounds: int, epsilon: floa
     tstr = fidelity.tstr_trtr(tr_emb, tr_codes, ho_emb, ho_codes, s_emb, s_codes, seed=seed)
     centroid = fidelity.centroid_similarity(tr_emb, tr_codes, s_emb, s_codes)
     record = {
-        "patients": patients, "training_patients": n_train, "seed": seed, "rounds": rounds,
+        "arm": "zero-shot" if zero_shot else ("no-dp" if epsilon is None else f"eps-{epsilon:g}"),
+        "patients": patients, "training_patients": n_train, "seed": seed, "rounds": 0 if zero_shot else rounds,
         "epsilon_target": epsilon, "epsilon_per_round": per_round, "overrides": overrides,
         "rounds_log": rounds_log, "reports": len(reports), "empty_reports": len(reports) - len(synth),
         "real_classifier_f1": float(f1.macro_f1), "tstr_trtr": float(tstr.ratio),
@@ -134,6 +139,7 @@ def proxy_command(
     patients: Annotated[int, typer.Option(help="Patients at the proxy site (80% train).")] = 1000,
     epsilon: Annotated[float, typer.Option(help="Whole-run ε at the proxy (PRV, site default δ).")] = 8.0,
     no_dp: Annotated[bool, typer.Option("--no-dp", help="NON-PRIVATE arm: no clipping, no noise.")] = False,
+    zero_shot: Annotated[bool, typer.Option("--zero-shot", help="No training: the base model's reports.")] = False,
     rounds: Annotated[int, typer.Option(help="Rounds (one site: FedAvg keeps its update).")] = 3,
     seed: Annotated[int, typer.Option(help="Proxy population and scoring seed.")] = 0,
     reports_per_code: Annotated[int, typer.Option(help="Reports generated per code.")] = 8,
@@ -145,8 +151,9 @@ def proxy_command(
         raise typer.BadParameter(f"{out} exists and is not empty", param_hint="--out")
     out.mkdir(parents=True, exist_ok=True)
     overrides = {k: _scalar(v) for k, v in (kv.split("=", 1) for kv in set_)}
-    record = run_proxy(out, patients=patients, seed=seed, rounds=rounds, epsilon=None if no_dp else epsilon,
-                       overrides=overrides, reports_per_code=reports_per_code)
+    record = run_proxy(out, patients=patients, seed=seed, rounds=rounds,
+                       epsilon=None if no_dp or zero_shot else epsilon, overrides=overrides,
+                       reports_per_code=reports_per_code, zero_shot=zero_shot)
     print(json.dumps({k: v for k, v in record.items() if k != "sample_report"}, indent=2))
 
 

@@ -32,6 +32,14 @@ def test_proxy_trains_scores_and_spends_at_most_its_epsilon(tmp_path, epsilon):
         assert record["epsilon_per_round"] < epsilon
 
 
+def test_zero_shot_arm_trains_nothing(tmp_path):
+    record = run_proxy(tmp_path, patients=60, seed=0, rounds=3, epsilon=8.0, overrides=TINY, reports_per_code=1,
+                       zero_shot=True)
+    assert record["arm"] == "zero-shot" and record["rounds_log"] == [] and record["rounds"] == 0
+    assert not (tmp_path / "output" / "adapters").exists()
+    assert math.isfinite(record["real_classifier_f1"])
+
+
 def test_the_proxy_population_is_not_a_demo_site(tmp_path):
     """Hyperparameters are chosen on the proxy, so it must not hold any demo site's patients."""
     run_proxy(tmp_path / "proxy", patients=60, seed=0, rounds=1, epsilon=None, overrides=TINY,

@@ -108,6 +108,13 @@ def test_nearest_measurement():
                                data={"setting": {}, "metrics": [], "arms": []}) is None
 
 
+def test_the_default_recipe_at_hospital_scale_finds_the_proxy_measurement():
+    m = nearest_measurement(epsilon=8.0, patients=800, rounds=3, steps=100, batch=64)
+    assert m.name == "proxy: DP ε = 8" and m.near and m.setting["train_patients"] == 800
+    p = plan_run(patients=800, epsilon=8.0, rounds=3, batch=64, steps=100, adapter_params=233472)
+    assert "proxy site (bench/proxy.py)" in "\n".join(plan_lines(p))
+
+
 def test_far_setting_says_no_measurement():
     p = plan_run(patients=5000, epsilon=1.0, rounds=3, batch=64, steps=10, accountant="rdp",
                  adapter_params=49152)
@@ -125,11 +132,22 @@ def test_measured_table_is_the_one_in_results_md():
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         table[cells[0]] = [float(re.match(r"-?[\d.]+", c).group()) for c in cells[1:]]
-    for arm in data["arms"]:
+    study = [arm for arm in data["arms"] if "setting" not in arm]
+    for arm in study:
         assert table[arm["name"]] == [arm["centroid_margin"], arm["real_classifier_f1"], arm["tstr_trtr_ratio"]]
-    for arm in data["arms"]:
+    for arm in study:
         if isinstance(arm["epsilon"], float):
             assert f"| {arm['epsilon']:.3f} " in doc  # the achieved ε of the ε table
+    # the proxy-site arms (bench/proxy.py): their own table, same numbers
+    head = "| proxy arm | ε achieved | real_classifier_f1 | tstr_trtr_ratio | centroid_margin |"
+    proxy = [arm for arm in data["arms"] if "setting" in arm]
+    if proxy:
+        rows = doc.split(head, 1)[1].split("\n\n", 1)[0].strip().splitlines()[1:]
+        cells = {r.strip("|").split("|")[0].strip(): [c.strip() for c in r.strip("|").split("|")[1:]] for r in rows}
+        for arm in proxy:
+            eps = "—" if arm["epsilon"] is None else ("∞" if arm["epsilon"] == "inf" else f"{arm['epsilon']:.3f}")
+            want = [eps] + [f"{arm[k]:.3f}" for k in ("real_classifier_f1", "tstr_trtr_ratio", "centroid_margin")]
+            assert cells[arm["name"]] == want, arm["name"]
     s = data["setting"]
     assert f"{s['rounds']} rounds × {s['steps']} steps" in doc and f"expected batch {s['batch']}" in doc
 
