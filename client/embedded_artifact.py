@@ -19,7 +19,6 @@ Nothing here trains or imports the builder at import time.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -28,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import ModelError
+from shared.signing import (
+    sha256_file as file_sha256,  # re-exported: pretrain and tests read it here
+)
 
 #: The folder shipped with the package (its files are package data, see pyproject.toml).
 SHIPPED_DIR = Path(__file__).resolve().parent / "embedded_model"
@@ -35,15 +37,6 @@ SHIPPED_DIR = Path(__file__).resolve().parent / "embedded_model"
 WEIGHTS_FILE = "model.safetensors"
 #: The command that regenerates :data:`SHIPPED_DIR` (named in error messages).
 REGENERATE_COMMAND = "make embedded-model  (python -m client.embedded_artifact)"
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of the bytes of ``path``."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_build(folder: Path) -> dict[str, Any] | None:
