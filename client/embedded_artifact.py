@@ -11,32 +11,28 @@ site's notes: an auditor checks that with ``fedsynth-site build-model --rebuild`
 (same recipe, same seed, same step count; bit-identical on one machine and torch
 version) and the hashes in BUILD.json.
 
-``python -m client.embedded_artifact`` (``make embedded-model``) rebuilds the
+``python -m client.embedded_regenerate`` (``make embedded-model``) rebuilds the
 shipped folder from the current RECIPE; run it after changing the recipe.
 
-Nothing here trains or imports the builder at import time.
+Nothing here trains or imports the builder (:mod:`client.pretrain` imports this).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from shared.errors import ModelError
-from shared.signing import (
-    sha256_file as file_sha256,  # re-exported: pretrain and tests read it here
-)
+from shared.signing import sha256_file
 
 #: The folder shipped with the package (its files are package data, see pyproject.toml).
 SHIPPED_DIR = Path(__file__).resolve().parent / "embedded_model"
 #: The weights file of an embedded-model folder (float16 safetensors).
 WEIGHTS_FILE = "model.safetensors"
 #: The command that regenerates :data:`SHIPPED_DIR` (named in error messages).
-REGENERATE_COMMAND = "make embedded-model  (python -m client.embedded_artifact)"
+REGENERATE_COMMAND = "make embedded-model  (python -m client.embedded_regenerate)"
 
 
 def read_build(folder: Path) -> dict[str, Any] | None:
@@ -78,7 +74,7 @@ def verify_weights(folder: Path) -> dict[str, Any]:
         raise ModelError(f"embedded model {folder / 'BUILD.json'}: no weights_sha256 recorded")
     if not weights.is_file():
         raise ModelError(f"embedded model {weights}: weights file missing")
-    actual = file_sha256(weights)
+    actual = sha256_file(weights)
     if actual != expected:
         raise ModelError(
             f"embedded model {weights}: sha256 {actual[:16]}... does not match BUILD.json's "
@@ -93,46 +89,3 @@ def copy_folder(src: Path, dst: Path) -> None:
     for path in sorted(Path(src).iterdir()):
         if path.is_file() and not path.name.startswith("."):
             shutil.copyfile(path, dst / path.name)
-
-
-def regenerate(out: Path = SHIPPED_DIR, *, seed: int = 0) -> dict[str, Any]:
-    """Build the embedded model from the current RECIPE (seed ``seed``) and put it in ``out``.
-
-    Builds in a temporary folder beside ``out`` and swaps it in only when
-    complete, so an interrupted run leaves the old shipped model. Returns BUILD.json.
-    """
-    from client.pretrain import _public_corpus, build_embedded, write_build
-    from shared.atomic import replace_dir
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
-        last = [0]
-
-        def progress(step: int, total: int, loss: float) -> None:
-            if step == total or step - last[0] >= 50:
-                last[0] = step
-                print(f"step {step}/{total} loss {loss:.3f}", flush=True)
-
-        record = build_embedded(_public_corpus(seed), tmp, seed=seed, progress=progress)
-        write_build(tmp, record)
-        replace_dir(tmp, out, ["BUILD.json", WEIGHTS_FILE])
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return record
-
-
-def main() -> int:
-    """Regenerate the shipped folder; prints the BUILD.json numbers."""
-    record = regenerate()
-    keys = ("steps", "seconds", "final_loss", "weights_sha256", "corpus_sha256")
-    print(json.dumps({k: record[k] for k in keys}, indent=2))
-    print(f"shipped embedded model: {SHIPPED_DIR}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

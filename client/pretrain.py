@@ -51,7 +51,6 @@ from client.embedded_artifact import (
     SHIPPED_DIR,
     WEIGHTS_FILE,
     copy_folder,
-    file_sha256,
     is_build_of,
     read_build,
     verify_weights,
@@ -62,6 +61,7 @@ from client.prompt import SECTIONS, build_prompt, training_example
 from shared import icd10
 from shared.atomic import replace_dir
 from shared.errors import ConfigError, Problem
+from shared.signing import sha256_file
 
 # Everything that shapes the weights. Changing any value changes the cache dir, and the
 # shipped model (client/embedded_model/) no longer matches: regenerate it (make embedded-model).
@@ -156,7 +156,7 @@ def _title_texts() -> list[str]:
     return out
 
 
-def _public_corpus(seed: int) -> list[tuple[str, str]]:
+def public_corpus(seed: int) -> list[tuple[str, str]]:
     from client.demo.data import public_texts, styled_public_texts
 
     styled = styled_public_texts(seed=seed, n=RECIPE["n_styled"])
@@ -300,7 +300,7 @@ def build_embedded(
         "trained_on": TRAINED_ON,
         "corpus_sha256": corpus_sha256(public),
         "weights_dtype": "float16",
-        "weights_sha256": file_sha256(Path(out_dir) / WEIGHTS_FILE),
+        "weights_sha256": sha256_file(Path(out_dir) / WEIGHTS_FILE),
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
     }
@@ -370,7 +370,7 @@ def ensure_embedded_model(
                 copy_folder(SHIPPED_DIR, tmp)
                 verify_weights(tmp)  # what lands in the cache is what was checked
             else:
-                record = build_embedded(_public_corpus(seed), tmp, seed=seed, progress=progress)
+                record = build_embedded(public_corpus(seed), tmp, seed=seed, progress=progress)
                 write_build(tmp, record)
             replace_dir(tmp, final, ["BUILD.json", WEIGHTS_FILE])  # replaces a stale or rebuilt dir
         except BaseException:

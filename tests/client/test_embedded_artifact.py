@@ -1,4 +1,5 @@
-"""client/embedded_artifact.py: BUILD.json reading and matching, the weights-hash check, regeneration.
+"""client/embedded_artifact.py: BUILD.json reading and matching, the weights-hash check; regeneration
+(client/embedded_regenerate.py).
 
 The shipped folder's own checks (recipe, corpus and weights hashes) are in test_pretrain.py.
 """
@@ -9,15 +10,15 @@ import json
 
 import pytest
 
-from client import embedded_artifact, pretrain
+from client import embedded_regenerate, pretrain
 from client.embedded_artifact import (
     WEIGHTS_FILE,
-    file_sha256,
     is_build_of,
     read_build,
     verify_weights,
 )
 from shared.errors import ModelError
+from shared.signing import sha256_file as file_sha256
 
 
 def _folder(tmp_path, weights: bytes = b"w", **build):
@@ -71,7 +72,7 @@ def test_verify_weights_refuses_with_the_file_and_the_reason(tmp_path, damage, r
 def test_regenerate_writes_a_complete_folder_and_an_interrupted_one_keeps_the_old(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain, "RECIPE", {**pretrain.RECIPE, "steps": 1, "n_public": 40, "n_styled": 10})
     out = tmp_path / "embedded_model"
-    record = embedded_artifact.regenerate(out)
+    record = embedded_regenerate.regenerate(out)
     assert read_build(out) == json.loads(json.dumps(record)) and verify_weights(out)["steps"] == 1
     assert is_build_of(read_build(out), pretrain.RECIPE, 0)
     assert {"config.json", "tokenizer.json", WEIGHTS_FILE} <= {p.name for p in out.iterdir()}
@@ -81,6 +82,6 @@ def test_regenerate_writes_a_complete_folder_and_an_interrupted_one_keeps_the_ol
 
     monkeypatch.setattr(pretrain, "build_embedded", killed)
     with pytest.raises(KeyboardInterrupt):
-        embedded_artifact.regenerate(out)
+        embedded_regenerate.regenerate(out)
     assert read_build(out) == json.loads(json.dumps(record))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["embedded_model"]

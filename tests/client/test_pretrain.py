@@ -12,13 +12,14 @@ import torch
 
 from client import embedded_artifact, pretrain
 from client.demo.data import public_texts
-from client.embedded_artifact import SHIPPED_DIR, WEIGHTS_FILE, file_sha256, read_build
+from client.embedded_artifact import SHIPPED_DIR, WEIGHTS_FILE, read_build
 from client.generation.generate import generate_reports
 from client.model import load_model
 from client.prompt import SECTIONS
 from shared import icd10
 from shared.errors import ConfigError, ModelError, UnknownCodeError
 from shared.run_config import GenerateConfig
+from shared.signing import sha256_file as file_sha256
 
 # A recipe small enough to build in seconds (tests only): another cache key, so never the shipped one.
 _TINY = {"steps": 2, "n_public": 40, "n_styled": 10}
@@ -54,7 +55,7 @@ def test_shipped_build_is_the_current_recipe():
 
 def test_shipped_model_was_trained_on_the_public_corpus():
     # Provenance: the corpus hash is of the public text this code generates, nothing else.
-    assert read_build(SHIPPED_DIR)["corpus_sha256"] == pretrain.corpus_sha256(pretrain._public_corpus(0))
+    assert read_build(SHIPPED_DIR)["corpus_sha256"] == pretrain.corpus_sha256(pretrain.public_corpus(0))
 
 
 def test_shipped_weights_are_the_ones_built():
@@ -210,7 +211,7 @@ def test_tokenizer_shreds_another_generators_notes_less():
     from client.prompt import build_prompt
     from tests.client.evaluate.second_generator import make_notes
 
-    public = pretrain._public_corpus(0)
+    public = pretrain.public_corpus(0)
     new = pretrain.embedded_tokenizer(public)
     # The tokenizer as built before: the demo's own text only, 3,072 tokens.
     texts = [t for _, t in public]

@@ -232,7 +232,7 @@ def test_missing_shard_in_index_fails(site, tmp_path):
 
 def test_embedded_model_shipped_installed_or_to_build(site, tmp_path, monkeypatch):
     from client import pretrain
-    from client.embedded_artifact import file_sha256
+    from shared.signing import sha256_file as file_sha256
 
     monkeypatch.setenv("FEDSYNTH_CACHE_DIR", str(tmp_path / "cache"))
     # Not installed, but shipped for the current recipe: fine, copied on first use.
