@@ -64,7 +64,7 @@ def run_proxy(out: Path, *, patients: int, seed: int, rounds: int, epsilon: floa
     n_train = training_patients(notes, heldout_fraction=settings.heldout_fraction)
     per_round = None
     if epsilon is not None and not zero_shot:
-        per_round, achieved = per_round_epsilon(epsilon, n_train=n_train, batch=run.train.expected_batch_size,
+        per_round, _ = per_round_epsilon(epsilon, n_train=n_train, batch=run.train.expected_batch_size,
                                                 steps=run.train.steps, rounds=rounds)
         run = replace(run, train=replace(run.train, noise_multiplier=0.0, epsilon_per_round=round(per_round, 6)))
     else:  # the NON-PRIVATE baseline takes no noise knobs (client.dp.baseline)
@@ -146,14 +146,25 @@ def proxy_command(
     set_: Annotated[list[str], typer.Option("--set", help="Run-config override KEY=VALUE (repeatable).")] = [],  # noqa: B006
 ) -> None:
     """Train and score one proxy site: the recipe's fidelity, before any site spends ε."""
+    from shared.errors import FedsynthError
+    from shared.run_config import RunConfig, with_overrides
+
     out = out.resolve()
     if out.exists() and any(out.iterdir()):
         raise typer.BadParameter(f"{out} exists and is not empty", param_hint="--out")
-    out.mkdir(parents=True, exist_ok=True)
+    bad = [kv for kv in set_ if "=" not in kv]
+    if bad:
+        raise typer.BadParameter(f"expected KEY=VALUE, got {', '.join(map(repr, bad))}", param_hint="--set")
     overrides = {k: _scalar(v) for k, v in (kv.split("=", 1) for kv in set_)}
-    record = run_proxy(out, patients=patients, seed=seed, rounds=rounds,
-                       epsilon=None if no_dp or zero_shot else epsilon, overrides=overrides,
-                       reports_per_code=reports_per_code, zero_shot=zero_shot)
+    try:
+        with_overrides(RunConfig(), {"num-rounds": rounds, "min-sites": 1, **overrides})  # all problems, before any work
+        out.mkdir(parents=True, exist_ok=True)
+        record = run_proxy(out, patients=patients, seed=seed, rounds=rounds,
+                           epsilon=None if no_dp or zero_shot else epsilon, overrides=overrides,
+                           reports_per_code=reports_per_code, zero_shot=zero_shot)
+    except FedsynthError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
     print(json.dumps({k: v for k, v in record.items() if k != "sample_report"}, indent=2))
 
 
