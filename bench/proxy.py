@@ -29,13 +29,29 @@ import typer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/proxy.py` finds bench/
 
 PROXY_SEED = 7_000_000  # no demo consortium, study or test uses seeds this large
+ROUND_FIELDS = ("real_classifier_f1", "tstr_trtr", "centroid_margin")  # the learning curve, per round
+
+
+class _RealEmbeddings:
+    """The proxy's real notes embedded once (codes masked): every scoring reads the same."""
+
+    def __init__(self, embedder, data) -> None:
+        from client.evaluate.masking import mask_all
+
+        self.train = embedder.embed(mask_all([n.text for n in data.train]))
+        self.train_codes = [n.primary_code for n in data.train]
+        self.heldout = embedder.embed(mask_all([n.text for n in data.heldout]))
+        self.heldout_codes = [n.primary_code for n in data.heldout]
 
 
 def run_proxy(out: Path, *, patients: int, seed: int, rounds: int, epsilon: float | None,
-              overrides: dict[str, str], reports_per_code: int, zero_shot: bool = False) -> dict:
+              overrides: dict[str, str], reports_per_code: int, zero_shot: bool = False,
+              score_rounds: bool = False) -> dict:
     """Train one proxy site and score its reports; ``epsilon`` None is the non-private arm.
 
     ``zero_shot``: no training at all (the base model's reports, the arms' common reference).
+    ``score_rounds``: also score the adapter after every round (a learning curve in
+    ``rounds_log``; each costs one generation and scoring, about 20 s here).
     """
     import numpy as np
     import torch
@@ -70,6 +86,35 @@ def run_proxy(out: Path, *, patients: int, seed: int, rounds: int, epsilon: floa
     else:  # the NON-PRIVATE baseline takes no noise knobs (client.dp.baseline)
         run = replace(run, train=replace(run.train, noise_multiplier=0.0, epsilon_per_round=0.0))
     data = site.load_site_data(settings)
+    codes = sorted({n.primary_code for n in (*data.train, *data.heldout)})
+    embedder = Embedder()
+    real = _RealEmbeddings(embedder, data)
+
+    def score(adapter_now: dict | None) -> dict:
+        t0 = time.monotonic()
+        torch.manual_seed(run.lora.init_seed)
+        model, tokenizer = site.build_site_model(settings, lora=run.lora, global_adapter=adapter_now)
+        model.eval()
+        reports = generate_reports(model, tokenizer, codes, n_per_code=reports_per_code,
+                                   sampling=evaluation_sampling(settings, run.generate),
+                                   setting="zero-shot" if adapter_now is None else "adapter", model_id="embedded",
+                                   adapter_hash=None if adapter_now is None else adapter_hash(adapter_now), fast=True,
+                                   batch_size=None)
+        gen_s = time.monotonic() - t0
+        synth = [r for r in reports if r.text.strip()]
+        s_emb = embedder.embed(mask_all([r.text for r in synth]))
+        s_codes = [r.code for r in synth]
+        f1 = fidelity.real_classifier_f1(real.train, real.train_codes, s_emb, s_codes, seed=seed)
+        tstr = fidelity.tstr_trtr(real.train, real.train_codes, real.heldout, real.heldout_codes, s_emb, s_codes,
+                                  seed=seed)
+        centroid = fidelity.centroid_similarity(real.train, real.train_codes, s_emb, s_codes)
+        return {"reports": len(reports), "empty_reports": len(reports) - len(synth),
+                "real_classifier_f1": float(f1.macro_f1), "tstr_trtr": float(tstr.ratio),
+                "trtr_f1": float(tstr.trtr_macro_f1), "centroid_margin": float(centroid.margin_mean),
+                "generate_s": round(gen_s, 1),
+                "sample_report": synth[0].text[:600] if synth else "",
+                "mean_tokens": float(np.mean([len(tokenizer(r.text)["input_ids"]) for r in synth])) if synth else 0.0}
+
     adapter = None
     rounds_log = []
     for rnd in range(1, rounds + 1 if not zero_shot else 1):
@@ -87,42 +132,21 @@ def run_proxy(out: Path, *, patients: int, seed: int, rounds: int, epsilon: floa
         rounds_log.append({"round": rnd, "train_s": round(time.monotonic() - t0, 1),
                            "sigma": res.privacy.noise_multiplier, "epsilon": res.privacy.epsilon,
                            "mean_loss": res.mean_loss})
+        if score_rounds and rnd < rounds:  # the last round is scored below, as the run's result
+            fid = score(adapter)
+            rounds_log[-1].update({k: fid[k] for k in ROUND_FIELDS})
         print(json.dumps(rounds_log[-1]), file=sys.stderr, flush=True)
 
-    t0 = time.monotonic()
-    torch.manual_seed(run.lora.init_seed)
-    model, tokenizer = site.build_site_model(settings, lora=run.lora, global_adapter=adapter)
-    model.eval()
-    codes = sorted({n.primary_code for n in (*data.train, *data.heldout)})
-    reports = generate_reports(model, tokenizer, codes, n_per_code=reports_per_code,
-                               sampling=evaluation_sampling(settings, run.generate),
-                               setting="zero-shot" if zero_shot else "adapter", model_id="embedded",
-                               adapter_hash=None if zero_shot else adapter_hash(adapter), fast=True,
-                               batch_size=None)
-    gen_s = time.monotonic() - t0
-    embedder = Embedder()
-    synth = [r for r in reports if r.text.strip()]
-    s_emb = embedder.embed(mask_all([r.text for r in synth]))
-    s_codes = [r.code for r in synth]
-    tr_emb = embedder.embed(mask_all([n.text for n in data.train]))
-    tr_codes = [n.primary_code for n in data.train]
-    ho_emb = embedder.embed(mask_all([n.text for n in data.heldout]))
-    ho_codes = [n.primary_code for n in data.heldout]
-    f1 = fidelity.real_classifier_f1(tr_emb, tr_codes, s_emb, s_codes, seed=seed)
-    tstr = fidelity.tstr_trtr(tr_emb, tr_codes, ho_emb, ho_codes, s_emb, s_codes, seed=seed)
-    centroid = fidelity.centroid_similarity(tr_emb, tr_codes, s_emb, s_codes)
+    final = score(None if zero_shot else adapter)
     record = {
         "arm": "zero-shot" if zero_shot else ("no-dp" if epsilon is None else f"eps-{epsilon:g}"),
         "patients": patients, "training_patients": n_train, "seed": seed, "rounds": 0 if zero_shot else rounds,
         "epsilon_target": epsilon, "epsilon_per_round": per_round, "overrides": overrides,
-        "rounds_log": rounds_log, "reports": len(reports), "empty_reports": len(reports) - len(synth),
-        "real_classifier_f1": float(f1.macro_f1), "tstr_trtr": float(tstr.ratio),
-        "trtr_f1": float(tstr.trtr_macro_f1), "centroid_margin": float(centroid.margin_mean),
-        "generate_s": round(gen_s, 1), "wall_s": round(time.monotonic() - started, 1),
-        "sample_report": synth[0].text[:600] if synth else "",
+        "rounds_log": rounds_log, **final, "wall_s": round(time.monotonic() - started, 1),
         "chance_f1": 1.0 / max(len(codes), 1),
-        "mean_tokens": float(np.mean([len(tokenizer(r.text)["input_ids"]) for r in synth])) if synth else 0.0,
     }
+    if rounds_log and not zero_shot:
+        rounds_log[-1].update({k: final[k] for k in ROUND_FIELDS})
     (out / "proxy.json").write_text(json.dumps(record, indent=2))
     return record
 
@@ -143,6 +167,7 @@ def proxy_command(
     rounds: Annotated[int, typer.Option(help="Rounds (one site: FedAvg keeps its update).")] = 3,
     seed: Annotated[int, typer.Option(help="Proxy population and scoring seed.")] = 0,
     reports_per_code: Annotated[int, typer.Option(help="Reports generated per code.")] = 8,
+    score_rounds: Annotated[bool, typer.Option("--score-rounds", help="Score after every round too.")] = False,
     set_: Annotated[list[str], typer.Option("--set", help="Run-config override KEY=VALUE (repeatable).")] = [],  # noqa: B006
 ) -> None:
     """Train and score one proxy site: the recipe's fidelity, before any site spends ε."""
@@ -161,7 +186,8 @@ def proxy_command(
         out.mkdir(parents=True, exist_ok=True)
         record = run_proxy(out, patients=patients, seed=seed, rounds=rounds,
                            epsilon=None if no_dp or zero_shot else epsilon, overrides=overrides,
-                           reports_per_code=reports_per_code, zero_shot=zero_shot)
+                           reports_per_code=reports_per_code, zero_shot=zero_shot,
+                           score_rounds=score_rounds)
     except FedsynthError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None

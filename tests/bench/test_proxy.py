@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from bench.proxy import PROXY_SEED, run_proxy
+from bench.proxy import PROXY_SEED, ROUND_FIELDS, run_proxy
 from client.demo.data import write_demo
 
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore:Optimal order")]
@@ -16,15 +16,21 @@ TINY = {"train.steps": 2, "train.max-length": 64, "train.expected-batch-size": 1
 
 @pytest.mark.parametrize("epsilon", [8.0, None], ids=["dp", "no-dp"])
 def test_proxy_trains_scores_and_spends_at_most_its_epsilon(tmp_path, epsilon):
+    score_rounds = epsilon is None  # one arm of each: with and without the per-round learning curve
     record = run_proxy(tmp_path, patients=100, seed=0, rounds=2, epsilon=epsilon, overrides=TINY,
-                       reports_per_code=1)
+                       reports_per_code=1, score_rounds=score_rounds)
     assert record == json.loads((tmp_path / "proxy.json").read_text())
     assert [r["round"] for r in record["rounds_log"]] == [1, 2]
     assert record["training_patients"] == 80
     assert record["reports"] == 13  # one per code of the demo generator
     for key in ("real_classifier_f1", "tstr_trtr", "centroid_margin"):
         assert math.isfinite(record[key]), key
-    last = record["rounds_log"][-1]
+    first, last = record["rounds_log"]
+    for key in ROUND_FIELDS:  # the last round carries the run's own scores; earlier rounds only when asked
+        assert last[key] == record[key], key
+        assert (key in first) is score_rounds, key
+        if score_rounds:
+            assert math.isfinite(first[key]), key
     if epsilon is None:  # the non-private arm: no noise, nothing accounted
         assert last["sigma"] == 0 and math.isinf(last["epsilon"])
     else:  # the ledger's composed ε over both rounds stays at or under the whole-run target
