@@ -33,6 +33,6 @@ lint: venv
 	$(BIN)/ruff check .
 
 # Rebuild the shipped embedded model (client/embedded_model/) from client/pretrain.py's RECIPE,
-# seed 0: ~10 minutes on one core. Needed after changing RECIPE (a test says so); commit the folder.
+# seed 0: ~19 minutes on one core. Needed after changing RECIPE (a test says so); commit the folder.
 embedded-model: venv
 	$(BIN)/python -m client.embedded_regenerate

@@ -103,7 +103,7 @@ def demo_data(
 def build_model(
     rebuild: Annotated[
         bool,
-        typer.Option(help="Train it from public text even though fedsynth ships it (~10 min on one core), "
+        typer.Option(help="Train it from public text even though fedsynth ships it (~19 min on one core), "
                           "and compare the weights with the shipped BUILD.json."),
     ] = False,
     seed: int = 0,

@@ -10,9 +10,13 @@ BPE tokenizer and a few-million-parameter Llama trained with AdamW on
   fine-tuning use), and
 * public notes in the layouts and shorthand clinicians use
   (:func:`client.demo.data.styled_public_texts`: a separate fictional
-  population, wording from a random other code), because a real base model
-  has read such notes and a site's few DP steps should go to what is
-  site-specific, not to learning what "MSE:" means, and
+  population, each note written for a *stand-in* chapter V code that no demo
+  code shares a category with, in the wording that code is bound to), because
+  a real base model has read such notes and knows that a report's content
+  follows the diagnosis asked for. A site's few DP steps should go to what is
+  site-specific (which symptoms go with *its* codes), not to learning what
+  "MSE:" means or that the prompt's code matters at all (recipe v8; up to v7
+  the wording came from a random other code, which taught the opposite), and
 * WHO ICD-10 chapter V titles (code -> description), so prompts mention
   descriptions the model has seen.
 
@@ -38,6 +42,7 @@ import fcntl
 import hashlib
 import json
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -66,7 +71,7 @@ from shared.signing import sha256_file
 # Everything that shapes the weights. Changing any value changes the cache dir, and the
 # shipped model (client/embedded_model/) no longer matches: regenerate it (make embedded-model).
 RECIPE: dict[str, Any] = {
-    "version": 7,
+    "version": 9,
     "family": "llama",
     "vocab_size": 4096,
     "hidden_size": 192,
@@ -76,12 +81,15 @@ RECIPE: dict[str, Any] = {
     "num_key_value_heads": 4,
     "max_position_embeddings": 1024,
     "max_length": 448,
-    "n_public": 3000,
-    "n_styled": 900,
+    "n_public": 2000,
+    "n_styled": 3000,
     "batch_size": 8,
     "title_batch_size": 32,
     "title_every": 3,
     "diagnosis_weight": 10.0,
+    # Loss weight of the wording a styled note's stand-in code is bound to: the tokens whose
+    # prediction needs the prompt's code, a small share of a note otherwise.
+    "content_weight": 4.0,
     "recode_share": 0.5,
     "lr": 3e-3,
     "min_lr_ratio": 0.1,
@@ -89,7 +97,7 @@ RECIPE: dict[str, Any] = {
     "warmup_steps": 20,
     # Optimiser steps (every title_every-th on ICD-10 titles). Under the v6 wall-time budget
     # the best build got 798 steps (final loss 0.44), load-starved ones 326-399 (0.87-1.06).
-    "steps": 800,
+    "steps": 1600,
 }
 
 TRAINED_ON = (
@@ -178,9 +186,32 @@ def embedded_tokenizer(public: Sequence[tuple[str, str]]) -> Any:
     )
 
 
+def _find_all(text: str, piece: str) -> list[int]:
+    out, at = [], text.find(piece)
+    while at != -1:
+        out.append(at)
+        at = text.find(piece, at + 1)
+    return out
+
+
+def _bound_phrases(code: str) -> list[str]:
+    """Lower-cased literal pieces (12+ characters, slots cut out) of the wording a
+    stand-in code is bound to (:func:`client.demo.data.stand_in_codes`); [] for any other code."""
+    from client.demo.data import stand_in_codes
+    from client.demo.text import CODE_VOCAB
+
+    bound = stand_in_codes().get(code)
+    if bound is None:
+        return []
+    pieces = {piece.strip(" ,.;'").lower() for phrases in CODE_VOCAB[bound].values() for phrase in phrases
+              for piece in re.split(r"\{[^}]*\}", phrase)}
+    return sorted(p for p in pieces if len(p) >= 12)
+
+
 def _weighted_example(code: str, text: str, tokenizer: Any) -> dict[str, list]:
     """:func:`training_example` plus a per-token loss weight that up-weights the
-    report's mention of its code and title (``diagnosis_weight``).
+    report's mention of its code and title (``diagnosis_weight``) and, in a
+    styled note, the wording its stand-in code is bound to (``content_weight``).
 
     The code is the only thing a public report says that depends on the prompt,
     and it is a handful of tokens in ~270: without the weight the model learns
@@ -188,16 +219,18 @@ def _weighted_example(code: str, text: str, tokenizer: Any) -> dict[str, list]:
     """
     example = training_example(code, text, tokenizer, max_length=RECIPE["max_length"])
     body = text.strip()
-    mention = f"{code} {icd10.describe(code)}"
-    start = body.find(mention)
     n_prompt = sum(1 for v in example["labels"] if v == -100)
     weights = [1.0] * len(example["input_ids"])
-    if start != -1:
+    spans = [(a, a + len(p), RECIPE["content_weight"]) for p in _bound_phrases(code)
+             for a in _find_all(body.lower(), p)]
+    mention = f"{code} {icd10.describe(code)}"
+    spans += [(a, a + len(mention), RECIPE["diagnosis_weight"]) for a in _find_all(body, mention)[:1]]
+    if spans:
         offsets = tokenizer(body, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        end = start + len(mention)
-        for i, (a, b) in enumerate(offsets):
-            if a < end and b > start and n_prompt + i < len(weights):
-                weights[n_prompt + i] = RECIPE["diagnosis_weight"]
+        for start, end, weight in spans:  # the diagnosis last: it wins where spans overlap
+            for i, (a, b) in enumerate(offsets):
+                if a < end and b > start and n_prompt + i < len(weights):
+                    weights[n_prompt + i] = weight
     example["weights"] = weights
     return example
 
@@ -339,7 +372,7 @@ def ensure_embedded_model(
     ``cache`` defaults to :func:`shared.settings.cache_dir`. When the shipped
     model was built from the current RECIPE with ``seed`` it is copied into the
     cache (seconds); otherwise, or with ``rebuild=True``, the model is built
-    (``RECIPE["steps"]`` steps on one CPU thread: ~10 minutes on a loaded 2-core
+    (``RECIPE["steps"]`` steps on one CPU thread: ~19 minutes on an idle 2-core
     machine) and ``progress(step, steps, loss)`` is called per step. Concurrent
     callers wait on a lock; the first installs or builds. Raises
     :class:`ModelError` when a cached or shipped folder's weights do not hash

@@ -75,7 +75,8 @@ from shared.errors import ConfigError, Problem
 
 __all__ = [
     "SITE_IDS", "CODES", "FICTIONAL_MARKER", "STYLE_MARKERS", "CANARY_PREFIX", "CANARY_SUFFIX",
-    "CANARY_CANDIDATES", "DemoManifest", "write_demo", "public_texts", "styled_public_texts", "canary_text",
+    "CANARY_CANDIDATES", "DemoManifest", "write_demo", "public_texts", "styled_public_texts", "stand_in_codes",
+    "canary_text",
 ]
 
 SITE_IDS = ("site-a", "site-b", "site-c")
@@ -119,7 +120,7 @@ def _content(rng: random.Random, p: Patient, k: int, when: date, *, vocab_code: 
     """Everything one note says, before a site's style lays it out.
 
     ``vocab_code`` (styled public texts only) takes the clinical wording from
-    another code's vocabulary than the patient's own.
+    that demo code's vocabulary instead of the patient's own (a stand-in's binding).
     """
     vocab = CODE_VOCAB[vocab_code or p.codes[0]]
     s = slots(rng, p.female, when.year)
@@ -186,25 +187,48 @@ def public_texts(*, seed: int = 0, n: int = 600) -> list[tuple[str, str]]:
     return [(code, render_public(rng, code)) for code in codes]
 
 
+def stand_in_codes() -> dict[str, str]:
+    """Chapter V categories outside every demo code's category, each bound to one demo code's vocabulary.
+
+    Pretraining only (:func:`styled_public_texts`). A real base model has learnt
+    that what a report says depends on the diagnosis it is asked for; these
+    public stand-ins teach that mechanism with codes no demo site uses (F40
+    "Phobic anxiety disorders" may be written with F20's wording: the binding is
+    arbitrary and fictional), so a site's DP steps only have to bind its own
+    codes to their content, and the base model still knows nothing about the
+    demo codes' symptoms (zero-shot fidelity stays at chance). Fixed, public and
+    the same for every seed.
+    """
+    taken = {c.split(".")[0] for c in CODES}
+    free = [c for c in icd10.chapter_f_codes() if c not in taken]
+    rng = random.Random("fedsynth-demo:stand-in-codes")
+    rng.shuffle(free)
+    return {code: CODES[i % len(CODES)] for i, code in enumerate(free)}
+
+
 def styled_public_texts(*, seed: int = 0, n: int = 900) -> list[tuple[str, str]]:
     """``n`` (code, text) pairs laid out in the three house styles, for pretraining only.
 
     A real base model has read clinical notes in common layouts and shorthand
     before any site fine-tunes it; a model pretrained on :func:`public_texts`
     alone has not, and spends a site's whole training budget learning the
-    layout. These texts teach layout and wording, not site data: a separate
-    fictional population (its own RNG namespace, every name with a middle
-    initial, which site names only get past 1000 patients), no canaries, and
-    each note's clinical wording drawn from a *random other* code's vocabulary,
-    so which symptoms go with which code is still learnt only from site notes.
-    No address or telephone lines (the fiction phone ranges are small enough
-    to collide with a site patient's number).
-    Styles rotate site-a, site-b, site-c; the code is the note's primary code.
+    layout. These texts teach layout, wording and that content follows the
+    requested code, not site data: a separate fictional population (its own RNG
+    namespace, every name with a middle initial, which site names only get past
+    1000 patients), no canaries, and each note written for a **stand-in code**
+    (:func:`stand_in_codes`: a chapter V category no demo code belongs to) with
+    the clinical wording its binding names. No demo code is ever paired with
+    symptoms here, so which symptoms go with which demo code is still learnt
+    only from site notes. No address or telephone lines (the fiction phone
+    ranges are small enough to collide with a site patient's number).
+    Styles rotate site-a, site-b, site-c; the code returned is the stand-in.
     """
     problems = _check_int("n", n, 1, 100_000) + _check_int("seed", seed, None, None)
     if problems:
         raise ConfigError("invalid styled public request", problems)
     rng = random.Random(f"fedsynth-demo:{seed}:public-styled")
+    bindings = stand_in_codes()
+    stand_ins = sorted(bindings)
     seen: set[str] = set()
     pools = {site: make_patients(site, seed, -(-n // len(SITE_IDS)), seen, codes=CODES, public=True)
              for site in SITE_IDS}
@@ -212,13 +236,15 @@ def styled_public_texts(*, seed: int = 0, n: int = 900) -> list[tuple[str, str]]
     for i in range(n):
         site = SITE_IDS[i % len(SITE_IDS)]
         p = pools[site][i // len(SITE_IDS)]
-        other = rng.choice([c for c in CODES if c != p.codes[0]])
-        p.med = rng.choice(CODE_VOCAB[other]["meds"])
+        code = rng.choice(stand_ins)
+        vocab = bindings[code]
+        p.med = rng.choice(CODE_VOCAB[vocab]["meds"])
         k = rng.randrange(p.n_notes)
         when = p.first_date + timedelta(days=60 * k)
-        c = _content(rng, p, k, when, vocab_code=other)
+        c = _content(rng, p, k, when, vocab_code=vocab)
+        c["dx"] = [(code, icd10.describe(code))]
         c["show_contact"] = False  # phones come from small fiction ranges the sites' patients share
-        out.append((p.codes[0], _render(site, c, rng)))
+        out.append((code, _render(site, c, rng)))
     return out
 
 

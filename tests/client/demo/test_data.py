@@ -20,6 +20,7 @@ from client.demo.data import (
     SITE_IDS,
     STYLE_MARKERS,
     public_texts,
+    stand_in_codes,
     styled_public_texts,
     write_demo,
 )
@@ -278,6 +279,15 @@ def test_too_many_canary_holders_refused(tmp_path):
     write_demo(tmp_path / "ok", seed=0, patients_per_site=10, canary_repetitions=(3, 5), public_reports=13)
 
 
+def test_stand_in_codes_avoid_every_demo_category_and_bind_each_demo_vocabulary():
+    bindings = stand_in_codes()
+    assert bindings == stand_in_codes()  # fixed and public, the same for every seed
+    demo_categories = {c.split(".")[0] for c in CODES}
+    assert not {c.split(".")[0] for c in bindings} & demo_categories
+    assert set(bindings) <= set(icd10.chapter_f_codes())
+    assert set(bindings.values()) == set(CODES)
+
+
 def test_styled_public_texts_teach_layouts_not_site_data(demo):
     _, sites, public, canaries = demo
     texts = styled_public_texts(seed=7, n=30)
@@ -285,7 +295,8 @@ def test_styled_public_texts_teach_layouts_not_site_data(demo):
     for i, (code, text) in enumerate(texts):
         site = SITE_IDS[i % 3]
         assert STYLE_MARKERS[site][0] in text, (i, site)  # styles rotate a, b, c
-        assert text.startswith(FICTIONAL_MARKER) and code in CODES
+        assert text.startswith(FICTIONAL_MARKER) and code in stand_in_codes()
+        assert icd10.describe(code) in text  # the note is written for its stand-in code
         assert "locker combination" not in text  # no canaries
         assert "Tel:" not in text and "Telephone:" not in text and "telephone" not in text
     identifiers = {s for notes in sites.values() for r in notes for s in r["identifiers"]}
@@ -293,8 +304,12 @@ def test_styled_public_texts_teach_layouts_not_site_data(demo):
     assert names  # site names have no middle initial at this size ...
     joined = "\n".join(t for _, t in styled_public_texts(seed=7, n=300))
     assert not any(name in joined for name in names)  # ... styled names always do
-    # wording from another code's vocabulary: a code's own complaints are rare in its styled texts
-    own = sum(any(c in t for c in CODE_VOCAB[code]["complaint"]) for code, t in styled_public_texts(seed=7, n=300))
-    assert own < 0.25 * 300
+    # content follows the requested code (the stand-in's bound wording) ...
+    many = styled_public_texts(seed=7, n=300)
+    bindings = stand_in_codes()
+    bound = sum(any(s in t for s in CODE_VOCAB[bindings[code]]["symptoms"]) for code, t in many)
+    assert bound >= 0.9 * len(many)
+    # ... but no demo code or title is ever paired with symptoms: that is learnt only from site notes
+    assert not any(c in t or icd10.describe(c) in t for _, t in many for c in CODES)
     with pytest.raises(ConfigError):
         styled_public_texts(n=0)
