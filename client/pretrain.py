@@ -15,8 +15,8 @@ BPE tokenizer and a few-million-parameter Llama trained with AdamW on
   a real base model has read such notes and knows that a report's content
   follows the diagnosis asked for. A site's few DP steps should go to what is
   site-specific (which symptoms go with *its* codes), not to learning what
-  "MSE:" means or that the prompt's code matters at all (recipe v8; up to v7
-  the wording came from a random other code, which taught the opposite), and
+  "MSE:" means or that the prompt's code matters at all (since recipe v8; up
+  to v7 the wording came from a random other code, which taught the opposite), and
 * WHO ICD-10 chapter V titles (code -> description), so prompts mention
   descriptions the model has seen.
 
@@ -39,6 +39,7 @@ written in a temporary directory and renamed, so a crash never leaves a half mod
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import random
@@ -194,18 +195,21 @@ def _find_all(text: str, piece: str) -> list[int]:
     return out
 
 
-def _bound_phrases(code: str) -> list[str]:
+@functools.cache
+def _bound_phrases(code: str) -> tuple[str, ...]:
     """Lower-cased literal pieces (12+ characters, slots cut out) of the wording a
-    stand-in code is bound to (:func:`client.demo.data.stand_in_codes`); [] for any other code."""
+    stand-in code is bound to (:func:`client.demo.data.stand_in_codes`); () for any other code.
+
+    Cached: a build weights ~5,000 examples and the bindings never change."""
     from client.demo.data import stand_in_codes
     from client.demo.text import CODE_VOCAB
 
     bound = stand_in_codes().get(code)
     if bound is None:
-        return []
+        return ()
     pieces = {piece.strip(" ,.;'").lower() for phrases in CODE_VOCAB[bound].values() for phrase in phrases
               for piece in re.split(r"\{[^}]*\}", phrase)}
-    return sorted(p for p in pieces if len(p) >= 12)
+    return tuple(sorted(p for p in pieces if len(p) >= 12))
 
 
 def _weighted_example(code: str, text: str, tokenizer: Any) -> dict[str, list]:
