@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
 
-from client.demo.patients import Patient, make_patients, unique
+from client.demo.patients import MAX_PATIENTS, Patient, make_patients, unique
 from client.demo.text import (
     CODE_VOCAB,
     DOCTORS,
@@ -86,7 +86,7 @@ CANARY_SUFFIX = "."
 CANARY_DIGITS = 6
 CANARY_CANDIDATES = 10**CANARY_DIGITS
 REFERENCE_CANARIES = 20
-MAX_PATIENTS_PER_SITE = 2000
+MAX_PATIENTS_PER_SITE = MAX_PATIENTS  # phones are unique per site (client.demo.patients)
 
 # Strings only one site's writing style produces; the public split has none.
 STYLE_MARKERS: dict[str, tuple[str, ...]] = {

@@ -78,11 +78,30 @@ _MRN = {
     "site-b": lambda r: f"HB-{r.randrange(100000, 1000000)}",
     "site-c": lambda r: f"CV {r.randrange(100, 1000)} {r.randrange(100, 1000)}",
 }
-_PHONE = {  # ranges reserved by the UK regulator for fiction
-    "site-a": lambda r: f"07700 900{r.randrange(1000):03d}",
-    "site-b": lambda r: f"01632 960{r.randrange(1000):03d}",
-    "site-c": lambda r: f"+44 20 7946 0{r.randrange(1000):03d}",
+# Telephone numbers come from ranges Ofcom reserves for drama, 1,000 numbers each: a site's
+# first 1,000 patients draw from its first range (so smaller populations are unchanged),
+# the next 1,000 from its second range, and so on.
+_PHONE_RANGES = {
+    "site-a": ("07700 900{:03d}", "0113 496 0{:03d}", "0114 496 0{:03d}", "0115 496 0{:03d}",
+               "0116 496 0{:03d}", "0117 496 0{:03d}"),
+    "site-b": ("01632 960{:03d}", "0118 496 0{:03d}", "0121 496 0{:03d}", "0131 496 0{:03d}",
+               "0141 496 0{:03d}", "0151 496 0{:03d}"),
+    "site-c": ("+44 20 7946 0{:03d}", "0161 496 0{:03d}", "0191 498 0{:03d}", "029 2018 0{:03d}",
+               "0808 157 0{:03d}", "0909 879 0{:03d}"),
 }
+PHONES_PER_RANGE = 1000
+MAX_PATIENTS = PHONES_PER_RANGE * min(len(r) for r in _PHONE_RANGES.values())  # per site: phones are unique
+
+
+def _phone(rng: random.Random, site: str, index: int) -> str:
+    return _PHONE_RANGES[site][index // PHONES_PER_RANGE].format(rng.randrange(PHONES_PER_RANGE))
+
+
+def _address(rng: random.Random, index: int) -> str:
+    # 14,328 street addresses are shared by the whole consortium; past a site's first
+    # 1,000 patients flats widen the space so large populations stay unique.
+    flat = f"Flat {rng.randrange(1, 10)}, " if index >= PHONES_PER_RANGE else ""
+    return f"{flat}{rng.randrange(1, 200)} {rng.choice(_STREETS)}, {rng.choice(_TOWNS)}"
 
 
 def make_patients(site: str, seed: int, n: int, seen: set[str], *, codes: Sequence[str],
@@ -109,12 +128,11 @@ def make_patients(site: str, seed: int, n: int, seen: set[str], *, codes: Sequen
         first = date(2019, 1, 1) + timedelta(days=rng.randrange(1600))
         lo, hi = AGES[primary]
         dob = first - timedelta(days=rng.randrange(lo * 365 + 1, hi * 365 + 300))
-        street = lambda r: f"{r.randrange(1, 200)} {r.choice(_STREETS)}, {r.choice(_TOWNS)}"  # noqa: E731
         patients.append(Patient(
             site=site, patient_id=f"{site}-p{i + 1:04d}", female=female, codes=codes,
             name=unique(rng, seen, partial(_make_name, female=female, attempt=names_drawn, always_middle=public)),
-            mrn=unique(rng, seen, _MRN[site]), address=unique(rng, seen, street),
-            phone=unique(rng, seen, _PHONE[site]), dob=dob, first_date=first,
+            mrn=unique(rng, seen, _MRN[site]), address=unique(rng, seen, partial(_address, index=i)),
+            phone=unique(rng, seen, partial(_phone, site=site, index=i)), dob=dob, first_date=first,
             n_notes=rng.choices((1, 2, 3, 4), (45, 30, 15, 10))[0],
             med=rng.choice(CODE_VOCAB[primary]["meds"]),
         ))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from client.demo.data import CODES, SITE_IDS
-from client.demo.patients import make_patients, unique
+from client.demo.patients import _PHONE_RANGES, MAX_PATIENTS, make_patients, unique
 
 
 def test_same_seed_same_patients_and_identifiers_unique_across_sites() -> None:
@@ -34,3 +34,16 @@ def test_unique_redraws_until_unseen() -> None:
     seen = {"0", "1"}
     value = unique(random.Random(0), seen, lambda r: str(r.randrange(3)))
     assert value == "2" and seen == {"0", "1", "2"}
+
+
+def test_largest_sites_keep_identifiers_unique_and_phones_in_drama_ranges() -> None:
+    # Three sites at the cap: 18,000 patients, every identifier still names one patient,
+    # and every phone number lies in a range reserved for drama (never a real subscriber).
+    seen: set[str] = set()
+    patients = [p for site in SITE_IDS for p in make_patients(site, 3, MAX_PATIENTS, seen, codes=CODES)]
+    ids = [x for p in patients for x in (p.name, p.mrn, p.address, p.phone)]
+    assert len(ids) == len(set(ids))
+    drama = {fmt.format(0)[:-3] for ranges in _PHONE_RANGES.values() for fmt in ranges}
+    assert all(p.phone[:-3] in drama for p in patients)
+    assert len({p.phone[:-3] for p in patients}) == len(drama)  # every range used once the first fills
+
