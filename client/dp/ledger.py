@@ -43,7 +43,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -338,6 +338,7 @@ class Ledger:
         accountant: str,
         epsilon_ceiling: float,
         noise_source: str = "unspecified",
+        precheck: Callable[[Sequence[LedgerEntry]], None] | None = None,
     ) -> LedgerEntry:
         """Record a DP-SGD run before it starts; refuse it if it would cross ``epsilon_ceiling``.
 
@@ -346,12 +347,17 @@ class Ledger:
         (nothing written) when the projected cumulative epsilon at ``delta``
         exceeds the ceiling. Returns once the record is fsynced and anchored.
         ``noise_source`` names where the run's noise comes from (e.g. ``csprng``);
-        it is recorded and authenticated, not interpreted.
+        it is recorded and authenticated, not interpreted. ``precheck`` is called
+        with the current entries under the same lock, before the ε check; what it
+        raises propagates and nothing is written (a per-run count, for example,
+        that two processes must not both pass).
         """
         self._check_run(noise_multiplier, sample_rate, steps, delta, accountant,
                         round_id=round_id, ceiling=epsilon_ceiling, noise_source=noise_source)
         with self._locked() as fh:
             entries = self._read(fh)
+            if precheck is not None:
+                precheck(entries)
             spent_history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.kind == "reserve"]
             projected = compute_epsilon(
                 [*spent_history, (noise_multiplier, sample_rate, steps)], delta=delta, accountant=accountant

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,8 +75,12 @@ def evaluation_round_id(run: RunConfig, round_id: int | str) -> str:
 
 def evaluations_used(ledger: Ledger, run: RunConfig) -> int:
     """Evaluations this run has reserved at this site (every reserve counts, failed ones too)."""
+    return _used(ledger.entries(), run)
+
+
+def _used(entries: Sequence[LedgerEntry], run: RunConfig) -> int:
     prefix = f"{EVAL_PREFIX}{run_key(run)}-"
-    return sum(1 for e in ledger.entries() if e.kind == "reserve" and e.round_id.startswith(prefix))
+    return sum(1 for e in entries if e.kind == "reserve" and e.round_id.startswith(prefix))
 
 
 def evaluation_budget(settings: SiteSettings, run: RunConfig) -> int:
@@ -102,19 +107,24 @@ def charge_evaluation(
     its evaluations, :class:`~shared.errors.BudgetExceededError` (nothing
     written) when the release would take the site past its ε ceiling.
     """
-    used, allowed = evaluations_used(ledger, run), evaluation_budget(settings, run)
-    if used >= allowed:
-        raise EvaluationBudgetError(
-            f"evaluation refused: this run has used {used} of its {allowed} evaluations at this site "
-            "(FEDSYNTH_SITE_MAX_EVALUATIONS_PER_RUN, and the run's num-rounds + 1)"
-        )
+    allowed = evaluation_budget(settings, run)
+
+    def within_budget(entries: Sequence[LedgerEntry]) -> None:
+        # Counted under the ledger's lock: two processes of one site cannot both take the last one.
+        used = _used(entries, run)
+        if used >= allowed:
+            raise EvaluationBudgetError(
+                f"evaluation refused: this run has used {used} of its {allowed} evaluations at this site "
+                "(FEDSYNTH_SITE_MAX_EVALUATIONS_PER_RUN, and the run's num-rounds + 1)"
+            )
+
     sigma = float(settings.eval_noise_multiplier)
     accountant = run.train.accountant
     with np.errstate(divide="ignore"):  # PRV at q = 1 takes log(0) on a branch it then discards
         entry = ledger.reserve(
             round_id=evaluation_round_id(run, round_id), noise_multiplier=sigma, sample_rate=1.0,
             steps=1, delta=delta, accountant=accountant, epsilon_ceiling=settings.epsilon_ceiling,
-            noise_source=METRICS_NOISE_SOURCE,
+            noise_source=METRICS_NOISE_SOURCE, precheck=within_budget,
         )
         epsilon = compute_epsilon([(sigma, 1.0, 1)], delta=delta, accountant=accountant)
     return EvaluationCharge(entry=entry, epsilon=epsilon, delta=delta, noise_multiplier=sigma)

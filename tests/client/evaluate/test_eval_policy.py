@@ -91,6 +91,41 @@ def test_the_evaluation_budget_is_per_run_survives_restarts_and_refuses_before_c
     charge_evaluation(settings, other, ledger=ledger, round_id=1, delta=1e-3)  # counted per run
 
 
+
+def test_concurrent_evaluations_cannot_both_take_the_last_one(tmp_path, monkeypatch):
+    # Adversary: a second process of the same site (a retried ClientApp, an operator's
+    # `fedsynth-site evaluate`) evaluating at the same moment. Every caller is held at the
+    # door of the ledger until all have arrived, so any count read before the lock is stale.
+    import threading
+
+    settings = _settings(tmp_path, max_evaluations_per_run=1)
+    callers = 6
+    door = threading.Barrier(callers, timeout=30)
+    reserve = Ledger.reserve
+
+    def held_at_the_door(self, **kw):
+        door.wait()
+        return reserve(self, **kw)
+
+    monkeypatch.setattr(Ledger, "reserve", held_at_the_door)
+    outcomes: list[str] = []
+
+    def evaluate(r: int) -> None:
+        try:
+            charge_evaluation(settings, GREEDY, ledger=Ledger(settings.ledger_path, site_id="site-a"),
+                              round_id=r, delta=1e-3)
+            outcomes.append("charged")
+        except EvaluationBudgetError:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=evaluate, args=(r,)) for r in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["charged"] + ["refused"] * (callers - 1)
+    assert evaluations_used(Ledger(settings.ledger_path, site_id="site-a"), GREEDY) == 1
+
 def test_the_epsilon_ceiling_refuses_an_evaluation_and_nothing_is_written(tmp_path):
     delta = 1e-3
     one = compute_epsilon([(5.0, 1.0, 1)], delta=delta, accountant="prv")
