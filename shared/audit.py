@@ -11,9 +11,11 @@ e.g. the numbers in a signed report.)
 
 Crash safety: each append is one ``write`` of a whole line followed by
 ``fsync``, under an exclusive ``flock`` so concurrent writers interleave whole
-entries. A crash can leave at most a torn last line; the next writer moves it
-aside to ``<log>.torn-<time>`` and continues the chain from the last good
-entry, so a crash never breaks the chain.
+entries. A crash can leave at most a torn last line (no final newline); the next writer
+moves it aside to ``<log>.torn-<time>`` and continues the chain from the last
+good entry, so a crash never breaks the chain. A *complete* last line that does
+not parse is not what a crash leaves: the writer refuses to append after it
+rather than set evidence of an edit aside.
 """
 
 from __future__ import annotations
@@ -141,6 +143,11 @@ def _last_line(fd: int) -> tuple[int, bytes]:
     return 0, os.pread(fd, size, 0)
 
 
+def _line_number(fd: int, offset: int) -> int:
+    """1-based line number of the line starting at byte ``offset`` (error messages only)."""
+    return os.pread(fd, offset, 0).count(b"\n") + 1
+
+
 def _parse(line: bytes) -> dict[str, Any] | None:
     try:
         obj = json.loads(line.decode("utf-8"))
@@ -180,8 +187,15 @@ class AuditLog:
         offset, line = _last_line(fd)
         if not line:
             return 0, GENESIS
-        entry = _parse(line) if line.endswith(b"\n") else None
-        if entry is None:
+        if line.endswith(b"\n"):
+            entry = _parse(line)
+            if entry is None:  # a crash cannot leave a whole line that does not parse: an edit did
+                raise InputError(
+                    "audit log's last line is complete but not a valid entry (edited or corrupted, "
+                    "not a crash); nothing was appended; run fedsynth-verify on it",
+                    [Problem(str(self.path), "unparsable complete last line", line=_line_number(fd, offset))],
+                )
+        else:
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
             aside = self.path.with_name(f"{self.path.name}.torn-{stamp}")
             write_new(aside, line, mode=MODE)

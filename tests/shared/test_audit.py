@@ -171,6 +171,21 @@ def test_torn_last_line_is_moved_aside(tmp_path, keys, pubs):
     assert path.read_bytes().startswith(good)
 
 
+
+def test_a_complete_but_damaged_last_line_is_refused_not_set_aside(tmp_path, keys):
+    # Adversary: an operator edits the last entry (say, to blur an epsilon) and saves the file.
+    # A crash only ever leaves a line without its newline, so this is not repaired quietly.
+    path = tmp_path / "audit.jsonl"
+    write_log(path, keys["site-a"], n=3)
+    lines = path.read_bytes().splitlines(keepends=True)
+    damaged = lines[-1].replace(b'"actor"', b'"actor', 1)
+    path.write_bytes(b"".join(lines[:-1]) + damaged)
+    before = path.read_bytes()
+    with pytest.raises(InputError, match="complete but not a valid entry") as err:
+        AuditLog(path, key=keys["site-a"], actor="site-a").append("run_end", {"rounds": 1})
+    assert (err.value.problems[0].where, err.value.problems[0].line) == (str(path), 3)
+    assert path.read_bytes() == before and not list(tmp_path.glob("audit.jsonl.torn-*"))
+
 WRITER = """
 import sys
 from pathlib import Path
