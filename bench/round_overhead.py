@@ -106,9 +106,9 @@ def random_adapter(spec: AdapterSpec, seed: int) -> dict[str, np.ndarray]:
     return {k: (rng.standard_normal(s) * 0.01).astype(d) for k, (s, d) in spec.items()}
 
 
-def privacy_scalars(patients_bucket: int = 120) -> dict[str, Any]:
+def privacy_scalars(patients_bucket: int = 120, *, secure_mode: bool = False) -> dict[str, Any]:
     return dict(epsilon=2.5, epsilon_round=0.5, delta=1e-5, noise_multiplier=1.1, sample_rate=0.05,
-                steps=50, max_grad_norm=1.0, accountant="prv", secure_mode=False,
+                steps=50, max_grad_norm=1.0, accountant="prv", secure_mode=secure_mode,
                 patients_bucket=patients_bucket, ledger_seq=1, ledger_head="ab" * 32)
 
 
@@ -241,7 +241,8 @@ def _bench_site(spec: AdapterSpec) -> types.ModuleType:
     site = types.ModuleType("client.site")
     site.adapter_spec = lambda settings, run: spec
     site.site_train = lambda settings, run, *, global_adapter, round_id: (
-        random_adapter(spec, seed=hash(settings.site_id) % 2**31), privacy_scalars())
+        random_adapter(spec, seed=hash(settings.site_id) % 2**31),
+        privacy_scalars(secure_mode=run.train.secure_mode))  # the wire checks it against the run
     site.release_update = lambda settings, privacy: None
     return site
 
