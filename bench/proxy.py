@@ -46,12 +46,16 @@ class _RealEmbeddings:
 
 def run_proxy(out: Path, *, patients: int, seed: int, rounds: int, epsilon: float | None,
               overrides: dict[str, str], reports_per_code: int, zero_shot: bool = False,
-              score_rounds: bool = False) -> dict:
+              score_rounds: bool = False, notes: Path | None = None) -> dict:
     """Train one proxy site and score its reports; ``epsilon`` None is the non-private arm.
 
     ``zero_shot``: no training at all (the base model's reports, the arms' common reference).
     ``score_rounds``: also score the adapter after every round (a learning curve in
     ``rounds_log``; each costs one generation and scoring, about 20 s here).
+    ``notes``: a PUBLIC notes file (the site notes format) to use as the proxy site
+    instead of the demo generator's (e.g. notes from another generator; ``patients``
+    is then ignored). Never a site's private notes: this command writes reports
+    and prints samples of them.
     """
     import numpy as np
     import torch
@@ -71,8 +75,8 @@ def run_proxy(out: Path, *, patients: int, seed: int, rounds: int, epsilon: floa
 
     torch.set_num_threads(1)
     started = time.monotonic()
-    manifest = write_demo(out / "data", seed=PROXY_SEED + seed, patients_per_site=patients)
-    notes = manifest.sites["site-a"]
+    if notes is None:
+        notes = write_demo(out / "data", seed=PROXY_SEED + seed, patients_per_site=patients).sites["site-a"]
     # The proxy's site policy: its data are public, so its floors are the experiment's knobs.
     settings = SiteSettings(site_id="proxy", notes_path=notes, output_dir=out / "output", device="cpu",
                             epsilon_ceiling=1e6, max_epsilon_per_round=1e6)
@@ -86,6 +90,7 @@ def run_proxy(out: Path, *, patients: int, seed: int, rounds: int, epsilon: floa
     else:  # the NON-PRIVATE baseline takes no noise knobs (client.dp.baseline)
         run = replace(run, train=replace(run.train, noise_multiplier=0.0, epsilon_per_round=0.0))
     data = site.load_site_data(settings)
+    patients = len({n.patient_id for n in (*data.train, *data.heldout)})
     codes = sorted({n.primary_code for n in (*data.train, *data.heldout)})
     embedder = Embedder()
     real = _RealEmbeddings(embedder, data)
@@ -140,7 +145,7 @@ def run_proxy(out: Path, *, patients: int, seed: int, rounds: int, epsilon: floa
     final = score(None if zero_shot else adapter)
     record = {
         "arm": "zero-shot" if zero_shot else ("no-dp" if epsilon is None else f"eps-{epsilon:g}"),
-        "patients": patients, "training_patients": n_train, "seed": seed, "rounds": 0 if zero_shot else rounds,
+        "notes": str(notes), "patients": patients, "training_patients": n_train, "seed": seed, "rounds": 0 if zero_shot else rounds,
         "epsilon_target": epsilon, "epsilon_per_round": per_round, "overrides": overrides,
         "rounds_log": rounds_log, **final, "wall_s": round(time.monotonic() - started, 1),
         "chance_f1": 1.0 / max(len(codes), 1),
@@ -168,6 +173,8 @@ def proxy_command(
     seed: Annotated[int, typer.Option(help="Proxy population and scoring seed.")] = 0,
     reports_per_code: Annotated[int, typer.Option(help="Reports generated per code.")] = 8,
     score_rounds: Annotated[bool, typer.Option("--score-rounds", help="Score after every round too.")] = False,
+    notes: Annotated[Path | None, typer.Option(help="A PUBLIC notes file as the proxy site, instead of the "
+                                                    "demo generator's (--patients is then ignored).")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="Run-config override KEY=VALUE (repeatable).")] = [],  # noqa: B006
 ) -> None:
     """Train and score one proxy site: the recipe's fidelity, before any site spends ε."""
@@ -187,7 +194,7 @@ def proxy_command(
         record = run_proxy(out, patients=patients, seed=seed, rounds=rounds,
                            epsilon=None if no_dp or zero_shot else epsilon, overrides=overrides,
                            reports_per_code=reports_per_code, zero_shot=zero_shot,
-                           score_rounds=score_rounds)
+                           score_rounds=score_rounds, notes=None if notes is None else notes.resolve())
     except FedsynthError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
