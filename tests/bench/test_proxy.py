@@ -59,15 +59,18 @@ def test_the_proxy_population_is_not_a_demo_site(tmp_path):
     assert PROXY_SEED > 10**6
 
 
-def test_a_public_notes_file_from_another_generator_is_the_proxy_site(tmp_path):
+def test_a_public_notes_file_from_another_generator_is_the_proxy_site(tmp_path, monkeypatch):
     # Issue #15 item 6: the recipe tried on notes the embedded model never saw (other layout,
     # codes and vocabulary), read from a notes file instead of the demo generator.
+    import bench.proxy
     from tests.client.evaluate.second_generator import CODES, make_notes, write_notes
 
-    notes = write_notes(make_notes(40, seed=3), tmp_path / "other.jsonl")
+    notes = write_notes(make_notes(40, seed=3), tmp_path / "other.jsonl")  # 80 notes, 64 for training
+    monkeypatch.setattr(bench.proxy, "MAX_REAL_TRAIN_NOTES", 50)  # a large site's notes are sampled
     record = run_proxy(tmp_path / "run", patients=999, seed=0, rounds=1, epsilon=8.0, overrides=TINY,
                        reports_per_code=1, notes=notes)
     assert not (tmp_path / "run" / "data").exists()  # no demo population written
     assert record["notes"] == str(notes) and record["patients"] == 40
     assert record["reports"] == len(CODES) and record["chance_f1"] == pytest.approx(1 / len(CODES))
     assert 0 < record["rounds_log"][0]["epsilon"] <= 8.0
+    assert record["real_notes_scored"] == {"train": 50, "heldout": 16}
