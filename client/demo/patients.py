@@ -16,6 +16,7 @@ from datetime import date, timedelta
 from functools import partial
 
 from client.demo.text import AGES, CODE_VOCAB, COMORBID, dob_text
+from shared.errors import ConfigError, Problem
 
 # Relative weight of each primary code per site (1 when not listed): non-IID on purpose.
 _SITE_WEIGHTS: dict[str, dict[str, int]] = {
@@ -113,6 +114,9 @@ def make_patients(site: str, seed: int, n: int, seen: set[str], *, codes: Sequen
     styled-public population (its own RNG namespace, every name with a middle
     initial).
     """
+    if not 0 <= n <= MAX_PATIENTS:
+        raise ConfigError("invalid demo population", [Problem(
+            "n", f"must be between 0 and {MAX_PATIENTS} (each patient's phone number is unique), got {n}")])
     rng = random.Random(f"fedsynth-demo:{seed}:{'public-styled:' if public else ''}{site}:patients")
     weights = [_SITE_WEIGHTS[site].get(code, 1) for code in codes]
     # Every code at least once when there is room, so each site can be evaluated on every code.

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from client.demo.data import CODES, SITE_IDS
 from client.demo.patients import _PHONE_RANGES, MAX_PATIENTS, make_patients, unique
+from shared.errors import ConfigError
 
 
 def test_same_seed_same_patients_and_identifiers_unique_across_sites() -> None:
@@ -47,3 +50,9 @@ def test_largest_sites_keep_identifiers_unique_and_phones_in_drama_ranges() -> N
     assert all(p.phone[:-3] in drama for p in patients)
     assert len({p.phone[:-3] for p in patients}) == len(drama)  # every range used once the first fills
 
+
+
+def test_a_population_too_large_for_unique_phones_is_refused():
+    with pytest.raises(ConfigError, match="invalid demo population") as err:
+        make_patients("site-a", 0, MAX_PATIENTS + 1, set(), codes=CODES)
+    assert "unique" in str(err.value.problems[0])
