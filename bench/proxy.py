@@ -4,7 +4,8 @@ Hyperparameters are chosen here, never on a site's notes (issue #15, item 1).
 The proxy site is drawn from the public demo generator (:mod:`client.demo`)
 with a seed no demo consortium uses (:data:`PROXY_SEED` + ``--seed``), so its
 patients, names and notes are not any demo site's; only the generator, which
-is public, is shared. One site trains for ``--rounds`` rounds with the
+is public, is shared (``--notes`` takes another public notes file instead,
+e.g. another generator's). One site trains for ``--rounds`` rounds with the
 functions the ClientApp calls (:func:`client.site.train_local_round`,
 aggregated by the coordinator's :func:`server.strategy.aggregate`), DP at a
 whole-run ``--epsilon`` or NON-PRIVATE with ``--no-dp``, then reports are
@@ -74,7 +75,7 @@ def run_proxy(out: Path, *, patients: int, seed: int, rounds: int, epsilon: floa
     import numpy as np
     import torch
 
-    from bench.study import per_round_epsilon, training_patients
+    from bench.study import per_round_epsilon
     from client import site
     from client.demo.data import write_demo
     from client.evaluate import fidelity
@@ -95,7 +96,9 @@ def run_proxy(out: Path, *, patients: int, seed: int, rounds: int, epsilon: floa
     settings = SiteSettings(site_id="proxy", notes_path=notes, output_dir=out / "output", device="cpu",
                             epsilon_ceiling=1e6, max_epsilon_per_round=1e6)
     run = with_overrides(RunConfig(), {"num-rounds": rounds, "min-sites": 1, **overrides})
-    n_train = training_patients(notes, heldout_fraction=settings.heldout_fraction)
+    data = site.load_site_data(settings)  # validated: a bad notes file is named, line and reason
+    patients = len({n.patient_id for n in (*data.train, *data.heldout)})
+    n_train = len({n.patient_id for n in data.train})
     per_round = None
     if epsilon is not None and not zero_shot:
         per_round, _ = per_round_epsilon(epsilon, n_train=n_train, batch=run.train.expected_batch_size,
@@ -103,8 +106,6 @@ def run_proxy(out: Path, *, patients: int, seed: int, rounds: int, epsilon: floa
         run = replace(run, train=replace(run.train, noise_multiplier=0.0, epsilon_per_round=round(per_round, 6)))
     else:  # the NON-PRIVATE baseline takes no noise knobs (client.dp.baseline)
         run = replace(run, train=replace(run.train, noise_multiplier=0.0, epsilon_per_round=0.0))
-    data = site.load_site_data(settings)
-    patients = len({n.patient_id for n in (*data.train, *data.heldout)})
     codes = sorted({n.primary_code for n in (*data.train, *data.heldout)})
     embedder = Embedder()
     real = _RealEmbeddings(embedder, data, seed=seed)
@@ -159,7 +160,8 @@ def run_proxy(out: Path, *, patients: int, seed: int, rounds: int, epsilon: floa
     final = score(None if zero_shot else adapter)
     record = {
         "arm": "zero-shot" if zero_shot else ("no-dp" if epsilon is None else f"eps-{epsilon:g}"),
-        "notes": str(notes), "patients": patients, "training_patients": n_train, "seed": seed, "rounds": 0 if zero_shot else rounds,
+        "notes": str(notes), "patients": patients, "training_patients": n_train, "seed": seed,
+        "rounds": 0 if zero_shot else rounds,
         "epsilon_target": epsilon, "epsilon_per_round": per_round, "overrides": overrides,
         "real_notes_scored": {"train": len(real.train_codes), "heldout": len(real.heldout_codes)},
         "rounds_log": rounds_log, **final, "wall_s": round(time.monotonic() - started, 1),
@@ -199,6 +201,8 @@ def proxy_command(
     out = out.resolve()
     if out.exists() and any(out.iterdir()):
         raise typer.BadParameter(f"{out} exists and is not empty", param_hint="--out")
+    if notes is not None and not notes.is_file():
+        raise typer.BadParameter(f"{notes}: no such notes file", param_hint="--notes")
     bad = [kv for kv in set_ if "=" not in kv]
     if bad:
         raise typer.BadParameter(f"expected KEY=VALUE, got {', '.join(map(repr, bad))}", param_hint="--set")

@@ -74,3 +74,26 @@ def test_a_public_notes_file_from_another_generator_is_the_proxy_site(tmp_path, 
     assert record["reports"] == len(CODES) and record["chance_f1"] == pytest.approx(1 / len(CODES))
     assert 0 < record["rounds_log"][0]["epsilon"] <= 8.0
     assert record["real_notes_scored"] == {"train": 50, "heldout": 16}
+
+
+def test_a_bad_notes_file_is_named_with_its_lines_and_no_traceback(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"note_id": 1}\nnot json\n', encoding="utf-8")
+
+    def proxy(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(root / "bench" / "proxy.py"), "--zero-shot", *args],
+                              cwd=root, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+    got = proxy("--out", str(tmp_path / "run"), "--notes", str(bad))
+    assert got.returncode == 3 and "Traceback" not in got.stderr, got.stderr
+    assert f"{bad}:1: missing fields" in got.stderr and f"{bad}:2: invalid JSON" in got.stderr
+    missing = proxy("--out", str(tmp_path / "run2"), "--notes", str(tmp_path / "absent.jsonl"))
+    assert missing.returncode == 2 and "no such notes file" in missing.stderr
+    assert not (tmp_path / "run2").exists()
