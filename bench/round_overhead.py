@@ -192,7 +192,8 @@ def bytes_secagg(shape: str, sites: int) -> dict[str, Any]:
 
     _task_identity(1)
     spec = adapter_spec(shape, "float32")
-    client.app.site = _bench_site(spec)  # the ClientApp's site functions: the stand-in
+    real_site = client.app.site
+    client.app.site = _bench_site(spec)  # the ClientApp's site functions: the stand-in, for this round only
     rc = {"min-sites": 2, "lora.r": SHAPES[shape]["r"], "secagg": True, "secagg-clipping-range": 1.0}
     run = RunConfig.from_flower(rc)
     tmp = Path(tempfile.mkdtemp(prefix="bench-secagg-"))
@@ -223,9 +224,12 @@ def bytes_secagg(shape: str, sites: int) -> dict[str, Any]:
             return out
 
     t = time.perf_counter()
-    outcome = secagg.train_round(Grid(), run, nodes=sorted(contexts), round_id=1, global_adapter=None)
+    try:
+        outcome = secagg.train_round(Grid(), run, nodes=sorted(contexts), round_id=1, global_adapter=None)
+    finally:
+        client.app.site = real_site
+        shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.perf_counter() - t
-    shutil.rmtree(tmp, ignore_errors=True)
     if outcome.adapter is None:
         raise RuntimeError(f"SecAgg+ round did not aggregate: {outcome.replies.to_json()}")
     raw = sum(int(np.prod(s)) * 4 for s, _ in spec.values())  # float32 adapter
