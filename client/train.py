@@ -61,6 +61,7 @@ from client.dp.sampling import patients_bucket, poisson_loader, sample_rate_for
 from client.dp.steps import bookkeeping_steps, opacus_steps
 from client.model import adapter_state
 from client.patient_split import group_by_patient
+from client.schedule import schedule_learning_rate
 from shared.accounting import compute_epsilon
 from shared.errors import ConfigError, PrivacyError, Problem, TrainingError
 from shared.privacy_scalars import PrivacyScalars
@@ -205,6 +206,7 @@ def train_dp(
     was_training = model.training
     model.train()  # Opacus only records activations in training mode
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=config.learning_rate)
+    schedule_learning_rate(optimizer, schedule=config.lr_schedule, steps=steps)
     if config.clipping == "bk":
         accountant = create_accountant(mechanism=config.accountant)
         try:

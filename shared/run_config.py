@@ -26,6 +26,7 @@ from shared.whitelist import ACCOUNTANTS
 AGGREGATIONS = ("fedavg", "trimmed-mean", "median")
 WEIGHTINGS = ("patients", "uniform")
 CLIPPINGS = ("flat", "ghost", "bk")
+LR_SCHEDULES = ("constant", "linear")
 ADAPTER_DTYPES = ("float32", "float16")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
@@ -61,7 +62,10 @@ class TrainConfig:
     ``max_length`` is in tokens (prompt + report). ``clipping``: "flat" (Opacus
     per-sample gradients), "ghost" (Opacus ghost clipping) or "bk" (book-keeping,
     :mod:`client.dp.bookkeeping`); all clip the whole per-patient gradient and add
-    the same noise. There is deliberately no seed, and no switch that turns DP
+    the same noise. ``lr_schedule``: "constant" keeps ``learning_rate`` for every
+    step of a round; "linear" decays it within each round, step ``k`` of ``steps``
+    (from 0) at ``learning_rate * (1 - k / steps)`` -- post-processing of the noisy
+    gradients, so ε is unchanged. There is deliberately no seed, and no switch that turns DP
     off: the study's non-private baseline is a separate argument of ``train_dp``.
 
     The defaults are the recipe the privacy-utility study measured (issue #15,
@@ -80,6 +84,7 @@ class TrainConfig:
     accountant: str = "prv"
     secure_mode: bool = True  # ChaCha20 DP noise (client.dp.noise); False: urandom-seeded torch
     clipping: str = "flat"
+    lr_schedule: str = "constant"
 
 
 MAX_NEW_TOKENS = 32_768
@@ -226,6 +231,7 @@ _SPEC: dict[str, tuple[str, str, type, Check | None]] = {
     "train.accountant": ("train", "accountant", str, _one_of(ACCOUNTANTS)),
     "train.secure-mode": ("train", "secure_mode", bool, None),
     "train.clipping": ("train", "clipping", str, _one_of(CLIPPINGS)),
+    "train.lr-schedule": ("train", "lr_schedule", str, _one_of(LR_SCHEDULES)),
     "generate.reports-per-code": ("generate", "reports_per_code", int, _rng(1, 100_000)),
     "generate.codes": ("generate", "codes", str, None),
     "generate.temperature": ("generate", "temperature", float, _rng(0, 10)),

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from client.dp.config import TrainResult
 from client.dp.examples import per_patient_loss
 from client.model import adapter_state
+from client.schedule import schedule_learning_rate
 from shared.dp_defaults import patients_bucket
 from shared.errors import Problem, TrainingError
 from shared.privacy_scalars import PrivacyScalars
@@ -65,6 +66,7 @@ def train_nonprivate(
     was_training = model.training
     model.train()
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
+    schedule_learning_rate(optimizer, schedule=config.lr_schedule, steps=config.steps)
     taken, total_loss, total_examples = 0, 0.0, 0
     try:
         while taken < config.steps:
@@ -82,8 +84,9 @@ def train_nonprivate(
                     per_patient = per_patient_loss(logits, labels)
                     (per_patient.sum() / config.expected_batch_size).backward()
                     step_loss += float(per_patient.detach().sum())
-                if rows:
-                    optimizer.step()
+                # an empty batch has no gradients (AdamW leaves those weights alone), but it is
+                # still a step: the rate schedule counts it, as the DP paths' noisy steps do
+                optimizer.step()
                 optimizer.zero_grad()
                 taken += 1
                 total_loss, total_examples = total_loss + step_loss, total_examples + rows

@@ -22,7 +22,7 @@ import torch
 
 from shared.errors import Problem
 from shared.privacy_scalars import PrivacyScalars
-from shared.run_config import CLIPPINGS, TrainConfig
+from shared.run_config import CLIPPINGS, LR_SCHEDULES, TrainConfig
 from shared.whitelist import ACCOUNTANTS
 
 if TYPE_CHECKING:
@@ -105,6 +105,10 @@ def config_problems(
     if config.clipping not in CLIPPINGS:
         problems.append(
             Problem("clipping", f"must be one of {list(CLIPPINGS)}, got {config.clipping!r}")
+        )
+    if config.lr_schedule not in LR_SCHEDULES:
+        problems.append(
+            Problem("lr_schedule", f"must be one of {list(LR_SCHEDULES)}, got {config.lr_schedule!r}")
         )
     if not isinstance(config.secure_mode, bool):
         problems.append(Problem("secure_mode", f"must be a boolean, got {config.secure_mode!r}"))
