@@ -74,7 +74,10 @@ class Plan:
     ``noise_to_signal``: σ·C·√d / (B·C) = σ·√d / B, the norm of one step's noise over
     the largest possible norm of the summed clipped gradients of an expected batch
     (d adapter parameters, B expected batch): a lower bound on the real ratio, as
-    per-patient gradients rarely align.
+    per-patient gradients rarely align. ``noise_to_signal_run``: the same over the whole
+    run, σ·√d / (B·√(rounds·steps)): a gradient direction that holds from step to
+    step adds up rounds·steps times, independent noise only √(rounds·steps) times, so
+    this is the ratio that compares plans of different batch and step counts.
     """
 
     patients: int
@@ -96,6 +99,10 @@ class Plan:
     noise_to_signal: float
     rows: tuple[RoundRow, ...]
     measurement: Measurement | None
+
+    @property
+    def noise_to_signal_run(self) -> float:
+        return self.noise_to_signal / math.sqrt(self.rounds * self.steps)
 
     @property
     def epsilon_total(self) -> float:
@@ -262,6 +269,8 @@ def plan_lines(plan: Plan) -> list[str]:
                    f"q = 1, 1 step; {p.evaluations_per_round} per round)")
     out.append(f"  noise-to-signal per step    = {p.noise_to_signal:.3g}   (σ·√d / B, d = "
                f"{p.adapter_params:,} adapter parameters)")
+    out.append(f"  noise-to-signal over the run = {p.noise_to_signal_run:.3g}   (σ·√d / (B·√(rounds·steps)): "
+               "compare plans of other batch and step counts with this)")
     out += ["", "  round   cumulative ε (training)   cumulative ε (training + evaluations)"]
     out += [f"  {r.round:>5}   {r.epsilon_training:>23.4g}   {r.epsilon_total:>37.4g}" for r in p.rows]
     if p.over_target:

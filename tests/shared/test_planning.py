@@ -68,7 +68,9 @@ def test_known_answers_against_opacus():
     assert p.over_target
     assert p.expected_batch == pytest.approx(q * 1234)
     assert p.noise_to_signal == pytest.approx(sigma * 100 / (q * 1234))
+    assert p.noise_to_signal_run == pytest.approx(sigma * 100 / (q * 1234 * math.sqrt(80)))
     text = "\n".join(plan_lines(p))
+    assert f"noise-to-signal over the run = {p.noise_to_signal_run:.3g}" in text
     assert "WARNING" in text and f"{sigma:.4g}" in text
 
 
