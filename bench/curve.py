@@ -152,8 +152,8 @@ def _reference_f1(records: list[tuple[str, dict[str, Any]]], *, arm: str, source
 def add_shares(groups: list[Group], records: list[tuple[str, dict[str, Any]]], *, reference_rounds: int) -> None:
     """Each trained arm's share of the non-private gain over zero-shot (None where a reference is missing)."""
     for g in groups:
-        if g.arm == "zero-shot":
-            continue
+        if g.arm == "zero-shot" or (g.arm == "no-dp" and not g.recipe):
+            continue  # the references themselves
         zs = _reference_f1(records, arm="zero-shot", source=g.source, patients=g.training_patients, at_round=0)
         nodp = _reference_f1(records, arm="no-dp", source=g.source, patients=g.training_patients,
                              at_round=reference_rounds)
@@ -187,6 +187,8 @@ def table_markdown(groups: list[Group]) -> str:
         recipe = _recipe_text(g.recipe)
         per_round = " / ".join("—" if f is None else f"{f:.3f}" for f in g.f1_per_round) or "—"
         share = "—" if g.share_of_gain is None else f"{g.share_of_gain:.0%}"
+        if g.arm in ("zero-shot", "no-dp") and not g.recipe:
+            share = "reference"
         sigma = "—" if g.sigma is None else f"{g.sigma:.2f}"
         chance = "" if g.chance_f1 is None else f" ({g.chance_f1:.3f})"
         lines.append(f"| {g.arm} | {g.source} | {g.training_patients:,} | {recipe} | {len(g.runs)} | {_eps(g)} "

@@ -56,9 +56,10 @@ def test_shares_repeats_and_references_have_the_known_answer(tmp_path):
     assert by[("demo generator", "eps-8", (("lora.r", 4),), 3)].share_of_gain == pytest.approx(0.5)
     assert by[("other.jsonl", "eps-8", (), 3)].share_of_gain == pytest.approx(0.25)  # (0.3 - 0.2) / (0.6 - 0.2)
     assert by[("demo generator", "zero-shot", (), 0)].share_of_gain is None
+    assert by[("demo generator", "no-dp", (), 3)].share_of_gain is None  # the reference, not an arm against it
     table = (tmp_path / "out" / "curve.md").read_text()
     assert "| eps-8 | demo generator | 800 | default | 2 | 7.950 |" in table
-    assert "0.300 (0.200–0.400)" in table and "| 40% |" in table
+    assert "0.300 (0.200–0.400)" in table and "| 40% |" in table and "| reference |" in table
     assert json.loads((tmp_path / "out" / "curve.json").read_text())[1]["epsilon"] == "inf"
     assert (tmp_path / "out" / "curve.png").stat().st_size > 10_000
 
