@@ -7,7 +7,8 @@ arm and the zero-shot base model side by side, on a public proxy site
 - ``run``: trains and scores every arm with ``bench/proxy.py`` on one proxy
   population, ``--parallel`` arms at a time (one torch thread each), then
   tabulates them. On the 2-core reference machine one 3 × 100-step arm takes
-  40–45 minutes beside another, so the default five arms take about 2.5 hours.
+  about 50 minutes beside another (training and the per-round scores), so the
+  default five arms take about 2 hours.
 - ``table``: tabulates finished proxy runs (any mix of arms, populations and
   recipes; e.g. the patients-per-site axis at ε = 8) into ``DIR/curve.md``,
   ``DIR/curve.json`` and ``DIR/curve.png``.
@@ -105,7 +106,7 @@ def group_runs(records: list[tuple[str, dict[str, Any]]]) -> list[Group]:
     """Groups (run name, record) pairs into repeats of one recipe, in first-seen order."""
     groups: dict[tuple, Group] = {}
     for name, rec in records:
-        recipe = {k: v for k, v in (rec.get("overrides") or {}).items() if k not in SPEED_ONLY}
+        recipe = _recipe(rec)
         g = Group(source=_source(rec), training_patients=int(rec["training_patients"]), arm=str(rec["arm"]),
                   rounds=int(rec["rounds"]), recipe=recipe)
         g = groups.setdefault(g.key, g)
@@ -128,14 +129,21 @@ def group_runs(records: list[tuple[str, dict[str, Any]]]) -> list[Group]:
     return list(groups.values())
 
 
+def _recipe(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in (record.get("overrides") or {}).items() if k not in SPEED_ONLY}
+
+
 def _reference_f1(records: list[tuple[str, dict[str, Any]]], *, arm: str, source: str, patients: int,
-                  at_round: int) -> tuple[float, list[str]] | None:
-    """Mean F1 of the default-recipe ``arm`` (zero-shot / no-dp) at ``at_round``; same patients if measured."""
-    def scores(same_patients: bool) -> list[tuple[str, float]]:
+                  recipe: dict[str, Any], at_round: int) -> tuple[float, list[str]] | None:
+    """Mean F1 of the reference ``arm`` (zero-shot / no-dp) at ``at_round`` from ``source``'s notes.
+
+    Closest first: the DP arm's own recipe overrides at its patients, its recipe at any
+    patients, then the default recipe at its patients, the default recipe at any.
+    """
+    def scores(want_recipe: dict[str, Any], same_patients: bool) -> list[tuple[str, float]]:
         found = []
         for name, rec in records:
-            recipe = {k for k in (rec.get("overrides") or {}) if k not in SPEED_ONLY}
-            if rec["arm"] != arm or recipe or _source(rec) != source:
+            if rec["arm"] != arm or _recipe(rec) != want_recipe or _source(rec) != source:
                 continue
             if same_patients and int(rec["training_patients"]) != patients:
                 continue
@@ -145,18 +153,18 @@ def _reference_f1(records: list[tuple[str, dict[str, Any]]], *, arm: str, source
                 found.append((name, float(rec["rounds_log"][at_round - 1]["real_classifier_f1"])))
         return found
 
-    found = scores(True) or scores(False)
+    found = (scores(recipe, True) or scores(recipe, False) or scores({}, True) or scores({}, False))
     return (mean(f for _, f in found), [n for n, _ in found]) if found else None
 
 
 def add_shares(groups: list[Group], records: list[tuple[str, dict[str, Any]]], *, reference_rounds: int) -> None:
-    """Each trained arm's share of the non-private gain over zero-shot (None where a reference is missing)."""
+    """Each DP arm's share of the non-private gain over zero-shot (None where a reference is missing)."""
     for g in groups:
-        if g.arm == "zero-shot" or (g.arm == "no-dp" and not g.recipe):
-            continue  # the references themselves
-        zs = _reference_f1(records, arm="zero-shot", source=g.source, patients=g.training_patients, at_round=0)
-        nodp = _reference_f1(records, arm="no-dp", source=g.source, patients=g.training_patients,
-                             at_round=reference_rounds)
+        if not g.arm.startswith("eps-"):
+            continue  # zero-shot and no-DP rows are the references, not arms scored against them
+        kw = {"source": g.source, "patients": g.training_patients, "recipe": g.recipe}
+        zs = _reference_f1(records, arm="zero-shot", at_round=0, **kw)
+        nodp = _reference_f1(records, arm="no-dp", at_round=reference_rounds, **kw)
         if zs is None or nodp is None or nodp[0] <= zs[0]:
             continue
         g.reference = {"zero_shot_f1": zs[0], "zero_shot_runs": zs[1], "no_dp_f1": nodp[0], "no_dp_runs": nodp[1],
@@ -187,7 +195,7 @@ def table_markdown(groups: list[Group]) -> str:
         recipe = _recipe_text(g.recipe)
         per_round = " / ".join("—" if f is None else f"{f:.3f}" for f in g.f1_per_round) or "—"
         share = "—" if g.share_of_gain is None else f"{g.share_of_gain:.0%}"
-        if g.arm in ("zero-shot", "no-dp") and not g.recipe:
+        if g.arm in ("zero-shot", "no-dp"):
             share = "reference"
         sigma = "—" if g.sigma is None else f"{g.sigma:.2f}"
         chance = "" if g.chance_f1 is None else f" ({g.chance_f1:.3f})"

@@ -53,6 +53,7 @@ def test_shares_repeats_and_references_have_the_known_answer(tmp_path):
     # reference: zero-shot 0.1, no-DP at round 3 = mean(0.5, 0.7) = 0.6 -> (0.3 - 0.1) / 0.5
     assert e8.reference["no_dp_f1"] == pytest.approx(0.6) and e8.reference["no_dp_runs"] == ["nodp", "nodp5"]
     assert e8.share_of_gain == pytest.approx(0.4)
+    # no reference measured with lora.r=4: the default recipe's references
     assert by[("demo generator", "eps-8", (("lora.r", 4),), 3)].share_of_gain == pytest.approx(0.5)
     assert by[("other.jsonl", "eps-8", (), 3)].share_of_gain == pytest.approx(0.25)  # (0.3 - 0.2) / (0.6 - 0.2)
     assert by[("demo generator", "zero-shot", (), 0)].share_of_gain is None
@@ -76,6 +77,23 @@ def test_same_population_reference_is_preferred_and_missing_reference_gives_no_s
     assert groups["e8"].reference["zero_shot_runs"] == ["zs6k"]  # same patients when measured there
     assert groups["e8"].share_of_gain == pytest.approx((0.4 - 0.3) / (0.5 - 0.3))
     assert groups["lonely"].share_of_gain is None  # no reference from its own notes source: no share
+
+
+def test_references_with_the_arms_own_recipe_come_first(tmp_path):
+    tiny = {"train.steps": 2}
+    runs = [
+        _write(tmp_path, "zs", _record("zero-shot", [0.1])),
+        _write(tmp_path, "nodp", _record("no-dp", [0.2, 0.3, 0.5])),
+        _write(tmp_path, "zs-tiny", _record("zero-shot", [0.05], overrides=tiny)),
+        _write(tmp_path, "nodp-tiny", _record("no-dp", [0.1, 0.2, 0.25], overrides=tiny)),
+        _write(tmp_path, "e8-tiny", _record("eps-8", [0.1, 0.1, 0.1], overrides=tiny)),
+        _write(tmp_path, "e8", _record("eps-8", [0.1, 0.1, 0.3])),
+    ]
+    groups = {g.runs[0]: g for g in write_curve(runs, tmp_path / "out")}
+    assert groups["e8-tiny"].reference["no_dp_runs"] == ["nodp-tiny"]
+    assert groups["e8-tiny"].share_of_gain == pytest.approx((0.1 - 0.05) / (0.25 - 0.05))
+    assert groups["e8"].share_of_gain == pytest.approx((0.3 - 0.1) / (0.5 - 0.1))
+    assert groups["nodp-tiny"].share_of_gain is None and groups["zs-tiny"].share_of_gain is None
 
 
 def test_bad_runs_are_all_named_with_file_and_line(tmp_path):
