@@ -214,7 +214,9 @@ def plot(groups: list[Group], path: Path, *, rounds: int, source: str = "demo ge
 
     mine = [g for g in groups if g.source == source and g.rounds in (0, rounds)]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    lines = sorted({(g.training_patients, tuple(sorted(g.recipe.items()))) for g in mine if g.arm.startswith("eps-")})
+    dp = [(g.training_patients, tuple(sorted(g.recipe.items()))) for g in mine if g.arm.startswith("eps-")]
+    # a curve needs two ε values; one-point recipes (levers tried at one ε) are on the right panel
+    lines = sorted({k for k in dp if dp.count(k) > 1}) or sorted(set(dp))
     for n, recipe in lines:  # one line per population and recipe
         pts = sorted((g.epsilon, mean(g.f1), min(g.f1), max(g.f1)) for g in mine
                      if g.arm.startswith("eps-") and (g.training_patients, tuple(sorted(g.recipe.items()))) == (n, recipe))
