@@ -4,7 +4,10 @@ Why decay under DP: with a constant rate, DP-SGD's loss stops falling once the
 noise the optimizer follows balances what the gradients teach (on the proxy
 site at ε = 8 the loss sat at ≈ 0.67 from about step 125 of 300, where the
 non-private arm went on to 0.41). Shrinking the rate towards the end of a
-round lowers that noise floor before the adapter is sent.
+round lowers that noise floor before the adapter is sent. Measured there
+(docs/results.md): the last round's loss fell from 0.68 to 0.65 and the
+adapter's weights moved half as far, but fidelity stayed at chance; the
+default stays "constant", the recipe the curve was measured with.
 
 Privacy meaning: none. The rate only rescales updates computed from the already
 clipped and noised gradients (post-processing), so ε, the ledger entry and
