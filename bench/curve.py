@@ -189,8 +189,8 @@ def _eps(g: Group) -> str:
 def table_markdown(groups: list[Group]) -> str:
     """The curve as one markdown table: every arm side by side (means, range over repeats)."""
     head = ("| arm | notes | training patients | recipe overrides | runs | ε achieved | σ | F1 per round "
-            "| real-classifier F1 (chance) | TSTR/TRTR | centroid margin | share of no-DP gain |")
-    lines = [head, "|" + "---|" * 12]
+            "| real-classifier F1 | chance F1 | TSTR/TRTR | centroid margin | share of no-DP gain |")
+    lines = [head, "|" + "---|" * 13]
     for g in groups:
         recipe = _recipe_text(g.recipe)
         per_round = " / ".join("—" if f is None else f"{f:.3f}" for f in g.f1_per_round) or "—"
@@ -198,9 +198,9 @@ def table_markdown(groups: list[Group]) -> str:
         if g.arm in ("zero-shot", "no-dp"):
             share = "reference"
         sigma = "—" if g.sigma is None else f"{g.sigma:.2f}"
-        chance = "" if g.chance_f1 is None else f" ({g.chance_f1:.3f})"
+        chance = "—" if g.chance_f1 is None else f"{g.chance_f1:.3f}"
         lines.append(f"| {g.arm} | {g.source} | {g.training_patients:,} | {recipe} | {len(g.runs)} | {_eps(g)} "
-                     f"| {sigma} | {per_round} | {_spread(g.f1)}{chance} | {_spread(g.tstr_trtr)} "
+                     f"| {sigma} | {per_round} | {_spread(g.f1)} | {chance} | {_spread(g.tstr_trtr)} "
                      f"| {_spread(g.centroid_margin)} | {share} |")
     return "\n".join(lines) + "\n"
 
