@@ -331,8 +331,8 @@ def run_command(
         if min(repeats, parallel, rounds, patients) < 1:
             raise ConfigError("--repeats, --parallel, --rounds and --patients must be at least 1")
         out = out.resolve()
-        if out.exists() and any(out.iterdir()):
-            raise ConfigError(f"{out} exists and is not empty")
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ConfigError(f"{out} exists and is not an empty directory")
         jobs = [(a, out / (a if a == "zero-shot" or repeats == 1 else f"{a}-{k + 1}"))
                 for a in arms for k in range(1 if a == "zero-shot" else repeats)]
         out.mkdir(parents=True, exist_ok=True)

@@ -116,6 +116,18 @@ def test_bad_runs_are_all_named_with_file_and_line(tmp_path):
     assert "Traceback" not in result.output and "broken" in result.output
 
 
+def test_run_refuses_a_used_output_before_any_work(tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "old.txt").write_text("x")
+    (tmp_path / "file").write_text("x")
+    for out in ("busy", "file"):
+        result = CliRunner().invoke(app, ["run", "--out", str(tmp_path / out), "--arm", "eps-8"])
+        assert result.exit_code == ConfigError.exit_code and "not an empty directory" in result.output, out
+        assert "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["run", "--out", str(tmp_path / "new"), "--arm", "eps-x"])
+    assert result.exit_code == ConfigError.exit_code and not (tmp_path / "new").exists()
+
+
 def test_arm_command_lines_and_arm_names(tmp_path):
     cmd = arm_command("eps-4", tmp_path, patients=1000, rounds=3, seed=0, sets=["lora.r=4"])
     assert cmd[cmd.index("--epsilon") + 1] == "4" and cmd[cmd.index("--out") + 1] == str(tmp_path)
