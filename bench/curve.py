@@ -309,8 +309,21 @@ def _check_arms(arms: list[str]) -> None:
             ok = False
         if not ok:
             bad.append(Problem("--arm", f"{arm!r} is not zero-shot, no-dp or eps-<positive number>"))
+    bad += [Problem("--arm", f"{arm!r} given twice (use --repeats)") for arm in sorted(set(arms))
+            if arms.count(arm) > 1]
     if bad:
         raise ConfigError("bad arm(s)", bad)
+
+
+def _check_sets(sets: list[str]) -> None:
+    """Every ``--set`` is KEY=VALUE of a known run-config key with a valid value (bench/proxy.py's rules)."""
+    from bench.proxy import _scalar
+    from shared.run_config import RunConfig, with_overrides
+
+    bad = [kv for kv in sets if "=" not in kv]
+    if bad:
+        raise ConfigError("bad --set", [Problem("--set", f"expected KEY=VALUE, got {kv!r}") for kv in bad])
+    with_overrides(RunConfig(), {"min-sites": 1, **{k: _scalar(v) for k, v in (kv.split("=", 1) for kv in sets)}})
 
 
 @app.command("run")
@@ -328,6 +341,7 @@ def run_command(
     arms = arm or list(DEFAULT_ARMS)
     try:
         _check_arms(arms)
+        _check_sets(set_)
         if min(repeats, parallel, rounds, patients) < 1:
             raise ConfigError("--repeats, --parallel, --rounds and --patients must be at least 1")
         out = out.resolve()

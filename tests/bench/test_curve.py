@@ -124,8 +124,11 @@ def test_run_refuses_a_used_output_before_any_work(tmp_path):
         result = CliRunner().invoke(app, ["run", "--out", str(tmp_path / out), "--arm", "eps-8"])
         assert result.exit_code == ConfigError.exit_code and "not an empty directory" in result.output, out
         assert "Traceback" not in result.output
-    result = CliRunner().invoke(app, ["run", "--out", str(tmp_path / "new"), "--arm", "eps-x"])
-    assert result.exit_code == ConfigError.exit_code and not (tmp_path / "new").exists()
+    for bad in (["--arm", "eps-x"], ["--arm", "eps-8", "--arm", "eps-8"], ["--set", "lora.r"],
+                ["--set", "train.no-such-key=1"], ["--set", "lora.r=0"]):
+        result = CliRunner().invoke(app, ["run", "--out", str(tmp_path / "new"), *bad])
+        assert result.exit_code == ConfigError.exit_code, (bad, result.output)
+        assert "Traceback" not in result.output and not (tmp_path / "new").exists(), bad
 
 
 def test_arm_command_lines_and_arm_names(tmp_path):
