@@ -23,7 +23,6 @@ trained, nothing is written.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -33,6 +32,7 @@ import typer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/adapter_stats.py` finds bench/
 
+from bench.curve import load_record  # noqa: E402
 from shared.errors import FedsynthError, InputError, Problem  # noqa: E402
 
 
@@ -84,13 +84,7 @@ def run_stats(run_dir: Path, *, grad_patients: int = 0, seed: int = 0) -> list[d
     from shared.run_config import RunConfig, with_overrides
     from shared.settings import SiteSettings
 
-    path = run_dir / "proxy.json"
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError("not a finished proxy run", [Problem(str(path), "no such file")]) from None
-    except json.JSONDecodeError as exc:
-        raise InputError("unreadable proxy run", [Problem(str(path), f"not JSON: {exc.msg}", exc.lineno)]) from None
+    record = load_record(run_dir)  # the same reading, and the same errors, as bench/curve.py table
     run = with_overrides(RunConfig(), {"num-rounds": max(1, int(record.get("rounds", 1))), "min-sites": 1,
                                        **(record.get("overrides") or {})})
     files = sorted((run_dir / "output" / "adapters").glob("round-*.safetensors"),

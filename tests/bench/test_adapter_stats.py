@@ -38,7 +38,9 @@ def test_gradient_norms_at_the_initial_adapter_equal_the_base_rows(tmp_path):
     """A round adapter that IS PEFT's initialisation must give round 0's norms exactly; a moved one must not."""
     overrides = {"lora.r": 2, "lora.alpha": 4.0, "train.max-length": 96}
     notes = write_demo(tmp_path / "data", seed=5, patients_per_site=20).sites["site-a"]
-    (tmp_path / "proxy.json").write_text(json.dumps({"notes": str(notes), "rounds": 2, "overrides": overrides}))
+    (tmp_path / "proxy.json").write_text(json.dumps({  # the fields bench/proxy.py writes that are read here
+        "arm": "eps-8", "notes": str(notes), "training_patients": 16, "rounds": 2, "overrides": overrides,
+        "rounds_log": [], "real_classifier_f1": 0.0, "tstr_trtr": 0.0, "centroid_margin": 0.0}))
     run = with_overrides(RunConfig(), {"num-rounds": 2, "min-sites": 1, **overrides})
     settings = SiteSettings(site_id="proxy", notes_path=notes, output_dir=tmp_path / "output", device="cpu")
     torch.manual_seed(run.lora.init_seed)
